@@ -1,0 +1,1 @@
+"""The ``ltri`` command line, imported as ltri.cli."""

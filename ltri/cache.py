@@ -1,0 +1,64 @@
+"""A transformers ``Cache`` whose layers are ltri memory policies.
+
+The model's attention layers call ``update`` with the chunk's keys and values; ltri's attention
+function does the real work (it needs the queries to pick the resident set), so ``update`` passes
+the chunk through unchanged. The cache reports the sizes transformers asks for: tokens seen and, for
+masks, the resident length with ``kv_offset`` = tokens no longer resident.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ltri.memory import LayerMemory
+
+
+class LtriCacheLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, memory: LayerMemory, cache: LtriCache) -> None:
+        super().__init__()
+        self.memory = memory
+        self.owner = cache
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.owner.tokens_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        resident = self.memory.resident_tokens()
+        return resident + query_length, self.owner.tokens_seen - resident
+
+    def reset(self) -> None:
+        raise NotImplementedError("an ltri cache is not reset in place: start a new Session or feed again")
+
+
+class LtriCache(Cache):
+    """Per-layer memories plus the count of tokens seen (positions of the next chunk start there)."""
+
+    def __init__(self, memories: list[LayerMemory]) -> None:
+        self.tokens_seen = 0
+        super().__init__(layers=[LtriCacheLayer(memory, self) for memory in memories])
+
+    def memory(self, layer_idx: int) -> LayerMemory:
+        return self.layers[layer_idx].memory
+
+    def memories(self) -> list[LayerMemory]:
+        return [layer.memory for layer in self.layers]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_seen
+
+    def advance(self, n_tokens: int) -> None:
+        """Record that a forward over n_tokens finished in every layer."""
+        self.tokens_seen += n_tokens

@@ -1,0 +1,1 @@
+"""Span indexes (FAISS and exact torch backends) for the span memory policy."""

@@ -1,0 +1,94 @@
+"""Memory policies: what one layer keeps of the text between chunks, behind one interface.
+
+A policy is asked for its resident set before a chunk attends (it sees the chunk's queries, so a
+retrieval policy can choose by them) and is handed the chunk's keys and values afterwards.
+keys, values: (batch, nheads_kv, seqlen, headdim), before RoPE; positions: (seqlen,) in the text.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ltri.config import MemoryConfig
+from ltri.token_buffer import TokenBuffer
+
+
+@dataclass(frozen=True)
+class ResidentSet:
+    """The tokens a chunk attends to besides itself, in attention order."""
+
+    keys: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
+    values: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
+    positions: torch.Tensor  # (n_resident,) positions in the text
+
+
+class LayerMemory(ABC):
+    """What one layer remembers of the text."""
+
+    @abstractmethod
+    def resident(self, queries: torch.Tensor) -> ResidentSet | None:
+        """The resident set for a chunk with queries (batch, nheads, q_len, headdim); None when empty."""
+
+    @abstractmethod
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Take the chunk's pre-RoPE keys and values after it attended."""
+
+    @abstractmethod
+    def resident_tokens(self) -> int:
+        """Tokens this layer holds in attention memory now."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of keys and values this layer holds."""
+
+
+class BufferedMemory(LayerMemory):
+    """A policy whose resident set is one TokenBuffer."""
+
+    def __init__(self) -> None:
+        self.buffer = TokenBuffer()
+
+    def resident(self, queries: torch.Tensor) -> ResidentSet | None:
+        if self.buffer.length == 0:
+            return None
+        return ResidentSet(self.buffer.keys(), self.buffer.values(), self.buffer.positions())
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.buffer.append(keys, values, positions)
+
+    def resident_tokens(self) -> int:
+        return self.buffer.length
+
+    def nbytes(self) -> int:
+        return self.buffer.nbytes()
+
+
+class FullMemory(BufferedMemory):
+    """Keeps every token: ltri then computes exactly the model's own attention."""
+
+
+class StreamingMemory(BufferedMemory):
+    """Keeps the first n_sink tokens and the last n_window tokens (StreamingLLM-like)."""
+
+    def __init__(self, n_sink: int, n_window: int) -> None:
+        super().__init__()
+        self.n_sink = n_sink
+        self.n_window = n_window
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        # Append in window-sized pieces so that the buffer never holds more than sinks + 2 windows.
+        for start in range(0, keys.shape[2], self.n_window):
+            end = start + self.n_window
+            self.buffer.append(keys[:, :, start:end], values[:, :, start:end], positions[start:end])
+            self.buffer.keep(self.n_sink, self.n_window)
+
+
+def make_memory(config: MemoryConfig) -> LayerMemory:
+    if config.policy == "full":
+        return FullMemory()
+    if config.policy == "streaming":
+        return StreamingMemory(config.n_sink, config.n_window)
+    raise ValueError(f"unknown memory policy {config.policy!r}")

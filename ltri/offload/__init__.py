@@ -1,0 +1,1 @@
+"""Span payload storage off the GPU (LMDB store, GPU span cache, pinned staging)."""

@@ -1,0 +1,76 @@
+"""A growable buffer of pre-RoPE keys, values and their text positions for one layer.
+
+keys, values: (batch, nheads_kv, seqlen, headdim); positions: (seqlen,) int64.
+Capacity doubles when full, so appending n tokens costs O(n) amortised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TokenBuffer:
+    def __init__(self) -> None:
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        n_new = keys.shape[2]
+        self._reserve(keys, values, self.length + n_new)
+        end = self.length + n_new
+        self._keys[:, :, self.length : end] = keys
+        self._values[:, :, self.length : end] = values
+        self._positions[self.length : end] = positions
+        self.length = end
+
+    def keys(self) -> torch.Tensor:
+        return self._slice(self._keys)
+
+    def values(self) -> torch.Tensor:
+        return self._slice(self._values)
+
+    def positions(self) -> torch.Tensor:
+        if self._positions is None:
+            return torch.empty(0, dtype=torch.long)
+        return self._positions[: self.length]
+
+    def keep(self, n_head: int, n_tail: int) -> None:
+        """Keep the first n_head and the last n_tail tokens, dropping the middle (in place)."""
+        if self.length <= n_head + n_tail:
+            return
+        tail_start = self.length - n_tail
+        for tensor in (self._keys, self._values):
+            tensor[:, :, n_head : n_head + n_tail] = tensor[:, :, tail_start : self.length].clone()
+        self._positions[n_head : n_head + n_tail] = self._positions[tail_start : self.length].clone()
+        self.length = n_head + n_tail
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (capacity, not length)."""
+        if self._keys is None:
+            return 0
+        return self._keys.nbytes + self._values.nbytes
+
+    def _slice(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        if tensor is None:
+            raise RuntimeError("TokenBuffer is empty and has no shape yet")
+        return tensor[:, :, : self.length]
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity, 64)
+        batch, nheads_kv, _, headdim = keys.shape
+        new_keys = keys.new_empty(batch, nheads_kv, capacity, headdim)
+        new_values = values.new_empty(batch, nheads_kv, capacity, values.shape[-1])
+        new_positions = torch.empty(capacity, dtype=torch.long, device=keys.device)
+        if self.length:
+            new_keys[:, :, : self.length] = self.keys()
+            new_values[:, :, : self.length] = self.values()
+            new_positions[: self.length] = self.positions()
+        self._keys, self._values, self._positions = new_keys, new_values, new_positions
