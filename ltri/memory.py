@@ -46,10 +46,10 @@ class LayerMemory(ABC):
 
 
 class BufferedMemory(LayerMemory):
-    """A policy whose resident set is one TokenBuffer."""
+    """A policy whose resident set is one TokenBuffer (max_tokens: its bound, if it has one)."""
 
-    def __init__(self) -> None:
-        self.buffer = TokenBuffer()
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.buffer = TokenBuffer(max_tokens)
 
     def resident(self, queries: torch.Tensor) -> ResidentSet | None:
         if self.buffer.length == 0:
@@ -74,7 +74,8 @@ class StreamingMemory(BufferedMemory):
     """Keeps the first n_sink tokens and the last n_window tokens (StreamingLLM-like)."""
 
     def __init__(self, n_sink: int, n_window: int) -> None:
-        super().__init__()
+        # Between a piece's append and the trim the buffer holds sinks + window + one piece.
+        super().__init__(max_tokens=n_sink + 2 * n_window)
         self.n_sink = n_sink
         self.n_window = n_window
 

@@ -75,6 +75,7 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
 
     name: None for the bundled SmolLM2 GGUF, a ``.gguf`` file, a local model directory or a hub id.
     """
+    _quiet_transformers()
     register_attention()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -165,6 +166,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or advice from transformers on the user's terminal; ltri reports its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def _first_line(exc: BaseException) -> str:

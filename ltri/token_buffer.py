@@ -10,7 +10,10 @@ import torch
 
 
 class TokenBuffer:
-    def __init__(self) -> None:
+    """max_tokens: the most tokens this buffer will ever hold, if known; growth stops there."""
+
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
@@ -65,6 +68,10 @@ class TokenBuffer:
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity, 64)
+        if self.max_tokens is not None:
+            if needed > self.max_tokens:
+                raise RuntimeError(f"TokenBuffer holds at most {self.max_tokens} tokens, {needed} asked for")
+            capacity = min(capacity, self.max_tokens)
         batch, nheads_kv, _, headdim = keys.shape
         new_keys = keys.new_empty(batch, nheads_kv, capacity, headdim)
         new_values = values.new_empty(batch, nheads_kv, capacity, values.shape[-1])

@@ -1,0 +1,42 @@
+"""Real, small building blocks for tests: a tiny random Llama with GQA and a byte-level tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+EOS = "<eos>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (256) plus <eos>: every text round-trips, no training needed."""
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[EOS] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
+
+
+def tiny_llama(
+    n_layers: int = 3, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16, rope: dict | None = None, seed: int = 0
+) -> LlamaForCausalLM:
+    """A random Llama (float32, CPU, sdpa) small enough for exactness tests over long texts."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=n_heads * head_dim,
+        intermediate_size=2 * n_heads * head_dim,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=32768,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
+        eos_token_id=256,
+        pad_token_id=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
