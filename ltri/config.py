@@ -54,9 +54,7 @@ class LtriConfig:
         if self.chunk_size < 1:
             raise LtriError(f"chunk_size must be at least 1 token, got {self.chunk_size}.")
         if self.position_mode not in POSITION_MODES:
-            raise LtriError(
-                f"Unknown position mode {self.position_mode!r}: choose one of {', '.join(POSITION_MODES)}."
-            )
+            raise LtriError(f"Unknown position mode {self.position_mode!r}: choose one of {', '.join(POSITION_MODES)}.")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise LtriError(f"Unknown dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
 

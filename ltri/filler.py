@@ -8,17 +8,55 @@ from __future__ import annotations
 import random
 
 _PEOPLE = ["Mara", "Tomas", "Ines", "Olek", "Priya", "Jonah", "Lucia", "Bram", "Selma", "Arjun", "Hedda", "Kofi"]
-_PLACES = ["the harbour", "the old library", "the market square", "the hill farm", "the train station",
-           "the bakery", "the river bank", "the school yard", "the town hall", "the orchard", "the bridge"]
-_TIMES = ["In the morning", "Before noon", "Late in the afternoon", "After supper", "On Sunday", "At dawn",
-          "Later that week", "In early spring", "During the long winter", "One rainy evening"]
-_ACTIONS = ["walked slowly to", "cycled to", "met a friend at", "painted a picture of", "wrote a letter about",
-            "swept the floor of", "sold apples near", "sang a quiet song at", "read a newspaper at",
-            "looked for a lost key at"]
-_AFTERTHOUGHTS = ["The weather was mild and grey.", "Nobody else seemed to notice.", "It had been a long day.",
-                  "A dog barked somewhere far away.", "The bells rang twice.", "There was bread on the table.",
-                  "The wind came from the sea.", "Everyone talked about the coming fair.",
-                  "The clock in the hall was slow again.", "Somebody had left the gate open."]
+_PLACES = [
+    "the harbour",
+    "the old library",
+    "the market square",
+    "the hill farm",
+    "the train station",
+    "the bakery",
+    "the river bank",
+    "the school yard",
+    "the town hall",
+    "the orchard",
+    "the bridge",
+]
+_TIMES = [
+    "In the morning",
+    "Before noon",
+    "Late in the afternoon",
+    "After supper",
+    "On Sunday",
+    "At dawn",
+    "Later that week",
+    "In early spring",
+    "During the long winter",
+    "One rainy evening",
+]
+_ACTIONS = [
+    "walked slowly to",
+    "cycled to",
+    "met a friend at",
+    "painted a picture of",
+    "wrote a letter about",
+    "swept the floor of",
+    "sold apples near",
+    "sang a quiet song at",
+    "read a newspaper at",
+    "looked for a lost key at",
+]
+_AFTERTHOUGHTS = [
+    "The weather was mild and grey.",
+    "Nobody else seemed to notice.",
+    "It had been a long day.",
+    "A dog barked somewhere far away.",
+    "The bells rang twice.",
+    "There was bread on the table.",
+    "The wind came from the sea.",
+    "Everyone talked about the coming fair.",
+    "The clock in the hall was slow again.",
+    "Somebody had left the gate open.",
+]
 
 
 def filler_sentence(rng: random.Random) -> str:

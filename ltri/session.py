@@ -1,11 +1,11 @@
 """Session: the streaming API. Feed text (as much as you like, as often as you like), then ask.
 
-    from ltri import Session, LtriConfig
-    session = Session()                    # bundled SmolLM2, default config
-    session.feed(open("book.txt").read())
-    print(session.ask("Who wrote the letter?"))
-    for piece in session.stream("And why?"):
-        print(piece, end="")
+from ltri import Session, LtriConfig
+session = Session()                    # bundled SmolLM2, default config
+session.feed(open("book.txt").read())
+print(session.ask("Who wrote the letter?"))
+for piece in session.stream("And why?"):
+    print(piece, end="")
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ class Session:
     # ---- reading -----------------------------------------------------------------------------
     def feed(self, text: str | Sequence[int], progress: ProgressCallback | None = None) -> int:
         """Read more text (a string, or token ids). Returns the number of tokens fed."""
-        opening = {"empty": self.chat_format.open_first_user, "in_user": "", "answered": self.chat_format.open_next_user}
+        opening = {
+            "empty": self.chat_format.open_first_user,
+            "in_user": "",
+            "answered": self.chat_format.open_next_user,
+        }
         token_ids = self._tokenize(opening[self._phase])
         token_ids += self._tokenize(text) if isinstance(text, str) else [int(t) for t in text]
         self._phase = "in_user"
@@ -134,7 +138,7 @@ class Session:
         generator = make_generator(config.seed, self.device)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.last_answer_tokens = []
-        for step in range(config.max_new_tokens):
+        for _ in range(config.max_new_tokens):
             token = sample_next(logits, config, generator)
             if token in self.stop_token_ids:
                 return

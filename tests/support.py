@@ -20,7 +20,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    n_layers: int = 3, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16, rope: dict | None = None, seed: int = 0
+    n_layers: int = 3,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int = 16,
+    rope: dict | None = None,
+    seed: int = 0,
 ) -> LlamaForCausalLM:
     """A random Llama (float32, CPU, sdpa) small enough for exactness tests over long texts."""
     torch.manual_seed(seed)

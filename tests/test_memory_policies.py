@@ -53,6 +53,10 @@ def test_full_memory_returns_tokens_in_order():
     assert memory.resident(torch.zeros(1, 1, 1, 1)) is None
     values = torch.randn(1, 2, 300, 4)
     for start in range(0, 300, 64):
-        memory.append(values[:, :, start : start + 64], values[:, :, start : start + 64], torch.arange(start, min(start + 64, 300)))
+        memory.append(
+            values[:, :, start : start + 64],
+            values[:, :, start : start + 64],
+            torch.arange(start, min(start + 64, 300)),
+        )
     resident = memory.resident(torch.zeros(1, 1, 1, 1))
     assert torch.equal(resident.keys, values) and resident.positions.tolist() == list(range(300))

@@ -1,0 +1,106 @@
+"""The command line as a user runs it: real processes, the bundled model, generated text."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ltri.filler import text_with_fact
+
+FACT = "The secret password for the harbour gate is 'blue heron'."
+QUESTION = "What is the secret password for the harbour gate?"
+
+
+def run_ltri(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ltri", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("books") / "harbour.txt"
+    path.write_text(text_with_fact(FACT, n_sentences=60, depth=0.4, seed=3))
+    return path
+
+
+def test_ask_answers_with_the_planted_fact(book):
+    result = run_ltri("ask", "--context", str(book), QUESTION)
+    assert result.returncode == 0, result.stderr
+    assert "blue heron" in result.stdout.lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_ask_reads_the_context_from_stdin(book):
+    result = run_ltri("ask", "--context", "-", "--quiet", QUESTION, stdin=book.read_text())
+    assert result.returncode == 0, result.stderr
+    assert "blue heron" in result.stdout.lower()
+
+
+def test_chat_answers_questions_from_stdin_until_bye(book):
+    result = run_ltri("chat", "--context", str(book), "--quiet", stdin=f"{QUESTION}\n/bye\nnot read\n")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and "blue heron" in lines[0].lower()
+
+
+def unsupported_model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "gpt2-like"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    return directory
+
+
+def binary_file(tmp_path: Path) -> Path:
+    path = tmp_path / "image.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    return path
+
+
+def latin1_file(tmp_path: Path) -> Path:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Un café au lait, s'il vous plaît.".encode("latin-1"))
+    return path
+
+
+def empty_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.txt"
+    path.write_text("  \n\n")
+    return path
+
+
+ERROR_CASES = {
+    "missing file": (lambda tmp, book: ["ask", "-c", str(tmp / "nowhere.txt"), "q"], "does not exist"),
+    "empty file": (lambda tmp, book: ["ask", "-c", str(empty_file(tmp)), "q"], "is empty"),
+    "binary file": (lambda tmp, book: ["ask", "-c", str(binary_file(tmp)), "q"], "binary"),
+    "not utf-8": (lambda tmp, book: ["ask", "-c", str(latin1_file(tmp)), "q"], "not UTF-8"),
+    "directory": (lambda tmp, book: ["ask", "-c", str(tmp), "q"], "directory"),
+    "missing model": (lambda tmp, book: ["ask", "-c", str(book), "-m", str(tmp / "no-model"), "q"], "does not exist"),
+    "unsupported model": (
+        lambda tmp, book: ["ask", "-c", str(book), "-m", str(unsupported_model_dir(tmp)), "q"],
+        "not supported",
+    ),
+    "unknown policy": (lambda tmp, book: ["ask", "-c", str(book), "--policy", "magic", "q"], "Unknown memory policy"),
+    "impossible window": (lambda tmp, book: ["chat", "-c", str(book), "--window", "0"], "n_window"),
+    "empty question": (lambda tmp, book: ["ask", "-c", str(book), "  "], "question is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_user_errors_end_in_one_clear_line(case, tmp_path, book):
+    make_args, expected = ERROR_CASES[case]
+    result = run_ltri(*make_args(tmp_path, book), stdin="")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ltri: error: ") and expected in lines[0]
+    assert result.stdout == ""
