@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -108,14 +109,33 @@ def chat(
             break
         if not question.strip():
             continue
-        try:
+        with _CtrlC() as ctrl_c:
             for piece in session.stream(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
+                if ctrl_c.pressed:
+                    sys.stdout.write(" [stopped]")
+                    break
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+class _CtrlC:
+    """While an answer streams, Ctrl-C stops it after the current token (never inside a forward,
+    which would leave the layers' memories out of step), and the chat goes on."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __enter__(self) -> _CtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.pressed = True
 
 
 def _read_question(interactive: bool) -> str | None:

@@ -165,7 +165,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process converting at once won the race
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

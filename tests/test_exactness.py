@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from support import byte_tokenizer, tiny_llama
+from support import DEVICES, byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, Session
 
@@ -19,17 +19,32 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids[None]).logits[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rope", sorted(ROPES))
 @pytest.mark.parametrize("chunk_size", [1, 7, 97, 256, 1000])
 @pytest.mark.parametrize("position_mode", ["compact", "true"])
-def test_full_policy_matches_sdpa_forward(rope, chunk_size, position_mode):
-    model = tiny_llama(rope=ROPES[rope])
-    ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(1))
+def test_full_policy_matches_sdpa_forward(device, rope, chunk_size, position_mode):
+    model = tiny_llama(rope=ROPES[rope]).to(device)
+    ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(1)).to(device)
     expected = reference_logits(model, ids)
     session = Session(model, LtriConfig(chunk_size=chunk_size, position_mode=position_mode), tokenizer=byte_tokenizer())
     got = session.prefill(ids.tolist(), all_logits=True)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_size", [7, 128])
+def test_bfloat16_error_is_that_of_the_models_own_bfloat16_forward(device, chunk_size):
+    """In bf16, ltri's error against the float32 model is at most twice sdpa's own bf16 error + a small atol."""
+    model = tiny_llama(n_layers=2, seed=6).to(device)
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(6)).to(device)
+    exact = reference_logits(model, ids)
+    model.to(torch.bfloat16)
+    sdpa_error = (reference_logits(model, ids).float() - exact).abs().max().item()
+    session = Session(model, LtriConfig(chunk_size=chunk_size), tokenizer=byte_tokenizer())
+    ltri_error = (session.prefill(ids.tolist(), all_logits=True) - exact).abs().max().item()
+    assert ltri_error <= 2 * sdpa_error + 1e-2, (ltri_error, sdpa_error)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2), (8, 1)])
