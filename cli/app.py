@@ -48,7 +48,13 @@ def open_session(context: str, model: str | None, config: LtriConfig, system: st
     from ltri.text_input import read_text
 
     text = read_text(context)
-    session = Session(model, config, system=system)
+    if quiet:
+        session = Session(model, config, system=system)
+    else:
+        from rich.console import Console
+
+        with Console(stderr=True).status("loading the model (its first use converts it once, ~20 s)"):
+            session = Session(model, config, system=system)
     _feed_with_progress(session, text, quiet)
     return session
 
