@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ltri.positions import assign_positions
+
 if TYPE_CHECKING:
     from ltri.cache import LtriCache
     from ltri.positions import Rotary
@@ -47,8 +49,6 @@ def ltri_attention_forward(module, query, key, value, attention_mask, scaling=No
 
 def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
     """Attention of the chunk over the layer's resident set and itself; returns (batch, nheads, q_len, headdim)."""
-    from ltri.positions import assign_positions
-
     memory = step.cache.memory(layer_idx)
     query = step.rotary.unrotate_identity(query)
     key = step.rotary.unrotate_identity(key)

@@ -8,6 +8,8 @@ masks, the resident length with ``kv_offset`` = tokens no longer resident.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -62,3 +64,9 @@ class LtriCache(Cache):
     def advance(self, n_tokens: int) -> None:
         """Record that a forward over n_tokens finished in every layer."""
         self.tokens_seen += n_tokens
+
+
+def cache_argument_name(model) -> str:
+    """The model forward's name for the cache: ``past_key_values`` in transformers 5.17, ``cache`` later."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

@@ -10,14 +10,14 @@ for piece in session.stream("And why?"):
 
 from __future__ import annotations
 
-import inspect
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ltri.attention import ATTENTION_NAME, STEP_KWARG, StepContext, register_attention
-from ltri.cache import LtriCache
+from ltri.cache import LtriCache, cache_argument_name
 from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
 from ltri.detokenize import IncrementalDetokenizer
@@ -47,8 +47,9 @@ class Session:
 
     def __init__(self, model=None, config: LtriConfig | None = None, tokenizer=None, system: str | None = None):
         self.config = config or LtriConfig()
-        if model is None or isinstance(model, str):
-            self.model, self.tokenizer = load_model(model, device=self.config.device, dtype=self.config.dtype)
+        if model is None or isinstance(model, (str, os.PathLike)):
+            name = None if model is None else str(model)
+            self.model, self.tokenizer = load_model(name, device=self.config.device, dtype=self.config.dtype)
         else:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer together with a loaded model")
@@ -59,7 +60,7 @@ class Session:
         self.rotary = Rotary(self.model.get_decoder().rotary_emb)
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, system)
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
-        self._cache_kwarg = _cache_kwarg_name(self.model)
+        self._cache_kwarg = cache_argument_name(self.model)
         self.reset()
 
     # ---- state -----------------------------------------------------------------------------
@@ -94,12 +95,20 @@ class Session:
         self.prefill(token_ids, progress=progress)
         return len(token_ids)
 
-    def prefill(self, token_ids: Sequence[int], progress: ProgressCallback | None = None, all_logits: bool = False):
-        """Feed raw token ids, no chat formatting, in chunks of config.chunk_size.
+    def prefill(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        progress: ProgressCallback | None = None,
+        all_logits: bool = False,
+    ):
+        """Feed raw token ids (n_tokens,), no chat formatting, in chunks of config.chunk_size.
 
         Returns the logits (vocab,) of the last position, or (n_tokens, vocab) with all_logits.
         """
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
+        if isinstance(token_ids, torch.Tensor):
+            ids = token_ids.to(device=self.device, dtype=torch.long).flatten()
+        else:
+            ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
         pieces, last = [], None
         for start in range(0, ids.numel(), self.config.chunk_size):
             chunk = ids[start : start + self.config.chunk_size]
@@ -171,12 +180,6 @@ class Session:
             return []
         add_special = self.chat_format.add_special_tokens and self.cache.tokens_seen == 0
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
-
-
-def _cache_kwarg_name(model) -> str:
-    """transformers 5.17 calls the cache ``past_key_values``; later versions call it ``cache``."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:

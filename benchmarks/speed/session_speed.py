@@ -1,10 +1,12 @@
 """Session prefill and decode speed of the memory policies, against full attention in the same run.
 
-    python benchmarks/speed/session_speed.py --lengths 2k,8k --policies full,streaming \
+    python benchmarks/speed/session_speed.py --lengths 2k,8k --methods transformers,full,streaming \
         --out benchmarks/speed/results/session_speed_cpu.json
 
-For each policy and context length: prefill tokens/s (chunked, through ltri's attention), decode
-ms/token (one token at a time after the prefill), resident tokens and KV bytes. The physical floor of
+For each method and context length: prefill tokens/s (chunked), decode ms/token (one token at a
+time after the prefill), resident tokens and KV bytes (allocated). Methods: ``transformers`` (the
+baseline: its own sdpa attention and DynamicCache, same chunking) and ltri's memory policies
+(``full``, ``streaming``) through the Session. The physical floor of
 a decode step is the bytes it must read (weights + resident KV) divided by the copy bandwidth
 measured in the same run. Model: the bundled SmolLM2 unless --model is given.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ltri import LtriConfig, MemoryConfig, Session, load_model
+from ltri.cache import cache_argument_name
 from ltri.filler import filler_text
 
 
@@ -59,38 +62,78 @@ def context_ids(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def measure(model, tokenizer, policy: str, n_tokens: int, args) -> dict:
-    memory = MemoryConfig(policy=policy, n_sink=args.sink, n_window=args.window)
-    session = Session(model, LtriConfig(memory=memory, chunk_size=args.chunk), tokenizer=tokenizer)
-    device = session.device
-    ids = context_ids(tokenizer, n_tokens)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def time_reading(forward, ids: list[int], chunk: int, decode_tokens: int, device: torch.device) -> tuple[float, float]:
+    """forward(token_ids (q_len,)) runs one forward. Returns (prefill tokens/s, median decode ms/token)."""
+    tensor = torch.tensor(ids, device=device)
     synchronize(device)
     start = time.perf_counter()
-    session.prefill(ids)
+    for offset in range(0, len(ids), chunk):
+        forward(tensor[offset : offset + chunk])
     synchronize(device)
-    prefill_seconds = time.perf_counter() - start
+    prefill_tok_s = len(ids) / (time.perf_counter() - start)
     step_times = []
-    for token in ids[: args.decode_tokens]:
+    for token in tensor[:decode_tokens]:
         synchronize(device)
         start = time.perf_counter()
-        session.prefill([token])
+        forward(token[None])
         synchronize(device)
         step_times.append(time.perf_counter() - start)
+    return prefill_tok_s, 1000 * statistics.median(step_times)
+
+
+def measure_transformers(model, ids: list[int], args) -> dict:
+    """The baseline: transformers' own sdpa attention with its DynamicCache, the same chunking."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    model.set_attn_implementation("sdpa")
+    cache_argument = {cache_argument_name(model): cache}
+
+    @torch.inference_mode()
+    def forward(chunk):
+        model(input_ids=chunk[None], use_cache=True, logits_to_keep=1, **cache_argument)
+
+    try:
+        prefill_tok_s, decode_ms = time_reading(forward, ids, args.chunk, args.decode_tokens, device)
+    finally:
+        model.set_attn_implementation("ltri")
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return row("transformers", len(ids), prefill_tok_s, decode_ms, cache.get_seq_length(), kv_bytes, model, args)
+
+
+def measure_policy(model, tokenizer, policy: str, ids: list[int], args) -> dict:
+    memory = MemoryConfig(policy=policy, n_sink=args.sink, n_window=args.window)
+    session = Session(model, LtriConfig(memory=memory, chunk_size=args.chunk), tokenizer=tokenizer)
+    prefill_tok_s, decode_ms = time_reading(session.prefill, ids, args.chunk, args.decode_tokens, session.device)
     stats = session.stats()
+    resident, kv_bytes = stats.resident_tokens, stats.memory_bytes
+    return row(f"ltri-{policy}", len(ids), prefill_tok_s, decode_ms, resident, kv_bytes, model, args)
+
+
+def row(method, n_tokens, prefill_tok_s, decode_ms, resident_tokens, kv_bytes, model, args) -> dict:
+    device = next(model.parameters()).device
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    floor_ms = 1000 * (weight_bytes + stats.memory_bytes) / args.bandwidth
     return {
-        "policy": policy,
+        "method": method,
         "context_len": n_tokens,
-        "prefill_tok_s": n_tokens / prefill_seconds,
-        "decode_ms": 1000 * statistics.median(step_times),
-        "decode_floor_ms": floor_ms,
-        "resident_tokens": stats.resident_tokens,
-        "kv_bytes": stats.memory_bytes,
+        "prefill_tok_s": prefill_tok_s,
+        "decode_ms": decode_ms,
+        "decode_floor_ms": 1000 * (weight_bytes + kv_bytes) / args.bandwidth,
+        "resident_tokens": resident_tokens,
+        "kv_bytes": kv_bytes,
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
     }
+
+
+def measure(model, tokenizer, method: str, ids: list[int], args) -> dict:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if method == "transformers":
+        return measure_transformers(model, ids, args)
+    return measure_policy(model, tokenizer, method, ids, args)
 
 
 def environment(device: torch.device) -> dict:
@@ -114,7 +157,7 @@ def environment(device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2k,8k")
-    parser.add_argument("--policies", default="full,streaming")
+    parser.add_argument("--methods", default="transformers,full,streaming", help="transformers and ltri policies")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
@@ -128,17 +171,20 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     device = next(model.parameters()).device
     args.bandwidth = copy_bandwidth(device)
-    for policy in args.policies.split(","):  # warm-up: first kernels, allocator, lazy imports
-        measure(model, tokenizer, policy, min(1024, parse_length(args.lengths.split(",")[0])), args)
+    methods = args.methods.split(",")
+    for method in methods:  # warm-up: first kernels, allocator, lazy imports
+        measure(model, tokenizer, method, context_ids(tokenizer, 1024), args)
     rows = []
     for n_tokens in [parse_length(x) for x in args.lengths.split(",")]:
-        for policy in args.policies.split(","):
-            rows.append(measure(model, tokenizer, policy, n_tokens, args))
-            row = rows[-1]
+        ids = context_ids(tokenizer, n_tokens)
+        for method in methods:
+            result = measure(model, tokenizer, method, ids, args)
+            rows.append(result)
             print(
-                f"{row['policy']:>10} {row['context_len']:>7} tokens  prefill {row['prefill_tok_s']:8.0f} tok/s  "
-                f"decode {row['decode_ms']:7.2f} ms (floor {row['decode_floor_ms']:.2f})  "
-                f"resident {row['resident_tokens']:>7}  kv {row['kv_bytes'] / 1e6:8.1f} MB",
+                f"{result['method']:>14} {result['context_len']:>7} tokens  "
+                f"prefill {result['prefill_tok_s']:8.0f} tok/s  "
+                f"decode {result['decode_ms']:7.2f} ms (floor {result['decode_floor_ms']:.2f})  "
+                f"resident {result['resident_tokens']:>7}  kv {result['kv_bytes'] / 1e6:8.1f} MB",
                 flush=True,
             )
     result = {"environment": environment(device), "copy_gb_s": args.bandwidth / 1e9, "rows": rows}
