@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -142,7 +143,7 @@ def environment(device: torch.device) -> dict:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        sha = None
+        sha = os.environ.get("GIT_SHA")  # the device's copy of the tree has no .git: pass GIT_SHA=$(git rev-parse HEAD)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
