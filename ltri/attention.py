@@ -11,13 +11,13 @@ Called without ltri's step context (for example by ``model.generate``) it falls 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ltri.positions import assign_positions
+from ltri.positions import RopeTable, key_positions
 
 if TYPE_CHECKING:
     from ltri.cache import LtriCache
@@ -35,6 +35,18 @@ class StepContext:
     rotary: Rotary
     position_mode: str
     chunk_positions: torch.Tensor  # (q_len,) positions of the chunk's tokens in the text
+    # In compact mode the RoPE table depends only on the number of keys: the layers share it.
+    compact_tables: dict[int, RopeTable] = field(default_factory=dict, compare=False)
+
+    def key_table(self, resident_positions: torch.Tensor, like: torch.Tensor) -> RopeTable:
+        """RoPE table for the resident keys followed by the chunk: (n_resident + q_len) positions."""
+        if self.position_mode != "compact":
+            return self.rotary.table(key_positions(self.position_mode, resident_positions, self.chunk_positions), like)
+        n_keys = resident_positions.numel() + self.chunk_positions.numel()
+        if n_keys not in self.compact_tables:
+            positions = key_positions("compact", resident_positions, self.chunk_positions)
+            self.compact_tables[n_keys] = self.rotary.table(positions, like)
+        return self.compact_tables[n_keys]
 
 
 def ltri_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -59,10 +71,10 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
         keys = torch.cat([resident.keys, key], dim=2)
         values = torch.cat([resident.values, value], dim=2)
         resident_positions = resident.positions
-    key_positions, query_positions = assign_positions(step.position_mode, resident_positions, step.chunk_positions)
+    table = step.key_table(resident_positions, like=keys)
     output = causal_chunk_attention(
-        step.rotary.apply(query, query_positions),
-        step.rotary.apply(keys, key_positions),
+        table.tail(query.shape[2]).rotate(query),
+        table.rotate(keys),
         values,
         n_resident=resident_positions.numel(),
         scaling=scaling,
