@@ -1,11 +1,13 @@
 """Session: the streaming API. Feed text (as much as you like, as often as you like), then ask.
 
-from ltri import Session, LtriConfig
-session = Session()                    # bundled SmolLM2, default config
-session.feed(open("book.txt").read())
-print(session.ask("Who wrote the letter?"))
-for piece in session.stream("And why?"):
-    print(piece, end="")
+Example::
+
+    from ltri import Session
+    session = Session()                    # bundled SmolLM2, default config
+    session.feed(open("book.txt").read())
+    print(session.ask("Who wrote the letter?"))
+    for piece in session.stream("And why?"):
+        print(piece, end="")
 """
 
 from __future__ import annotations
@@ -84,12 +86,7 @@ class Session:
     # ---- reading -----------------------------------------------------------------------------
     def feed(self, text: str | Sequence[int], progress: ProgressCallback | None = None) -> int:
         """Read more text (a string, or token ids). Returns the number of tokens fed."""
-        opening = {
-            "empty": self.chat_format.open_first_user,
-            "in_user": "",
-            "answered": self.chat_format.open_next_user,
-        }
-        token_ids = self._tokenize(opening[self._phase])
+        token_ids = self._tokenize(self._opening(inside_user_turn=""))
         token_ids += self._tokenize(text) if isinstance(text, str) else [int(t) for t in text]
         self._phase = "in_user"
         self.prefill(token_ids, progress=progress)
@@ -135,13 +132,16 @@ class Session:
 
     def question_tokens(self, question: str) -> list[int]:
         """The token ids that ask() feeds for a question, given what was fed before."""
-        fmt = self.chat_format
-        opening = {
-            "empty": fmt.open_first_user,
-            "in_user": fmt.question_separator,
-            "answered": fmt.open_next_user,
-        }[self._phase]
-        return self._tokenize(opening + question + fmt.open_assistant)
+        opening = self._opening(inside_user_turn=self.chat_format.question_separator)
+        return self._tokenize(opening + question + self.chat_format.open_assistant)
+
+    def _opening(self, inside_user_turn: str) -> str:
+        """What goes before new user content: a new user turn, or inside_user_turn if one is open."""
+        if self._phase == "empty":
+            return self.chat_format.open_first_user
+        if self._phase == "answered":
+            return self.chat_format.open_next_user
+        return inside_user_turn
 
     def _decode(self, logits: torch.Tensor, config: SamplingConfig) -> Iterator[str]:
         generator = make_generator(config.seed, self.device)
@@ -150,13 +150,16 @@ class Session:
         for _ in range(config.max_new_tokens):
             token = sample_next(logits, config, generator)
             if token in self.stop_token_ids:
-                return
+                break
             self.last_answer_tokens.append(token)
             piece = detokenizer.push(token)
             # The answer joins the context: every token, the last one too, goes through the model.
             logits = self._forward(torch.tensor([token], device=self.device))[-1]
             if piece:
                 yield piece
+        rest = detokenizer.finish()
+        if rest:
+            yield rest
 
     # ---- model -------------------------------------------------------------------------------
     @torch.inference_mode()

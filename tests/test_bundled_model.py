@@ -72,11 +72,14 @@ def test_answers_join_the_context_and_stream_matches_ask(smollm):
     first = Session(model, tokenizer=tokenizer)
     first.feed(text)
     answer = first.ask(QUESTION, max_new_tokens=20)
+    first_answer_tokens = first.last_answer_tokens
     before = first.stats().tokens_seen
     follow_up = "Repeat your last answer."
     follow_up_ids = first.question_tokens(follow_up)
     first.ask(follow_up, max_new_tokens=8)
     assert first.stats().tokens_seen == before + len(follow_up_ids) + len(first.last_answer_tokens)
+
+    assert answer == tokenizer.decode(first_answer_tokens, skip_special_tokens=True)
 
     second = Session(model, tokenizer=tokenizer)
     second.feed(text)
