@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, fields
 from typing import Annotated
 
 import typer
 
-from ltri.config import LtriConfig, MemoryConfig
+from ltri.config import LtriConfig, MemoryConfig, SamplingConfig
 from ltri.errors import LtriError
 
 app = typer.Typer(
@@ -20,110 +23,126 @@ app = typer.Typer(
     help="Read a long text with a language model and answer questions about it.",
 )
 
-ContextOption = Annotated[str, typer.Option("--context", "-c", help="Text file to read (- for standard input).")]
-ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file (default: bundled SmolLM2).")
-]
-PolicyOption = Annotated[str, typer.Option("--policy", help="Memory policy: full or streaming.")]
-SinkOption = Annotated[int, typer.Option("--sink", help="Attention-sink tokens kept from the start (streaming).")]
-WindowOption = Annotated[int, typer.Option("--window", help="Most recent tokens kept (streaming).")]
-ChunkOption = Annotated[int, typer.Option("--chunk", help="Tokens per prefill step.")]
-PositionsOption = Annotated[str, typer.Option("--positions", help="Position mode: compact or true.")]
-DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")]
-MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens in one answer.")]
-TemperatureOption = Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy decoding.")]
-SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
-SystemOption = Annotated[str | None, typer.Option("--system", help="System prompt.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+_MEMORY, _LTRI, _SAMPLING = MemoryConfig(), LtriConfig(), SamplingConfig()
 
 
-def build_config(policy: str, sink: int, window: int, chunk: int, positions: str, device: str | None) -> LtriConfig:
-    memory = MemoryConfig(policy=policy, n_sink=sink, n_window=window)
-    return LtriConfig(memory=memory, chunk_size=chunk, position_mode=positions, device=device)
+@dataclass(frozen=True)
+class ReadingOptions:
+    """The options every command that reads a text shares; each maps onto one config field."""
+
+    context: Annotated[str, typer.Option("--context", "-c", help="Text file to read (- for standard input).")]
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file (default: SmolLM2).")
+    ] = None
+    policy: Annotated[str, typer.Option("--policy", help="Memory policy: full or streaming.")] = _MEMORY.policy
+    sink: Annotated[int, typer.Option("--sink", help="Attention-sink tokens kept from the start.")] = _MEMORY.n_sink
+    window: Annotated[int, typer.Option("--window", help="Most recent tokens kept.")] = _MEMORY.n_window
+    chunk: Annotated[int, typer.Option("--chunk", help="Tokens per prefill step.")] = _LTRI.chunk_size
+    positions: Annotated[str, typer.Option("--positions", help="compact or true.")] = _LTRI.position_mode
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")] = (
+        _LTRI.device
+    )
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens in one answer.")] = (
+        _SAMPLING.max_new_tokens
+    )
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy decoding.")] = (
+        _SAMPLING.temperature
+    )
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = _SAMPLING.top_p
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = _SAMPLING.seed
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False
+
+    def config(self) -> LtriConfig:
+        memory = MemoryConfig(policy=self.policy, n_sink=self.sink, n_window=self.window)
+        return LtriConfig(memory=memory, chunk_size=self.chunk, position_mode=self.positions, device=self.device)
+
+    def sampling(self) -> dict:
+        """Keyword arguments of Session.stream."""
+        return {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
 
 
-def open_session(context: str, model: str | None, config: LtriConfig, system: str | None, quiet: bool):
+def with_reading_options(command: Callable) -> Callable:
+    """Give a command ReadingOptions' fields as its own options and pass them on as ``options``."""
+    hints = inspect.get_annotations(ReadingOptions, eval_str=True)
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=_default(f))
+        for f in fields(ReadingOptions)
+    ]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = ReadingOptions(**{p.name: kwargs.pop(p.name) for p in shared})
+        return command(options=options, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)
+    return wrapper
+
+
+def _default(field: Field):
+    return inspect.Parameter.empty if field.default is MISSING else field.default
+
+
+def open_session(options: ReadingOptions):
     """Read the context file, load the model and feed the text, with progress on stderr."""
     from ltri.session import Session
     from ltri.text_input import read_text
 
-    text = read_text(context)
-    if quiet:
-        session = Session(model, config, system=system)
+    text = read_text(options.context)
+    config = options.config()
+    if options.quiet:
+        session = Session(options.model, config, system=options.system)
     else:
         from rich.console import Console
 
-        with Console(stderr=True).status("loading the model (its first use converts it once, ~20 s)"):
-            session = Session(model, config, system=system)
-    _feed_with_progress(session, text, quiet)
+        with Console(stderr=True).status("loading the model (its first use converts it once)"):
+            session = Session(options.model, config, system=options.system)
+    _feed_with_progress(session, text, options.quiet)
     return session
 
 
+def print_answer(session, question: str, options: ReadingOptions, stop: Callable[[], bool] = lambda: False) -> None:
+    """Stream the answer to stdout; stop() is asked after each piece."""
+    for piece in session.stream(question, **options.sampling()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        if stop():
+            sys.stdout.write(" [stopped]")
+            break
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 @app.command()
-def ask(
-    question: Annotated[str, typer.Argument(help="The question to answer.")],
-    context: ContextOption,
-    model: ModelOption = None,
-    policy: PolicyOption = "full",
-    sink: SinkOption = 64,
-    window: WindowOption = 2048,
-    chunk: ChunkOption = 512,
-    positions: PositionsOption = "compact",
-    device: DeviceOption = None,
-    max_tokens: MaxTokensOption = 256,
-    temperature: TemperatureOption = 0.0,
-    seed: SeedOption = None,
-    system: SystemOption = None,
-    quiet: QuietOption = False,
-) -> None:
+@with_reading_options
+def ask(question: Annotated[str, typer.Argument(help="The question to answer.")], options: ReadingOptions) -> None:
     """Answer one question about a text file and print the answer."""
     if not question.strip():
         raise LtriError("The question is empty: ask something about the text.")
-    config = build_config(policy, sink, window, chunk, positions, device)
-    session = open_session(context, model, config, system, quiet)
-    for piece in session.stream(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    print_answer(open_session(options), question, options)
 
 
 @app.command()
-def chat(
-    context: ContextOption,
-    model: ModelOption = None,
-    policy: PolicyOption = "full",
-    sink: SinkOption = 64,
-    window: WindowOption = 2048,
-    chunk: ChunkOption = 512,
-    positions: PositionsOption = "compact",
-    device: DeviceOption = None,
-    max_tokens: MaxTokensOption = 256,
-    temperature: TemperatureOption = 0.0,
-    seed: SeedOption = None,
-    system: SystemOption = None,
-    quiet: QuietOption = False,
-) -> None:
+@with_reading_options
+def chat(options: ReadingOptions) -> None:
     """Read a text file, then answer questions from the terminal (one per line; Ctrl-D or /bye ends)."""
-    if context == "-":
+    if options.context == "-":
         raise LtriError("chat reads questions from standard input, so --context - cannot be used with it.")
-    config = build_config(policy, sink, window, chunk, positions, device)
-    session = open_session(context, model, config, system, quiet)
+    session = open_session(options)
     interactive = sys.stdin.isatty()
     while True:
         question = _read_question(interactive)
         if question is None or question.strip() in ("/bye", "/exit", "/quit"):
             break
-        if not question.strip():
-            continue
-        with _CtrlC() as ctrl_c:
-            for piece in session.stream(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-                if ctrl_c.pressed:
-                    sys.stdout.write(" [stopped]")
-                    break
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        if question.strip():
+            with _CtrlC() as ctrl_c:
+                print_answer(session, question, options, stop=lambda: ctrl_c.pressed)
 
 
 class _CtrlC:
