@@ -1,7 +1,8 @@
 """Loading a supported causal LM and its tokenizer, with the bundled SmolLM2 GGUF as the default.
 
-Converting the GGUF file takes ~15 s on a laptop CPU, so the dequantized weights are kept once in
-the ltri cache directory (``$LTRI_CACHE``, default ``~/.cache/ltri``) and later loads take < 1 s.
+Converting a GGUF file with transformers is slow (benchmarks/speed/model_load.py measures it), so the
+dequantized weights are kept once in the ltri cache directory (``$LTRI_CACHE``, default
+``~/.cache/ltri``) and later loads read them from there.
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and Path(name).expanduser().exists()
+    """A name meant as a local path: explicit (./, /, ~) or with a separator and present on disk."""
+    explicit = name.startswith((".", "/", "~"))
+    return explicit or (os.sep in name.rstrip(os.sep) and Path(name).expanduser().exists())
 
 
 def _quiet_transformers() -> None:
