@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, Field, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields, replace
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ltri.config import LtriConfig, MemoryConfig, SamplingConfig
+from ltri.config import LtriConfig, MemoryConfig, RetrievalConfig, SamplingConfig
 from ltri.errors import LtriError
 
 app = typer.Typer(
@@ -23,25 +25,61 @@ app = typer.Typer(
     help="Read a long text with a language model and answer questions about it.",
 )
 
-_MEMORY, _LTRI, _SAMPLING = MemoryConfig(), LtriConfig(), SamplingConfig()
+_MEMORY, _RETRIEVAL, _LTRI, _SAMPLING = MemoryConfig(), RetrievalConfig(), LtriConfig(), SamplingConfig()
 
 
 @dataclass(frozen=True)
 class ReadingOptions:
-    """The options every command that reads a text shares; each maps onto one config field."""
+    """How the model reads the text; each option maps onto one config field.
 
-    context: Annotated[str, typer.Option("--context", "-c", help="Text file to read (- for standard input).")]
+    The memory options default to None, meaning the config's default, or for a saved store the
+    value it was made with.
+    """
+
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file (default: SmolLM2).")
     ] = None
-    policy: Annotated[str, typer.Option("--policy", help="Memory policy: full or streaming.")] = _MEMORY.policy
-    sink: Annotated[int, typer.Option("--sink", help="Attention-sink tokens kept from the start.")] = _MEMORY.n_sink
-    window: Annotated[int, typer.Option("--window", help="Most recent tokens kept.")] = _MEMORY.n_window
-    chunk: Annotated[int, typer.Option("--chunk", help="Tokens per prefill step.")] = _LTRI.chunk_size
-    positions: Annotated[str, typer.Option("--positions", help="compact or true.")] = _LTRI.position_mode
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")] = (
-        _LTRI.device
+    policy: Annotated[
+        str | None, typer.Option("--policy", help=f"Memory policy: ltri, full or streaming [{_MEMORY.policy}].")
+    ] = None
+    sink: Annotated[
+        int | None, typer.Option("--sink", help=f"Attention-sink tokens kept from the start [{_MEMORY.n_sink}].")
+    ] = None
+    window: Annotated[int | None, typer.Option("--window", help=f"Most recent tokens kept [{_MEMORY.n_window}].")] = (
+        None
     )
+    budget: Annotated[
+        int | None,
+        typer.Option("--budget", help=f"Retrieved tokens per layer and step (ltri policy) [{_RETRIEVAL.budget}]."),
+    ] = None
+    chunk: Annotated[int | None, typer.Option("--chunk", help=f"Tokens per prefill step [{_LTRI.chunk_size}].")] = None
+    positions: Annotated[
+        str | None, typer.Option("--positions", help=f"compact, one_angle or true [{_LTRI.position_mode}].")
+    ] = None
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")] = (
+        None
+    )
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False
+
+    def config(self, base: LtriConfig | None = None) -> LtriConfig:
+        """base (default: LtriConfig()) with the options given on the command line."""
+        base = base or LtriConfig()
+        memory = _given(base.memory, policy=self.policy, n_sink=self.sink, n_window=self.window)
+        retrieval = _given(base.retrieval, budget=self.budget)
+        return _given(
+            base,
+            memory=memory,
+            retrieval=retrieval,
+            chunk_size=self.chunk,
+            position_mode=self.positions,
+            device=self.device,
+        )
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How answers are decoded."""
+
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens in one answer.")] = (
         _SAMPLING.max_new_tokens
     )
@@ -51,11 +89,6 @@ class ReadingOptions:
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = _SAMPLING.top_p
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = _SAMPLING.seed
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False
-
-    def config(self) -> LtriConfig:
-        memory = MemoryConfig(policy=self.policy, n_sink=self.sink, n_window=self.window)
-        return LtriConfig(memory=memory, chunk_size=self.chunk, position_mode=self.positions, device=self.device)
 
     def sampling(self) -> dict:
         """Keyword arguments of Session.stream."""
@@ -67,49 +100,83 @@ class ReadingOptions:
         }
 
 
-def with_reading_options(command: Callable) -> Callable:
-    """Give a command ReadingOptions' fields as its own options and pass them on as ``options``."""
-    hints = inspect.get_annotations(ReadingOptions, eval_str=True)
-    shared = [
+def _given(config, **values):
+    """config with the values that are not None."""
+    return replace(config, **{name: value for name, value in values.items() if value is not None})
+
+
+def with_options(**groups: type) -> Callable:
+    """Give a command the fields of each options dataclass as its own options; it receives one instance
+    per group, under the group's keyword (for example ``reading=ReadingOptions(...)``)."""
+
+    def decorate(command: Callable) -> Callable:
+        shared = {name: _parameters(group) for name, group in groups.items()}
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name not in groups]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            built = {
+                name: groups[name](**{p.name: kwargs.pop(p.name) for p in parameters})
+                for name, parameters in shared.items()
+            }
+            return command(**built, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + [p for parameters in shared.values() for p in parameters])
+        return wrapper
+
+    return decorate
+
+
+def _parameters(group: type) -> list[inspect.Parameter]:
+    hints = inspect.get_annotations(group, eval_str=True)
+    return [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=_default(f))
-        for f in fields(ReadingOptions)
+        for f in fields(group)
     ]
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        options = ReadingOptions(**{p.name: kwargs.pop(p.name) for p in shared})
-        return command(options=options, **kwargs)
-
-    wrapper.__signature__ = inspect.Signature(own + shared)
-    return wrapper
 
 
 def _default(field: Field):
     return inspect.Parameter.empty if field.default is MISSING else field.default
 
 
-def open_session(options: ReadingOptions):
-    """Read the context file, load the model and feed the text, with progress on stderr."""
+ContextOption = Annotated[str | None, typer.Option("--context", "-c", help="Text file to read (- for standard input).")]
+StoreOption = Annotated[
+    Path | None, typer.Option("--store", "-s", help="Saved store to answer from (made by `ltri ingest`).")
+]
+
+
+def _status(quiet: bool, message: str):
+    if quiet:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def open_session(context: str | None, store: Path | None, reading: ReadingOptions, system: str | None = None):
+    """A session over the context file (read now, with progress on stderr) or over a saved store."""
     from ltri.session import Session
+    from ltri.store_files import stored_config
     from ltri.text_input import read_text
 
-    text = read_text(options.context)
-    config = options.config()
-    if options.quiet:
-        session = Session(options.model, config, system=options.system)
-    else:
-        from rich.console import Console
-
-        with Console(stderr=True).status("loading the model (its first use converts it once)"):
-            session = Session(options.model, config, system=options.system)
-    _feed_with_progress(session, text, options.quiet)
+    if (context is None) == (store is None):
+        raise LtriError("Give either --context FILE or --store DIR (one of them).")
+    if store is not None:
+        if system is not None:
+            raise LtriError("--system cannot change a saved store's conversation: give it to `ltri ingest`.")
+        config = reading.config(stored_config(store))
+        with _status(reading.quiet, "opening the store"):
+            return Session.open(store, model=reading.model, config=config)
+    text = read_text(context)
+    with _status(reading.quiet, "loading the model (its first use converts it once)"):
+        session = Session(reading.model, reading.config(), system=system)
+    _feed_with_progress(session, text, reading.quiet)
     return session
 
 
-def print_answer(session, question: str, options: ReadingOptions, stop: Callable[[], bool] = lambda: False) -> None:
+def print_answer(session, question: str, answer: AnswerOptions, stop: Callable[[], bool] = lambda: False) -> None:
     """Stream the answer to stdout; stop() is asked after each piece."""
-    for piece in session.stream(question, **options.sampling()):
+    for piece in session.stream(question, **answer.sampling()):
         sys.stdout.write(piece)
         sys.stdout.flush()
         if stop():
@@ -120,21 +187,29 @@ def print_answer(session, question: str, options: ReadingOptions, stop: Callable
 
 
 @app.command()
-@with_reading_options
-def ask(question: Annotated[str, typer.Argument(help="The question to answer.")], options: ReadingOptions) -> None:
-    """Answer one question about a text file and print the answer."""
+@with_options(reading=ReadingOptions, answer=AnswerOptions)
+def ask(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    reading: ReadingOptions,
+    answer: AnswerOptions,
+    context: ContextOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Answer one question about a text file (or a saved store) and print the answer."""
     if not question.strip():
         raise LtriError("The question is empty: ask something about the text.")
-    print_answer(open_session(options), question, options)
+    print_answer(open_session(context, store, reading, answer.system), question, answer)
 
 
 @app.command()
-@with_reading_options
-def chat(options: ReadingOptions) -> None:
-    """Read a text file, then answer questions from the terminal (one per line; Ctrl-D or /bye ends)."""
-    if options.context == "-":
+@with_options(reading=ReadingOptions, answer=AnswerOptions)
+def chat(
+    reading: ReadingOptions, answer: AnswerOptions, context: ContextOption = None, store: StoreOption = None
+) -> None:
+    """Read a text file (or open a saved store), then answer questions from the terminal (/bye or Ctrl-D ends)."""
+    if context == "-":
         raise LtriError("chat reads questions from standard input, so --context - cannot be used with it.")
-    session = open_session(options)
+    session = open_session(context, store, reading, answer.system)
     interactive = sys.stdin.isatty()
     while True:
         question = _read_question(interactive)
@@ -142,7 +217,29 @@ def chat(options: ReadingOptions) -> None:
             break
         if question.strip():
             with _CtrlC() as ctrl_c:
-                print_answer(session, question, options, stop=lambda: ctrl_c.pressed)
+                print_answer(session, question, answer, stop=lambda: ctrl_c.pressed)
+
+
+@app.command()
+@with_options(reading=ReadingOptions)
+def ingest(
+    file: Annotated[str, typer.Argument(help="Text file to read (- for standard input).")],
+    reading: ReadingOptions,
+    store: Annotated[Path, typer.Option("--store", "-s", help="New or empty directory for the store.")],
+    system: Annotated[str | None, typer.Option("--system", help="System prompt of later questions.")] = None,
+) -> None:
+    """Read a text once into a store; later `ltri ask --store DIR` answers without reading it again."""
+    from ltri.session import Session
+    from ltri.text_input import read_text
+
+    text = read_text(file)
+    with _status(reading.quiet, "loading the model (its first use converts it once)"):
+        session = Session(reading.model, reading.config(), system=system, store=store)
+    _feed_with_progress(session, text, reading.quiet)
+    session.save()
+    session.close()
+    if not reading.quiet:
+        sys.stderr.write(f"saved the store in {store}\n")
 
 
 class _CtrlC:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ltri.positions import RopeTable, key_positions
+from ltri.positions import Layout, RopeTable, key_positions
 
 if TYPE_CHECKING:
     from ltri.cache import LtriCache
@@ -35,18 +35,17 @@ class StepContext:
     rotary: Rotary
     position_mode: str
     chunk_positions: torch.Tensor  # (q_len,) positions of the chunk's tokens in the text
-    # In compact mode the RoPE table depends only on the number of keys: the layers share it.
-    compact_tables: dict[int, RopeTable] = field(default_factory=dict, compare=False)
+    # Outside ``true`` mode the RoPE table depends only on the layout: layers with the same one share it.
+    shared_tables: dict[Layout, RopeTable] = field(default_factory=dict, compare=False)
 
-    def key_table(self, resident_positions: torch.Tensor, like: torch.Tensor) -> RopeTable:
+    def key_table(self, resident_positions: torch.Tensor, layout: Layout, like: torch.Tensor) -> RopeTable:
         """RoPE table for the resident keys followed by the chunk: (n_resident + q_len) positions."""
-        if self.position_mode != "compact":
-            return self.rotary.table(key_positions(self.position_mode, resident_positions, self.chunk_positions), like)
-        n_keys = resident_positions.numel() + self.chunk_positions.numel()
-        if n_keys not in self.compact_tables:
-            positions = key_positions("compact", resident_positions, self.chunk_positions)
-            self.compact_tables[n_keys] = self.rotary.table(positions, like)
-        return self.compact_tables[n_keys]
+        if self.position_mode == "true":
+            return self.rotary.table(key_positions("true", resident_positions, self.chunk_positions), like)
+        if layout not in self.shared_tables:
+            positions = key_positions(self.position_mode, resident_positions, self.chunk_positions, layout)
+            self.shared_tables[layout] = self.rotary.table(positions, like)
+        return self.shared_tables[layout]
 
 
 def ltri_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -66,20 +65,20 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
     key = step.rotary.unrotate_identity(key)
     resident = memory.resident(query)
     if resident is None:
-        keys, values, resident_positions = key, value, step.chunk_positions[:0]
+        keys, values, resident_positions, layout = key, value, step.chunk_positions[:0], Layout()
     else:
         keys = torch.cat([resident.keys, key], dim=2)
         values = torch.cat([resident.values, value], dim=2)
-        resident_positions = resident.positions
-    table = step.key_table(resident_positions, like=keys)
-    output = causal_chunk_attention(
-        table.tail(query.shape[2]).rotate(query),
-        table.rotate(keys),
-        values,
-        n_resident=resident_positions.numel(),
-        scaling=scaling,
-    )
-    memory.append(key, value, step.chunk_positions)
+        resident_positions, layout = resident.positions, resident.layout
+    table = step.key_table(resident_positions, layout, like=keys)
+    rotated_query = table.tail(query.shape[2]).rotate(query)
+    rotated_keys = table.rotate(keys)
+    n_resident = resident_positions.numel()
+    output = causal_chunk_attention(rotated_query, rotated_keys, values, n_resident=n_resident, scaling=scaling)
+    chunk_attention = None
+    if memory.wants_chunk_attention(query.shape[2]):
+        chunk_attention = chunk_self_attention(rotated_query, rotated_keys[:, :, n_resident:], scaling)
+    memory.append(key, value, step.chunk_positions, chunk_attention=chunk_attention)
     return output
 
 
@@ -97,6 +96,23 @@ def causal_chunk_attention(query, keys, values, n_resident: int, scaling: float 
         mask = key_index[None, :] <= query_index[:, None]  # (q_len, n_keys)
     enable_gqa = query.shape[1] != keys.shape[1]
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
+
+
+def chunk_self_attention(query, chunk_keys, scaling: float | None) -> torch.Tensor:
+    """The chunk's causal attention among its own tokens, averaged over each KV head's query heads.
+
+    query (1, nheads, q_len, headdim) and chunk_keys (1, nheads_kv, q_len, headdim), rotated.
+    Returns (nheads_kv, q_len, q_len) float32: row i is query i's softmax over keys j <= i of the chunk
+    (renormalised within the chunk), zeros above the diagonal. Span segmentation reads it.
+    """
+    nheads, q_len, headdim = query.shape[1], query.shape[2], query.shape[3]
+    nheads_kv = chunk_keys.shape[1]
+    scale = scaling if scaling is not None else headdim**-0.5
+    grouped = query[0].float().view(nheads_kv, nheads // nheads_kv, q_len, headdim)
+    scores = torch.einsum("hgqd,hkd->hgqk", grouped, chunk_keys[0].float()) * scale
+    future = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu(1)
+    scores.masked_fill_(future, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)
 
 
 def ltri_mask(*args, **kwargs):

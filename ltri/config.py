@@ -6,21 +6,25 @@ from dataclasses import dataclass, field
 
 from ltri.errors import LtriError
 
-MEMORY_POLICIES = ("full", "streaming")
-POSITION_MODES = ("compact", "true")
+MEMORY_POLICIES = ("ltri", "full", "streaming")
+POSITION_MODES = ("compact", "one_angle", "true")
+INDEX_VECTORS = ("keys", "bounds")
+INDEX_BACKENDS = ("auto", "torch", "faiss")
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """What each layer keeps between chunks.
 
-    policy: ``full`` keeps every token (the exactness reference); ``streaming`` keeps the first
+    policy: ``ltri`` keeps sinks and the local window on the device and moves older tokens, cut into
+        spans, to the span store, retrieving the spans each chunk and each decode step needs;
+        ``full`` keeps every token (the exactness reference); ``streaming`` keeps the first
         ``n_sink`` tokens and the last ``n_window`` tokens (StreamingLLM-like).
     n_sink: attention-sink tokens kept from the start of the text.
     n_window: most recent tokens kept (the local window).
     """
 
-    policy: str = "full"
+    policy: str = "ltri"
     n_sink: int = 64
     n_window: int = 2048
 
@@ -34,17 +38,82 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class SpanConfig:
+    """How tokens leaving the local window are cut into spans and indexed (the ``ltri`` policy).
+
+    min_len, max_len: span length bounds in tokens.
+    theta: triangle threshold of the segmentation; None picks the default rule of ``ltri.spans``.
+    nms_iou: overlap allowed between candidate spans kept by non-maximum suppression (0: none).
+    index_vectors: ``keys`` indexes each span by its most attended keys (1..max_vectors, fewer for
+        confident spans); ``bounds`` by Quest's element-wise [kmax, kmin] (never under-estimates).
+    """
+
+    min_len: int = 8
+    max_len: int = 128
+    theta: float | None = None
+    nms_iou: float = 0.0
+    index_vectors: str = "keys"
+    max_vectors: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_len <= self.max_len:
+            raise LtriError(f"Span lengths need 1 <= min_len <= max_len, got {self.min_len} and {self.max_len}.")
+        if not 0 <= self.nms_iou < 1:
+            raise LtriError(f"nms_iou must be in [0, 1), got {self.nms_iou}.")
+        if self.index_vectors not in INDEX_VECTORS:
+            raise LtriError(f"Unknown index vectors {self.index_vectors!r}: choose one of {', '.join(INDEX_VECTORS)}.")
+        if self.max_vectors < 1:
+            raise LtriError(f"max_vectors must be at least 1, got {self.max_vectors}.")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Which stored spans each chunk and decode step brings back (the ``ltri`` policy).
+
+    budget: most retrieved tokens per layer in one step (besides sinks, window and chunk).
+    search_k: spans each query head asks the index for; the heads' votes are pooled.
+    backend: span index backend, ``torch`` (exact matmul), ``faiss``, or ``auto`` (torch on CUDA,
+        faiss on CPU).
+    persistence_bonus: vote added to spans picked in the last ``persistence_steps`` steps (a head's
+        votes sum to at most 1), so evidence is not dropped one token later.
+    cache_mb: device memory for recently used span payloads, all layers together.
+    """
+
+    budget: int = 2048
+    search_k: int = 64
+    backend: str = "auto"
+    persistence_bonus: float = 0.1
+    persistence_steps: int = 16
+    cache_mb: int = 512
+
+    def __post_init__(self) -> None:
+        if self.budget < 0:
+            raise LtriError(f"The retrieval budget must be 0 or more tokens, got {self.budget}.")
+        if self.search_k < 1:
+            raise LtriError(f"search_k must be at least 1, got {self.search_k}.")
+        if self.backend not in INDEX_BACKENDS:
+            raise LtriError(f"Unknown index backend {self.backend!r}: choose one of {', '.join(INDEX_BACKENDS)}.")
+        if self.persistence_bonus < 0 or self.persistence_steps < 0:
+            raise LtriError("persistence_bonus and persistence_steps must be 0 or more.")
+        if self.cache_mb < 0:
+            raise LtriError(f"cache_mb must be 0 or more, got {self.cache_mb}.")
+
+
+@dataclass(frozen=True)
 class LtriConfig:
     """How a Session reads text.
 
     chunk_size: tokens per prefill step (bounds the work and memory of one forward).
     position_mode: ``compact`` lays the resident tokens out contiguously (a short-context model never
-        sees a position past what it holds); ``true`` uses each token's position in the text.
+        sees a position past what it holds); ``one_angle`` puts every retrieved token at one position,
+        about n_window before the chunk (InfLLM); ``true`` uses each token's position in the text.
     device: ``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when available.
     dtype: ``float32``, ``bfloat16`` or ``float16``; None means float32 on CPU and bfloat16 on CUDA.
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    spans: SpanConfig = field(default_factory=SpanConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     chunk_size: int = 512
     position_mode: str = "compact"
     device: str | None = None

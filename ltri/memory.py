@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ltri.config import MemoryConfig
+from ltri.positions import Layout
 from ltri.token_buffer import TokenBuffer
 
 
@@ -23,6 +23,7 @@ class ResidentSet:
     keys: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
     values: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
     positions: torch.Tensor  # (n_resident,) positions in the text
+    layout: Layout  # which of them are sinks, retrieved and window
 
 
 class LayerMemory(ABC):
@@ -33,8 +34,16 @@ class LayerMemory(ABC):
         """The resident set for a chunk with queries (batch, nheads, q_len, headdim); None when empty."""
 
     @abstractmethod
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Take the chunk's pre-RoPE keys and values after it attended."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, chunk_attention=None) -> None:
+        """Take the chunk's pre-RoPE keys and values after it attended.
+
+        chunk_attention: (nheads_kv, q_len, q_len) the chunk's causal self-attention, when
+        wants_chunk_attention(q_len) said so.
+        """
+
+    def wants_chunk_attention(self, q_len: int) -> bool:
+        """Whether append needs the chunk's self-attention (span segmentation reads it)."""
+        return False
 
     @abstractmethod
     def resident_tokens(self) -> int:
@@ -42,7 +51,15 @@ class LayerMemory(ABC):
 
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes of keys and values this layer holds."""
+        """Bytes of keys and values this layer holds on its device."""
+
+    @abstractmethod
+    def state(self) -> dict:
+        """What a saved session needs to rebuild this memory (CPU tensors; stored spans excluded)."""
+
+    @abstractmethod
+    def load_state(self, state: dict, device) -> None:
+        """Rebuild from state() on device."""
 
 
 class BufferedMemory(LayerMemory):
@@ -54,9 +71,10 @@ class BufferedMemory(LayerMemory):
     def resident(self, queries: torch.Tensor) -> ResidentSet | None:
         if self.buffer.length == 0:
             return None
-        return ResidentSet(self.buffer.keys(), self.buffer.values(), self.buffer.positions())
+        layout = Layout(n_window=self.buffer.length)
+        return ResidentSet(self.buffer.keys(), self.buffer.values(), self.buffer.positions(), layout)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.buffer.append(keys, values, positions)
 
     def resident_tokens(self) -> int:
@@ -64,6 +82,12 @@ class BufferedMemory(LayerMemory):
 
     def nbytes(self) -> int:
         return self.buffer.nbytes()
+
+    def state(self) -> dict:
+        return {"buffer": self.buffer.state()}
+
+    def load_state(self, state: dict, device) -> None:
+        self.buffer.load_state(state["buffer"], device)
 
 
 class FullMemory(BufferedMemory):
@@ -79,17 +103,9 @@ class StreamingMemory(BufferedMemory):
         self.n_sink = n_sink
         self.n_window = n_window
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys, values, positions, chunk_attention=None) -> None:
         # Append in window-sized pieces so that the buffer never holds more than sinks + 2 windows.
         for start in range(0, keys.shape[2], self.n_window):
             end = start + self.n_window
             self.buffer.append(keys[:, :, start:end], values[:, :, start:end], positions[start:end])
             self.buffer.keep(self.n_sink, self.n_window)
-
-
-def make_memory(config: MemoryConfig) -> LayerMemory:
-    if config.policy == "full":
-        return FullMemory()
-    if config.policy == "streaming":
-        return StreamingMemory(config.n_sink, config.n_window)
-    raise ValueError(f"unknown memory policy {config.policy!r}")

@@ -10,21 +10,51 @@ from dataclasses import dataclass
 import torch
 
 
-def key_positions(mode: str, resident: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Layout:
+    """How the resident keys are laid out in attention order: sinks, retrieved spans, then the window."""
+
+    n_sink: int = 0
+    n_retrieved: int = 0
+    n_window: int = 0
+
+    @property
+    def n_resident(self) -> int:
+        return self.n_sink + self.n_retrieved + self.n_window
+
+
+def key_positions(mode: str, resident: torch.Tensor, chunk: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
     """Positions to rotate the resident keys and the chunk with: (n_resident + q_len,).
 
     resident: (n_resident,) positions of the resident tokens in the text, in attention order.
     chunk: (q_len,) positions of the current chunk in the text. The chunk's queries take the last
-    q_len of the returned positions, as its keys do.
+    q_len of the returned positions, as its keys do. layout: where the retrieved tokens are (None:
+    none are retrieved, everything resident is sinks or window).
 
     ``true`` keeps the text positions; ``compact`` lays the resident tokens out at 0..n_resident-1 and
-    the chunk right after them, so the largest distance seen is the number of resident tokens.
+    the chunk right after them, so the largest distance seen is the number of resident tokens;
+    ``one_angle`` (InfLLM) lays sinks, window and chunk out like ``compact`` but puts every retrieved
+    token at the one position between the sinks and the window.
     """
     if mode == "true":
         return torch.cat([resident, chunk])
+    n_keys = resident.numel() + chunk.numel()
     if mode == "compact":
-        return torch.arange(resident.numel() + chunk.numel(), device=chunk.device)
+        return torch.arange(n_keys, device=chunk.device)
+    if mode == "one_angle":
+        return one_angle_positions(layout or Layout(n_window=resident.numel()), n_keys, chunk.device)
     raise ValueError(f"unknown position mode {mode!r}")
+
+
+def one_angle_positions(layout: Layout, n_keys: int, device) -> torch.Tensor:
+    """Sinks at 0..n_sink-1, every retrieved token at n_sink, window and chunk contiguous after it."""
+    positions = torch.arange(n_keys, device=device)
+    if layout.n_retrieved == 0:
+        return positions
+    after = layout.n_sink + layout.n_retrieved
+    positions[layout.n_sink : after] = layout.n_sink
+    positions[after:] -= layout.n_retrieved - 1
+    return positions
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

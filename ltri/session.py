@@ -13,8 +13,12 @@ Example::
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -23,10 +27,22 @@ from ltri.cache import LtriCache, cache_argument_name
 from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
 from ltri.detokenize import IncrementalDetokenizer
-from ltri.memory import make_memory
-from ltri.model import load_model
+from ltri.errors import LtriError
+from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
+from ltri.model import cache_root, load_model
+from ltri.policies import make_memories
 from ltri.positions import Rotary
 from ltri.sampling import make_generator, sample_next
+from ltri.store_files import (
+    SPANS_DIR,
+    config_from_dict,
+    config_to_dict,
+    read_meta,
+    read_state,
+    stored_fields,
+    write_meta,
+    write_state,
+)
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens in this feed)
 
@@ -35,9 +51,11 @@ ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens in this fe
 class SessionStats:
     tokens_seen: int  # tokens fed so far: text, questions and answers
     resident_tokens: int  # most tokens any layer holds in attention memory
-    memory_bytes: int  # bytes of keys and values held by all layers
+    memory_bytes: int  # bytes of keys and values held by all layers on the device
     layers: int
     policy: str
+    spans: int  # spans stored, all layers together
+    store_bytes: int  # span payload bytes in the store
 
 
 class Session:
@@ -47,31 +65,86 @@ class Session:
         transformers model (then pass its tokenizer too).
     """
 
-    def __init__(self, model=None, config: LtriConfig | None = None, tokenizer=None, system: str | None = None):
-        self.config = config or LtriConfig()
+    def __init__(
+        self,
+        model=None,
+        config: LtriConfig | None = None,
+        tokenizer=None,
+        system: str | None = None,
+        store: str | os.PathLike | None = None,
+    ):
+        """store: an empty (or new) directory to keep the span store in, so that save() can finish it
+        in place; None keeps it in a temporary directory removed when the session closes."""
+        self._setup(model, config or LtriConfig(), tokenizer, system)
+        self.reset(store=store)
+
+    def _setup(self, model, config: LtriConfig, tokenizer, system: str | None) -> None:
+        self.config = config
         if model is None or isinstance(model, (str, os.PathLike)):
-            name = None if model is None else str(model)
-            self.model, self.tokenizer = load_model(name, device=self.config.device, dtype=self.config.dtype)
+            self.model_source = None if model is None else str(model)
+            self.model, self.tokenizer = load_model(self.model_source, device=config.device, dtype=config.dtype)
         else:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer together with a loaded model")
             register_attention()
             model.set_attn_implementation(ATTENTION_NAME)
             self.model, self.tokenizer = model, tokenizer
+            self.model_source = getattr(model, "name_or_path", None) or None
         self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
         self.rotary = Rotary(self.model.get_decoder().rotary_emb)
+        self.system = system
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, system)
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self._cache_kwarg = cache_argument_name(self.model)
-        self.reset()
+        self.store = None
+        self.store_path: Path | None = None
 
     # ---- state -----------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget everything: the text and the conversation."""
+    def reset(self, store: str | os.PathLike | None = None) -> None:
+        """Forget everything: the text and the conversation. A store directory written so far is left
+        as it is; what comes next goes to store (default: a new temporary one)."""
+        self.close()
+        if self.config.memory.policy == "ltri":
+            self._open_store(Path(store) if store is not None else None)
         n_layers = self.model.config.num_hidden_layers
-        self.cache = LtriCache([make_memory(self.config.memory) for _ in range(n_layers)])
+        self.cache = LtriCache(make_memories(self.config, n_layers, self.store))
         self._phase = "empty"  # "empty" -> "in_user" (text open in a user turn) -> "answered"
         self.last_answer_tokens: list[int] = []
+
+    def close(self) -> None:
+        """Release the span store (a temporary one is deleted). Reading again needs reset()."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        finalizer = getattr(self, "_remove_temporary", None)
+        if finalizer is not None:
+            finalizer()
+            self._remove_temporary = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_store(self, directory: Path | None) -> None:
+        from ltri.offload.span_store import SpanStore
+
+        if directory is None:
+            scratch = cache_root() / "scratch"
+            scratch.mkdir(parents=True, exist_ok=True)
+            directory = Path(tempfile.mkdtemp(prefix="store-", dir=scratch))
+            self._remove_temporary = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        elif directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise LtriError(
+                f"{directory} is not an empty directory: give a new one for the store "
+                "(a saved store is opened with Session.open or --store)."
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        write_meta(directory, self._meta(complete=False))
+        self.store = SpanStore(directory / SPANS_DIR)
+        self.store_path = directory
 
     def stats(self) -> SessionStats:
         memories = self.cache.memories()
@@ -81,7 +154,128 @@ class Session:
             memory_bytes=sum(memory.nbytes() for memory in memories),
             layers=len(memories),
             policy=self.config.memory.policy,
+            spans=sum(getattr(memory, "n_spans", 0) for memory in memories),
+            store_bytes=0 if self.store is None else self.store.nbytes(),
         )
+
+    # ---- saving and opening --------------------------------------------------------------------
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Save what was read so far, so that Session.open(path) answers without reading it again.
+
+        path: None or the session's own store directory finishes that store in place; another
+        directory (new or empty) gets a compacted copy. Returns the directory.
+        """
+        target = Path(path) if path is not None else self.store_path
+        if target is None:
+            raise LtriError("This session has no store directory: give save() a directory.")
+        in_place = self.store_path is not None and target.resolve() == self.store_path.resolve()
+        if not in_place:
+            if target.exists() and (not target.is_dir() or any(target.iterdir())):
+                raise LtriError(f"{target} is not an empty directory: give a new one to save into.")
+            target.mkdir(parents=True, exist_ok=True)
+            write_meta(target, self._meta(complete=False))
+        if self.store is not None:
+            self.store.flush()
+            if not in_place:
+                self.store.copy_to(target / SPANS_DIR)
+        state_sha = write_state(target, self._state())
+        write_meta(target, self._meta(complete=True, state_sha256=state_sha))
+        return target
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        model=None,
+        config: LtriConfig | None = None,
+        tokenizer=None,
+        verify: bool = False,
+    ) -> Session:
+        """Reopen a saved store. model: None takes the model that made it; config: None takes the stored
+        one (a given config must store the same way: same memory and span settings).
+        verify: read every stored payload and check its checksum now, not only when it is used."""
+        directory = Path(path)
+        meta = read_meta(directory)
+        stored_config = config_from_dict(meta["config"])
+        config = _reopening_config(directory, stored_config, config)
+        if config.dtype is None:
+            config = replace(config, dtype=meta["dtype"])  # payloads are read back in the dtype they were written
+        session = cls.__new__(cls)
+        session._setup(model if model is not None else meta["model"]["source"], config, tokenizer, None)
+        session._check_made_by_this_model(directory, meta)
+        state = read_state(directory, meta["state_sha256"])
+        session._resume(directory, meta, state, verify)
+        return session
+
+    def _check_made_by_this_model(self, directory: Path, meta: dict) -> None:
+        made_by = meta["model"]
+        if made_by["fingerprint"] != model_fingerprint(self.model):
+            raise LtriError(
+                f"The store at {directory} was made with another model ({made_by['source'] or 'the default model'}): "
+                "open it with that model, or ingest the text again with this one."
+            )
+        if made_by["tokenizer"] != tokenizer_fingerprint(self.tokenizer):
+            raise LtriError(f"The store at {directory} was made with another tokenizer: ingest the text again.")
+        if meta["dtype"] != str(self.dtype).removeprefix("torch."):
+            raise LtriError(
+                f"The store at {directory} holds {meta['dtype']} payloads but the model runs in "
+                f"{str(self.dtype).removeprefix('torch.')}: open it with dtype {meta['dtype']}."
+            )
+
+    def _resume(self, directory: Path, meta: dict, state: dict, verify: bool) -> None:
+        from ltri.offload.span_store import SpanStore
+
+        self.system = state["system"]
+        self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, self.system)
+        if self.config.memory.policy == "ltri":
+            self.store = SpanStore(directory / SPANS_DIR)
+            self.store_path = directory
+            self._check_payloads(directory, meta["payloads"], verify)
+        n_layers = self.model.config.num_hidden_layers
+        self.cache = LtriCache(make_memories(self.config, n_layers, self.store))
+        for memory, layer_state in zip(self.cache.memories(), state["layers"], strict=True):
+            memory.load_state(layer_state, self.device)
+        self.cache.tokens_seen = int(state["tokens_seen"])
+        self._phase = state["phase"]
+        self.last_answer_tokens = []
+
+    def _check_payloads(self, directory: Path, payloads: dict, verify: bool) -> None:
+        counts = payloads["spans_per_layer"]
+        if self.store.digest(counts) != payloads["digest"]:
+            raise LtriError(
+                f"The store at {directory} is damaged: its payload checksums changed; ingest the text again."
+            )
+        if verify:
+            self.store.verify(counts)
+
+    def _meta(self, complete: bool, state_sha256: str | None = None) -> dict:
+        memories = self.cache.memories() if complete else []
+        counts = [getattr(memory, "n_spans", 0) for memory in memories]
+        return {
+            "complete": complete,
+            "model": {
+                "source": self.model_source,
+                "model_type": self.model.config.model_type,
+                "fingerprint": model_fingerprint(self.model),
+                "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            },
+            "config": config_to_dict(replace(self.config, device=None)),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tokens_seen": self.cache.tokens_seen if complete else 0,
+            "state_sha256": state_sha256,
+            "payloads": {
+                "spans_per_layer": counts,
+                "digest": self.store.digest(counts) if complete and self.store is not None else None,
+            },
+        }
+
+    def _state(self) -> dict:
+        return {
+            "tokens_seen": self.cache.tokens_seen,
+            "phase": self._phase,
+            "system": self.system,
+            "layers": [memory.state() for memory in self.cache.memories()],
+        }
 
     # ---- reading -----------------------------------------------------------------------------
     def feed(self, text: str | Sequence[int], progress: ProgressCallback | None = None) -> int:
@@ -183,6 +377,17 @@ class Session:
             return []
         add_special = self.chat_format.add_special_tokens and self.cache.tokens_seen == 0
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _reopening_config(directory: Path, stored: LtriConfig, given: LtriConfig | None) -> LtriConfig:
+    if given is None:
+        return stored
+    if stored_fields(given) != stored_fields(stored):
+        raise LtriError(
+            f"The store at {directory} was made with other memory or span settings: "
+            "open it without them, or ingest the text again with the new ones."
+        )
+    return given
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:

@@ -53,6 +53,19 @@ class TokenBuffer:
         self._positions[n_head : n_head + n_tail] = self._positions[tail_start : self.length].clone()
         self.length = n_head + n_tail
 
+    def state(self) -> dict:
+        """The held tokens as CPU tensors (empty dict when nothing was ever appended)."""
+        if self._keys is None:
+            return {}
+        return {"keys": self.keys().cpu(), "values": self.values().cpu(), "positions": self.positions().cpu()}
+
+    def load_state(self, state: dict, device) -> None:
+        """Replace the contents with a state() taken earlier."""
+        self._keys = self._values = self._positions = None
+        self.length = 0
+        if state:
+            self.append(state["keys"].to(device), state["values"].to(device), state["positions"].to(device))
+
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (capacity, not length)."""
         if self._keys is None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from ltri import LtriConfig, Session
+from ltri import LtriConfig, MemoryConfig, Session
 from ltri.chat_format import ChatFormat
 from ltri.filler import text_with_fact
 
@@ -27,7 +27,7 @@ def until_stop(tokens: list[int], stop: set[int]) -> list[int]:
 def test_greedy_answer_equals_transformers_generate(smollm):
     model, tokenizer = smollm
     text = text_with_fact(FACT, n_sentences=55, depth=0.3, seed=11)
-    session = Session(model, LtriConfig(chunk_size=256), tokenizer=tokenizer)
+    session = Session(model, LtriConfig(memory=MemoryConfig(policy="full"), chunk_size=256), tokenizer=tokenizer)
     session.feed(text)
     answer = session.ask(QUESTION, max_new_tokens=24)
     ids = prompt_ids(session, text, QUESTION)

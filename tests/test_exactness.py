@@ -6,6 +6,8 @@ from support import DEVICES, byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, Session
 
+FULL = MemoryConfig(policy="full")
+
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     # yarn scales cos/sin by an attention factor != 1: the pre-RoPE recovery must undo it.
@@ -27,7 +29,7 @@ def test_full_policy_matches_sdpa_forward(device, rope, chunk_size, position_mod
     model = tiny_llama(rope=ROPES[rope]).to(device)
     ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(1)).to(device)
     expected = reference_logits(model, ids)
-    session = Session(model, LtriConfig(chunk_size=chunk_size, position_mode=position_mode), tokenizer=byte_tokenizer())
+    session = Session(model, LtriConfig(memory=FULL, chunk_size=chunk_size, position_mode=position_mode), tokenizer=byte_tokenizer())
     got = session.prefill(ids.tolist(), all_logits=True)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
@@ -42,7 +44,7 @@ def test_bfloat16_error_is_that_of_the_models_own_bfloat16_forward(device, chunk
     exact = reference_logits(model, ids)
     model.to(torch.bfloat16)
     sdpa_error = (reference_logits(model, ids).float() - exact).abs().max().item()
-    session = Session(model, LtriConfig(chunk_size=chunk_size), tokenizer=byte_tokenizer())
+    session = Session(model, LtriConfig(memory=FULL, chunk_size=chunk_size), tokenizer=byte_tokenizer())
     ltri_error = (session.prefill(ids.tolist(), all_logits=True) - exact).abs().max().item()
     assert ltri_error <= 2 * sdpa_error + 1e-2, (ltri_error, sdpa_error)
 
@@ -53,7 +55,7 @@ def test_gqa_groups_and_decode_steps(n_heads, n_kv_heads):
     model = tiny_llama(n_heads=n_heads, n_kv_heads=n_kv_heads, seed=3)
     ids = torch.randint(0, 256, (230,), generator=torch.Generator().manual_seed(2))
     expected = reference_logits(model, ids)
-    session = Session(model, LtriConfig(chunk_size=64), tokenizer=byte_tokenizer())
+    session = Session(model, LtriConfig(memory=FULL, chunk_size=64), tokenizer=byte_tokenizer())
     prefill = session.prefill(ids[:200].tolist(), all_logits=True)
     decoded = torch.stack([session.prefill([int(t)]) for t in ids[200:]])
     got = torch.cat([prefill, decoded])
@@ -65,7 +67,7 @@ def test_streaming_equals_full_while_the_text_fits_in_its_window():
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(4)).tolist()
     tokenizer = byte_tokenizer()
     streaming = MemoryConfig(policy="streaming", n_sink=8, n_window=400)
-    full = Session(model, LtriConfig(chunk_size=50), tokenizer=tokenizer).prefill(ids, all_logits=True)
+    full = Session(model, LtriConfig(memory=FULL, chunk_size=50), tokenizer=tokenizer).prefill(ids, all_logits=True)
     got = Session(model, LtriConfig(memory=streaming, chunk_size=50), tokenizer=tokenizer).prefill(ids, all_logits=True)
     assert (got - full).abs().max().item() < 1e-5
 

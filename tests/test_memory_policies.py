@@ -32,7 +32,8 @@ def test_streaming_memory_stays_bounded_over_20k_tokens():
 
 
 def test_full_memory_grows_with_the_text():
-    session = Session(tiny_llama(), LtriConfig(chunk_size=256), tokenizer=byte_tokenizer())
+    config = LtriConfig(memory=MemoryConfig(policy="full"), chunk_size=256)
+    session = Session(tiny_llama(), config, tokenizer=byte_tokenizer())
     fed = session.feed(filler_text(40, seed=1))
     assert session.stats().resident_tokens == fed
 

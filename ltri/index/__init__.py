@@ -1,1 +1,45 @@
 """Span indexes (FAISS and exact torch backends) for the span memory policy."""
+
+from __future__ import annotations
+
+import torch
+
+from ltri.errors import LtriError
+from ltri.index.base import SpanIndex, best_spans
+from ltri.index.faiss_index import FaissSpanIndex
+from ltri.index.quest import quest_bound_vectors, quest_query
+from ltri.index.torch_index import TorchSpanIndex
+
+BACKENDS = ("auto", "torch", "faiss")
+
+__all__ = [
+    "BACKENDS",
+    "FaissSpanIndex",
+    "SpanIndex",
+    "TorchSpanIndex",
+    "best_spans",
+    "index_class",
+    "index_from_state",
+    "make_index",
+    "quest_bound_vectors",
+    "quest_query",
+]
+
+
+def index_class(backend: str, device: torch.device | str) -> type[SpanIndex]:
+    """The backend's class; "auto" is torch on CUDA (the layer's own device) and FAISS on the CPU."""
+    if backend not in BACKENDS:
+        raise LtriError(f"Unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        backend = "torch" if torch.device(device).type == "cuda" else "faiss"
+    return TorchSpanIndex if backend == "torch" else FaissSpanIndex
+
+
+def make_index(backend: str, nheads_kv: int, dim: int, device: torch.device | str) -> SpanIndex:
+    """An empty index for one layer: backend "torch", "faiss" or "auto"."""
+    return index_class(backend, device)(nheads_kv, dim, device)
+
+
+def index_from_state(backend: str, state: dict[str, torch.Tensor], device: torch.device | str) -> SpanIndex:
+    """An index rebuilt from any backend's state() (the state format is the same for all backends)."""
+    return index_class(backend, device).from_state(state, device)

@@ -1,0 +1,320 @@
+"""Span payloads in LMDB, keyed by (layer, span id), each with a crc32 checked on every read.
+
+Layout of the LMDB environment (a directory): three named databases,
+    payloads  key -> the payload's raw bytes (a contiguous tensor, e.g. (2, nheads_kv, span_len, headdim))
+    crc32     key -> 4-byte big-endian zlib crc32 + 8-byte big-endian payload length
+    meta      b"format" -> FORMAT, so a foreign LMDB environment is refused
+with key = 4-byte big-endian layer + 8-byte big-endian span id, so keys sort by layer, then span.
+Payloads live in a named database rather than the main one because LMDB lists the names of named
+databases as keys of the main database. The store keeps no dtype or shape: the reader supplies them.
+
+Writes are batched, one transaction per put_spans; the environment is opened with sync=False and
+metasync=False, so a commit survives the writer's crash (SIGKILL) but not an OS crash until flush().
+LMDB must not be opened twice in one process (closing one handle drops the other's locks), so a path
+can be open in one SpanStore at a time (a store that was garbage collected without close() no longer counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import math
+import struct
+import weakref
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+
+from ltri.errors import LtriError
+from ltri.offload.staging import StagingPool
+
+FORMAT = b"ltri-span-store/1"
+KEY = struct.Struct(">IQ")  # layer, span id
+CHECKSUM = struct.Struct(">IQ")  # crc32, payload length in bytes
+_open_stores: weakref.WeakValueDictionary[Path, SpanStore] = weakref.WeakValueDictionary()  # by resolved path
+
+
+def span_key(layer: int, span_id: int) -> bytes:
+    return KEY.pack(layer, span_id)
+
+
+def payload_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+class SpanStore:
+    def __init__(self, path: Path | str, readonly: bool = False, map_size: int = 1 << 40) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._key = self.path.resolve()
+        if self._key in _open_stores:
+            raise RuntimeError(f"the span store at {self.path} is already open in this process; close it first")
+        self.env = self._open_env(map_size)
+        self._payloads, self._checksums, self._meta = self._open_dbs()
+        _open_stores[self._key] = self
+        self._staging = StagingPool()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    # --- writing
+
+    def put_spans(self, layer: int, span_ids: Sequence[int], payloads: Sequence[torch.Tensor]) -> None:
+        """Stores each payload's raw bytes and crc32 under (layer, span id), all in one transaction."""
+        if len(span_ids) != len(payloads):
+            raise ValueError(f"{len(span_ids)} span ids for {len(payloads)} payloads")
+        blobs = host_bytes(payloads)
+        with self._lmdb_errors("write to"), self.env.begin(write=True) as txn:
+            for span_id, blob in zip(span_ids, blobs, strict=True):
+                key = span_key(layer, int(span_id))
+                txn.put(key, blob, db=self._payloads)
+                txn.put(key, CHECKSUM.pack(zlib.crc32(blob), blob.nbytes), db=self._checksums)
+
+    def flush(self) -> None:
+        """Forces committed transactions to disk (they already survive a crash of this process)."""
+        if not self.readonly:
+            self.env.sync(True)
+
+    # --- reading
+
+    def read_spans(
+        self,
+        layer: int,
+        span_ids: Sequence[int],
+        shapes: Sequence[tuple[int, ...]],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> list[torch.Tensor]:
+        """The payloads of span_ids, as new tensors of the given shapes and dtype on device (crc32 checked)."""
+        if len(span_ids) != len(shapes):
+            raise ValueError(f"{len(span_ids)} span ids for {len(shapes)} shapes")
+        device = torch.device(device)
+        if device.type == "cuda":
+            return self._read_to_cuda(layer, span_ids, shapes, dtype, device)
+        results = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+        with self.env.begin(buffers=True) as txn:
+            for span_id, result in zip(span_ids, results, strict=True):
+                payload = self._checked_payload(txn, layer, int(span_id), result.nbytes)
+                byte_view(result)[:] = payload  # payload: a memoryview into the map, dead once txn ends
+        return results
+
+    def _read_to_cuda(
+        self, layer: int, span_ids: Sequence[int], shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device
+    ) -> list[torch.Tensor]:
+        """Map -> pinned staging (host memcpy) -> GPU with non-blocking copies on a side stream.
+
+        Results are allocated on the side stream and recorded on the current one; the current stream
+        waits for the copies, so the tensors are ready for whatever the caller enqueues next.
+        """
+        sizes = [payload_nbytes(shape, dtype) for shape in shapes]
+        offsets = np.cumsum([0, *sizes[:-1]]).tolist() if sizes else []
+        with self.env.begin(buffers=True) as txn:
+            buffer, staging = self._staging.acquire(sum(sizes))
+            host = staging.numpy()
+            for span_id, size, offset in zip(span_ids, sizes, offsets, strict=True):
+                host[offset : offset + size] = self._checked_payload(txn, layer, int(span_id), size)
+        current, side = torch.cuda.current_stream(device), self._side_stream(device)
+        with torch.cuda.stream(side):
+            results = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+            for result, size, offset in zip(results, sizes, offsets, strict=True):
+                if size:
+                    result.view(-1).view(torch.uint8).copy_(staging[offset : offset + size], non_blocking=True)
+        self._staging.release(buffer, side)
+        current.wait_stream(side)
+        for result in results:
+            result.record_stream(current)
+        return results
+
+    def _checked_payload(self, txn: lmdb.Transaction, layer: int, span_id: int, nbytes: int) -> memoryview:
+        key = span_key(layer, span_id)
+        payload = txn.get(key, db=self._payloads)
+        record = txn.get(key, db=self._checksums)
+        if payload is None or record is None:
+            raise self._damaged(layer, span_id, "is missing")
+        crc, length = CHECKSUM.unpack(record)
+        if len(payload) != length or length != nbytes:
+            raise self._damaged(layer, span_id, f"holds {len(payload)} bytes where {nbytes} were expected")
+        if zlib.crc32(payload) != crc:
+            raise self._damaged(layer, span_id, "fails its checksum")
+        return payload
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    # --- whole-store checks
+
+    def verify(self, span_counts: Sequence[int] | None = None) -> None:
+        """Reads every payload and checks its length and crc32; LtriError names the first bad span.
+
+        span_counts: only spans 0..span_counts[layer]-1 of each layer (those a saved session refers
+        to), and each of them must be there; None checks everything stored.
+        """
+        with self.env.begin(buffers=True) as txn:
+            for key, record in self._records(txn, span_counts):
+                layer, span_id = KEY.unpack(key)
+                if not record:
+                    raise self._damaged(layer, span_id, "is missing")
+                self._checked_payload(txn, layer, span_id, CHECKSUM.unpack(record)[1])
+            if span_counts is not None:
+                return
+            n_payloads = txn.stat(self._payloads)["entries"]
+            n_checksums = txn.stat(self._checksums)["entries"]
+            if n_payloads != n_checksums:
+                raise LtriError(
+                    f"The span store at {self.path} is damaged: it holds {n_payloads} payloads but "
+                    f"{n_checksums} checksums; ingest the text again."
+                )
+
+    def digest(self, span_counts: Sequence[int] | None = None) -> str:
+        """sha256 over the (key, crc32, length) records in key order: changes whenever a payload does.
+
+        span_counts: as in verify(); a span it names that is missing changes the digest too.
+        """
+        digest = hashlib.sha256(FORMAT)
+        with self.env.begin() as txn:
+            for key, record in self._records(txn, span_counts):
+                digest.update(key)
+                digest.update(record)
+        return digest.hexdigest()
+
+    def nbytes(self) -> int:
+        """Payload bytes stored (without LMDB's own overhead)."""
+        with self.env.begin() as txn:
+            return sum(CHECKSUM.unpack(record)[1] for _, record in self._records(txn))
+
+    def span_ids(self, layer: int) -> list[int]:
+        """The span ids stored for layer, ascending."""
+        prefix = struct.pack(">I", layer)
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._checksums)
+            if not cursor.set_range(prefix):
+                return []
+            keys = itertools.takewhile(lambda key: key.startswith(prefix), cursor.iternext(values=False))
+            return [KEY.unpack(key)[1] for key in keys]
+
+    def _records(
+        self, txn: lmdb.Transaction, span_counts: Sequence[int] | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, checksum record) pairs in key order; with span_counts only spans below each layer's count,
+        a missing one yielding an empty record."""
+        if span_counts is None:
+            yield from txn.cursor(db=self._checksums)
+            return
+        for layer, count in enumerate(span_counts):
+            for span_id in range(count):
+                key = span_key(layer, span_id)
+                yield key, txn.get(key, default=b"", db=self._checksums)
+
+    # --- lifetime
+
+    def copy_to(self, path: Path | str) -> None:
+        """A compacted copy of this store in path, which must be empty or not exist yet."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise LtriError(f"Cannot copy the span store to {path}: the directory is not empty; choose an empty one.")
+        path.mkdir(parents=True, exist_ok=True)
+        with self._lmdb_errors("copy"):
+            self.env.copy(str(path), compact=True)
+
+    def close(self) -> None:
+        if _open_stores.get(self._key) is self:
+            self.env.close()
+            del _open_stores[self._key]
+
+    def __enter__(self) -> SpanStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- opening
+
+    def _open_env(self, map_size: int) -> lmdb.Environment:
+        if self.path.exists() and not self.path.is_dir():
+            raise LtriError(f"{self.path} is a file, not a span store directory; choose a directory.")
+        if self.readonly and not (self.path / "data.mdb").is_file():
+            raise LtriError(f"There is no span store at {self.path}; ingest the text first.")
+        if not self.readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        with self._lmdb_errors("open"):
+            return lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=3,
+                readonly=self.readonly,
+                sync=False,
+                metasync=False,
+                readahead=False,  # spans are read at random: OS readahead would only pollute the page cache
+            )
+
+    def _open_dbs(self) -> tuple[object, object, object]:
+        try:
+            with self._lmdb_errors("open"):
+                dbs = tuple(
+                    self.env.open_db(name, create=not self.readonly) for name in (b"payloads", b"crc32", b"meta")
+                )
+                self._check_format(*dbs)
+        except BaseException:
+            self.env.close()
+            raise
+        return dbs
+
+    def _check_format(self, payloads: object, checksums: object, meta: object) -> None:
+        with self.env.begin(write=not self.readonly) as txn:
+            found = txn.get(b"format", db=meta)
+            if found is None and not self.readonly and self._holds_only_our_dbs(txn, payloads):
+                txn.put(b"format", FORMAT, db=meta)
+                found = FORMAT
+        if found != FORMAT:
+            raise LtriError(
+                f"{self.path} holds an LMDB environment that is not an ltri span store; choose another directory."
+            )
+
+    @staticmethod
+    def _holds_only_our_dbs(txn: lmdb.Transaction, payloads: object) -> bool:
+        names = set(txn.cursor().iternext(values=False))
+        return names <= {b"payloads", b"crc32", b"meta"} and txn.stat(payloads)["entries"] == 0
+
+    @contextlib.contextmanager
+    def _lmdb_errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except lmdb.MapFullError as error:
+            raise LtriError(
+                f"The span store at {self.path} is full ({error}); open it with a larger map_size."
+            ) from error
+        except lmdb.NotFoundError as error:
+            raise LtriError(
+                f"{self.path} is not an ltri span store (it lacks its databases); choose another directory."
+            ) from error
+        except lmdb.Error as error:
+            raise LtriError(f"Could not {action} the span store at {self.path}: {error}.") from error
+
+    def _damaged(self, layer: int, span_id: int, problem: str) -> LtriError:
+        where = f"span {span_id} of layer {layer}"
+        return LtriError(f"The span store at {self.path} is damaged: {where} {problem}; ingest the text again.")
+
+
+def host_bytes(payloads: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Each payload's raw bytes as a flat uint8 array in host memory; GPU payloads cross in one copy."""
+    flat = [payload.detach().contiguous().reshape(-1).view(torch.uint8) for payload in payloads]
+    on_gpu = [i for i, tensor in enumerate(flat) if not tensor.is_cpu]
+    if on_gpu:
+        host = torch.cat([flat[i] for i in on_gpu]).cpu()
+        for i, part in zip(on_gpu, host.split([flat[i].numel() for i in on_gpu]), strict=True):
+            flat[i] = part
+    return [tensor.numpy() for tensor in flat]
+
+
+def byte_view(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor of any dtype (bfloat16 too) as a writable flat numpy array.
+
+    Host copies go through numpy, a plain single-threaded memcpy: torch's copy_ hands even 100 KB
+    copies to its intra-op thread pool, which costs milliseconds when the cores are busy.
+    """
+    return tensor.view(-1).view(torch.uint8).numpy()

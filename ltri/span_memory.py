@@ -1,0 +1,244 @@
+"""The ``ltri`` memory policy of one layer: sinks and window on the device, older tokens as stored spans.
+
+    resident set = [sinks: first n_sink tokens] [retrieved spans, document order] [window: last n_window tokens]
+
+A chunk of at least min_len tokens is cut into spans by its own attention while that is fresh
+(``ltri.spans``); shorter pieces (decode steps, a short question) gather at the end of the window and
+are cut into plain spans later. When tokens leave the window, their spans' payloads go to the span
+store (LMDB) and the GPU span cache, and their index vectors to the layer's span index. Each chunk
+or decode step then retrieves spans by its queries (``ltri.retrieval``).
+
+Shapes: keys, values (1, nheads_kv, seqlen, headdim) pre-RoPE; a span payload is
+(2, nheads_kv, span_len, headdim) (keys then values) in the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
+from ltri.index import index_from_state, make_index
+from ltri.memory import LayerMemory, ResidentSet
+from ltri.offload.span_cache import SpanCache
+from ltri.offload.span_store import SpanStore
+from ltri.pending_spans import PendingSpans
+from ltri.positions import Layout
+from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
+from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
+from ltri.spans import Segmentation, segment
+from ltri.token_buffer import TokenBuffer
+
+
+class SpanMemory(LayerMemory):
+    def __init__(
+        self,
+        layer: int,
+        memory: MemoryConfig,
+        spans: SpanConfig,
+        retrieval: RetrievalConfig,
+        store: SpanStore,
+        cache_bytes: int,
+    ) -> None:
+        self.layer = layer
+        self.memory_config, self.span_config, self.retrieval_config = memory, spans, retrieval
+        self.store = store
+        self.cache_bytes = cache_bytes
+        self.sinks = TokenBuffer(memory.n_sink)
+        self.window = TokenBuffer()
+        self.n_unsegmented = 0  # tokens at the end of the window not cut into spans yet
+        self.pending = PendingSpans()
+        self.span_starts = torch.empty(0, dtype=torch.long)  # (n_spans,) text position of each span's first token
+        self.span_lengths = torch.empty(0, dtype=torch.long)  # (n_spans,)
+        self.index = None  # created with the first stored span, when the shapes are known
+        self.cache: SpanCache | None = None
+        self.persistence = Persistence(retrieval.persistence_bonus, retrieval.persistence_steps)
+        self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
+        self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
+        self.dtype: torch.dtype | None = None
+
+    @property
+    def n_spans(self) -> int:
+        return self.span_lengths.numel()
+
+    # ---- LayerMemory -------------------------------------------------------------------------
+    def wants_chunk_attention(self, q_len: int) -> bool:
+        return q_len >= self.span_config.min_len
+
+    def append(self, keys, values, positions, chunk_attention=None) -> None:
+        self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
+        n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
+        if n_sink > 0:
+            self.sinks.append(keys[:, :, :n_sink], values[:, :, :n_sink], positions[:n_sink])
+            keys, values, positions = keys[:, :, n_sink:], values[:, :, n_sink:], positions[n_sink:]
+            if chunk_attention is not None:
+                chunk_attention = chunk_attention[:, n_sink:, n_sink:]
+        if keys.shape[2] == 0:
+            return
+        if chunk_attention is None or keys.shape[2] < self.span_config.min_len:
+            self.window.append(keys, values, positions)
+            self.n_unsegmented += keys.shape[2]
+            if self.n_unsegmented >= self.span_config.max_len:
+                self._cut_unsegmented()
+        else:
+            self._cut_unsegmented()
+            self.window.append(keys, values, positions)
+            self._segment(keys[0], chunk_attention)
+        self._evict()
+
+    def resident(self, queries: torch.Tensor) -> ResidentSet | None:
+        parts = [self.sinks] if self.sinks.length else []
+        retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
+        n_retrieved = 0 if retrieved is None else retrieved[2].numel()
+        keys = [buffer.keys() for buffer in parts]
+        values = [buffer.values() for buffer in parts]
+        positions = [buffer.positions() for buffer in parts]
+        if retrieved is not None:
+            keys.append(retrieved[0])
+            values.append(retrieved[1])
+            positions.append(retrieved[2])
+        if self.window.length:
+            keys.append(self.window.keys())
+            values.append(self.window.values())
+            positions.append(self.window.positions())
+        if not keys:
+            return None
+        layout = Layout(self.sinks.length, n_retrieved, self.window.length)
+        return ResidentSet(torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(positions), layout)
+
+    def resident_tokens(self) -> int:
+        return self.sinks.length + int(self.span_lengths[self.last_retrieved].sum()) + self.window.length
+
+    def nbytes(self) -> int:
+        cached = 0 if self.cache is None else self.cache.nbytes()
+        return self.sinks.nbytes() + self.window.nbytes() + cached
+
+    # ---- segmentation ------------------------------------------------------------------------
+    def _segment(self, keys: torch.Tensor, attention: torch.Tensor) -> None:
+        """Cut a fresh chunk into pending spans. keys (nheads_kv, n, headdim), attention (nheads_kv, n, n)."""
+        config = self.span_config
+        segmentation = segment(attention.mean(dim=0), config.theta, config.min_len, config.max_len, config.nms_iou)
+        if config.index_vectors == "bounds":
+            vectors = key_bounds(keys, segmentation)
+            owner = torch.arange(vectors.shape[1])
+        else:
+            counts = vectors_per_span(segmentation, config.max_vectors)
+            vectors, owner = top_attended_keys(keys, attention, segmentation, counts)
+        self.pending.add(segmentation.ends - segmentation.starts, vectors, owner)
+
+    def _cut_unsegmented(self) -> None:
+        """Cut the window's unsegmented tail into near-equal spans of at most max_len tokens."""
+        n = self.n_unsegmented
+        if n == 0:
+            return
+        keys = self.window.keys()[0, :, -n:]
+        segmentation = even_segmentation(n, self.span_config.max_len, keys.device)
+        if self.span_config.index_vectors == "bounds":
+            vectors = key_bounds(keys, segmentation)
+        else:
+            vectors = span_means(keys, segmentation)
+        self.pending.add(segmentation.ends - segmentation.starts, vectors, torch.arange(vectors.shape[1]))
+        self.n_unsegmented = 0
+
+    # ---- eviction ----------------------------------------------------------------------------
+    def _evict(self) -> None:
+        """Move the oldest pending spans to the store while the window keeps at least n_window tokens."""
+        n_window = self.memory_config.n_window
+        if self.n_unsegmented > n_window + self.span_config.max_len:
+            self._cut_unsegmented()
+        n_leaving = self.pending.spans_to_leave(self.window.length, n_window)
+        if n_leaving == 0:
+            return
+        lengths, vectors, owner = self.pending.pop(n_leaving)
+        n_tokens = int(lengths.sum())
+        span_ids = torch.arange(self.n_spans, self.n_spans + n_leaving)
+        payloads = torch.stack([self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens]])
+        pieces = [piece.contiguous() for piece in payloads.split(lengths.tolist(), dim=2)]
+        self.store.put_spans(self.layer, span_ids.tolist(), pieces)
+        self._ensure_index_and_cache(vectors, payloads.device)
+        for span_id, piece in zip(span_ids.tolist(), pieces, strict=True):
+            self.cache.put(span_id, piece)
+        self.index.add(vectors.float(), span_ids[owner].to(vectors.device))
+        offsets = torch.cumsum(lengths, dim=0) - lengths
+        self.span_starts = torch.cat([self.span_starts, self.window.positions()[offsets.to(payloads.device)].cpu()])
+        self.span_lengths = torch.cat([self.span_lengths, lengths])
+        self.window.keep(0, self.window.length - n_tokens)
+
+    def _ensure_index_and_cache(self, vectors: torch.Tensor, device) -> None:
+        if self.index is None:
+            nheads_kv, _, dim = vectors.shape
+            self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device)
+        if self.cache is None:
+            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+
+    # ---- retrieval ---------------------------------------------------------------------------
+    def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Spans for queries (1, nheads, q_len, headdim): keys, values (1, nheads_kv, n, headdim), positions (n,)."""
+        nheads_kv, headdim = self.kv_shape
+        search = retrieval_queries(queries, nheads_kv)
+        if self.span_config.index_vectors == "bounds":
+            search = bound_query(search)
+        scores, span_ids = self.index.search(search, min(self.retrieval_config.search_k, self.n_spans))
+        votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5)
+        votes = self.persistence.apply(votes)
+        chosen = choose_spans(votes, self.span_lengths.to(votes.device), self.retrieval_config.budget).cpu()
+        self.persistence.record(chosen.to(votes.device))
+        self.last_retrieved = chosen
+        return self._load(chosen, queries.device)
+
+    def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nheads_kv, headdim = self.kv_shape
+        lengths = self.span_lengths[span_ids]
+        if span_ids.numel() == 0:
+            empty = torch.empty(1, nheads_kv, 0, headdim, dtype=self.dtype, device=device)
+            return empty, empty, torch.empty(0, dtype=torch.long, device=device)
+        shapes = [(2, nheads_kv, int(length), headdim) for length in lengths]
+        payload = torch.cat(self.cache.get(span_ids.tolist(), shapes, self.dtype), dim=2)
+        starts = torch.repeat_interleave(self.span_starts[span_ids] - (torch.cumsum(lengths, 0) - lengths), lengths)
+        positions = (starts + torch.arange(int(lengths.sum()))).to(device)
+        return payload[0][None], payload[1][None], positions
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything but the stored payloads, on the CPU."""
+        return {
+            "sinks": self.sinks.state(),
+            "window": self.window.state(),
+            "n_unsegmented": self.n_unsegmented,
+            "pending": self.pending.state(),
+            "span_starts": self.span_starts,
+            "span_lengths": self.span_lengths,
+            "index": None if self.index is None else self.index.state(),
+            "persistence": self.persistence.state(),
+            "kv_shape": self.kv_shape,
+            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+        }
+
+    def load_state(self, state: dict, device) -> None:
+        self.sinks.load_state(state["sinks"], device)
+        self.window.load_state(state["window"], device)
+        self.n_unsegmented = int(state["n_unsegmented"])
+        self.pending.load_state(state["pending"], device)
+        self.span_starts, self.span_lengths = state["span_starts"], state["span_lengths"]
+        self.persistence.load_state(state["persistence"], device)
+        self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])
+        self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
+        if state["index"] is not None:
+            self.index = index_from_state(self.retrieval_config.backend, state["index"], device)
+            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+
+
+def even_segmentation(n: int, max_len: int, device) -> Segmentation:
+    """n tokens cut into ceil(n / max_len) spans of near-equal length."""
+    n_spans = -(-n // max_len)
+    bounds = torch.div(torch.arange(n_spans + 1, device=device) * n, n_spans, rounding_mode="floor")
+    zeros = torch.zeros(n_spans, device=device)
+    return Segmentation(bounds[:-1], bounds[1:], zeros, zeros.bool())
+
+
+def span_means(keys: torch.Tensor, segmentation: Segmentation) -> torch.Tensor:
+    """Mean key of each span: keys (nheads_kv, n, headdim) -> (nheads_kv, n_spans, headdim)."""
+    lengths = segmentation.ends - segmentation.starts
+    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=keys.device), lengths)
+    sums = torch.zeros(keys.shape[0], lengths.numel(), keys.shape[2], dtype=torch.float32, device=keys.device)
+    sums.index_add_(1, owner, keys.float())
+    return (sums / lengths[None, :, None]).to(keys.dtype)

@@ -1,0 +1,55 @@
+"""Head votes, the token budget, persistence and retrieval positions, on small hand-made cases."""
+
+import torch
+
+from ltri.positions import Layout, key_positions
+from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
+
+
+def test_votes_average_each_heads_softmax_over_the_spans_it_found():
+    # 2 KV heads x 1 query head each; head 0 found spans 3 and 1, head 1 found span 1 only.
+    scores = torch.tensor([[[2.0, 0.0]], [[5.0, 0.0]]])
+    ids = torch.tensor([[[3, 1]], [[1, -1]]])
+    votes = pool_votes(scores, ids, n_spans=5, scale=1.0)
+    head0 = torch.tensor([2.0, 0.0]).softmax(0)
+    assert torch.allclose(votes[3], head0[0] / 2)
+    assert torch.allclose(votes[1], head0[1] / 2 + 1.0 / 2)
+    assert torch.isinf(votes[[0, 2, 4]]).all()
+
+
+def test_budget_takes_the_best_spans_that_fit_and_returns_them_in_document_order():
+    votes = torch.tensor([0.1, 0.5, float("-inf"), 0.3, 0.2])
+    lengths = torch.tensor([10, 20, 5, 30, 15])
+    assert choose_spans(votes, lengths, budget=50).tolist() == [1, 3]
+    assert choose_spans(votes, lengths, budget=10**6).tolist() == [0, 1, 3, 4]
+    assert choose_spans(votes, lengths, budget=0).tolist() == []
+
+
+def test_recent_picks_get_a_bonus_that_expires():
+    persistence = Persistence(bonus=1.0, steps=2)
+    votes = torch.tensor([0.2, 0.3, float("-inf")])
+    assert torch.equal(persistence.apply(votes), votes)
+    persistence.record(torch.tensor([2]))
+    boosted = persistence.apply(votes)
+    assert boosted[2].item() == 1.0 and boosted[1] == votes[1]
+    for _ in range(3):
+        persistence.record(torch.tensor([], dtype=torch.long))
+    assert torch.equal(persistence.apply(votes), votes)
+
+
+def test_a_chunk_asks_with_the_mean_of_its_queries_per_head():
+    queries = torch.randn(1, 6, 5, 8)
+    got = retrieval_queries(queries, nheads_kv=2)
+    assert got.shape == (2, 3, 8)
+    assert torch.allclose(got[1, 2], queries[0, 5].mean(0))
+
+
+def test_one_angle_puts_all_retrieved_tokens_at_one_position():
+    layout = Layout(n_sink=2, n_retrieved=3, n_window=2)
+    resident = torch.tensor([0, 1, 50, 51, 52, 90, 91])
+    chunk = torch.tensor([92, 93])
+    assert key_positions("one_angle", resident, chunk, layout).tolist() == [0, 1, 2, 2, 2, 3, 4, 5, 6]
+    assert key_positions("compact", resident, chunk, layout).tolist() == list(range(9))
+    assert key_positions("true", resident, chunk, layout).tolist() == [0, 1, 50, 51, 52, 90, 91, 92, 93]
+    no_retrieval = Layout(n_sink=2, n_window=5)
+    assert key_positions("one_angle", resident, chunk, no_retrieval).tolist() == list(range(9))
