@@ -1,1 +1,72 @@
-"""Triton kernels, imported as ltri.kernels; each file holds a kernel, its launcher and a torch reference."""
+"""Triton kernels, imported as ltri.kernels; each file holds a kernel, its launcher and a torch reference.
+
+    ltri.kernels.sparse_attention   sparse_attention, merge_partial
+    ltri.kernels.lowrank_scores     pca_basis, project_keys, lowrank_scores (Loki)
+    ltri.kernels.sparq_scores       sparq_scores, selected_mass, mean_value_reallocation (SparQ)
+    ltri.kernels.topk_select        topk_tokens
+
+Import the functions from their modules (this package does not re-export them: the modules share their
+names with their main function).
+
+Importing this package never imports triton: each file binds triton when it first launches a kernel. The
+public functions run the Triton kernel on CUDA tensors, or on any tensors when TRITON_INTERPRET=1 (Triton's
+interpreter, how the tests check the kernels on a CPU); otherwise they run the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: kernels run in Triton's interpreter, on CPU tensors too."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the public functions launch a Triton kernel for these tensors (else the torch reference)."""
+    if not triton_installed():
+        return False
+    return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def load_triton_interpreter() -> None:
+    """Import triton so that its interpreter can run the kernels on CPU tensors (tests, smoke runs).
+
+    Triton decides when it is first imported whether its own library functions (tl.sum, tl.max...) are
+    interpreted, so the first import must see TRITON_INTERPRET=1. The variable is restored afterwards: kernels
+    run in the interpreter only while it is set. RuntimeError if triton is missing or was already imported
+    for compiled kernels.
+    """
+    if "triton" in sys.modules:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(standard.sum, InterpretedFunction):
+            raise RuntimeError("triton was imported without TRITON_INTERPRET=1, so its interpreter cannot run "
+                               "kernels in this process: set TRITON_INTERPRET=1 before starting it.")  # fmt: skip
+        return
+    if not triton_installed():
+        raise RuntimeError("triton is not installed.")
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+__all__ = ["interpreting", "use_triton", "triton_installed", "load_triton_interpreter"]

@@ -1,0 +1,535 @@
+"""Decode-step attention of one Llama-3-8B layer: full SDPA against ltri's retrieval, selection and sparse kernel.
+
+    python3 benchmarks/speed/attention.py                      # CUDA: writes results/attention_h100.json
+    python3 benchmarks/speed/attention.py --contexts 16k,64k --out /tmp/attention.json
+    python3 benchmarks/speed/attention.py --smoke              # CPU, torch references, small sizes: logic check
+
+One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 128, bfloat16, per context:
+
+- sdpa_full: torch SDPA over every cached key and value (enable_gqa): the baseline.
+- ltri (SparQ selection) and ltri_loki (Loki selection): what an ltri decode step does for one layer, with the
+  span payloads already on the GPU (the span cache's best case):
+  1. span scoring: the queries as [relu(q), min(q, 0)] times each span's [kmax; kmin] bound (Quest; one bound per
+     32-token span per KV head), an exact matmul; each query head's span scores are softmax-normalised and
+     summed over all heads (the vote); the top budget / 32 spans;
+  2. gathering those spans' tokens (K and V; Loki also their low-rank keys);
+  3. token selection: SparQ (r largest |q| components) or Loki (rank r) scores, top n_select tokens per KV head;
+  4. RoPE of the selected keys (compact positions) into the resident buffer, between the sinks and the window;
+  5. sparse attention over sinks + selected + window.
+- sparse_attention_kernel: step 5 alone, with its bandwidth on the K/V bytes it reads.
+- kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
+  same keys, to tune the split heuristic.
+
+Timing: CUDA events around each call, each call preceded by a 256 MB write that evicts the L2 cache; median of
+--reps after --warmup. The call's launches queue behind that write, which hides the launch overhead of short calls
+but not all of it for the ltri step (tens of launches). "graph_ms" (ltri rows and the kernel) replays the call
+from a CUDA graph: device time with no launch overhead, what a graphed decode loop would pay. "wall_ms" is host
+time of one synchronised call, launch overhead included. "bytes" is what the method must read at least; "gbps"
+is bytes / ms; "floor_ms" is bytes over the copy bandwidth measured in the same run ("copy_gbps": read + write
+bytes of a large tensor .copy_ per second). The device's copy of the tree has no .git: pass GIT_SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
+KERNEL_MODULES = ("sparse_attention", "sparq_scores", "lowrank_scores", "topk_select")
+
+
+def load_kernels() -> SimpleNamespace:
+    """ltri.kernels' modules; from this repository's kernels/ when the installed ltri does not map them."""
+    try:
+        modules = {name: importlib.import_module(f"ltri.kernels.{name}") for name in KERNEL_MODULES}
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "ltri_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["ltri_kernels"] = package
+        spec.loader.exec_module(package)
+        modules = {name: importlib.import_module(f"ltri_kernels.{name}") for name in KERNEL_MODULES}
+    return SimpleNamespace(**modules, package=sys.modules[modules["sparse_attention"].__package__])
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+# --------------------------------------------------------------------------------------------- the layer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer's attention geometry and ltri's per-step token counts."""
+
+    nheads: int = 32
+    nheads_kv: int = 8
+    headdim: int = 128
+    span_len: int = 32
+    n_sink: int = 64
+    n_window: int = 2048
+    budget: int = 2048  # tokens of retrieved spans per step
+    n_select: int = 1024  # tokens kept per KV head by SparQ/Loki among the retrieved ones
+    rank: int = 32  # SparQ components / Loki rank
+    rope_theta: float = 500000.0
+
+    @property
+    def n_resident(self) -> int:
+        return self.n_sink + self.n_select + self.n_window
+
+    def n_spans(self, context_len: int) -> int:
+        """Spans of the retrievable region [n_sink, context_len - n_window)."""
+        return (context_len - self.n_sink - self.n_window) // self.span_len
+
+    def check(self, context_len: int) -> None:
+        if self.n_spans(context_len) * self.span_len < self.budget:
+            raise SystemExit(f"Context {context_len} has fewer retrievable tokens than the budget {self.budget}.")
+        if not self.n_select <= self.budget:
+            raise SystemExit(f"n_select ({self.n_select}) must not exceed the budget ({self.budget}).")
+
+
+@dataclass
+class Layer:
+    """One layer's cached state at one context length (batch 1)."""
+
+    k: torch.Tensor  # (nheads_kv, seqlen, headdim) pre-RoPE keys of the context: the span payloads
+    v: torch.Tensor  # (nheads_kv, seqlen, headdim)
+    bounds: torch.Tensor  # (nheads_kv, 2 * headdim, n_spans) [kmax; kmin] per span, laid out for the matmul
+    basis: torch.Tensor | None  # (nheads_kv, headdim, headdim) Loki basis
+    k_lowrank: torch.Tensor | None  # (nheads_kv, seqlen, rank)
+    k_res: torch.Tensor  # (nheads_kv, n_resident, headdim) sinks | selected | window, rotated
+    v_res: torch.Tensor  # (nheads_kv, n_resident, headdim)
+    cos: torch.Tensor  # (n_select, headdim) RoPE of the selected slots
+    sin: torch.Tensor
+    q_cos: torch.Tensor  # (headdim,) RoPE of the query
+    q_sin: torch.Tensor
+
+
+def rope_table(positions: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (len(positions), headdim) in the rotate-half layout (Llama)."""
+    inv_freq = shape.rope_theta ** (-torch.arange(0, shape.headdim, 2, device=positions.device) / shape.headdim)
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x * cos + rotate_half(x) * sin; x (..., headdim), cos/sin broadcastable."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def span_bounds(k: torch.Tensor, shape: Shape, n_spans: int) -> torch.Tensor:
+    """[kmax; kmin] of each span -> (nheads_kv, 2 * headdim, n_spans)."""
+    region = k[:, shape.n_sink : shape.n_sink + n_spans * shape.span_len]
+    spans = region.reshape(shape.nheads_kv, n_spans, shape.span_len, shape.headdim)
+    bounds = torch.cat([spans.amax(dim=2), spans.amin(dim=2)], dim=-1)  # (nheads_kv, n_spans, 2 * headdim)
+    return bounds.transpose(1, 2).contiguous()
+
+
+def make_layer(context_len: int, shape: Shape, device, dtype, with_loki: bool, kernels, seed: int = 0) -> Layer:
+    """Random keys with a common offset and decaying scales (like a model's), values, and ltri's derived state."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scales = torch.linspace(1.5, 0.2, shape.headdim, device=device)
+    offset = torch.randn(shape.nheads_kv, 1, shape.headdim, generator=gen, device=device)
+    k = torch.empty(shape.nheads_kv, context_len, shape.headdim, dtype=dtype, device=device)
+    v = torch.empty_like(k)
+    for start in range(0, context_len, 65536):  # in chunks: no float32 copy of a 512K context
+        stop = min(start + 65536, context_len)
+        noise = torch.randn(shape.nheads_kv, stop - start, shape.headdim, generator=gen, device=device)
+        k[:, start:stop] = (noise * scales + offset).to(dtype)
+        v[:, start:stop] = torch.randn(shape.nheads_kv, stop - start, shape.headdim, generator=gen, device=device)
+    basis = k_lowrank = None
+    if with_loki:
+        basis = kernels.lowrank_scores.pca_basis(k[:, : min(context_len, 16384)])
+        project = kernels.lowrank_scores.project_keys
+        chunks = range(0, context_len, 65536)
+        k_lowrank = torch.cat([project(k[:, s : s + 65536], basis, shape.rank) for s in chunks], dim=1)
+    k_res = torch.empty(shape.nheads_kv, shape.n_resident, shape.headdim, dtype=dtype, device=device)
+    v_res = torch.empty_like(k_res)
+    k_res[:, : shape.n_sink], v_res[:, : shape.n_sink] = k[:, : shape.n_sink], v[:, : shape.n_sink]
+    k_res[:, -shape.n_window :], v_res[:, -shape.n_window :] = k[:, -shape.n_window :], v[:, -shape.n_window :]
+    cos, sin = rope_table(shape.n_sink + torch.arange(shape.n_select, device=device), shape)
+    q_cos, q_sin = rope_table(torch.tensor([shape.n_resident], device=device), shape)
+    return Layer(
+        k, v, span_bounds(k, shape, shape.n_spans(context_len)), basis, k_lowrank, k_res, v_res,
+        cos.to(dtype), sin.to(dtype), q_cos[0].to(dtype), q_sin[0].to(dtype),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- one decode step
+
+
+def vote_spans(q: torch.Tensor, bounds: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """Top spans of the heads' vote -> (n_kept,) int64 ascending. q (nheads, headdim)."""
+    nheads_kv, two_headdim, _ = bounds.shape
+    q_bound = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1).view(nheads_kv, -1, two_headdim)
+    upper = torch.bmm(q_bound, bounds).float()  # (nheads_kv, group, n_spans): Quest's upper bound
+    votes = torch.softmax(upper * (2.0 / two_headdim) ** 0.5, dim=-1).sum(dim=(0, 1))  # (n_spans,)
+    return torch.topk(votes, n_kept, sorted=False).indices.sort().values
+
+
+def gather_spans(layer: Layer, span_ids: torch.Tensor, shape: Shape, with_loki: bool):
+    """The spans' tokens: K, V (nheads_kv, budget, headdim) and the low-rank keys (nheads_kv, budget, rank)."""
+    offsets = torch.arange(shape.span_len, device=span_ids.device)
+    tokens = (shape.n_sink + span_ids[:, None] * shape.span_len + offsets).flatten()  # (budget,)
+    k_low = layer.k_lowrank.index_select(1, tokens) if with_loki else None
+    return layer.k.index_select(1, tokens), layer.v.index_select(1, tokens), k_low
+
+
+def select_tokens(q, k_cand, k_low_cand, layer: Layer, shape: Shape, selector: str, kernels) -> torch.Tensor:
+    """Top n_select candidates per KV head -> (nheads_kv, n_select) int64 ascending."""
+    if selector == "sparq":
+        scores = kernels.sparq_scores.sparq_scores(q, k_cand, shape.rank)
+    else:
+        scores = kernels.lowrank_scores.lowrank_scores(q, k_low_cand, layer.basis, shape.rank)
+    return kernels.topk_select.topk_tokens(scores, shape.n_select)
+
+
+def place_selected(layer: Layer, k_cand, v_cand, idx: torch.Tensor, shape: Shape, rotate_keys: bool) -> None:
+    """Write the selected tokens (keys rotated at their compact positions) between the sinks and the window."""
+    index = idx[..., None].expand(-1, -1, shape.headdim)
+    k_sel = torch.gather(k_cand, 1, index)
+    slots = slice(shape.n_sink, shape.n_sink + shape.n_select)
+    layer.k_res[:, slots] = rotate(k_sel, layer.cos, layer.sin) if rotate_keys else k_sel
+    layer.v_res[:, slots] = torch.gather(v_cand, 1, index)
+
+
+def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels, rotate_keys: bool = True) -> torch.Tensor:
+    """One decode step of one layer, q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
+    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len)
+    k_cand, v_cand, k_low_cand = gather_spans(layer, span_ids, shape, selector == "loki")
+    idx = select_tokens(q, k_cand, k_low_cand, layer, shape, selector, kernels)
+    place_selected(layer, k_cand, v_cand, idx, shape, rotate_keys)
+    q_rot = rotate(q, layer.q_cos, layer.q_sin) if rotate_keys else q
+    out, _ = kernels.sparse_attention.sparse_attention(q_rot[:, None], layer.k_res, layer.v_res)
+    return out
+
+
+def sdpa_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Torch SDPA over all keys: q (nheads, headdim), k, v (nheads_kv, seqlen, headdim) -> (nheads, 1, headdim)."""
+    return F.scaled_dot_product_attention(q[None, :, None], k[None], v[None], enable_gqa=True)[0]
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Median device time (CUDA events behind an L2-evicting write) and host wall time of a call."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+        self.cuda = device.type == "cuda"
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> tuple[float, float]:
+        """(ms, wall_ms) medians; on a CPU both are wall time."""
+        for _ in range(self.warmup):
+            fn()
+        walls = []
+        for _ in range(self.reps):
+            if self.cuda:
+                self.flush.zero_()
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            walls.append(1000 * (time.perf_counter() - start))
+        if not self.cuda:
+            return statistics.median(walls), statistics.median(walls)
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(self.reps)]
+        for start_event, end_event in events:
+            self.flush.zero_()
+            start_event.record()
+            fn()
+            end_event.record()
+        self.sync()
+        return statistics.median(s.elapsed_time(e) for s, e in events), statistics.median(walls)
+
+
+def graph_ms(timer: Timer, fn) -> tuple[float | None, str | None]:
+    """Device time of fn replayed from a CUDA graph (no launch overhead at all), or None and why it failed."""
+    if not timer.cuda:
+        return None, None
+    try:
+        side = torch.cuda.Stream(timer.device)
+        side.wait_stream(torch.cuda.current_stream(timer.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile and allocate outside the capture
+                fn()
+        torch.cuda.current_stream(timer.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timer(graph.replay)[0], None
+    except Exception as error:  # noqa: BLE001 - report any capture failure in the JSON instead of stopping
+        return None, f"{type(error).__name__}: {error}"
+
+
+def copy_gbps(device: torch.device, n_bytes: int = 1 << 30, reps: int = 10) -> float:
+    """Read + write bytes per second of a large tensor .copy_ (median)."""
+    source = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    timer = Timer(device, warmup=2, reps=reps)
+    ms, _ = timer(lambda: target.copy_(source))
+    return 2 * source.nbytes / (ms / 1000) / 1e9
+
+
+# --------------------------------------------------------------------------------------------- bytes
+
+
+def kv_bytes(n_tokens: int, shape: Shape, element: int) -> int:
+    return 2 * shape.nheads_kv * n_tokens * shape.headdim * element
+
+
+def ltri_bytes(layer: Layer, shape: Shape, selector: str, element: int) -> int:
+    """What an ltri step must read: span bounds, the retrieved spans' K/V (Loki: + low-rank keys), sinks, window."""
+    total = layer.bounds.numel() * element + kv_bytes(shape.budget + shape.n_sink + shape.n_window, shape, element)
+    if selector == "loki":
+        total += shape.nheads_kv * shape.budget * shape.rank * element
+    return total
+
+
+def row(context_len: int, method: str, timing: tuple[float, float], n_bytes: int, copy: float, **extra) -> dict:
+    ms, wall_ms = timing
+    return {
+        "context_len": context_len,
+        "method": method,
+        "ms": ms,
+        "wall_ms": wall_ms,
+        "bytes": n_bytes,
+        "gbps": n_bytes / (ms / 1000) / 1e9,
+        "floor_ms": 1000 * n_bytes / (copy * 1e9) if copy else None,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def measure_context(context_len: int, shape: Shape, methods: list[str], timer: Timer, copy: float, dtype, kernels):
+    """Rows of every method at one context length."""
+    shape.check(context_len)
+    device = timer.device
+    element = torch.empty((), dtype=dtype).element_size()
+    layer = make_layer(context_len, shape, device, dtype, "ltri_loki" in methods, kernels)
+    q = torch.randn(shape.nheads, shape.headdim, device=device).to(dtype)
+    rows = []
+    if "sdpa_full" in methods:
+        step = lambda: sdpa_full(q, layer.k, layer.v)  # noqa: E731
+        rows.append(row(context_len, "sdpa_full", timer(step), kv_bytes(context_len, shape, element), copy))
+    for method, selector in (("ltri", "sparq"), ("ltri_loki", "loki")):
+        if method in methods:
+            step = lambda selector=selector: ltri_step(q, layer, shape, selector, kernels)  # noqa: E731
+            n_bytes = ltri_bytes(layer, shape, selector, element)
+            graph, error = graph_ms(timer, step)
+            rows.append(row(context_len, method, timer(step), n_bytes, copy, selector=selector, graph_ms=graph,
+                            graph_error=error))  # fmt: skip
+    if "sparse_attention_kernel" in methods:
+        q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
+        step = lambda: kernels.sparse_attention.sparse_attention(q_rot, layer.k_res, layer.v_res)  # noqa: E731
+        n_bytes = kv_bytes(shape.n_resident, shape, element)
+        graph, error = graph_ms(timer, step)
+        rows.append(row(context_len, "sparse_attention_kernel", timer(step), n_bytes, copy, n_keys=shape.n_resident,
+                        graph_ms=graph, graph_error=error))  # fmt: skip
+    return rows
+
+
+def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes) -> list[dict]:
+    """The sparse attention kernel alone over n_keys keys with several split sizes, and SDPA on the same keys."""
+    device = timer.device
+    element = torch.empty((), dtype=dtype).element_size()
+    launch = kernels.sparse_attention.sparse_attention_triton
+    rows = []
+    for n_keys in key_counts:
+        q = torch.randn(shape.nheads, 1, shape.headdim, device=device, dtype=dtype)
+        k = torch.randn(shape.nheads_kv, n_keys, shape.headdim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        n_bytes = kv_bytes(n_keys, shape, element)
+        timing = timer(lambda q=q, k=k, v=v: sdpa_full(q[:, 0], k, v))
+        rows.append(row(n_keys, "sdpa", timing, n_bytes, copy, n_keys=n_keys, split_size=None))
+        for split in split_sizes:
+            timing = timer(lambda q=q, k=k, v=v, split=split: launch(q, k, v, split_size=split))
+            rows.append(row(n_keys, "sparse_attention_kernel", timing, n_bytes, copy, n_keys=n_keys, split_size=split))
+    return rows
+
+
+def check_kernels(shape: Shape, device, dtype, kernels) -> dict:
+    """Largest differences of the kernels against their torch references on this device (the first GPU run)."""
+    sa, sq, lr = kernels.sparse_attention, kernels.sparq_scores, kernels.lowrank_scores
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(shape.nheads, 37, shape.headdim, generator=gen, device=device).to(dtype)
+    k = torch.randn(shape.nheads_kv, 3000, shape.headdim, generator=gen, device=device).to(dtype)
+    v = torch.randn_like(k)
+    n_valid = torch.randint(1000, 3001, (shape.nheads_kv,), generator=gen, device=device)
+    checks = {}
+    for name, q_in, causal in (("decode", q[:, :1], False), ("prefill_causal", q, True)):
+        out, lse = sa.sparse_attention(q_in, k, v, n_valid, causal=causal)
+        ref_out, ref_lse = sa.sparse_attention_reference(q_in, k, v, n_valid, causal=causal)
+        checks[f"sparse_attention_{name}_out"] = (out.float() - ref_out.float()).abs().max().item()
+        checks[f"sparse_attention_{name}_lse"] = (lse - ref_lse).abs().max().item()
+    scores = sq.sparq_scores(q[:, 0], k, shape.rank, n_valid)
+    ref = sq.sparq_scores_reference(q[:, 0], k, shape.rank, n_valid)
+    checks["sparq_scores"] = (scores - ref).nan_to_num(posinf=0, neginf=0).abs().max().item()
+    basis = lr.pca_basis(k)
+    k_low = lr.project_keys(k, basis, shape.rank)
+    scores = lr.lowrank_scores(q[:, 0], k_low, basis, shape.rank, n_valid)
+    ref = lr.lowrank_scores_reference(q[:, 0], k_low, basis, shape.rank, n_valid)
+    error = (scores - ref).nan_to_num(posinf=0, neginf=0).abs().max()
+    checks["lowrank_scores_rel"] = (error / ref[ref.isfinite()].abs().max()).item()
+    return checks
+
+
+def check_exact_when_everything_selected(device, dtype, kernels) -> float:
+    """With every span retrieved and every token selected (no RoPE), the ltri step is full attention."""
+    shape = Shape(n_sink=16, n_window=256, budget=1024, n_select=1024, rank=16)
+    context_len = shape.n_sink + shape.n_window + shape.budget
+    layer = make_layer(context_len, shape, device, dtype, True, kernels, seed=3)
+    q = torch.randn(shape.nheads, shape.headdim, device=device).to(dtype)
+    errors = []
+    for selector in ("sparq", "loki"):
+        out = ltri_step(q, layer, shape, selector, kernels, rotate_keys=False)
+        errors.append((out.float() - sdpa_full(q, layer.k, layer.v).float()).abs().max().item())
+    return max(errors)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        triton_version = importlib.import_module("triton").__version__
+    except ImportError:
+        triton_version = None
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = os.environ.get("GIT_SHA")
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git_sha": sha,
+        "command": " ".join(sys.argv),
+    }
+
+
+def print_rows(rows: list[dict], copy: float) -> None:
+    columns = ("ms", "graph ms", "wall ms", "MB read")
+    print(f"{'context':>8} {'method':>28} " + " ".join(f"{c:>9}" for c in columns) + f" {'GB/s':>8} {'% copy':>7}")
+    for r in rows:
+        share = f"{100 * r['gbps'] / copy:6.1f}%" if copy else "      -"
+        label = r["method"] + (f"[{r['split_size']}]" if r.get("split_size") else "")
+        graph = f"{r['graph_ms']:9.4f}" if r.get("graph_ms") is not None else f"{'-':>9}"
+        print(
+            f"{r['context_len']:>8} {label:>28} {r['ms']:9.4f} {graph} {r['wall_ms']:9.4f} "
+            f"{r['bytes'] / 1e6:9.2f} {r['gbps']:8.1f} {share}"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="16k,64k,128k,256k,512k")
+    parser.add_argument("--methods", default="sdpa_full,ltri,ltri_loki,sparse_attention_kernel")
+    parser.add_argument("--budget", type=int, default=2048, help="tokens of retrieved spans per step")
+    parser.add_argument("--select", type=int, default=1024, help="tokens kept per KV head by SparQ/Loki")
+    parser.add_argument("--rank", type=int, default=32, help="SparQ components / Loki rank")
+    parser.add_argument("--sink", type=int, default=64)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--sweep-keys", default="2k,4k,8k,16k", help="kernel_sweep key counts ('' to skip)")
+    parser.add_argument("--sweep-splits", default="auto,64,128,256,512,1024")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, float32, torch references, small sizes")
+    return parser.parse_args()
+
+
+def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[int]]:
+    """Small sizes for a CPU run of the whole script."""
+    shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
+    args.warmup, args.reps, args.sweep_keys = 1, 2, ""
+    return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("This benchmark needs a CUDA GPU; --smoke runs its logic on the CPU with the torch references.")
+    kernels = load_kernels()
+    shape = Shape(n_sink=args.sink, n_window=args.window, budget=args.budget, n_select=args.select, rank=args.rank)
+    contexts = [parse_length(x) for x in args.contexts.split(",")]
+    if args.smoke:
+        shape, contexts = smoke_settings(args, shape)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if device.type == "cuda" and not kernels.package.use_triton(torch.empty(1, device=device)):
+        sys.exit("Triton is not installed: the kernels would fall back to the torch references.")
+    methods = args.methods.split(",")
+
+    copy = copy_gbps(device, n_bytes=1 << 30 if device.type == "cuda" else 1 << 26)
+    print(f"copy bandwidth {copy:.1f} GB/s on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    checks = check_kernels(shape, device, dtype, kernels)
+    checks["ltri_step_vs_full_when_everything_selected"] = check_exact_when_everything_selected(device, dtype, kernels)
+    print("kernel checks (max abs difference against the references):", json.dumps(checks))
+
+    timer = Timer(device, args.warmup, args.reps)
+    rows = []
+    for context_len in contexts:
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the layer of this context is gone
+    print_rows(rows, copy)
+    sweep = []
+    if args.sweep_keys:
+        keys = [parse_length(x) for x in args.sweep_keys.split(",")]
+        splits = [None if s == "auto" else int(s) for s in args.sweep_splits.split(",")]
+        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits)
+        print("kernel sweep (context = keys):")
+        print_rows(sweep, copy)
+
+    result = {
+        "env": environment(device),
+        "config": {**asdict(shape), "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps},
+        "copy_gbps": copy,
+        "checks": checks,
+        "rows": rows,
+        "kernel_sweep": sweep,
+    }
+    out = args.out if args.out or args.smoke else DEFAULT_OUT
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

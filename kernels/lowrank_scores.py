@@ -1,0 +1,205 @@
+"""Loki token scores: queries and keys projected on the first principal components of the keys.
+
+    keys         (nheads_kv, n, headdim)          pre-RoPE keys of the document (to fit the basis)
+    basis        (nheads_kv, headdim, headdim)    float32, column c = c-th principal direction
+    keys_lowrank (nheads_kv, n_keys, >= rank)     keys @ basis[..., :rank], stored with the spans
+    q            (nheads, headdim)                decode queries (one position), pre-RoPE like the keys
+    scores       (nheads_kv, n_keys) float32      -inf at keys >= n_valid[h]
+
+Choices (Loki, arXiv 2406.02542, leaves them open):
+- The basis is the *centered* PCA of the keys (eigenvectors of the covariance about the key mean), sorted by
+  decreasing variance. Top-k only compares keys against each other for one query, and the key mean adds the
+  same q . mean to every key's score, so it carries no ranking information; the uncentered second moment would
+  spend a component (often the first: LLM keys have a large common offset) on that constant. Keys are
+  projected without subtracting the mean (scores differ from the centered ones by a per-query constant).
+- The score of a KV head is the sum of its GQA group's raw (unscaled) low-rank scores:
+  sum_{h in group} (q_h B_r) . (k B_r) = ((sum_h q_h) B_r) . (k B_r), with B_r the first rank columns.
+  No 1/sqrt(headdim): a positive factor does not change the top-k.
+
+The Triton kernel computes one block of keys of one KV head per program (the group's query sum and its
+projection are recomputed per program: headdim * rank multiply-adds, far below the key reads).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import interpreting, use_triton
+from .topk_select import topk_tokens
+
+__all__ = ["pca_basis", "project_keys", "lowrank_scores", "lowrank_scores_reference", "topk_tokens"]
+
+tl = None  # triton.language, bound by _triton_kernels() on first launch
+
+_BLOCK_N = 128
+
+
+# --------------------------------------------------------------------------------------------- kernel
+
+
+def _lowrank_kernel(
+    q_ptr, basis_ptr, klow_ptr, n_valid_ptr, scores_ptr,
+    stride_qh, stride_bh, stride_bd, stride_bc, stride_kh, stride_kn, stride_sh,
+    n_keys, rank,
+    GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
+):  # fmt: skip
+    """scores[kv_head, keys] = ((sum of the group's q) @ basis[:, :rank]) . keys_lowrank[keys, :rank]."""
+    kv_head = tl.program_id(0)
+    block = tl.program_id(1)
+    group = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, HEADDIM)
+    comps = tl.arange(0, BLOCK_R)
+    comp_ok = comps < rank
+
+    heads = kv_head * GROUP + group
+    q = tl.load(q_ptr + heads[:, None] * stride_qh + dims[None, :], mask=(group < GROUP)[:, None], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), 0)  # (HEADDIM,)
+    b_off = kv_head.to(tl.int64) * stride_bh + dims[:, None] * stride_bd + comps[None, :] * stride_bc
+    basis = tl.load(basis_ptr + b_off, mask=comp_ok[None, :], other=0.0)  # (HEADDIM, BLOCK_R)
+    q_low = tl.sum(q_sum[:, None] * basis, 0)  # (BLOCK_R,)
+
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_in = keys < n_keys
+    k_off = kv_head.to(tl.int64) * stride_kh + keys[:, None].to(tl.int64) * stride_kn + comps[None, :]
+    k_low = tl.load(klow_ptr + k_off, mask=key_in[:, None] & comp_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+    scores = tl.sum(k_low.to(tl.float32) * q_low[None, :], 1)
+
+    n_kv = n_keys
+    if HAS_N_VALID:
+        n_kv = tl.minimum(tl.load(n_valid_ptr + kv_head).to(tl.int32), n_keys)
+    scores = tl.where(keys < n_kv, scores, float("-inf"))
+    tl.store(scores_ptr + kv_head.to(tl.int64) * stride_sh + keys, scores, mask=key_in)
+
+
+@functools.cache
+def _triton_kernels(interpret: bool):
+    """JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    return triton.jit(_lowrank_kernel)
+
+
+# --------------------------------------------------------------------------------------------- basis
+
+
+def pca_basis(keys: torch.Tensor) -> torch.Tensor:
+    """Principal directions of each KV head's keys (nheads_kv, n, headdim) -> (nheads_kv, headdim, headdim).
+
+    float32, columns sorted by decreasing variance about the key mean, each column's largest entry positive
+    (so that the same keys always give the same basis).
+    """
+    if keys.dim() != 3 or keys.shape[1] == 0:
+        raise ValueError(f"pca_basis wants keys (nheads_kv, n, headdim) with n >= 1, got {tuple(keys.shape)}.")
+    x = keys.double()
+    x = x - x.mean(dim=1, keepdim=True)
+    covariance = x.transpose(1, 2) @ x / keys.shape[1]  # (nheads_kv, headdim, headdim)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    vectors = vectors.flip(-1)
+    peak = vectors.abs().argmax(dim=1, keepdim=True)  # (nheads_kv, 1, headdim)
+    signs = torch.sign(vectors.gather(1, peak))
+    return (vectors * torch.where(signs == 0, 1.0, signs)).float().contiguous()
+
+
+def _check_basis(basis: torch.Tensor, nheads_kv: int, headdim: int, rank: int) -> None:
+    if basis.shape != (nheads_kv, headdim, headdim):
+        raise ValueError(f"basis must be (nheads_kv, headdim, headdim) = ({nheads_kv}, {headdim}, {headdim}), "
+                         f"got {tuple(basis.shape)}.")  # fmt: skip
+    if not 1 <= rank <= headdim:
+        raise ValueError(f"rank must be between 1 and headdim ({headdim}), got {rank}.")
+
+
+def project_keys(keys: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """keys (nheads_kv, n, headdim) on the first rank components -> (nheads_kv, n, rank) in keys' dtype."""
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be (nheads_kv, n, headdim), got {tuple(keys.shape)}.")
+    _check_basis(basis, keys.shape[0], keys.shape[2], rank)
+    return torch.matmul(keys.float(), basis[:, :, :rank].to(keys.device)).to(keys.dtype)
+
+
+# --------------------------------------------------------------------------------------------- scores
+
+
+def _check_inputs(q, keys_lowrank, basis, rank, n_valid) -> None:
+    """Shape/dtype/device checks shared by the kernel and the reference paths."""
+    if q.dim() != 2 or keys_lowrank.dim() != 3:
+        raise ValueError(f"lowrank_scores wants q (nheads, headdim) and keys_lowrank (nheads_kv, n_keys, rank), "
+                         f"got {tuple(q.shape)} and {tuple(keys_lowrank.shape)}.")  # fmt: skip
+    nheads_kv = keys_lowrank.shape[0]
+    if nheads_kv == 0 or q.shape[0] % nheads_kv != 0:
+        raise ValueError(f"nheads ({q.shape[0]}) must be a multiple of nheads_kv ({nheads_kv}).")
+    _check_basis(basis, nheads_kv, q.shape[1], rank)
+    if keys_lowrank.shape[2] < rank:
+        raise ValueError(f"keys_lowrank has {keys_lowrank.shape[2]} components, fewer than rank {rank}.")
+    if not (q.device == keys_lowrank.device == basis.device):
+        raise ValueError("q, keys_lowrank and basis must be on one device.")
+    if n_valid is not None and (n_valid.shape != (nheads_kv,) or n_valid.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"n_valid must be an int32/int64 tensor of shape ({nheads_kv},), "
+                         f"got {n_valid.dtype} {tuple(n_valid.shape)}.")  # fmt: skip
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None) -> torch.Tensor:
+    """Launch the scoring kernel; same contract as lowrank_scores."""
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid)
+    nheads, headdim = q.shape
+    nheads_kv, n_keys, _ = keys_lowrank.shape
+    if headdim & (headdim - 1) or headdim < 16:
+        raise ValueError(f"The low-rank score kernel supports power-of-2 headdims from 16, got {headdim}.")
+    if basis.dtype != torch.float32:
+        raise ValueError(f"basis must be float32 (as pca_basis returns it), got {basis.dtype}.")
+    for name, t in (("q", q), ("keys_lowrank", keys_lowrank)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}: .contiguous() it.")
+    scores = torch.empty(nheads_kv, n_keys, dtype=torch.float32, device=q.device)
+    if n_keys == 0:
+        return scores
+    group = nheads // nheads_kv
+    kernel = _triton_kernels(interpreting())
+    kernel[(nheads_kv, -(-n_keys // _BLOCK_N))](
+        q, basis, keys_lowrank, n_valid if n_valid is not None else scores, scores,
+        q.stride(0), *basis.stride(), keys_lowrank.stride(0), keys_lowrank.stride(1), scores.stride(0),
+        n_keys, rank,
+        GROUP=group, HEADDIM=headdim, BLOCK_G=_next_pow2(group), BLOCK_R=max(16, _next_pow2(rank)),
+        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
+    )  # fmt: skip
+    return scores
+
+
+def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None) -> torch.Tensor:
+    """Plain torch: the contract the kernel must meet; float32 (float64 math and result for float64 inputs)."""
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid)
+    nheads_kv = keys_lowrank.shape[0]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q_sum = q.to(compute).reshape(nheads_kv, -1, q.shape[1]).sum(dim=1)  # (nheads_kv, headdim)
+    q_low = torch.einsum("hd,hdr->hr", q_sum, basis[:, :, :rank].to(compute))  # (nheads_kv, rank)
+    scores = torch.einsum("hnr,hr->hn", keys_lowrank[:, :, :rank].to(compute), q_low)
+    if n_valid is not None:
+        keys = torch.arange(scores.shape[1], device=scores.device)
+        scores = scores.masked_fill(keys[None, :] >= n_valid[:, None], float("-inf"))
+    return scores
+
+
+def lowrank_scores(
+    q: torch.Tensor,
+    keys_lowrank: torch.Tensor,
+    basis: torch.Tensor,
+    rank: int,
+    n_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loki scores (nheads_kv, n_keys) float32: the GQA group's summed low-rank q.k, -inf beyond n_valid.
+
+    q (nheads, headdim); keys_lowrank (nheads_kv, n_keys, >= rank) from project_keys; basis from pca_basis.
+    The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise.
+    """
+    if use_triton(q, keys_lowrank, basis):
+        return lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid)
+    return lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid)

@@ -1,0 +1,379 @@
+"""Attention of a few queries over a gathered key set (sinks + selected tokens + window), split over the keys.
+
+Batch size is 1, so tensors drop the batch dim:
+
+    q       (nheads, q_len, headdim)         queries, already rotated
+    k, v    (nheads_kv, n_keys, headdim)     gathered keys/values per KV head, already rotated
+    n_valid (nheads_kv,) int                 keys [0, n_valid[h]) of KV head h are real, the rest padding
+    out     (nheads, q_len, headdim)         in q's dtype
+    lse     (nheads, q_len) float32          natural-log log-sum-exp of the scaled scores (-inf: no key seen)
+
+GQA: query head h reads KV head h // (nheads // nheads_kv). With ``causal`` the q_len queries are the last
+q_len positions of the valid keys: query i sees keys j <= n_valid - q_len + i.
+
+The Triton path (flash-decoding): one program per (KV head, block of packed query rows, block of keys). The
+rows of a program are every (query head of the GQA group, query position) pair, so each K/V tile is read
+once for the whole group. Each program writes a partial output and its lse; a second kernel merges the
+splits with a log-sum-exp reduction. fp16/bf16/fp32 inputs, fp32 accumulation. Triton is imported only when
+a kernel is launched: CUDA tensors run the kernel, CPU tensors the torch reference, unless TRITON_INTERPRET=1
+(then the kernel runs in Triton's interpreter, which is how the tests check it on a CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import interpreting, use_triton
+
+tl = None  # triton.language, bound by _triton_kernels() on first launch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, n_valid_ptr, o_part_ptr, lse_part_ptr,
+    stride_qh, stride_ql, stride_kh, stride_kn, stride_vh, stride_vn,
+    q_len, n_keys, n_splits, split_n, qk_scale,
+    GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_N_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n)."""
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    row_block = tl.program_id(2)
+
+    # packed rows: row = g * q_len + i, query head kv_head * GROUP + g at position i
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * q_len
+    head = kv_head * GROUP + rows // q_len
+    pos = rows % q_len
+    dims = tl.arange(0, HEADDIM)
+
+    n_kv = n_keys
+    if HAS_N_VALID:
+        n_kv = tl.minimum(tl.maximum(tl.load(n_valid_ptr + kv_head).to(tl.int32), 0), n_keys)
+    if CAUSAL:
+        limit = n_kv - q_len + pos + 1  # (BLOCK_M,) keys j < limit are seen
+    else:
+        limit = tl.zeros([BLOCK_M], dtype=tl.int32) + n_kv
+
+    q_off = head.to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_ql + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEADDIM)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEADDIM], dtype=tl.float32)
+
+    start = split * split_n
+    stop = tl.minimum(start + split_n, n_kv)
+    for block_start in range(start, stop, BLOCK_N):
+        keys = block_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < stop
+        rows_k = keys.to(tl.int64)[:, None]
+        k = tl.load(k_base + rows_k * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEADDIM)
+        v = tl.load(v_base + rows_k * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(keys[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    part_row = (head * q_len + pos).to(tl.int64) * n_splits + split  # o_part (nheads * q_len, n_splits, HEADDIM)
+    tl.store(o_part_ptr + part_row[:, None] * HEADDIM + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(lse_part_ptr + part_row, lse, mask=row_ok)
+
+
+def _merge_kernel(
+    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits,
+    HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Log-sum-exp merge of the n_splits partial results of one (query head, position) row."""
+    row = tl.program_id(0)  # head * q_len + pos
+    head = row // q_len
+    pos = row % q_len
+    dims = tl.arange(0, HEADDIM)
+    lse_base = lse_part_ptr + row.to(tl.int64) * n_splits
+    o_base = o_part_ptr + row.to(tl.int64) * n_splits * HEADDIM
+
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        m = tl.maximum(m, tl.load(lse_base + splits, mask=splits < n_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    denom = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, HEADDIM], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        ok = splits < n_splits
+        w = tl.exp(tl.load(lse_base + splits, mask=ok, other=float("-inf")) - m_safe)
+        o = tl.load(o_base + splits[:, None] * HEADDIM + dims[None, :], mask=ok[:, None], other=0.0)
+        denom += w
+        acc += w[:, None] * o
+    total = tl.sum(denom, 0)
+    seen = total > 0.0
+    out = tl.sum(acc, 0) / tl.where(seen, total, 1.0)
+    out_off = head.to(tl.int64) * stride_oh + pos * stride_ol + dims
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
+
+
+@functools.cache
+def _triton_kernels(interpret: bool):
+    """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    return triton.jit(_split_kernel), triton.jit(_merge_kernel)
+
+
+# --------------------------------------------------------------------------------------------- launcher
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor | None) -> None:
+    """Shape/dtype/device checks shared by the kernel and the reference paths."""
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(
+            f"sparse_attention wants q (nheads, q_len, headdim) and k, v (nheads_kv, n_keys, headdim), "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}."
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same headdim, got {q.shape[2]} and {k.shape[2]}.")
+    if k.shape[0] == 0 or q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"nheads ({q.shape[0]}) must be a multiple of nheads_kv ({k.shape[0]}).")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
+    if n_valid is not None:
+        if n_valid.shape != (k.shape[0],) or n_valid.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"n_valid must be an int32/int64 tensor of shape (nheads_kv,) = ({k.shape[0]},), "
+                f"got {n_valid.dtype} {tuple(n_valid.shape)}."
+            )
+        if n_valid.device != k.device:
+            raise ValueError(f"n_valid must be on {k.device}, got {n_valid.device}.")
+
+
+def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What the Triton kernel needs beyond _check_inputs."""
+    headdim = q.shape[2]
+    if headdim < 16 or headdim > 256 or headdim & (headdim - 1):
+        raise ValueError(f"The sparse attention kernel supports power-of-2 headdims 16..256, got {headdim}.")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"The sparse attention kernel takes float16, bfloat16 or float32, got {q.dtype}.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must be contiguous in headdim (stride 1), got strides {t.stride()}: "
+                             f"call .contiguous() first.")  # fmt: skip
+
+
+class _Tiles(NamedTuple):
+    block_m: int  # packed query rows per program
+    block_n: int  # keys per inner step
+    num_warps: int
+
+
+def _tiles(rows: int, dtype: torch.dtype) -> _Tiles:
+    """Tile sizes: a small GQA group's rows in one program (tl.dot needs at least 16 rows).
+
+    float32 uses 16 x 32 tiles on 8 warps: its exact (non-tensor-core) dot spills registers on sm_90 with larger
+    ones (ptxas, Triton 3.6 and 3.9); fp16/bf16 use up to 64 x 64 on 4 warps (no spills).
+    """
+    if dtype == torch.float32:
+        return _Tiles(16, 32, 8)
+    return _Tiles(16 if rows <= 16 else 32 if rows <= 32 else 64, 64, 4)
+
+
+@functools.cache
+def _program_target(device_index: int | None) -> int:
+    """Programs that keep the device busy: 4 per SM on a GPU; 16 in the interpreter (so tests see several splits)."""
+    if device_index is None:
+        return 16
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_size(n_keys: int, other_programs: int, block_n: int, device: torch.device, split_size: int | None) -> int:
+    """Keys per split, a multiple of the key block.
+
+    By default: enough splits for about 4 programs per SM, but at least 2 key blocks per split (so that the loads
+    of one block overlap the math of the other, and the partial results stay small next to the keys read).
+    Untuned: benchmarks/speed/attention.py sweeps split sizes on the GPU.
+    """
+    if split_size is None:
+        target = _program_target(device.index if device.type == "cuda" and not interpreting() else None)
+        n_splits = max(1, min(_cdiv(n_keys, 2 * block_n), _cdiv(target, other_programs)))
+        split_size = _cdiv(n_keys, n_splits)
+    return max(block_n, _cdiv(split_size, block_n) * block_n)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    split_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the split and merge kernels; same contract as sparse_attention (split_size: keys per split)."""
+    _check_inputs(q, k, v, n_valid)
+    _check_kernel_inputs(q, k, v)
+    nheads, q_len, headdim = q.shape
+    nheads_kv, n_keys, _ = k.shape
+    group = nheads // nheads_kv
+    scale = 1.0 / math.sqrt(headdim) if scale is None else float(scale)
+    out = torch.empty_like(q)
+    lse = torch.empty(nheads, q_len, dtype=torch.float32, device=q.device)
+    if q_len == 0:
+        return out, lse
+    if n_keys == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+
+    tiles = _tiles(group * q_len, q.dtype)
+    row_blocks = _cdiv(group * q_len, tiles.block_m)
+    split_n = _split_size(n_keys, nheads_kv * row_blocks, tiles.block_n, q.device, split_size)
+    n_splits = _cdiv(n_keys, split_n)
+    o_part = torch.empty(nheads * q_len, n_splits, headdim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(nheads * q_len, n_splits, dtype=torch.float32, device=q.device)
+
+    interpret = interpreting()
+    split_kernel, merge_kernel = _triton_kernels(interpret)
+    split_kernel[(nheads_kv, n_splits, row_blocks)](
+        q, k, v, n_valid if n_valid is not None else q, o_part, lse_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_len, n_keys, n_splits, split_n, scale * _LOG2E,
+        GROUP=group, HEADDIM=headdim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        CAUSAL=bool(causal), HAS_N_VALID=n_valid is not None,
+        UPCAST=interpret or q.dtype == torch.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
+        num_warps=tiles.num_warps, num_stages=2,
+    )  # fmt: skip
+    merge_kernel[(nheads * q_len,)](
+        o_part, lse_part, out, lse, out.stride(0), out.stride(1), q_len, n_splits,
+        HEADDIM=headdim, BLOCK_S=min(16, _next_pow2(n_splits)), num_warps=4,
+    )  # fmt: skip
+    return out, lse
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _key_mask(q_len: int, n_keys: int, nheads_kv: int, n_valid, causal: bool, device) -> torch.Tensor:
+    """(nheads_kv, q_len, n_keys) bool: which keys each query position sees."""
+    if n_valid is None:
+        n_kv = torch.full((nheads_kv,), n_keys, device=device)
+    else:
+        n_kv = n_valid.to(device=device, dtype=torch.int64).clamp(0, n_keys)
+    keys = torch.arange(n_keys, device=device)
+    limit = n_kv[:, None].expand(nheads_kv, q_len)  # (nheads_kv, q_len)
+    if causal:
+        limit = limit - q_len + 1 + torch.arange(q_len, device=device)
+    return keys[None, None, :] < limit[:, :, None]
+
+
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch, float32 math (float64 for float64 inputs): the contract the kernel must meet.
+
+    out in q's dtype; lse float32 (float64 for float64 inputs, so that tests hold a float64 reference).
+    """
+    _check_inputs(q, k, v, n_valid)
+    nheads, q_len, headdim = q.shape
+    nheads_kv, n_keys, _ = k.shape
+    group = nheads // nheads_kv
+    scale = 1.0 / math.sqrt(headdim) if scale is None else float(scale)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k_heads = k.to(compute).repeat_interleave(group, dim=0)  # (nheads, n_keys, headdim)
+    v_heads = v.to(compute).repeat_interleave(group, dim=0)
+    scores = torch.matmul(q.to(compute), k_heads.transpose(1, 2)) * scale  # (nheads, q_len, n_keys)
+    mask = _key_mask(q_len, n_keys, nheads_kv, n_valid, causal, q.device).repeat_interleave(group, dim=0)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (nheads, q_len), -inf where no key is seen
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    out = torch.matmul(probs, v_heads)
+    return out.to(q.dtype), lse
+
+
+def merge_partial(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of disjoint key sets from the parts' (out, lse).
+
+    outs: each (nheads, q_len, headdim); lses: each (nheads, q_len) natural-log. Returns (out in outs[0]'s
+    dtype, lse float32); a row no part saw stays out 0, lse -inf.
+    """
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_partial needs one lse per out and at least one part, got {len(outs)} and {len(lses)}.")
+    lse_all = torch.stack([lse.float() for lse in lses])  # (parts, nheads, q_len)
+    lse_max = lse_all.amax(dim=0)
+    lse_max = lse_max.masked_fill(lse_max == float("-inf"), 0.0)
+    weights = torch.exp(lse_all - lse_max)  # (parts, nheads, q_len)
+    total = weights.sum(dim=0)
+    out = sum(w[..., None] * o.float() for w, o in zip(weights, outs, strict=True))
+    seen = total > 0
+    out = out / torch.where(seen, total, 1.0)[..., None]
+    lse = torch.where(seen, lse_max + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
+    return out.to(outs[0].dtype), lse
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (nheads, q_len, headdim) over k, v (nheads_kv, n_keys, headdim) -> (out, lse).
+
+    n_valid (nheads_kv,): valid keys per KV head, the rest is padding; causal: the queries are the last
+    q_len positions of the valid keys; scale defaults to 1/sqrt(headdim). out (nheads, q_len, headdim) in
+    q's dtype, lse (nheads, q_len) float32. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the
+    torch reference otherwise.
+    """
+    if use_triton(q, k, v):
+        return sparse_attention_triton(q, k, v, n_valid, causal, scale)
+    return sparse_attention_reference(q, k, v, n_valid, causal, scale)

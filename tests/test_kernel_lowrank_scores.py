@@ -1,0 +1,140 @@
+"""Loki scores: PCA basis, projection, the Triton scoring kernel against a float64 reference, top-k.
+
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set for this module only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from ltri.kernels.lowrank_scores import (  # noqa: E402
+    lowrank_scores,
+    lowrank_scores_reference,
+    pca_basis,
+    project_keys,
+    topk_tokens,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# (nheads_kv, group, n_keys, headdim, rank, variable n_valid)
+CASES = [
+    (1, 1, 97, 64, 16, False),
+    (3, 3, 123, 128, 32, True),
+    (8, 4, 1025, 128, 24, True),
+    (2, 4, 1025, 64, 64, False),
+]
+
+if DEVICE == "cpu":
+    load_triton_interpreter()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_without_cuda():
+    """Run the Triton kernel in the interpreter when there is no GPU; restore the environment after."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+def correlated_keys(nheads_kv, n, headdim, gen):
+    """Keys with a common offset and a decaying spectrum, like a model's (nheads_kv, n, headdim)."""
+    spectrum = torch.logspace(0, -2, headdim)
+    mixing = torch.linalg.qr(torch.randn(nheads_kv, headdim, headdim, generator=gen)).Q
+    keys = (torch.randn(nheads_kv, n, headdim, generator=gen) * spectrum) @ mixing
+    return keys + 2.0 * torch.randn(nheads_kv, 1, headdim, generator=gen)
+
+
+def make_inputs(nheads_kv, group, n_keys, headdim, rank, ragged, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = correlated_keys(nheads_kv, n_keys, headdim, gen)
+    q = torch.randn(nheads_kv * group, headdim, generator=gen)
+    basis = pca_basis(keys)
+    keys_lowrank = project_keys(keys.to(dtype), basis, rank)
+    n_valid = torch.randint(1, n_keys + 1, (nheads_kv,), generator=gen) if ragged else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(q.to(dtype)), to(keys_lowrank), to(basis), to(n_valid)
+
+
+def plain_torch(q, keys_lowrank, basis, rank):
+    """The scores the obvious way in the inputs' precision."""
+    nheads_kv = keys_lowrank.shape[0]
+    q_low = q.view(nheads_kv, -1, q.shape[1]).sum(1)[:, None, :] @ basis[:, :, :rank].to(q.dtype)
+    return (keys_lowrank[:, :, :rank] @ q_low.transpose(1, 2))[..., 0].float()
+
+
+def test_pca_basis_is_orthonormal_and_sorted_by_variance():
+    gen = torch.Generator().manual_seed(0)
+    keys = correlated_keys(3, 500, 64, gen)
+    basis = pca_basis(keys)
+    assert basis.shape == (3, 64, 64) and basis.dtype == torch.float32
+    eye = torch.eye(64).expand(3, 64, 64)
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, eye, atol=1e-5, rtol=0)
+    variance = ((keys - keys.mean(1, keepdim=True)) @ basis).var(dim=1, unbiased=False)  # (3, 64)
+    assert torch.all(variance[:, :-1] >= variance[:, 1:] - 1e-6)
+    # centered: the large common offset does not take the first component
+    offset = keys.mean(1)
+    offset_share = (offset[:, None, :] @ basis[:, :, :1])[..., 0, 0].abs() / offset.norm(dim=1)
+    assert torch.all(offset_share < 0.9)
+
+
+def test_full_rank_scores_are_the_groups_exact_dot_products():
+    q, keys_lowrank, basis, _ = make_inputs(2, 3, 97, 64, 64, False, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    keys = correlated_keys(2, 97, 64, gen).to(DEVICE)  # the same keys make_inputs projected
+    exact = torch.einsum("hgd,hnd->hn", q.view(2, 3, 64), keys)
+    torch.testing.assert_close(lowrank_scores(q, project_keys(keys, basis, 64), basis, 64), exact, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "kv{}-g{}-n{}-d{}-r{}-{}".format(*c))
+def test_matches_float64_reference_and_topk(case, dtype):
+    nheads_kv, group, n_keys, headdim, rank, ragged = case
+    q, keys_lowrank, basis, n_valid = make_inputs(*case, dtype)
+    assert use_triton(q, keys_lowrank, basis), "the test must exercise the Triton kernel"
+    scores = lowrank_scores(q, keys_lowrank, basis, rank, n_valid)
+    ref = lowrank_scores_reference(q.double(), keys_lowrank.double(), basis.double(), rank, n_valid).double()
+    assert scores.shape == (nheads_kv, n_keys) and scores.dtype == torch.float32
+    assert torch.equal(torch.isfinite(scores), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    err = (scores.double() - ref)[finite].abs().max().item()
+    err_torch = (plain_torch(q, keys_lowrank, basis, rank).double() - ref)[finite].abs().max().item()
+    assert err <= 2 * err_torch + ATOL[dtype] * ref[finite].abs().max().item()
+
+    k = min(32, n_keys) if n_valid is None else min(32, int(n_valid.min()))
+    assert torch.equal(topk_tokens(scores, k, n_valid), topk_tokens(ref, k, n_valid))
+
+
+def test_topk_tokens_respects_n_valid_and_sorts():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    n_valid = torch.tensor([3, 5])
+    assert topk_tokens(scores, 2, n_valid).tolist() == [[1, 2], [0, 1]]
+    padded = topk_tokens(scores, 4, torch.tensor([2, 5]))
+    assert padded[0, :2].tolist() == [0, 1] and set(padded[0, 2:].tolist()) <= {2, 3, 4}
+    with pytest.raises(ValueError, match="k must be"):
+        topk_tokens(scores, 6)
+
+
+def test_clear_errors():
+    q, keys_lowrank, basis, _ = make_inputs(2, 2, 97, 64, 16, False, torch.float32)
+    with pytest.raises(ValueError, match="fewer than rank"):
+        lowrank_scores(q, keys_lowrank, basis, 32)
+    with pytest.raises(ValueError, match="multiple of nheads_kv"):
+        lowrank_scores(q[:3], keys_lowrank, basis, 16)
+    with pytest.raises(ValueError, match="basis must be"):
+        lowrank_scores(q, keys_lowrank, basis[:, :32], 16)

@@ -1,0 +1,162 @@
+"""SparQ scores: the formula, the Triton kernels against a float64 reference, top-k, mean-value reallocation.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set for this module only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from ltri.kernels.sparq_scores import (  # noqa: E402
+    mean_value_reallocation,
+    selected_mass,
+    sparq_scores,
+    sparq_scores_reference,
+    topk_tokens,
+)
+from ltri.kernels.sparse_attention import sparse_attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+# (nheads_kv, group, n_keys, headdim, r, variable n_valid)
+CASES = [
+    (1, 1, 97, 64, 8, False),
+    (3, 3, 123, 128, 32, True),
+    (8, 4, 1025, 128, 16, True),
+    (2, 4, 1025, 64, 12, False),
+]
+
+if DEVICE == "cpu":
+    load_triton_interpreter()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_without_cuda():
+    """Run the Triton kernels in the interpreter when there is no GPU; restore the environment after."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+def make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype, seed=0):
+    """q (nheads, headdim) with a few large components (as real queries have), k, n_valid."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(nheads_kv * group, headdim, generator=gen) * (1 + 4 * torch.rand(headdim, generator=gen) ** 4)
+    k = torch.randn(nheads_kv, n_keys, headdim, generator=gen)
+    n_valid = torch.randint(1, n_keys + 1, (nheads_kv,), generator=gen) if ragged else None
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), None if n_valid is None else n_valid.to(DEVICE)
+
+
+def sparq_by_hand(q, k, r):
+    """The documented formula, one KV group and one head at a time, float64 (no padding)."""
+    nheads, headdim = q.shape
+    nheads_kv, n_keys, _ = k.shape
+    group = nheads // nheads_kv
+    q, k = q.double(), k.double()
+    scores = torch.zeros(nheads_kv, n_keys, dtype=torch.float64)
+    for g in range(nheads_kv):
+        heads = q[g * group : (g + 1) * group]
+        idx = heads.abs().sum(0).topk(r).indices
+        for q_h in heads:
+            tau = math.sqrt(headdim * q_h[idx].abs().sum() / q_h.abs().sum())
+            scores[g] += torch.softmax(k[g][:, idx] @ q_h[idx] / tau, dim=0)
+    return scores
+
+
+def plain_torch(q, k, r, n_valid):
+    """The reference's steps in the inputs' precision (the logits matmul in dtype)."""
+    nheads_kv, n_keys, _ = k.shape
+    magnitude = q.float().abs().view(nheads_kv, -1, q.shape[1])
+    idx = magnitude.sum(1).topk(r, dim=1).indices  # (nheads_kv, r)
+    idx_heads = idx.repeat_interleave(q.shape[0] // nheads_kv, 0)
+    tau = torch.sqrt(q.shape[1] * q.float().abs().gather(1, idx_heads).sum(1) / q.float().abs().sum(1))
+    q_sel = (q.float().gather(1, idx_heads) / tau[:, None]).to(q.dtype).view(nheads_kv, -1, r)
+    k_sel = k.gather(2, idx[:, None, :].expand(nheads_kv, n_keys, r))
+    logits = (q_sel @ k_sel.transpose(1, 2)).float()
+    if n_valid is not None:
+        logits = logits.masked_fill(torch.arange(n_keys, device=k.device) >= n_valid[:, None, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(1)
+
+
+def test_reference_is_the_documented_formula():
+    q, k, _ = make_inputs(2, 3, 97, 64, False, torch.float32)
+    expected = sparq_by_hand(q.cpu(), k.cpu(), 12)
+    got = sparq_scores_reference(q.cpu().double(), k.cpu().double(), 12)
+    torch.testing.assert_close(got.double(), expected, atol=1e-7, rtol=1e-6)
+
+
+def test_all_components_give_the_exact_attention_probabilities():
+    q, k, _ = make_inputs(2, 4, 123, 64, False, torch.float32)
+    scores = sparq_scores(q, k, 64)
+    _, lse = sparse_attention_reference(q.double()[:, None], k.double(), k.double())  # lse (nheads, 1)
+    logits = torch.einsum("hgd,hnd->hgn", q.double().view(2, 4, 64), k.double()) / 8.0
+    exact = torch.exp(logits - lse.double().view(2, 4, 1)).sum(1)
+    torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "kv{}-g{}-n{}-d{}-r{}-{}".format(*c))
+def test_matches_float64_reference_and_topk(case, dtype):
+    nheads_kv, group, n_keys, headdim, r, ragged = case
+    q, k, n_valid = make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype)
+    assert use_triton(q, k), "the test must exercise the Triton kernels"
+    scores = sparq_scores(q, k, r, n_valid)
+    ref = sparq_scores_reference(q.double(), k.double(), r, n_valid).double()
+    assert scores.shape == (nheads_kv, n_keys) and scores.dtype == torch.float32
+    assert torch.equal(torch.isfinite(scores), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    err = (scores.double() - ref)[finite].abs().max().item()
+    err_torch = (plain_torch(q, k, r, n_valid).double() - ref)[finite].abs().max().item()
+    assert err <= 2 * err_torch + ATOL[dtype]
+    torch.testing.assert_close(
+        scores.double().where(finite, 0).sum(1), torch.full_like(ref[:, 0], group), atol=1e-5, rtol=0
+    )
+
+    top = min(32, n_keys) if n_valid is None else min(32, int(n_valid.min()))
+    assert torch.equal(topk_tokens(scores, top, n_valid), topk_tokens(ref, top, n_valid))
+
+
+def test_selected_mass_and_mean_value_reallocation():
+    q, k, _ = make_inputs(2, 2, 97, 64, False, torch.float32)
+    n_valid = torch.tensor([50, 97], device=DEVICE)
+    scores = sparq_scores(q, k, 16, n_valid)
+    everything = topk_tokens(scores, 97, n_valid)
+    torch.testing.assert_close(selected_mass(scores, everything), torch.ones(2, device=DEVICE))
+    few = topk_tokens(scores, 5, n_valid)
+    mass = selected_mass(scores, few)
+    expected = scores.gather(1, few).sum(1) / 2
+    torch.testing.assert_close(mass, expected)
+
+    out_selected = torch.randn(4, 1, 64, device=DEVICE)
+    v_mean = torch.randn(2, 64, device=DEVICE)
+    out = mean_value_reallocation(out_selected, mass, v_mean)
+    alpha = mass.repeat_interleave(2)[:, None, None]
+    torch.testing.assert_close(out, alpha * out_selected + (1 - alpha) * v_mean.repeat_interleave(2, 0)[:, None])
+    all_mass = torch.ones(4, device=DEVICE)
+    torch.testing.assert_close(mean_value_reallocation(out_selected, all_mass, v_mean), out_selected)
+
+
+def test_clear_errors():
+    q, k, _ = make_inputs(2, 2, 97, 64, False, torch.float32)
+    with pytest.raises(ValueError, match="r must be"):
+        sparq_scores(q, k, 65)
+    with pytest.raises(ValueError, match="multiple of nheads_kv"):
+        sparq_scores(q[:3], k, 8)
+    with pytest.raises(ValueError, match="n_valid"):
+        sparq_scores(q, k, 8, torch.tensor([3], device=DEVICE))

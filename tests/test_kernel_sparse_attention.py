@@ -1,0 +1,191 @@
+"""Sparse attention kernel against a float64 reference: GQA, causal chunks, padding, split-K merge.
+
+Without CUDA the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set for this module only),
+so the kernel itself is checked on a CPU, in float32 and float16 (the interpreter computes float16 tiles in
+float32: the half-precision tl.dot path is only checked on a GPU); with CUDA it runs compiled, bf16 included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from ltri.kernels.sparse_attention import (  # noqa: E402
+    merge_partial,
+    sparse_attention,
+    sparse_attention_reference,
+    sparse_attention_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# (nheads_kv, group, q_len, n_keys, headdim, causal, variable n_valid)
+CASES = [
+    (1, 1, 1, 97, 64, False, False),
+    (3, 3, 1, 123, 128, False, True),
+    (8, 4, 1, 1025, 128, False, True),
+    (2, 4, 37, 123, 64, True, True),
+    (3, 3, 37, 123, 128, True, False),
+    (1, 1, 37, 97, 128, True, True),
+]
+
+if DEVICE == "cpu":
+    load_triton_interpreter()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_without_cuda():
+    """Run the Triton kernels in the interpreter when there is no GPU; restore the environment after."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+def make_inputs(nheads_kv, group, q_len, n_keys, headdim, ragged, dtype, seed=0):
+    """q (nheads, q_len, headdim), k, v (nheads_kv, n_keys, headdim), n_valid (nheads_kv,) or None."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(nheads_kv * group, q_len, headdim, generator=gen)
+    k = torch.randn(nheads_kv, n_keys, headdim, generator=gen)
+    v = torch.randn(nheads_kv, n_keys, headdim, generator=gen)
+    n_valid = torch.randint(q_len, n_keys + 1, (nheads_kv,), generator=gen) if ragged else None
+    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    return q, k, v, None if n_valid is None else n_valid.to(DEVICE)
+
+
+def plain_torch(q, k, v, n_valid, causal):
+    """Attention the obvious way in the inputs' precision (matmuls in dtype, softmax in float32)."""
+    nheads, q_len, headdim = q.shape
+    nheads_kv, n_keys, _ = k.shape
+    group = nheads // nheads_kv
+    scores = (q @ k.repeat_interleave(group, 0).transpose(1, 2)) * (1.0 / math.sqrt(headdim))
+    n_kv = torch.full((nheads_kv,), n_keys, device=q.device) if n_valid is None else n_valid
+    limit = n_kv[:, None].expand(nheads_kv, q_len)
+    if causal:
+        limit = limit - q_len + 1 + torch.arange(q_len, device=q.device)
+    mask = (torch.arange(n_keys, device=q.device) < limit[..., None]).repeat_interleave(group, 0)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return probs @ v.repeat_interleave(group, 0), torch.logsumexp(scores, dim=-1)
+
+
+def assert_close_to_reference(got, plain, ref, atol, what):
+    """Error of got against ref (float64) at most twice the plain-torch error plus atol."""
+    got, plain = got.double(), plain.double()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref)), f"{what}: -inf pattern differs"
+    finite = torch.isfinite(ref)
+    err = (got - ref)[finite].abs().max().item()
+    err_torch = (plain - ref)[finite].abs().max().item()
+    assert err <= 2 * err_torch + atol, f"{what}: kernel error {err:.3g}, plain torch {err_torch:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "kv{}-g{}-q{}-n{}-d{}-{}-{}".format(*c))
+def test_matches_float64_reference(case, dtype):
+    nheads_kv, group, q_len, n_keys, headdim, causal, ragged = case
+    q, k, v, n_valid = make_inputs(nheads_kv, group, q_len, n_keys, headdim, ragged, dtype)
+    assert use_triton(q, k, v), "the test must exercise the Triton kernel"
+    out, lse = sparse_attention(q, k, v, n_valid, causal=causal)
+    ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), n_valid, causal)
+    plain_out, plain_lse = plain_torch(q, k, v, n_valid, causal)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
+    assert_close_to_reference(out, plain_out, ref_out, ATOL[dtype], "out")
+    assert_close_to_reference(lse, plain_lse, ref_lse.double(), 1e-4, "lse")
+
+
+@pytest.mark.parametrize(("split_size", "q_len"), [(64, 1), (192, 1), (128, 37)])
+def test_many_splits_merge_exactly(split_size, q_len):
+    """Split-K with many splits (some entirely past n_valid) gives the reference answer, decode and causal."""
+    causal = q_len > 1
+    q, k, v, n_valid = make_inputs(3, 4, q_len, 1025, 64, True, torch.float32, seed=1)
+    n_valid[0] = 130  # most splits of head 0 see no key
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+    ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), n_valid, causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["decode", "causal"])
+def test_merge_partial_of_two_halves_is_the_whole(causal):
+    """Attention over keys [0, m) and [m, n) merged by lse equals attention over [0, n)."""
+    q_len = 5 if causal else 1
+    q, k, v, n_valid = make_inputs(2, 3, q_len, 123, 64, True, torch.float32, seed=2)
+    m = 60
+    if causal:  # every query sees all of the first half, the causal mask acts in the second
+        n_valid = n_valid.clamp(min=m + q_len)
+    else:
+        n_valid[1] = 40  # head 1 has no valid key in the second half
+    first = sparse_attention(q, k[:, :m], v[:, :m], n_valid.clamp(max=m))
+    second = sparse_attention(q, k[:, m:], v[:, m:], (n_valid - m).clamp(min=0), causal=causal)
+    whole = sparse_attention(q, k, v, n_valid, causal=causal)
+    merged = merge_partial([first[0], second[0]], [first[1], second[1]])
+    torch.testing.assert_close(merged[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged[1], whole[1], atol=1e-5, rtol=1e-6)
+
+
+def test_head_without_valid_keys_gives_zero_and_minus_inf():
+    q, k, v, _ = make_inputs(2, 2, 1, 97, 64, False, torch.float32, seed=3)
+    n_valid = torch.tensor([0, 97], device=DEVICE)
+    out, lse = sparse_attention(q, k, v, n_valid)
+    assert torch.all(out[:2] == 0) and torch.all(lse[:2] == float("-inf"))
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, n_valid)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_strided_keys_and_explicit_scale():
+    """k, v as views with a row stride (e.g. slots of a larger buffer); a custom scale."""
+    q, k, v, _ = make_inputs(2, 2, 1, 194, 64, False, torch.float32, seed=4)
+    k, v = k[:, ::2], v[:, 1::2]
+    out, lse = sparse_attention(q, k, v, scale=0.3)
+    ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-6)
+
+
+def test_clear_errors():
+    q, k, v, _ = make_inputs(2, 2, 1, 97, 64, False, torch.float32)
+    with pytest.raises(ValueError, match="multiple of nheads_kv"):
+        sparse_attention(q[:3], k, v)
+    with pytest.raises(ValueError, match="same shape"):
+        sparse_attention(q, k, v[:, :50])
+    with pytest.raises(ValueError, match="n_valid"):
+        sparse_attention(q, k, v, torch.tensor([1.0, 2.0], device=DEVICE))
+    with pytest.raises(ValueError, match="one dtype"):
+        sparse_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="power-of-2"):
+        sparse_attention(q[..., :48], k[..., :48], v[..., :48])
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v)
+
+
+def test_model_side_import_and_cpu_call_never_import_triton():
+    """Model code imports ltri.kernels freely: on CPU tensors (no TRITON_INTERPRET) the references run."""
+    code = (
+        "import sys, torch, ltri\n"
+        "before = 'triton' in sys.modules  # whatever the rest of ltri imports\n"
+        "from ltri.kernels import lowrank_scores, sparq_scores, sparse_attention, topk_select\n"
+        "q, k = torch.randn(4, 1, 64), torch.randn(2, 50, 64)\n"
+        "sparse_attention.sparse_attention(q, k, k)\n"
+        "sparq_scores.sparq_scores(q[:, 0], k, 8)\n"
+        "assert before or 'triton' not in sys.modules\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
