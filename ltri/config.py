@@ -71,19 +71,23 @@ class RetrievalConfig:
     """Which stored spans each chunk and decode step brings back (the ``ltri`` policy).
 
     budget: most retrieved tokens per layer in one step (besides sinks, window and chunk).
-    search_k: spans each query head asks the index for; the heads' votes are pooled.
+    search_k: spans each query asks the index for; the queries' votes are pooled.
+    max_voting_queries: a chunk of at most this many tokens asks with every query (a question, a
+        decode step); a longer one with the mean query of each head.
     backend: span index backend, ``torch`` (exact matmul), ``faiss``, or ``auto`` (torch on CUDA,
         faiss on CPU).
-    persistence_bonus: vote added to spans picked in the last ``persistence_steps`` steps (a head's
-        votes sum to at most 1), so evidence is not dropped one token later.
+    persistence: how much of a span's vote carries over to the next step (effective vote = max(vote,
+        persistence * last effective vote)), so evidence is not dropped one token later; 0 disables.
+    collaboration: weight of the votes borrowed from other layers (0: each layer alone).
     cache_mb: device memory for recently used span payloads, all layers together.
     """
 
     budget: int = 2048
     search_k: int = 64
+    max_voting_queries: int = 64
     backend: str = "auto"
-    persistence_bonus: float = 0.1
-    persistence_steps: int = 16
+    persistence: float = 0.8
+    collaboration: float = 1.0
     cache_mb: int = 512
 
     def __post_init__(self) -> None:
@@ -93,8 +97,12 @@ class RetrievalConfig:
             raise LtriError(f"search_k must be at least 1, got {self.search_k}.")
         if self.backend not in INDEX_BACKENDS:
             raise LtriError(f"Unknown index backend {self.backend!r}: choose one of {', '.join(INDEX_BACKENDS)}.")
-        if self.persistence_bonus < 0 or self.persistence_steps < 0:
-            raise LtriError("persistence_bonus and persistence_steps must be 0 or more.")
+        if self.max_voting_queries < 1:
+            raise LtriError(f"max_voting_queries must be at least 1, got {self.max_voting_queries}.")
+        if not 0 <= self.persistence < 1:
+            raise LtriError(f"persistence must be in [0, 1), got {self.persistence}.")
+        if self.collaboration < 0:
+            raise LtriError(f"collaboration must be 0 or more, got {self.collaboration}.")
         if self.cache_mb < 0:
             raise LtriError(f"cache_mb must be 0 or more, got {self.cache_mb}.")
 

@@ -15,12 +15,15 @@ def make_memories(config: LtriConfig, n_layers: int, store: SpanStore | None) ->
     if memory.policy == "streaming":
         return [StreamingMemory(memory.n_sink, memory.n_window) for _ in range(n_layers)]
     if memory.policy == "ltri":
+        from ltri.shared_votes import SharedVotes
         from ltri.span_memory import SpanMemory
 
         if store is None:
             raise ValueError("the ltri policy needs a span store")
         cache_bytes = config.retrieval.cache_mb * 2**20 // n_layers
+        shared = SharedVotes(n_layers)
         return [
-            SpanMemory(layer, memory, config.spans, config.retrieval, store, cache_bytes) for layer in range(n_layers)
+            SpanMemory(layer, memory, config.spans, config.retrieval, store, cache_bytes, shared)
+            for layer in range(n_layers)
         ]
     raise ValueError(f"unknown memory policy {memory.policy!r}")

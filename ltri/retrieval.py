@@ -1,11 +1,13 @@
 """Choosing which stored spans a chunk or a decode step attends to: head votes, a token budget, persistence.
 
-Every query head asks its KV head's index for its best spans; each head's scores become a softmax
-over the spans it found (an estimate of where its attention mass goes), and the heads' weights are
-averaged into one vote per span of the layer. Spans picked in recent steps get a bonus. The best
-spans are taken until the token budget is spent, then put back in document order.
+Every query head asks its KV head's index for its best spans (with each query of a short chunk, or
+the mean query of a long one); each query's scores become a softmax over the spans it found (an
+estimate of where its attention mass goes), and these weights are averaged into one vote per span
+of the layer. A span's vote fades over a few steps rather than vanishing, and spans get a bonus from spans that other layers voted for
+(``ltri.shared_votes``): retrieval heads are few, so layers that find little borrow their evidence.
+The best spans are taken until the token budget is spent, then put back in document order.
 
-Vocabulary: nheads, nheads_kv, group = nheads // nheads_kv, k = spans asked per query head.
+Vocabulary: nheads, nheads_kv, group = nheads // nheads_kv, k = spans asked per query.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ from __future__ import annotations
 import torch
 
 
-def retrieval_queries(queries: torch.Tensor, nheads_kv: int) -> torch.Tensor:
-    """One query per head for a chunk: the mean of its queries.
+def retrieval_queries(queries: torch.Tensor, nheads_kv: int, max_voting_queries: int) -> torch.Tensor:
+    """The queries a chunk asks the index with, grouped by KV head.
 
-    queries (1, nheads, q_len, headdim) pre-RoPE -> (nheads_kv, group, headdim) float32.
+    queries (1, nheads, q_len, headdim) pre-RoPE -> (nheads_kv, n_ask, headdim) float32: every query
+    when q_len <= max_voting_queries (a question, a decode step: each query votes), else one mean
+    query per head (a long prefill chunk). n_ask = group * q_len or group.
     """
-    _, nheads, _, headdim = queries.shape
-    return queries[0].float().mean(dim=1).view(nheads_kv, nheads // nheads_kv, headdim)
+    _, nheads, q_len, headdim = queries.shape
+    queries = queries[0].float()
+    if q_len > max_voting_queries:
+        queries = queries.mean(dim=1, keepdim=True)
+    return queries.reshape(nheads_kv, -1, headdim)
 
 
 def pool_votes(scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale: float) -> torch.Tensor:
-    """Average over all query heads of each head's softmax over the spans it found.
+    """Average over all queries of each query's softmax over the spans it found.
 
-    scores, span_ids: (nheads_kv, group, k), ids -1 where a head found fewer than k spans.
+    scores, span_ids: (nheads_kv, n_ask, k), ids -1 where a query found fewer than k spans.
     Returns votes (n_spans,) float32; spans no head found get -inf (so that a vote of 0 after
     underflow still counts as found).
     """
@@ -52,38 +59,37 @@ def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> tor
 
 
 class Persistence:
-    """Remembers when each span was last picked, so that recent picks get a vote bonus."""
+    """A span's vote fades over steps instead of vanishing: effective vote = max(vote now, decay * last one).
 
-    def __init__(self, bonus: float, steps: int) -> None:
-        self.bonus = bonus
-        self.steps = steps
-        self.step = 0
-        self.last_picked = torch.empty(0, dtype=torch.long)  # (n_spans,) step of the last pick, -inf-like if never
+    So a span that drew much attention stays in for a few steps (evidence is not dropped one token
+    later), while spans that only just made the budget do not crowd out new evidence.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.remembered = torch.empty(0)  # (n_spans,) effective votes of the last step, 0 if none
 
     def apply(self, votes: torch.Tensor) -> torch.Tensor:
-        """Votes with the bonus added to spans picked in the last ``steps`` steps (found or not)."""
+        """Votes (n_spans,), -inf when not found, raised to the faded votes of the last step."""
         self._grow(votes.numel(), votes.device)
-        if self.bonus == 0 or self.steps == 0:
+        if self.decay == 0:
             return votes
-        recent = self.last_picked >= self.step - self.steps
-        return torch.where(recent, torch.where(torch.isfinite(votes), votes, 0.0) + self.bonus, votes)
+        faded = self.remembered * self.decay
+        return torch.where(faded > 0, torch.maximum(votes, faded), votes)
 
-    def record(self, picked: torch.Tensor) -> None:
-        """picked (n_picked,) span ids chosen at this step; advances the step."""
-        self.step += 1
-        self.last_picked[picked] = self.step
+    def record(self, votes: torch.Tensor) -> None:
+        """Remember this step's effective votes (n_spans,)."""
+        self.remembered = torch.where(torch.isfinite(votes), votes, 0.0).clamp(min=0)
 
     def _grow(self, n_spans: int, device) -> None:
-        if self.last_picked.device != torch.device(device):
-            self.last_picked = self.last_picked.to(device)
-        missing = n_spans - self.last_picked.numel()
+        if self.remembered.device != torch.device(device):
+            self.remembered = self.remembered.to(device)
+        missing = n_spans - self.remembered.numel()
         if missing > 0:
-            never = torch.full((missing,), -(2**62), dtype=torch.long, device=device)
-            self.last_picked = torch.cat([self.last_picked, never])
+            self.remembered = torch.cat([self.remembered, torch.zeros(missing, device=device)])
 
     def state(self) -> dict:
-        return {"step": self.step, "last_picked": self.last_picked.cpu()}
+        return {"remembered": self.remembered.cpu()}
 
     def load_state(self, state: dict, device) -> None:
-        self.step = int(state["step"])
-        self.last_picked = state["last_picked"].to(device)
+        self.remembered = state["remembered"].to(device)

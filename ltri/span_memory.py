@@ -24,6 +24,7 @@ from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
 from ltri.positions import Layout
 from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
+from ltri.shared_votes import SharedVotes
 from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
 from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
@@ -38,11 +39,16 @@ class SpanMemory(LayerMemory):
         retrieval: RetrievalConfig,
         store: SpanStore,
         cache_bytes: int,
+        shared: SharedVotes | None = None,
     ) -> None:
+        """shared: the votes all layers of the model publish and borrow (None: this layer decides alone)."""
         self.layer = layer
         self.memory_config, self.span_config, self.retrieval_config = memory, spans, retrieval
         self.store = store
         self.cache_bytes = cache_bytes
+        self.shared = shared
+        self.tokens_seen = 0
+        self._device_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # (lengths, token owner) on device
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
         self.n_unsegmented = 0  # tokens at the end of the window not cut into spans yet
@@ -51,7 +57,7 @@ class SpanMemory(LayerMemory):
         self.span_lengths = torch.empty(0, dtype=torch.long)  # (n_spans,)
         self.index = None  # created with the first stored span, when the shapes are known
         self.cache: SpanCache | None = None
-        self.persistence = Persistence(retrieval.persistence_bonus, retrieval.persistence_steps)
+        self.persistence = Persistence(retrieval.persistence)
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
@@ -66,6 +72,7 @@ class SpanMemory(LayerMemory):
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
+        self.tokens_seen += keys.shape[2]
         n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
         if n_sink > 0:
             self.sinks.append(keys[:, :, :n_sink], values[:, :, :n_sink], positions[:n_sink])
@@ -174,16 +181,31 @@ class SpanMemory(LayerMemory):
     def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spans for queries (1, nheads, q_len, headdim): keys, values (1, nheads_kv, n, headdim), positions (n,)."""
         nheads_kv, headdim = self.kv_shape
-        search = retrieval_queries(queries, nheads_kv)
+        config = self.retrieval_config
+        search = retrieval_queries(queries, nheads_kv, config.max_voting_queries)
         if self.span_config.index_vectors == "bounds":
             search = bound_query(search)
-        scores, span_ids = self.index.search(search, min(self.retrieval_config.search_k, self.n_spans))
+        scores, span_ids = self.index.search(search, min(config.search_k, self.n_spans))
         votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5)
+        lengths, owner = self._spans_on(votes.device)
+        if self.shared is not None and config.collaboration > 0:
+            self.shared.begin_step(self.tokens_seen)
+            borrowed = self.shared.read(self.span_starts, lengths, owner) * config.collaboration
+            self.shared.publish(self.span_starts, lengths, votes)
+            votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
         votes = self.persistence.apply(votes)
-        chosen = choose_spans(votes, self.span_lengths.to(votes.device), self.retrieval_config.budget).cpu()
-        self.persistence.record(chosen.to(votes.device))
+        chosen = choose_spans(votes, lengths, config.budget).cpu()
+        self.persistence.record(votes)
         self.last_retrieved = chosen
         return self._load(chosen, queries.device)
+
+    def _spans_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on device, cached."""
+        if self._device_spans is None or self._device_spans[0].numel() != self.n_spans:
+            lengths = self.span_lengths.to(device)
+            owner = torch.repeat_interleave(torch.arange(self.n_spans, device=device), lengths)
+            self._device_spans = (lengths, owner)
+        return self._device_spans
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nheads_kv, headdim = self.kv_shape
@@ -209,6 +231,7 @@ class SpanMemory(LayerMemory):
             "span_lengths": self.span_lengths,
             "index": None if self.index is None else self.index.state(),
             "persistence": self.persistence.state(),
+            "tokens_seen": self.tokens_seen,
             "kv_shape": self.kv_shape,
             "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
         }
@@ -220,6 +243,7 @@ class SpanMemory(LayerMemory):
         self.pending.load_state(state["pending"], device)
         self.span_starts, self.span_lengths = state["span_starts"], state["span_lengths"]
         self.persistence.load_state(state["persistence"], device)
+        self.tokens_seen = int(state["tokens_seen"])
         self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])
         self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         if state["index"] is not None:

@@ -29,7 +29,9 @@ def test_full_policy_matches_sdpa_forward(device, rope, chunk_size, position_mod
     model = tiny_llama(rope=ROPES[rope]).to(device)
     ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(1)).to(device)
     expected = reference_logits(model, ids)
-    session = Session(model, LtriConfig(memory=FULL, chunk_size=chunk_size, position_mode=position_mode), tokenizer=byte_tokenizer())
+    session = Session(
+        model, LtriConfig(memory=FULL, chunk_size=chunk_size, position_mode=position_mode), tokenizer=byte_tokenizer()
+    )
     got = session.prefill(ids.tolist(), all_logits=True)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4

@@ -6,8 +6,13 @@ import pytest
 from ltri import LtriConfig, MemoryConfig, Session
 from ltri.filler import text_with_fact
 
-FACT = "The secret password for the harbour gate is 'blue heron'."
-QUESTION = "What is the secret password for the harbour gate?"
+FACT = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+
+
+def found(reply: str) -> bool:
+    """The needle benchmark's string match: both "sandwich" and "Dolores"."""
+    return "sandwich" in reply.lower() and "dolores" in reply.lower()
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ def answer(smollm, haystack: str, config: LtriConfig) -> tuple[str, Session]:
     model, tokenizer = smollm
     session = Session(model, config, tokenizer=tokenizer)
     session.feed(haystack)
-    return session.ask(QUESTION, max_new_tokens=16), session
+    return session.ask(QUESTION, max_new_tokens=32), session
 
 
 def test_default_config_finds_the_needle_beyond_the_trained_length(smollm, haystack):
@@ -30,11 +35,11 @@ def test_default_config_finds_the_needle_beyond_the_trained_length(smollm, hayst
     stats = session.stats()
     session.close()
     assert stats.tokens_seen > 11_000 and stats.spans > 0
-    assert "blue heron" in reply.lower(), reply
+    assert found(reply), reply
 
 
 def test_streaming_with_the_same_window_does_not(smollm, haystack):
     default = LtriConfig().memory
     streaming = MemoryConfig(policy="streaming", n_sink=default.n_sink, n_window=default.n_window)
     reply, _ = answer(smollm, haystack, LtriConfig(memory=streaming))
-    assert "blue heron" not in reply.lower(), reply
+    assert not found(reply), reply

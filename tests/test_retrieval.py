@@ -25,21 +25,24 @@ def test_budget_takes_the_best_spans_that_fit_and_returns_them_in_document_order
     assert choose_spans(votes, lengths, budget=0).tolist() == []
 
 
-def test_recent_picks_get_a_bonus_that_expires():
-    persistence = Persistence(bonus=1.0, steps=2)
-    votes = torch.tensor([0.2, 0.3, float("-inf")])
-    assert torch.equal(persistence.apply(votes), votes)
-    persistence.record(torch.tensor([2]))
-    boosted = persistence.apply(votes)
-    assert boosted[2].item() == 1.0 and boosted[1] == votes[1]
-    for _ in range(3):
-        persistence.record(torch.tensor([], dtype=torch.long))
-    assert torch.equal(persistence.apply(votes), votes)
+def test_a_spans_vote_fades_over_steps_instead_of_vanishing():
+    persistence = Persistence(decay=0.5)
+    first = torch.tensor([0.8, 0.1, float("-inf")])
+    assert torch.equal(persistence.apply(first), first)
+    persistence.record(first)
+    now = torch.tensor([float("-inf"), 0.3, 0.2])
+    effective = persistence.apply(now)
+    assert torch.allclose(
+        effective, torch.tensor([0.4, 0.3, 0.2])
+    )  # span 0 not found now but remembered; span 1 beats its memory
+    persistence.record(effective)
+    assert torch.allclose(persistence.apply(torch.full((3,), float("-inf"))), torch.tensor([0.2, 0.15, 0.1]))
+    assert torch.equal(Persistence(decay=0.0).apply(now), now)
 
 
 def test_a_chunk_asks_with_the_mean_of_its_queries_per_head():
     queries = torch.randn(1, 6, 5, 8)
-    got = retrieval_queries(queries, nheads_kv=2)
+    got = retrieval_queries(queries, nheads_kv=2, max_voting_queries=4)
     assert got.shape == (2, 3, 8)
     assert torch.allclose(got[1, 2], queries[0, 5].mean(0))
 

@@ -1,0 +1,54 @@
+"""Votes shared between layers: each layer publishes where its attention goes, others borrow from it.
+
+Spans differ per layer, so votes are shared per text position: a layer spreads each span's vote
+over the span's tokens; another layer reads, for each of its own spans, the largest shared vote
+among its tokens. A step reads what the previous step published (all layers) plus what the layers
+before it published in this step. Vocabulary: n_positions = tokens of the text held as spans.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SharedVotes:
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.previous = torch.zeros(0)  # (n_positions,) mean over layers of the votes published last step
+        self.current = torch.zeros(0)  # (n_positions,) the same, for the step in progress
+        self.step_tokens = -1  # tokens seen when the current step began
+
+    def publish(self, span_starts: torch.Tensor, span_lengths: torch.Tensor, votes: torch.Tensor) -> None:
+        """A layer's votes (n_spans,) (-inf: not found) over spans that tile positions from span_starts[0]."""
+        values = torch.where(torch.isfinite(votes), votes, 0.0) / self.n_layers
+        per_token = torch.repeat_interleave(values, span_lengths.to(values.device))
+        first = int(span_starts[0])
+        self._reserve(first + per_token.numel(), values.device)
+        self.current[first : first + per_token.numel()] += per_token
+
+    def read(self, span_starts: torch.Tensor, span_lengths: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """For each span (n_spans,), the largest shared vote among its tokens.
+
+        owner: (n_positions_of_this_layer,) the span index of each token from span_starts[0] on.
+        """
+        first, n_tokens = int(span_starts[0]), owner.numel()
+        self._reserve(first + n_tokens, owner.device)
+        shared = (self.previous + self.current)[first : first + n_tokens]
+        best = torch.zeros(span_lengths.numel(), device=owner.device)
+        return best.scatter_reduce(0, owner, shared, reduce="amax")
+
+    def begin_step(self, tokens_seen: int) -> None:
+        """Called by every layer before it reads; the first call of a step moves current to previous."""
+        if tokens_seen == self.step_tokens:
+            return
+        self.step_tokens = tokens_seen
+        self.previous, self.current = self.current, torch.zeros_like(self.current)
+
+    def _reserve(self, n_positions: int, device) -> None:
+        if self.current.device != torch.device(device):
+            self.previous, self.current = self.previous.to(device), self.current.to(device)
+        missing = n_positions - self.current.numel()
+        if missing > 0:
+            pad = torch.zeros(missing, device=device)
+            self.previous = torch.cat([self.previous, pad])
+            self.current = torch.cat([self.current, pad])
