@@ -3,8 +3,9 @@
 Every query head asks its KV head's index for its best spans (with each query of a short chunk, or
 the mean query of a long one); each query's scores become a softmax over the spans it found (an
 estimate of where its attention mass goes), and these weights are averaged into one vote per span
-of the layer. A span's vote fades over a few steps rather than vanishing, and spans get a bonus from spans that other layers voted for
-(``ltri.shared_votes``): retrieval heads are few, so layers that find little borrow their evidence.
+of the layer. A span's vote fades over a few steps rather than vanishing, and spans get a bonus
+from what other layers voted for (``ltri.shared_votes``): retrieval heads are few, so layers that
+find little borrow their evidence.
 The best spans are taken until the token budget is spent, then put back in document order.
 
 Vocabulary: nheads, nheads_kv, group = nheads // nheads_kv, k = spans asked per query.
