@@ -52,3 +52,10 @@ class SharedVotes:
             pad = torch.zeros(missing, device=device)
             self.previous = torch.cat([self.previous, pad])
             self.current = torch.cat([self.current, pad])
+
+    def state(self) -> dict:
+        return {"previous": self.previous.cpu(), "current": self.current.cpu(), "step_tokens": self.step_tokens}
+
+    def load_state(self, state: dict, device) -> None:
+        self.previous, self.current = state["previous"].to(device), state["current"].to(device)
+        self.step_tokens = int(state["step_tokens"])

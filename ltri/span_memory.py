@@ -232,6 +232,8 @@ class SpanMemory(LayerMemory):
             "index": None if self.index is None else self.index.state(),
             "persistence": self.persistence.state(),
             "tokens_seen": self.tokens_seen,
+            # The layers share one SharedVotes: the first layer saves and restores it for all.
+            "shared": self.shared.state() if self.shared is not None and self.layer == 0 else None,
             "kv_shape": self.kv_shape,
             "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
         }
@@ -244,6 +246,8 @@ class SpanMemory(LayerMemory):
         self.span_starts, self.span_lengths = state["span_starts"], state["span_lengths"]
         self.persistence.load_state(state["persistence"], device)
         self.tokens_seen = int(state["tokens_seen"])
+        if state["shared"] is not None and self.shared is not None:
+            self.shared.load_state(state["shared"], device)
         self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])
         self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         if state["index"] is not None:

@@ -3,8 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if not torch.cuda.is_available():
+    # Triton's interpreter (how the kernel tests run on a CPU) must be chosen at triton's first import,
+    # before any other module imports it; kernels only use it while TRITON_INTERPRET=1 is set.
+    from ltri.kernels import load_triton_interpreter
+
+    load_triton_interpreter()
 
 
 @pytest.fixture(scope="session", autouse=True)
