@@ -77,6 +77,22 @@ def empty_file(tmp_path: Path) -> Path:
     return path
 
 
+def text_dir(tmp_path: Path) -> Path:
+    """A directory with files in it, which a new store must not take over."""
+    directory = tmp_path / "notes"
+    directory.mkdir()
+    (directory / "keep.txt").write_text("mine")
+    return directory
+
+
+def half_written_store(tmp_path: Path) -> Path:
+    """What a killed `ltri ingest` leaves: meta.json still says complete: false."""
+    directory = tmp_path / "half"
+    directory.mkdir()
+    (directory / "meta.json").write_text(json.dumps({"format": "ltri-store", "version": 1, "complete": False}))
+    return directory
+
+
 ERROR_CASES = {
     "missing file": (lambda tmp, book: ["ask", "-c", str(tmp / "nowhere.txt"), "q"], "does not exist"),
     "empty file": (lambda tmp, book: ["ask", "-c", str(empty_file(tmp)), "q"], "is empty"),
@@ -91,6 +107,15 @@ ERROR_CASES = {
     "unknown policy": (lambda tmp, book: ["ask", "-c", str(book), "--policy", "magic", "q"], "Unknown memory policy"),
     "impossible window": (lambda tmp, book: ["chat", "-c", str(book), "--window", "0"], "n_window"),
     "empty question": (lambda tmp, book: ["ask", "-c", str(book), "  "], "question is empty"),
+    "no store": (lambda tmp, book: ["ask", "--store", str(tmp / "none"), "q"], "does not exist"),
+    "not a store": (lambda tmp, book: ["ask", "--store", str(tmp), "q"], "not an ltri store"),
+    "incomplete store": (lambda tmp, book: ["ask", "--store", str(half_written_store(tmp)), "q"], "incomplete"),
+    "context and store": (lambda tmp, book: ["ask", "-c", str(book), "--store", str(tmp), "q"], "either"),
+    "neither context nor store": (lambda tmp, book: ["ask", "q"], "either"),
+    "ingest into a full directory": (
+        lambda tmp, book: ["ingest", str(book), "--store", str(text_dir(tmp))],
+        "not an empty directory",
+    ),
 }
 
 
@@ -104,3 +129,16 @@ def test_user_errors_end_in_one_clear_line(case, tmp_path, book):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("ltri: error: ") and expected in lines[0]
     assert result.stdout == ""
+
+
+def test_ingest_once_then_ask_from_the_store(book, tmp_path):
+    store = tmp_path / "store"
+    ingested = run_ltri("ingest", str(book), "--store", str(store), "--quiet")
+    assert ingested.returncode == 0, ingested.stderr
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["complete"] is True and meta["tokens_seen"] > 1000
+    answered = run_ltri("ask", "--store", str(store), "--quiet", QUESTION)
+    assert answered.returncode == 0, answered.stderr
+    assert "blue heron" in answered.stdout.lower()
+    other_settings = run_ltri("ask", "--store", str(store), "--window", "512", "--quiet", QUESTION)
+    assert other_settings.returncode == 1 and "other memory or span settings" in other_settings.stderr
