@@ -35,10 +35,8 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -424,12 +422,9 @@ def environment(device: torch.device) -> dict:
         triton_version = importlib.import_module("triton").__version__
     except ImportError:
         triton_version = None
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = os.environ.get("GIT_SHA")
+    from ltri.provenance import git_sha
+
+    sha = git_sha()
     return {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device) if device.type == "cuda" else platform.processor() or "cpu",

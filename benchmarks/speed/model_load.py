@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ltri.provenance import git_sha
+
 LOAD = "from ltri import load_model; load_model(None, device='cpu', dtype='float32')"
 
 
@@ -35,7 +37,7 @@ def main() -> None:
         first = time_load(cache)
         later = [time_load(cache) for _ in range(args.warm_runs)]
     print(f"first use (converts the GGUF): {first:.1f} s; later uses: {', '.join(f'{t:.1f}' for t in later)} s")
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    sha = git_sha()
     result = {"first_use_s": first, "later_use_s": later, "command": " ".join(sys.argv), "git_sha": sha}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

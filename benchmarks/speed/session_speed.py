@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from ltri import LtriConfig, MemoryConfig, Session, load_model
 from ltri.cache import cache_argument_name
 from ltri.filler import filler_text
+from ltri.provenance import git_sha
 
 
 def parse_length(text: str) -> int:
@@ -140,10 +139,7 @@ def measure(model, tokenizer, method: str, ids: list[int], args) -> dict:
 def environment(device: torch.device) -> dict:
     import transformers
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = os.environ.get("GIT_SHA")  # the device's copy of the tree has no .git: pass GIT_SHA=$(git rev-parse HEAD)
+    sha = git_sha()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
