@@ -56,8 +56,11 @@ class SpanConfig:
     max_vectors: int = 4
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_len <= self.max_len:
-            raise LtriError(f"Span lengths need 1 <= min_len <= max_len, got {self.min_len} and {self.max_len}.")
+        if not 1 <= self.min_len or self.max_len < 2 * self.min_len - 1:
+            # Below 2 * min_len - 1 some gaps between triangles cannot be cut into spans within the bounds.
+            raise LtriError(
+                f"Span lengths need 1 <= min_len and max_len >= 2 * min_len - 1, got {self.min_len} and {self.max_len}."
+            )
         if not 0 <= self.nms_iou < 1:
             raise LtriError(f"nms_iou must be in [0, 1), got {self.nms_iou}.")
         if self.index_vectors not in INDEX_VECTORS:
