@@ -1,12 +1,11 @@
 """Loki scores: PCA basis, projection, the Triton scoring kernel against a float64 reference, top-k.
 
-Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set for this module only).
+Without CUDA the kernel runs in Triton's interpreter (see kernel_support).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
+from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.lowrank_scores import (  # noqa: E402
     lowrank_scores,
     lowrank_scores_reference,
@@ -23,8 +23,6 @@ from ltri.kernels.lowrank_scores import (  # noqa: E402
     topk_tokens,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 # (nheads_kv, group, n_keys, headdim, rank, variable n_valid)
@@ -34,22 +32,6 @@ CASES = [
     (8, 4, 1025, 128, 24, True),
     (2, 4, 1025, 64, 64, False),
 ]
-
-if DEVICE == "cpu":
-    load_triton_interpreter()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_without_cuda():
-    """Run the Triton kernel in the interpreter when there is no GPU; restore the environment after."""
-    before = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
 
 
 def correlated_keys(nheads_kv, n, headdim, gen):

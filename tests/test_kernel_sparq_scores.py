@@ -1,13 +1,12 @@
 """SparQ scores: the formula, the Triton kernels against a float64 reference, top-k, mean-value reallocation.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set for this module only).
+Without CUDA the kernels run in Triton's interpreter (see kernel_support).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
+from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.sparq_scores import (  # noqa: E402
     mean_value_reallocation,
     selected_mass,
@@ -25,8 +25,6 @@ from ltri.kernels.sparq_scores import (  # noqa: E402
 )
 from ltri.kernels.sparse_attention import sparse_attention_reference  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 # (nheads_kv, group, n_keys, headdim, r, variable n_valid)
@@ -36,22 +34,6 @@ CASES = [
     (8, 4, 1025, 128, 16, True),
     (2, 4, 1025, 64, 12, False),
 ]
-
-if DEVICE == "cpu":
-    load_triton_interpreter()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_without_cuda():
-    """Run the Triton kernels in the interpreter when there is no GPU; restore the environment after."""
-    before = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
 
 
 def make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype, seed=0):

@@ -19,7 +19,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from ltri.kernels import load_triton_interpreter, use_triton  # noqa: E402
+from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
+from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.sparse_attention import (  # noqa: E402
     merge_partial,
     sparse_attention,
@@ -27,8 +28,6 @@ from ltri.kernels.sparse_attention import (  # noqa: E402
     sparse_attention_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 # (nheads_kv, group, q_len, n_keys, headdim, causal, variable n_valid)
@@ -40,22 +39,6 @@ CASES = [
     (3, 3, 37, 123, 128, True, False),
     (1, 1, 37, 97, 128, True, True),
 ]
-
-if DEVICE == "cpu":
-    load_triton_interpreter()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_without_cuda():
-    """Run the Triton kernels in the interpreter when there is no GPU; restore the environment after."""
-    before = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
 
 
 def make_inputs(nheads_kv, group, q_len, n_keys, headdim, ragged, dtype, seed=0):
