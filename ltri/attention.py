@@ -35,6 +35,7 @@ class StepContext:
     rotary: Rotary
     position_mode: str
     chunk_positions: torch.Tensor  # (q_len,) positions of the chunk's tokens in the text
+    retrieval_mask: torch.Tensor | None = None  # (headdim,) query dimensions retrieval scores with; None: all
     # Outside ``true`` mode the RoPE table depends only on the layout: layers with the same one share it.
     shared_tables: dict[Layout, RopeTable] = field(default_factory=dict, compare=False)
 
@@ -63,7 +64,7 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
     memory = step.cache.memory(layer_idx)
     query = step.rotary.unrotate_identity(query)
     key = step.rotary.unrotate_identity(key)
-    resident = memory.resident(query)
+    resident = memory.resident(query if step.retrieval_mask is None else query * step.retrieval_mask)
     if resident is None:
         keys, values, resident_positions, layout = key, value, step.chunk_positions[:0], Layout()
     else:

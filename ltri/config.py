@@ -10,6 +10,7 @@ MEMORY_POLICIES = ("ltri", "full", "streaming")
 POSITION_MODES = ("compact", "one_angle", "true")
 INDEX_VECTORS = ("keys", "bounds")
 INDEX_BACKENDS = ("auto", "torch", "faiss")
+QUERY_DIMS = ("all", "long_range")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class RetrievalConfig:
     persistence: how much of a span's vote carries over to the next step (effective vote = max(vote,
         persistence * last effective vote)), so evidence is not dropped one token later; 0 disables.
     collaboration: weight of the votes borrowed from other layers (0: each layer alone).
+    query_dims: ``all`` scores spans with every query dimension (pre-RoPE q.k); ``long_range`` only with
+        the slowly rotating RoPE pairs (under one radian over n_window tokens), which carry the model's
+        attention over long distances.
     cache_mb: device memory for recently used span payloads, all layers together.
     """
 
@@ -91,6 +95,7 @@ class RetrievalConfig:
     backend: str = "auto"
     persistence: float = 0.8
     collaboration: float = 1.0
+    query_dims: str = "all"
     cache_mb: int = 512
 
     def __post_init__(self) -> None:
@@ -104,6 +109,8 @@ class RetrievalConfig:
             raise LtriError(f"max_voting_queries must be at least 1, got {self.max_voting_queries}.")
         if not 0 <= self.persistence < 1:
             raise LtriError(f"persistence must be in [0, 1), got {self.persistence}.")
+        if self.query_dims not in QUERY_DIMS:
+            raise LtriError(f"Unknown query_dims {self.query_dims!r}: choose one of {', '.join(QUERY_DIMS)}.")
         if self.collaboration < 0:
             raise LtriError(f"collaboration must be 0 or more, got {self.collaboration}.")
         if self.cache_mb < 0:

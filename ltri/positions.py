@@ -94,6 +94,20 @@ class Rotary:
         cos, sin = self.module(like, positions[None, :])
         return RopeTable(cos[:, None], sin[:, None])
 
+    def long_range_mask(self, reach: int, device) -> torch.Tensor | None:
+        """(headdim,) 1.0 on the dimensions whose rotation over reach tokens stays under one radian, 0.0 on
+        the others; None when the module has no inv_freq.
+
+        Over long distances the fast-rotating pairs of a query and a key meet at pseudo-random angles,
+        so the model's long-range attention is carried by the slow pairs; a retrieval score on the slow
+        pairs alone estimates what the query will attend to from afar. Pairs are (j, j + headdim / 2).
+        """
+        inv_freq = getattr(self.module, "inv_freq", None)
+        if inv_freq is None:
+            return None
+        slow = (inv_freq.float() * reach < 1.0).float()
+        return torch.cat([slow, slow]).to(device)
+
     def unrotate_identity(self, x: torch.Tensor) -> torch.Tensor:
         """Undo what the model's forward did with position 0: x * attention_scaling (exact when 1)."""
         return x if self.scaling == 1.0 else x / self.scaling

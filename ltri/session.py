@@ -93,6 +93,9 @@ class Session:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.rotary = Rotary(self.model.get_decoder().rotary_emb)
+        self._retrieval_mask = None
+        if config.memory.policy == "ltri" and config.retrieval.query_dims == "long_range":
+            self._retrieval_mask = self.rotary.long_range_mask(config.memory.n_window, self.device)
         self.system = system
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, system)
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
@@ -361,7 +364,7 @@ class Session:
         """One forward over chunk (q_len,) token ids; returns logits (q_len or 1, vocab) in float32."""
         start = self.cache.tokens_seen
         positions = torch.arange(start, start + chunk.numel(), device=self.device)
-        step = StepContext(self.cache, self.rotary, self.config.position_mode, positions)
+        step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_mask)
         output = self.model(
             input_ids=chunk[None, :],
             position_ids=torch.zeros_like(chunk)[None, :],  # pre-RoPE q/k: ltri rotates them itself

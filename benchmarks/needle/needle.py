@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ltri import LtriConfig, LtriError, MemoryConfig, RetrievalConfig, Session, load_model
+from ltri import LtriConfig, LtriError, MemoryConfig, RetrievalConfig, Session, SpanConfig, load_model
 from ltri.config import MEMORY_POLICIES
 from ltri.filler import filler_text
 from ltri.span_memory import SpanMemory
@@ -55,7 +55,19 @@ OOM_FIELDS = {
     "needle_recall": None,
 }
 # Run settings that change what a cell measures: a run resuming in a directory must keep them.
-CELL_SETTINGS = ("haystack", "model", "device", "dtype", "max_new_tokens", "budget", "window", "sink", "chunk_size")
+CELL_SETTINGS = (
+    "haystack",
+    "model",
+    "device",
+    "dtype",
+    "max_new_tokens",
+    "budget",
+    "window",
+    "sink",
+    "chunk_size",
+    "index_vectors",
+    "query_dims",
+)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -76,6 +88,8 @@ class NeedleRun:
     window: int = MemoryConfig().n_window
     sink: int = MemoryConfig().n_sink
     chunk_size: int = LtriConfig().chunk_size
+    index_vectors: str = SpanConfig().index_vectors
+    query_dims: str = RetrievalConfig().query_dims
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -91,7 +105,8 @@ class NeedleRun:
     def ltri_config(self, method: str) -> LtriConfig:
         return LtriConfig(
             memory=MemoryConfig(policy=method, n_sink=self.sink, n_window=self.window),
-            retrieval=RetrievalConfig(budget=self.budget),
+            spans=SpanConfig(index_vectors=self.index_vectors),
+            retrieval=RetrievalConfig(budget=self.budget, query_dims=self.query_dims),
             chunk_size=self.chunk_size,
             device=self.device,
             dtype=self.dtype,
@@ -616,6 +631,8 @@ def parse_args(argv: Sequence[str]) -> NeedleRun:
     parser.add_argument("--window", type=int, default=MemoryConfig().n_window, help="local window tokens")
     parser.add_argument("--sink", type=int, default=MemoryConfig().n_sink, help="attention-sink tokens")
     parser.add_argument("--chunk-size", type=int, default=LtriConfig().chunk_size)
+    parser.add_argument("--index-vectors", default=SpanConfig().index_vectors, help="keys or bounds")
+    parser.add_argument("--query-dims", default=RetrievalConfig().query_dims, help="all or long_range")
     args = parser.parse_args(argv)
     if args.haystack is not None and not any(args.haystack.glob("*.txt")):
         parser.error(f"--haystack {args.haystack} is not a directory with .txt files")
@@ -634,6 +651,8 @@ def parse_args(argv: Sequence[str]) -> NeedleRun:
             window=args.window,
             sink=args.sink,
             chunk_size=args.chunk_size,
+            index_vectors=args.index_vectors,
+            query_dims=args.query_dims,
         )
         for method in run.methods:
             run.ltri_config(method)  # its invariants: budget, window, sinks
