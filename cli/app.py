@@ -40,21 +40,26 @@ class ReadingOptions:
         str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file (default: SmolLM2).")
     ] = None
     policy: Annotated[
-        str | None, typer.Option("--policy", help=f"Memory policy: ltri, full or streaming [{_MEMORY.policy}].")
+        str | None,
+        typer.Option("--policy", help=f"Memory policy: ltri, full or streaming (default: {_MEMORY.policy})."),
     ] = None
     sink: Annotated[
-        int | None, typer.Option("--sink", help=f"Attention-sink tokens kept from the start [{_MEMORY.n_sink}].")
+        int | None,
+        typer.Option("--sink", help=f"Attention-sink tokens kept from the start (default: {_MEMORY.n_sink})."),
     ] = None
-    window: Annotated[int | None, typer.Option("--window", help=f"Most recent tokens kept [{_MEMORY.n_window}].")] = (
-        None
-    )
+    window: Annotated[
+        int | None, typer.Option("--window", help=f"Most recent tokens kept (default: {_MEMORY.n_window}).")
+    ] = None
     budget: Annotated[
         int | None,
-        typer.Option("--budget", help=f"Retrieved tokens per layer and step (ltri policy) [{_RETRIEVAL.budget}]."),
+        typer.Option("--budget", help=f"Retrieved tokens per layer and step (default: {_RETRIEVAL.budget})."),
     ] = None
-    chunk: Annotated[int | None, typer.Option("--chunk", help=f"Tokens per prefill step [{_LTRI.chunk_size}].")] = None
+    chunk: Annotated[
+        int | None, typer.Option("--chunk", help=f"Tokens per prefill step (default: {_LTRI.chunk_size}).")
+    ] = None
     positions: Annotated[
-        str | None, typer.Option("--positions", help=f"compact, one_angle or true [{_LTRI.position_mode}].")
+        str | None,
+        typer.Option("--positions", help=f"compact, one_angle or true (default: {_LTRI.position_mode})."),
     ] = None
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")] = (
         None
