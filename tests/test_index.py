@@ -13,9 +13,9 @@ from ltri.index import (
     index_class,
     index_from_state,
     make_index,
-    quest_bound_vectors,
-    quest_query,
 )
+from ltri.span_vectors import bound_query, key_bounds
+from ltri.spans import Segmentation
 
 BACKENDS = ["torch", "faiss"]
 NHEADS_KV, DIM = 3, 16
@@ -176,6 +176,12 @@ def test_bad_shapes_are_rejected(backend):
         index.search(torch.randn(NHEADS_KV + 1, 1, DIM), 2)
 
 
+def quest_bound_vectors(keys: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The span memory's Quest vectors for spans [starts, ends) that tile keys (nheads_kv, seqlen, headdim)."""
+    zeros = torch.zeros(starts.numel())
+    return key_bounds(keys, Segmentation(starts, ends, zeros, zeros.bool()))
+
+
 def random_spans(seqlen: int, n_spans: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     cuts = torch.randperm(seqlen - 1, generator=generator)[: n_spans - 1].add(1).sort().values
     starts = torch.cat([torch.tensor([0]), cuts])
@@ -192,7 +198,7 @@ def test_quest_bound_never_underestimates_a_span(backend):
     index = make_index(backend, nheads_kv, 2 * headdim, "cpu")
     index.add(quest_bound_vectors(keys, starts, ends), torch.arange(n_spans))
     queries = torch.randn(nheads_kv, 6, headdim, generator=generator)
-    bound_scores, bound_ids = index.search(quest_query(queries), n_spans)
+    bound_scores, bound_ids = index.search(bound_query(queries), n_spans)
     true_scores = torch.matmul(queries, keys.transpose(1, 2))  # (nheads_kv, n_queries, seqlen)
     span_of_token = torch.repeat_interleave(torch.arange(n_spans), ends - starts)
     true_max = true_scores.new_full((nheads_kv, 6, n_spans), float("-inf"))
@@ -210,10 +216,10 @@ def test_quest_bound_is_the_elementwise_max_and_tight_for_single_keys():
     torch.testing.assert_close(bounds[:, 2, :8], keys[:, 4:10].amax(dim=1))
     torch.testing.assert_close(bounds[:, 2, 8:], keys[:, 4:10].amin(dim=1))
     query = torch.randn(2, 1, 8, generator=generator)
-    single = torch.matmul(quest_query(query), bounds[:, 1:2].transpose(1, 2))
+    single = torch.matmul(bound_query(query), bounds[:, 1:2].transpose(1, 2))
     torch.testing.assert_close(single, torch.matmul(query, keys[:, 3:4].transpose(1, 2)))
-    with pytest.raises(ValueError):
-        quest_bound_vectors(keys, torch.tensor([2]), torch.tensor([2]))
+    with pytest.raises(ValueError):  # spans that do not cover the keys
+        quest_bound_vectors(keys, torch.tensor([0]), torch.tensor([5]))
 
 
 @pytest.mark.skipif(faiss.get_num_gpus() == 0 or not torch.cuda.is_available(), reason="FAISS sees no GPU")

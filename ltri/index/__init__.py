@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ltri.config import INDEX_BACKENDS
 from ltri.errors import LtriError
 from ltri.index.base import SpanIndex, best_spans
 from ltri.index.faiss_index import FaissSpanIndex
-from ltri.index.quest import quest_bound_vectors, quest_query
 from ltri.index.torch_index import TorchSpanIndex
 
-BACKENDS = ("auto", "torch", "faiss")
-
 __all__ = [
-    "BACKENDS",
     "FaissSpanIndex",
     "SpanIndex",
     "TorchSpanIndex",
@@ -21,15 +18,13 @@ __all__ = [
     "index_class",
     "index_from_state",
     "make_index",
-    "quest_bound_vectors",
-    "quest_query",
 ]
 
 
 def index_class(backend: str, device: torch.device | str) -> type[SpanIndex]:
     """The backend's class; "auto" is torch on CUDA (the layer's own device) and FAISS on the CPU."""
-    if backend not in BACKENDS:
-        raise LtriError(f"Unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend not in INDEX_BACKENDS:
+        raise LtriError(f"Unknown index backend {backend!r}; choose one of {', '.join(INDEX_BACKENDS)}.")
     if backend == "auto":
         backend = "torch" if torch.device(device).type == "cuda" else "faiss"
     return TorchSpanIndex if backend == "torch" else FaissSpanIndex
