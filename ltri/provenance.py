@@ -15,8 +15,22 @@ def git_sha() -> str | None:
     explicit = os.environ.get("GIT_SHA")
     if explicit:
         return explicit
+    found = _git("rev-parse", "HEAD")
+    if found is None:
+        return None
+    return found.strip() or None
+
+
+def git_dirty() -> bool | None:
+    """Whether this checkout has uncommitted changes; None when GIT_SHA is given or git is unusable."""
+    if os.environ.get("GIT_SHA"):
+        return None
+    status = _git("status", "--porcelain")
+    return None if status is None else bool(status.strip())
+
+
+def _git(*args: str) -> str | None:
     try:
-        found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=_ROOT)
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=_ROOT).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return found.stdout.strip() or None

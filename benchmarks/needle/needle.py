@@ -22,10 +22,8 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -38,13 +36,13 @@ import torch
 from ltri import LtriConfig, LtriError, MemoryConfig, RetrievalConfig, Session, SpanConfig, load_model
 from ltri.config import MEMORY_POLICIES
 from ltri.filler import filler_text
+from ltri.provenance import git_dirty, git_sha
 from ltri.span_memory import SpanMemory
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
 ANSWER_TERMS = ("sandwich", "dolores")
 BUNDLED_MODEL = "SmolLM2-135M-Instruct (bundled)"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a cell that ran out of memory records instead of an answer.
 OOM_FIELDS = {
     "response": None,
@@ -424,22 +422,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # ---- the run: config, cells, summary ---------------------------------------------------------------------
-def git_revision() -> tuple[str | None, bool | None]:
-    """(sha, dirty): GIT_SHA from the environment wins (the device's copy of the tree has no .git)."""
-    if os.environ.get("GIT_SHA"):
-        return os.environ["GIT_SHA"], None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-    return sha.stdout.strip(), bool(status.stdout.strip())
-
-
 def environment(device: torch.device, argv: Sequence[str]) -> dict:
     import transformers
 
-    sha, dirty = git_revision()
     return {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
@@ -448,8 +433,8 @@ def environment(device: torch.device, argv: Sequence[str]) -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "git_sha": sha,
-        "git_dirty": dirty,
+        "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
         "command": " ".join([Path(sys.argv[0]).name, *argv]),
     }
 
