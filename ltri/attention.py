@@ -68,8 +68,8 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
     if resident is None:
         keys, values, resident_positions, layout = key, value, step.chunk_positions[:0], Layout()
     else:
-        keys = torch.cat([resident.keys, key], dim=2)
-        values = torch.cat([resident.values, value], dim=2)
+        keys = torch.cat([*resident.key_parts, key], dim=2)
+        values = torch.cat([*resident.value_parts, value], dim=2)
         resident_positions, layout = resident.positions, resident.layout
     table = step.key_table(resident_positions, layout, like=keys)
     rotated_query = table.tail(query.shape[2]).rotate(query)

@@ -18,12 +18,22 @@ from ltri.token_buffer import TokenBuffer
 
 @dataclass(frozen=True)
 class ResidentSet:
-    """The tokens a chunk attends to besides itself, in attention order."""
+    """The tokens a chunk attends to besides itself, in attention order, as pieces (sinks, retrieved
+    spans, window...) that the attention concatenates once, together with the chunk."""
 
-    keys: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
-    values: torch.Tensor  # (batch, nheads_kv, n_resident, headdim)
+    key_parts: tuple[torch.Tensor, ...]  # each (batch, nheads_kv, n_piece, headdim)
+    value_parts: tuple[torch.Tensor, ...]  # each (batch, nheads_kv, n_piece, headdim)
     positions: torch.Tensor  # (n_resident,) positions in the text
     layout: Layout  # which of them are sinks, retrieved and window
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(batch, nheads_kv, n_resident, headdim)"""
+        return torch.cat(self.key_parts, dim=2)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.value_parts, dim=2)
 
 
 class LayerMemory(ABC):
@@ -72,7 +82,7 @@ class BufferedMemory(LayerMemory):
         if self.buffer.length == 0:
             return None
         layout = Layout(n_window=self.buffer.length)
-        return ResidentSet(self.buffer.keys(), self.buffer.values(), self.buffer.positions(), layout)
+        return ResidentSet((self.buffer.keys(),), (self.buffer.values(),), self.buffer.positions(), layout)
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.buffer.append(keys, values, positions)

@@ -47,7 +47,6 @@ class SpanMemory(LayerMemory):
         self.store = store
         self.cache_bytes = cache_bytes
         self.shared = shared
-        self.tokens_seen = 0
         self._device_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # (lengths, token owner) on device
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
@@ -66,13 +65,17 @@ class SpanMemory(LayerMemory):
     def n_spans(self) -> int:
         return self.span_lengths.numel()
 
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens appended so far: each is a sink, in a stored span or in the window."""
+        return self.sinks.length + int(self.span_lengths.sum()) + self.window.length
+
     # ---- LayerMemory -------------------------------------------------------------------------
     def wants_chunk_attention(self, q_len: int) -> bool:
         return q_len >= self.span_config.min_len
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
-        self.tokens_seen += keys.shape[2]
         n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
         if n_sink > 0:
             self.sinks.append(keys[:, :, :n_sink], values[:, :, :n_sink], positions[:n_sink])
@@ -110,7 +113,7 @@ class SpanMemory(LayerMemory):
         if not keys:
             return None
         layout = Layout(self.sinks.length, n_retrieved, self.window.length)
-        return ResidentSet(torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(positions), layout)
+        return ResidentSet(tuple(keys), tuple(values), torch.cat(positions), layout)
 
     def resident_tokens(self) -> int:
         return self.sinks.length + int(self.span_lengths[self.last_retrieved].sum()) + self.window.length
@@ -231,7 +234,6 @@ class SpanMemory(LayerMemory):
             "span_lengths": self.span_lengths,
             "index": None if self.index is None else self.index.state(),
             "persistence": self.persistence.state(),
-            "tokens_seen": self.tokens_seen,
             # The layers share one SharedVotes: the first layer saves and restores it for all.
             "shared": self.shared.state() if self.shared is not None and self.layer == 0 else None,
             "kv_shape": self.kv_shape,
@@ -245,7 +247,6 @@ class SpanMemory(LayerMemory):
         self.pending.load_state(state["pending"], device)
         self.span_starts, self.span_lengths = state["span_starts"], state["span_lengths"]
         self.persistence.load_state(state["persistence"], device)
-        self.tokens_seen = int(state["tokens_seen"])
         if state["shared"] is not None and self.shared is not None:
             self.shared.load_state(state["shared"], device)
         self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])
