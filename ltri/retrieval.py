@@ -39,13 +39,14 @@ def pool_votes(scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale
     """
     found = span_ids >= 0
     weights = torch.where(found, scores.float() * scale, float("-inf")).softmax(dim=-1)
-    weights = torch.nan_to_num(weights, nan=0.0)  # a head that found nothing
-    n_heads = scores.shape[0] * scores.shape[1]
-    votes = torch.zeros(n_spans, dtype=torch.float32, device=scores.device)
-    votes.index_add_(0, span_ids[found], weights[found] / n_heads)
-    seen = torch.zeros(n_spans, dtype=torch.bool, device=scores.device)
-    seen[span_ids[found]] = True
-    return votes.masked_fill(~seen, float("-inf"))
+    weights = torch.nan_to_num(weights, nan=0.0)  # a query that found nothing
+    n_queries = scores.shape[0] * scores.shape[1]
+    # Spans not found go to one extra slot, dropped at the end: no boolean indexing, no device sync.
+    slots = torch.where(found, span_ids, n_spans).flatten()
+    votes = torch.zeros(n_spans + 1, dtype=torch.float32, device=scores.device)
+    votes.index_add_(0, slots, weights.flatten() / n_queries)
+    hits = torch.zeros_like(votes).index_add_(0, slots, found.flatten().float())
+    return votes[:n_spans].masked_fill(hits[:n_spans] == 0, float("-inf"))
 
 
 def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
@@ -54,8 +55,7 @@ def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> tor
     votes (n_spans,) with -inf for spans not found; lengths (n_spans,) int64 on the same device.
     """
     order = torch.argsort(votes, descending=True, stable=True)
-    order = order[torch.isfinite(votes[order])]
-    fits = torch.cumsum(lengths[order], dim=0) <= budget
+    fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
     return torch.sort(order[fits]).values
 
 
