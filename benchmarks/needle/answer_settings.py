@@ -1,0 +1,88 @@
+"""Answer-time retrieval settings on one stored needle context: read once, then reopen and ask with each.
+
+    python3 benchmarks/needle/answer_settings.py --length 12k --depth 50 --haystack DIR_OF_TXT \
+        --settings '[{}, {"budget": 4096}, {"collaboration": 0}]' --out results.json
+
+The context is built as in needle.py (same needle, question, scoring and needle recall). It is fed
+once with the default config into a store; every setting (RetrievalConfig fields, plus
+"position_mode") reopens that store and asks. Only what happens after reading changes between rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ltri import LtriConfig, RetrievalConfig, Session, load_model
+from ltri.provenance import git_sha
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("needle_harness", Path(__file__).with_name("needle.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def config_for(setting: dict) -> LtriConfig:
+    setting = dict(setting)
+    position_mode = setting.pop("position_mode", LtriConfig().position_mode)
+    return dataclasses.replace(LtriConfig(), position_mode=position_mode, retrieval=RetrievalConfig(**setting))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", default="12k")
+    parser.add_argument("--depth", type=float, default=50.0)
+    parser.add_argument("--haystack", type=Path, default=None, help="directory of .txt files (default: filler)")
+    parser.add_argument("--settings", default="[{}]", help="JSON list of RetrievalConfig overrides")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    needle = load_harness()
+    (length,) = needle.parse_lengths(args.length)
+    model, tokenizer = load_model(None, device=args.device)
+    haystack = needle.make_haystack(tokenizer, args.haystack, length + 256)
+    context = needle.build_context(tokenizer, haystack, length, args.depth)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        store = Path(scratch) / "store"
+        with Session(model, LtriConfig(device=args.device), tokenizer=tokenizer, store=store) as reader:
+            started = time.perf_counter()
+            reader.feed(context.text)
+            feed_seconds = time.perf_counter() - started
+            reader.save()
+        for setting in json.loads(args.settings):
+            with Session.open(store, model=model, tokenizer=tokenizer, config=config_for(setting)) as session:
+                _, offsets = needle.fed_token_ids(tokenizer, session.chat_format, context.text)
+                start, end = needle.needle_token_range(offsets, context.needle_chars)
+                with needle.watch_needle(start, end) as coverage:
+                    response = session.ask(needle.QUESTION, max_new_tokens=args.max_new_tokens)
+                row = {"setting": setting, "score": needle.score(response), "response": response}
+                row |= needle.recall_fields(session, coverage)
+            rows.append(row)
+            print(
+                f"{json.dumps(setting):60s} score {row['score']}  recall {row['needle_recall']:.2f}  {response[:70]!r}"
+            )
+    result = {
+        "context_length": context.n_tokens,
+        "depth_percent": args.depth,
+        "haystack": str(args.haystack) if args.haystack else "filler",
+        "feed_seconds": feed_seconds,
+        "env": {"git_sha": git_sha(), "device": str(model.device), "command": " ".join(sys.argv)},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
