@@ -50,9 +50,10 @@ def main() -> None:
         seconds = time.perf_counter() - started
     stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
     rows = []
-    for (_, _, name), (calls, _, _, cumulative, _) in stats.items():
-        function = name.strip("<>").split()[-1]
-        if function in WATCHED:
+    for (file, _, name), (calls, _, _, cumulative, _) in stats.items():
+        function = name.strip("<>").split()[-1].split(".")[-1]  # "<built-in method torch._C._nn.linear>" -> linear
+        ours = file == "~" or Path(file).name in ("span_memory.py", "attention.py")
+        if ours and function in WATCHED:
             rows.append({"function": function, "what": WATCHED[function], "calls": calls, "seconds": cumulative})
     rows.sort(key=lambda row: -row["seconds"])
     for row in rows:
