@@ -9,6 +9,8 @@ from ltri.errors import LtriError
 MEMORY_POLICIES = ("ltri", "full", "streaming")
 POSITION_MODES = ("compact", "one_angle", "true")
 INDEX_VECTORS = ("keys", "bounds")
+SEGMENTATIONS = ("triangles", "fixed")
+SELECTORS = ("none", "loki", "sparq")
 INDEX_BACKENDS = ("auto", "torch", "faiss")
 QUERY_DIMS = ("all", "long_range")
 
@@ -42,6 +44,8 @@ class MemoryConfig:
 class SpanConfig:
     """How tokens leaving the local window are cut into spans and indexed (the ``ltri`` policy).
 
+    segmentation: ``triangles`` cuts each fresh chunk where its own attention forms local triangles
+        (Ltri-LLM); ``fixed`` cuts blocks of exactly max_len tokens (InfLLM's blocks, Quest's pages).
     min_len, max_len: span length bounds in tokens.
     theta: triangle threshold of the segmentation; None picks the default rule of ``ltri.spans``.
     nms_iou: overlap allowed between candidate spans kept by non-maximum suppression (0: none).
@@ -49,6 +53,7 @@ class SpanConfig:
         confident spans); ``bounds`` by Quest's element-wise [kmax, kmin] (never under-estimates).
     """
 
+    segmentation: str = "triangles"
     min_len: int = 8
     max_len: int = 128
     theta: float | None = None
@@ -62,6 +67,8 @@ class SpanConfig:
             raise LtriError(
                 f"Span lengths need 1 <= min_len and max_len >= 2 * min_len - 1, got {self.min_len} and {self.max_len}."
             )
+        if self.segmentation not in SEGMENTATIONS:
+            raise LtriError(f"Unknown segmentation {self.segmentation!r}: choose one of {', '.join(SEGMENTATIONS)}.")
         if not 0 <= self.nms_iou < 1:
             raise LtriError(f"nms_iou must be in [0, 1), got {self.nms_iou}.")
         if self.index_vectors not in INDEX_VECTORS:
@@ -87,6 +94,11 @@ class RetrievalConfig:
         the slowly rotating RoPE pairs (under one radian over n_window tokens), which carry the model's
         attention over long distances.
     cache_mb: device memory for recently used span payloads, all layers together.
+    selector: how a decode step narrows the retrieved tokens before attending: ``none`` attends to all
+        of them; ``loki`` keeps the select_tokens best per KV head by low-rank scores in the principal
+        directions of the document's keys; ``sparq`` by scores on the select_rank largest query components.
+    select_tokens: retrieved tokens each KV head keeps at a decode step (loki, sparq).
+    select_rank: dimensions the loki and sparq scores use.
     """
 
     budget: int = 2048
@@ -97,6 +109,9 @@ class RetrievalConfig:
     collaboration: float = 1.0
     query_dims: str = "all"
     cache_mb: int = 512
+    selector: str = "none"
+    select_tokens: int = 1024
+    select_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.budget < 0:
@@ -115,6 +130,12 @@ class RetrievalConfig:
             raise LtriError(f"collaboration must be 0 or more, got {self.collaboration}.")
         if self.cache_mb < 0:
             raise LtriError(f"cache_mb must be 0 or more, got {self.cache_mb}.")
+        if self.selector not in SELECTORS:
+            raise LtriError(f"Unknown selector {self.selector!r}: choose one of {', '.join(SELECTORS)}.")
+        if self.select_tokens < 1:
+            raise LtriError(f"select_tokens must be at least 1, got {self.select_tokens}.")
+        if self.select_rank < 1:
+            raise LtriError(f"select_rank must be at least 1, got {self.select_rank}.")
 
 
 @dataclass(frozen=True)

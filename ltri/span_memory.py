@@ -72,7 +72,9 @@ class SpanMemory(LayerMemory):
 
     # ---- LayerMemory -------------------------------------------------------------------------
     def wants_chunk_attention(self, q_len: int) -> bool:
-        return q_len >= self.span_config.min_len
+        config = self.span_config
+        reads_attention = config.segmentation == "triangles" or config.index_vectors == "keys"
+        return reads_attention and q_len >= config.min_len
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
@@ -126,7 +128,10 @@ class SpanMemory(LayerMemory):
     def _segment(self, keys: torch.Tensor, attention: torch.Tensor) -> None:
         """Cut a fresh chunk into pending spans. keys (nheads_kv, n, headdim), attention (nheads_kv, n, n)."""
         config = self.span_config
-        segmentation = segment(attention.mean(dim=0), config.theta, config.min_len, config.max_len, config.nms_iou)
+        if config.segmentation == "fixed":
+            segmentation = fixed_segmentation(keys.shape[1], config.max_len, keys.device)
+        else:
+            segmentation = segment(attention.mean(dim=0), config.theta, config.min_len, config.max_len, config.nms_iou)
         if config.index_vectors == "bounds":
             vectors = key_bounds(keys, segmentation)
             owner = torch.arange(vectors.shape[1])
@@ -141,7 +146,8 @@ class SpanMemory(LayerMemory):
         if n == 0:
             return
         keys = self.window.keys()[0, :, -n:]
-        segmentation = even_segmentation(n, self.span_config.max_len, keys.device)
+        cut = fixed_segmentation if self.span_config.segmentation == "fixed" else even_segmentation
+        segmentation = cut(n, self.span_config.max_len, keys.device)
         if self.span_config.index_vectors == "bounds":
             vectors = key_bounds(keys, segmentation)
         else:
@@ -262,6 +268,13 @@ def even_segmentation(n: int, max_len: int, device) -> Segmentation:
     bounds = torch.div(torch.arange(n_spans + 1, device=device) * n, n_spans, rounding_mode="floor")
     zeros = torch.zeros(n_spans, device=device)
     return Segmentation(bounds[:-1], bounds[1:], zeros, zeros.bool())
+
+
+def fixed_segmentation(n: int, length: int, device) -> Segmentation:
+    """n tokens cut into blocks of exactly length tokens, the last one shorter when length does not divide n."""
+    starts = torch.arange(0, n, length, device=device)
+    zeros = torch.zeros(starts.numel(), device=device)
+    return Segmentation(starts, torch.clamp(starts + length, max=n), zeros, zeros.bool())
 
 
 def span_means(keys: torch.Tensor, segmentation: Segmentation) -> torch.Tensor:

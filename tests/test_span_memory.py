@@ -13,10 +13,12 @@ from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
 SMALL_SPANS = SpanConfig(min_len=4, max_len=24)
 
 
-def ltri_config(position_mode="true", budget=10**6, search_k=10**6, index_vectors="keys", backend="auto", **kw):
+def ltri_config(
+    position_mode="true", budget=10**6, search_k=10**6, index_vectors="keys", backend="auto", segmentation="triangles", **kw
+):
     return LtriConfig(
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
-        spans=SpanConfig(min_len=4, max_len=24, index_vectors=index_vectors),
+        spans=SpanConfig(min_len=4, max_len=24, index_vectors=index_vectors, segmentation=segmentation),
         retrieval=RetrievalConfig(budget=budget, search_k=search_k, backend=backend),
         position_mode=position_mode,
         **kw,
@@ -42,6 +44,21 @@ def test_retrieving_everything_reproduces_full_attention(device, index_vectors, 
         stats = session.stats()
     assert stats.spans > 3 * 10, "the text must have left the window as spans in every layer"
     assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("index_vectors", ["keys", "bounds"])
+def test_fixed_blocks_are_exact_and_of_the_block_length(index_vectors):
+    """InfLLM's blocks and Quest's pages: the same memory with fixed-length spans."""
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = full_logits(model, ids, 48)
+    config = ltri_config(index_vectors=index_vectors, segmentation="fixed", chunk_size=48)
+    with Session(model, config, tokenizer=byte_tokenizer()) as session:
+        got = session.prefill(ids, all_logits=True)
+        lengths = torch.cat([memory.span_lengths for memory in session.cache.memories()])
+    assert (got - expected).abs().max().item() < 1e-4
+    assert lengths.numel() > 3 * 10 and lengths.max().item() == 24
+    assert (lengths == 24).float().mean().item() >= 0.5, "blocks are cut at the block length (a chunk's tail aside)"
 
 
 def test_decode_steps_after_prefill_reproduce_full_attention():
