@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import Layout, RopeTable, key_positions
 
 if TYPE_CHECKING:
@@ -75,7 +76,10 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
     rotated_query = table.tail(query.shape[2]).rotate(query)
     rotated_keys = table.rotate(keys)
     n_resident = resident_positions.numel()
-    output = causal_chunk_attention(rotated_query, rotated_keys, values, n_resident=n_resident, scaling=scaling)
+    if query.shape[2] == 1:
+        output = decode_attention(rotated_query, rotated_keys, values, scaling)
+    else:
+        output = causal_chunk_attention(rotated_query, rotated_keys, values, n_resident=n_resident, scaling=scaling)
     chunk_attention = None
     if memory.wants_chunk_attention(query.shape[2]):
         chunk_attention = chunk_self_attention(rotated_query, rotated_keys[:, :, n_resident:], scaling)
@@ -97,6 +101,13 @@ def causal_chunk_attention(query, keys, values, n_resident: int, scaling: float 
         mask = key_index[None, :] <= query_index[:, None]  # (q_len, n_keys)
     enable_gqa = query.shape[1] != keys.shape[1]
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
+
+
+def decode_attention(query, keys, values, scaling: float | None) -> torch.Tensor:
+    """One query position over every key by the sparse attention kernel (Triton on CUDA, its torch reference
+    elsewhere): query (1, nheads, 1, headdim), keys, values (1, nheads_kv, n_keys, headdim) -> like query."""
+    output, _ = sparse_attention(query[0], keys[0], values[0], scale=scaling)
+    return output[None]
 
 
 def chunk_self_attention(query, chunk_keys, scaling: float | None) -> torch.Tensor:

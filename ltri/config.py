@@ -163,6 +163,11 @@ class LtriConfig:
             raise LtriError(f"chunk_size must be at least 1 token, got {self.chunk_size}.")
         if self.position_mode not in POSITION_MODES:
             raise LtriError(f"Unknown position mode {self.position_mode!r}: choose one of {', '.join(POSITION_MODES)}.")
+        if self.retrieval.selector != "none" and self.position_mode == "true":
+            raise LtriError(
+                "Token selection (selector loki or sparq) needs compact or one_angle positions: each KV head keeps "
+                "other tokens, which true positions would rotate differently."
+            )
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise LtriError(f"Unknown dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
 

@@ -28,6 +28,7 @@ from ltri.shared_votes import SharedVotes
 from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
 from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
+from ltri.token_selection import TokenSelector, fit_basis
 
 
 class SpanMemory(LayerMemory):
@@ -58,6 +59,7 @@ class SpanMemory(LayerMemory):
         self.cache: SpanCache | None = None
         self.persistence = Persistence(retrieval.persistence)
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
+        self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
 
@@ -100,6 +102,8 @@ class SpanMemory(LayerMemory):
     def resident(self, queries: torch.Tensor) -> ResidentSet | None:
         parts = [self.sinks] if self.sinks.length else []
         retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
+        if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
+            retrieved = self._select(queries, *retrieved)
         n_retrieved = 0 if retrieved is None else retrieved[2].numel()
         keys = [buffer.keys() for buffer in parts]
         values = [buffer.values() for buffer in parts]
@@ -123,6 +127,27 @@ class SpanMemory(LayerMemory):
     def nbytes(self) -> int:
         cached = 0 if self.cache is None else self.cache.nbytes()
         return self.sinks.nbytes() + self.window.nbytes() + cached
+
+    # ---- token selection ---------------------------------------------------------------------
+    def token_selector(self) -> TokenSelector:
+        config = self.retrieval_config
+        if config.selector == "loki" and self.basis is None:  # a store saved before bases were kept
+            self.basis = fit_basis(self._resident_keys())
+        return TokenSelector(config.selector, config.select_tokens, config.select_rank, self.basis)
+
+    def _resident_keys(self) -> list[torch.Tensor]:
+        return [buffer.keys() for buffer in (self.sinks, self.window) if buffer.length]
+
+    def _select(self, queries, keys, values, positions):
+        """Each KV head's select_tokens best retrieved tokens for a decode step (``ltri.token_selection``).
+
+        The positions returned are KV head 0's: the position modes that allow a selector (compact,
+        one_angle) place the retrieved tokens by the layout alone.
+        """
+        keys, values, indices = self.token_selector().select(queries, keys, values)
+        if indices is not None:
+            positions = positions[indices[0]]
+        return keys, values, positions
 
     # ---- segmentation ------------------------------------------------------------------------
     def _segment(self, keys: torch.Tensor, attention: torch.Tensor) -> None:
@@ -180,6 +205,8 @@ class SpanMemory(LayerMemory):
         self.window.keep(0, self.window.length - n_tokens)
 
     def _ensure_index_and_cache(self, vectors: torch.Tensor, device) -> None:
+        if self.basis is None:
+            self.basis = fit_basis(self._resident_keys()).to(device)
         if self.index is None:
             nheads_kv, _, dim = vectors.shape
             self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device)
@@ -240,6 +267,7 @@ class SpanMemory(LayerMemory):
             "span_lengths": self.span_lengths,
             "index": None if self.index is None else self.index.state(),
             "persistence": self.persistence.state(),
+            "basis": None if self.basis is None else self.basis.cpu(),
             # The layers share one SharedVotes: the first layer saves and restores it for all.
             "shared": self.shared.state() if self.shared is not None and self.layer == 0 else None,
             "kv_shape": self.kv_shape,
@@ -253,6 +281,8 @@ class SpanMemory(LayerMemory):
         self.pending.load_state(state["pending"], device)
         self.span_starts, self.span_lengths = state["span_starts"], state["span_lengths"]
         self.persistence.load_state(state["persistence"], device)
+        basis = state.get("basis")  # absent in stores saved before Loki's basis was kept
+        self.basis = None if basis is None else basis.to(device)
         if state["shared"] is not None and self.shared is not None:
             self.shared.load_state(state["shared"], device)
         self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])

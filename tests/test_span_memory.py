@@ -14,7 +14,13 @@ SMALL_SPANS = SpanConfig(min_len=4, max_len=24)
 
 
 def ltri_config(
-    position_mode="true", budget=10**6, search_k=10**6, index_vectors="keys", backend="auto", segmentation="triangles", **kw
+    position_mode="true",
+    budget=10**6,
+    search_k=10**6,
+    index_vectors="keys",
+    backend="auto",
+    segmentation="triangles",
+    **kw,
 ):
     return LtriConfig(
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
