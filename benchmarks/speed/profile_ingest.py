@@ -1,9 +1,13 @@
 """Where an ltri ingest spends its time: cProfile of Session.feed with the bundled model, by function.
 
     python3 benchmarks/speed/profile_ingest.py --sentences 400 --out benchmarks/speed/results/profile_ingest_cpu.json
+    python3 benchmarks/speed/profile_ingest.py --device cuda --dtype bfloat16 --sentences 3000 \
+        --out benchmarks/speed/results/profile_ingest_h100.json
 
 A first feed fills the window (so spans are stored and retrieved), then the second feed is profiled.
-Rows: the functions that matter for the span memory, with their cumulative seconds and share of the feed.
+Rows: the functions that matter for the span memory, with their cumulative seconds and share of the feed;
+"self" rows: the functions with the most time of their own (on CUDA, the ones that wait for the device,
+such as .item(), .tolist() and .cpu(), show up here).
 """
 
 from __future__ import annotations
@@ -36,11 +40,15 @@ WATCHED = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sentences", type=int, default=400)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--chunk-size", type=int, default=LtriConfig().chunk_size)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    model, tokenizer = load_model(None, device="cpu", dtype="float32")
+    model, tokenizer = load_model(None, device=args.device, dtype=args.dtype)
     text = filler_text(args.sentences, seed=5)
-    with Session(model, LtriConfig(), tokenizer=tokenizer) as session:
+    config = LtriConfig(chunk_size=args.chunk_size, device=args.device, dtype=args.dtype)
+    with Session(model, config, tokenizer=tokenizer) as session:
         session.feed(text[: len(text) // 3])
         profile = cProfile.Profile()
         started = time.perf_counter()
@@ -59,13 +67,28 @@ def main() -> None:
     for row in rows:
         row["share"] = row["seconds"] / seconds
         print(f"{row['what']:50s} {row['seconds']:7.2f} s  {100 * row['share']:5.1f}%")
+    self_rows = sorted(stats.items(), key=lambda item: -item[1][2])[:30]
+    self_rows = [
+        {"function": f"{Path(file).name}:{line}:{name}", "calls": calls, "self_seconds": own}
+        for (file, line, name), (calls, _, own, _, _) in self_rows
+    ]
+    for row in self_rows[:15]:
+        print(f"self {row['function'][:70]:70s} {row['self_seconds']:7.2f} s  {row['calls']} calls")
     print(f"feed: {n_tokens} tokens in {seconds:.1f} s = {n_tokens / seconds:.0f} tok/s (profiled)")
     result = {
-        "env": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "git_sha": git_sha()},
+        "env": {
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "git_sha": git_sha(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "dtype": args.dtype,
+            "chunk_size": args.chunk_size,
+        },
         "command": " ".join(sys.argv),
         "tokens": n_tokens,
         "seconds": seconds,
         "rows": rows,
+        "self": self_rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
