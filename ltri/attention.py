@@ -22,10 +22,44 @@ from ltri.positions import Layout, RopeTable, key_positions
 
 if TYPE_CHECKING:
     from ltri.cache import LtriCache
+    from ltri.config import LtriConfig
     from ltri.positions import Rotary
 
 ATTENTION_NAME = "ltri"
 STEP_KWARG = "ltri_step"
+
+
+@dataclass(frozen=True)
+class RetrievalFrame:
+    """How a pre-RoPE query is turned before it scores stored spans (whose index vectors are pre-RoPE keys).
+
+    mask: (headdim,) keeps only some dimensions (``query_dims="long_range"``); rotation: RoPE by
+    ``score_distance`` tokens, so that q.k is the logit the query would give the key from that far
+    (retrieved tokens sit about a window away), not from distance 0, where the fast-rotating pairs,
+    which carry mostly positional attention, all line up.
+    """
+
+    mask: torch.Tensor | None = None
+    rotation: RopeTable | None = None  # one position, broadcasting over (batch, nheads, q_len, headdim)
+
+    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            query = query * self.mask
+        return query if self.rotation is None else self.rotation.rotate(query)
+
+    @staticmethod
+    def for_config(config: LtriConfig, rotary: Rotary, device, dtype) -> RetrievalFrame | None:
+        retrieval = config.retrieval
+        if config.memory.policy != "ltri" or (retrieval.query_dims == "all" and retrieval.score_distance == 0):
+            return None
+        mask = None
+        if retrieval.query_dims == "long_range":
+            mask = rotary.long_range_mask(config.memory.n_window, device)
+        rotation = None
+        if retrieval.score_distance:
+            like = torch.empty(0, device=device, dtype=dtype)
+            rotation = rotary.table(torch.tensor([retrieval.score_distance], device=device), like)
+        return RetrievalFrame(mask, rotation)
 
 
 @dataclass(frozen=True)
@@ -36,7 +70,7 @@ class StepContext:
     rotary: Rotary
     position_mode: str
     chunk_positions: torch.Tensor  # (q_len,) positions of the chunk's tokens in the text
-    retrieval_mask: torch.Tensor | None = None  # (headdim,) query dimensions retrieval scores with; None: all
+    retrieval_frame: RetrievalFrame | None = None  # how queries are turned before they ask for spans; None: as is
     # Outside ``true`` mode the RoPE table depends only on the layout: layers with the same one share it.
     shared_tables: dict[Layout, RopeTable] = field(default_factory=dict, compare=False)
 
@@ -65,7 +99,7 @@ def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, sca
     memory = step.cache.memory(layer_idx)
     query = step.rotary.unrotate_identity(query)
     key = step.rotary.unrotate_identity(key)
-    resident = memory.resident(query if step.retrieval_mask is None else query * step.retrieval_mask)
+    resident = memory.resident(query if step.retrieval_frame is None else step.retrieval_frame(query))
     if resident is None:
         keys, values, resident_positions, layout = key, value, step.chunk_positions[:0], Layout()
     else:

@@ -93,6 +93,8 @@ class RetrievalConfig:
     query_dims: ``all`` scores spans with every query dimension (pre-RoPE q.k); ``long_range`` only with
         the slowly rotating RoPE pairs (under one radian over n_window tokens), which carry the model's
         attention over long distances.
+    score_distance: the query-key distance, in tokens, at which retrieval scores q.k: the query is
+        RoPE-rotated by it before it asks the index of pre-RoPE keys (0: no rotation, q.k at distance 0).
     cache_mb: device memory for recently used span payloads, all layers together.
     selector: how a decode step narrows the retrieved tokens before attending: ``none`` attends to all
         of them; ``loki`` keeps the select_tokens best per KV head by low-rank scores in the principal
@@ -108,6 +110,7 @@ class RetrievalConfig:
     persistence: float = 0.8
     collaboration: float = 1.0
     query_dims: str = "all"
+    score_distance: int = 0
     cache_mb: int = 512
     selector: str = "none"
     select_tokens: int = 1024
@@ -126,6 +129,8 @@ class RetrievalConfig:
             raise LtriError(f"persistence must be in [0, 1), got {self.persistence}.")
         if self.query_dims not in QUERY_DIMS:
             raise LtriError(f"Unknown query_dims {self.query_dims!r}: choose one of {', '.join(QUERY_DIMS)}.")
+        if self.score_distance < 0:
+            raise LtriError(f"score_distance must be 0 or more tokens, got {self.score_distance}.")
         if self.collaboration < 0:
             raise LtriError(f"collaboration must be 0 or more, got {self.collaboration}.")
         if self.cache_mb < 0:

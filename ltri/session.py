@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ltri.attention import ATTENTION_NAME, STEP_KWARG, StepContext, register_attention
+from ltri.attention import ATTENTION_NAME, STEP_KWARG, RetrievalFrame, StepContext, register_attention
 from ltri.cache import LtriCache, cache_argument_name
 from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
@@ -93,9 +93,7 @@ class Session:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.rotary = Rotary(self.model.get_decoder().rotary_emb)
-        self._retrieval_mask = None
-        if config.memory.policy == "ltri" and config.retrieval.query_dims == "long_range":
-            self._retrieval_mask = self.rotary.long_range_mask(config.memory.n_window, self.device)
+        self._retrieval_frame = RetrievalFrame.for_config(config, self.rotary, self.device, self.dtype)
         self.system = system
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, system)
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
@@ -364,7 +362,7 @@ class Session:
         """One forward over chunk (q_len,) token ids; returns logits (q_len or 1, vocab) in float32."""
         start = self.cache.tokens_seen
         positions = torch.arange(start, start + chunk.numel(), device=self.device)
-        step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_mask)
+        step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_frame)
         output = self.model(
             input_ids=chunk[None, :],
             position_ids=torch.zeros_like(chunk)[None, :],  # pre-RoPE q/k: ltri rotates them itself

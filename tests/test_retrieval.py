@@ -56,3 +56,22 @@ def test_one_angle_puts_all_retrieved_tokens_at_one_position():
     assert key_positions("true", resident, chunk, layout).tolist() == [0, 1, 50, 51, 52, 90, 91, 92, 93]
     no_retrieval = Layout(n_sink=2, n_window=5)
     assert key_positions("one_angle", resident, chunk, no_retrieval).tolist() == list(range(9))
+
+
+def test_a_query_turned_by_the_score_distance_scores_keys_as_the_model_would_from_that_far():
+    from support import tiny_llama
+
+    from ltri import LtriConfig, RetrievalConfig
+    from ltri.attention import RetrievalFrame
+    from ltri.positions import Rotary
+
+    model = tiny_llama(seed=1)
+    rotary = Rotary(model.get_decoder().rotary_emb)
+    config = LtriConfig(retrieval=RetrievalConfig(score_distance=300))
+    frame = RetrievalFrame.for_config(config, rotary, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen)
+    at = lambda x, position: rotary.table(torch.tensor([position]), x).rotate(x)  # noqa: E731
+    model_logit = (at(query, 1000) * at(key, 700)).sum()
+    assert abs((frame(query) * key).sum().item() - model_logit.item()) < 1e-4  # float32 RoPE at position 1000
+    assert RetrievalFrame.for_config(LtriConfig(), rotary, "cpu", torch.float32) is None
