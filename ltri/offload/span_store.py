@@ -104,7 +104,7 @@ class SpanStore:
     def _read_to_cuda(
         self, layer: int, span_ids: Sequence[int], shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device
     ) -> list[torch.Tensor]:
-        """Map -> pinned staging (host memcpy) -> GPU with non-blocking copies on a side stream.
+        """Map -> pinned staging (host memcpy) -> GPU with one non-blocking copy on a side stream.
 
         Results are allocated on the side stream and recorded on the current one; the current stream
         waits for the copies, so the tensors are ready for whatever the caller enqueues next.
@@ -118,15 +118,16 @@ class SpanStore:
                 host[offset : offset + size] = self._checked_payload(txn, layer, int(span_id), size)
         current, side = torch.cuda.current_stream(device), self._side_stream(device)
         with torch.cuda.stream(side):
-            results = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
-            for result, size, offset in zip(results, sizes, offsets, strict=True):
-                if size:
-                    result.view(-1).view(torch.uint8).copy_(staging[offset : offset + size], non_blocking=True)
+            block = torch.empty(sum(sizes), dtype=torch.uint8, device=device)  # one copy for every span
+            block.copy_(staging, non_blocking=True)
         self._staging.release(buffer, side)
         current.wait_stream(side)
-        for result in results:
-            result.record_stream(current)
-        return results
+        block.record_stream(current)
+        # Views of the block (offsets are multiples of the element size): it lives while any of them does.
+        return [
+            block[offset : offset + size].view(dtype).view(shape)
+            for shape, size, offset in zip(shapes, sizes, offsets, strict=True)
+        ]
 
     def _checked_payload(self, txn: lmdb.Transaction, layer: int, span_id: int, nbytes: int) -> memoryview:
         key = span_key(layer, span_id)
