@@ -191,20 +191,34 @@ def positive_candidates(scores: TriangleScores, n: int, min_len: int, max_len: i
     return torch.stack([cand_starts.double(), cand_ends.double(), s.flatten()[flat]])
 
 
+NMS_ROUNDS_PER_CHECK = 8  # NMS rounds enqueued between two looks at whether candidates remain (device syncs)
+
+
 def greedy_nms(candidates: Tensor, nms_iou: float) -> tuple[Tensor, Tensor]:
     """Greedy 1-D NMS: the best remaining candidate is kept and every candidate whose IoU with it
     exceeds nms_iou is dropped. candidates: (3, n_cand) rows (start, end, S) -> kept starts, ends
-    (n_kept,) int64, best first. One iteration per kept span (at most n / min_len when nms_iou is 0);
-    of equal scores the first candidate (lower start, then shorter) wins."""
-    kept = []
-    while candidates.shape[1]:
-        best = candidates[:, torch.argmax(candidates[2])]  # (3,)
-        kept.append(best[:2])
-        starts, ends = candidates[0], candidates[1]
-        overlap = (torch.minimum(ends, best[1]) - torch.maximum(starts, best[0])).clamp(min=0)
-        union = (ends - starts) + (best[1] - best[0]) - overlap
-        candidates = candidates[:, overlap <= nms_iou * union]  # IoU <= nms_iou, without dividing
-    spans = torch.stack(kept).long() if kept else candidates.new_zeros(0, 2).long()  # (n_kept, 2)
+    (n_kept,) int64, best first. One round per kept span (at most n / min_len when nms_iou is 0);
+    of equal scores the first candidate (lower start, then shorter) wins.
+
+    The rounds run on a mask of remaining candidates, so the device is asked whether any remain only
+    every NMS_ROUNDS_PER_CHECK rounds; a round that found none left records an invalid pick, dropped
+    at the end."""
+    starts, ends, scores = candidates
+    remaining = torch.ones_like(scores, dtype=torch.bool)  # (n_cand,)
+    picks, valid = [], []
+    while scores.numel() and bool(remaining.any()):
+        for _ in range(NMS_ROUNDS_PER_CHECK):
+            best = torch.argmax(torch.where(remaining, scores, float("-inf")))  # 0-dim, stays on the device
+            valid.append(remaining[best].clone())  # a view otherwise: the mask changes in place below
+            best_start, best_end = starts[best], ends[best]
+            picks.append(torch.stack([best_start, best_end]))
+            overlap = (torch.minimum(ends, best_end) - torch.maximum(starts, best_start)).clamp(min=0)
+            union = (ends - starts) + (best_end - best_start) - overlap
+            remaining &= overlap <= nms_iou * union  # IoU <= nms_iou, without dividing
+    if not picks:
+        empty = candidates.new_zeros(0).long()
+        return empty, empty
+    spans = torch.stack(picks)[torch.stack(valid)].long()  # (n_kept, 2), best first
     return spans[:, 0], spans[:, 1]
 
 
