@@ -1,0 +1,86 @@
+"""benchmarks/speed/e2e.py on a tiny Llama on the CPU: rows, stored spans, profile, resuming, oom rows."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "e2e.py"
+SPEED_FIELDS = ("prefill_tok_s", "prefill_s", "decode_tok_s", "decode_ms_per_token", "decode_ms_median")
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--tiny",
+        "--device", "cpu",
+        "--contexts", "1k",
+        "--decode-tokens", "4",
+        "--full-chunk", "512",
+        "--ltri-chunk", "256",
+        "--ltri-window", "256",
+        "--ltri-sink", "16",
+        "--store-root", str(tmp_path / "stores"),
+        "--out", str(tmp_path / "e2e.json"),
+        "--no-warmup",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_tiny_run_writes_rows_stores_spans_profiles_and_resumes(e2e, tmp_path):
+    e2e.main(tiny_args(tmp_path, "--profile", "--profile-steps", "2"))
+    document = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {row["method"]: row for row in document["rows"]}
+    assert set(rows) == {"full", "ltri"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["context_len"] == 1024 and row["decode_tokens"] == 4
+        assert all(row[name] > 0 for name in SPEED_FIELDS)
+        assert row["peak_gpu_gb"] is None  # CPU run
+        assert row["decode_floor_ms"] > 0 and row["run"] == 0
+    assert rows["full"]["resident_tokens"] == 1024 + 4
+    ltri = rows["ltri"]
+    assert ltri["spans"] > 0 and ltri["store_payload_gb"] > 0 and ltri["store_gb"] > 0
+    assert ltri["decode_span_cache_hits"] + ltri["decode_span_cache_misses"] > 0  # decode retrieved spans
+    assert not any((tmp_path / "stores").iterdir())  # the store is removed after its row
+    profile = (tmp_path / ltri["profile_file"]).read_text()
+    assert "ltri.retrieve" in profile and "cProfile" in profile
+    (run,) = document["runs"]
+    assert run["command"].startswith("python3 benchmarks/speed/e2e.py --tiny") and run["copy_gb_s"] > 0
+
+    e2e.main(tiny_args(tmp_path))  # everything is there: nothing measured again
+    assert json.loads((tmp_path / "e2e.json").read_text()) == document
+
+
+def test_rows_cut_off_are_kept_and_other_settings_refused(e2e, tmp_path):
+    settings = e2e.parse_args(tiny_args(tmp_path, "--contexts", "1k,2k"))
+    document = e2e.new_document(settings)
+    e2e.put_row(document, {"method": "full", "context_len": 1024, "status": "started", "tokens_done": 512})
+    e2e.save_document(document, settings.out)
+    loaded = e2e.load_document(settings)
+    assert loaded["rows"][0]["status"] == "cut_off" and loaded["rows"][0]["tokens_done"] == 512
+    assert e2e.pending_rows(loaded, settings) == [(1024, "ltri"), (2048, "full"), (2048, "ltri")]
+    with pytest.raises(SystemExit, match="other settings"):
+        e2e.load_document(e2e.parse_args(tiny_args(tmp_path, "--decode-tokens", "8")))
+
+
+def test_out_of_memory_becomes_an_oom_row(e2e, tmp_path, monkeypatch):
+    def runs_out(model, ids, settings, progress):
+        progress.prefill(256, ids.numel())
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    monkeypatch.setitem(e2e.RUNNERS, "full", runs_out)
+    settings = e2e.parse_args(tiny_args(tmp_path))
+    row = e2e.measure_row(None, "full", 1024, settings, run_index=0, bandwidth=1.0)
+    assert row["status"] == "oom" and row["failed_in"] == "prefill" and row["tokens_done"] == 256
+    assert row["error"].startswith("CUDA out of memory")
