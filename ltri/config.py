@@ -13,6 +13,7 @@ SEGMENTATIONS = ("triangles", "fixed")
 SELECTORS = ("none", "loki", "sparq")
 INDEX_BACKENDS = ("auto", "torch", "faiss")
 QUERY_DIMS = ("all", "long_range")
+VOTES = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class RetrievalConfig:
         decode step); a longer one with the mean query of each head.
     backend: span index backend, ``torch`` (exact matmul), ``faiss``, or ``auto`` (torch on CUDA,
         faiss on CPU).
+    vote: how the queries' softmax weights over the spans they found become one vote per span: ``mean``
+        (what most queries lean towards) or ``max`` (what any one query is sure of).
     persistence: how much of a span's vote carries over to the next step (effective vote = max(vote,
         persistence * last effective vote)), so evidence is not dropped one token later; 0 disables.
     collaboration: weight of the votes borrowed from other layers (0: each layer alone).
@@ -107,6 +110,7 @@ class RetrievalConfig:
     search_k: int = 64
     max_voting_queries: int = 64
     backend: str = "auto"
+    vote: str = "mean"
     persistence: float = 0.8
     collaboration: float = 1.0
     query_dims: str = "all"
@@ -125,6 +129,8 @@ class RetrievalConfig:
             raise LtriError(f"Unknown index backend {self.backend!r}: choose one of {', '.join(INDEX_BACKENDS)}.")
         if self.max_voting_queries < 1:
             raise LtriError(f"max_voting_queries must be at least 1, got {self.max_voting_queries}.")
+        if self.vote not in VOTES:
+            raise LtriError(f"Unknown vote {self.vote!r}: choose one of {', '.join(VOTES)}.")
         if not 0 <= self.persistence < 1:
             raise LtriError(f"persistence must be in [0, 1), got {self.persistence}.")
         if self.query_dims not in QUERY_DIMS:

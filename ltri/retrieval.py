@@ -30,10 +30,15 @@ def retrieval_queries(queries: torch.Tensor, nheads_kv: int, max_voting_queries:
     return queries.reshape(nheads_kv, -1, headdim)
 
 
-def pool_votes(scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale: float) -> torch.Tensor:
-    """Average over all queries of each query's softmax over the spans it found.
+def pool_votes(
+    scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale: float, how: str = "mean"
+) -> torch.Tensor:
+    """Each query's softmax over the spans it found, pooled per span over all queries.
 
     scores, span_ids: (nheads_kv, n_ask, k), ids -1 where a query found fewer than k spans.
+    how: ``mean`` averages the weights over the queries (a span many queries lean towards wins);
+    ``max`` takes each span's largest weight (a span one query is sure of wins: retrieval heads are few,
+    and their sharp choices would drown in the flat ones of the other heads).
     Returns votes (n_spans,) float32; spans no head found get -inf (so that a vote of 0 after
     underflow still counts as found).
     """
@@ -44,7 +49,10 @@ def pool_votes(scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale
     # Spans not found go to one extra slot, dropped at the end: no boolean indexing, no device sync.
     slots = torch.where(found, span_ids, n_spans).flatten()
     votes = torch.zeros(n_spans + 1, dtype=torch.float32, device=scores.device)
-    votes.index_add_(0, slots, weights.flatten() / n_queries)
+    if how == "max":
+        votes.scatter_reduce_(0, slots, weights.flatten(), "amax")
+    else:
+        votes.index_add_(0, slots, weights.flatten() / n_queries)
     hits = torch.zeros_like(votes).index_add_(0, slots, found.flatten().float())
     return votes[:n_spans].masked_fill(hits[:n_spans] == 0, float("-inf"))
 

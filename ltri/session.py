@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
 from ltri.model import cache_root, load_model
 from ltri.policies import make_memories
 from ltri.positions import Rotary
+from ltri.retrieval_log import RetrievalLog, RetrievedSpan
 from ltri.sampling import make_generator, sample_next
 from ltri.store_files import (
     SPANS_DIR,
@@ -96,6 +98,7 @@ class Session:
         self._retrieval_frame = RetrievalFrame.for_config(config, self.rotary, self.device, self.dtype)
         self.system = system
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, system)
+        self._retrieval_log = RetrievalLog()
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self._cache_kwarg = cache_argument_name(self.model)
         self.store = None
@@ -112,16 +115,21 @@ class Session:
         self.cache = LtriCache(make_memories(self.config, n_layers, self.store))
         self._phase = "empty"  # "empty" -> "in_user" (text open in a user turn) -> "answered"
         self.last_answer_tokens: list[int] = []
+        self.token_ids = array("i")  # every token fed, in order: text, questions and answers
+        self._retrieval_log.clear()
 
     def close(self) -> None:
         """Release the span store (a temporary one is deleted). Reading again needs reset()."""
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
         if finalizer is not None:
             finalizer()
             self._remove_temporary = None
+
+    def _release_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     def __enter__(self) -> Session:
         return self
@@ -208,6 +216,24 @@ class Session:
         session._resume(directory, meta, state, verify)
         return session
 
+    def rewind(self, path: str | os.PathLike | None = None) -> None:
+        """Go back to the state saved in path (default: this session's store directory), keeping the loaded
+        model: what was read since, a conversation for example, is forgotten. Reading on after save() writes
+        new span ids only, so the saved state stays valid however long the session went on."""
+        directory = Path(path) if path is not None else self.store_path
+        if directory is None:
+            raise LtriError("This session has no saved state to go back to: save() it first.")
+        meta = read_meta(directory)
+        _reopening_config(directory, config_from_dict(meta["config"]), self.config)
+        self._check_made_by_this_model(directory, meta)
+        state = read_state(directory, meta["state_sha256"])
+        same_store = self.store_path is not None and directory.resolve() == self.store_path.resolve()
+        if same_store:
+            self._release_store()  # a temporary store must outlive this: it is where the state comes from
+        else:
+            self.close()
+        self._resume(directory, meta, state, verify=False)
+
     def _check_made_by_this_model(self, directory: Path, meta: dict) -> None:
         made_by = meta["model"]
         if made_by["fingerprint"] != model_fingerprint(self.model):
@@ -239,6 +265,8 @@ class Session:
         self.cache.tokens_seen = int(state["tokens_seen"])
         self._phase = state["phase"]
         self.last_answer_tokens = []
+        self.token_ids = array("i", state.get("token_ids", torch.empty(0, dtype=torch.int32)).tolist())
+        self._retrieval_log.clear()
 
     def _check_payloads(self, directory: Path, payloads: dict, verify: bool) -> None:
         counts = payloads["spans_per_layer"]
@@ -276,6 +304,7 @@ class Session:
             "phase": self._phase,
             "system": self.system,
             "layers": [memory.state() for memory in self.cache.memories()],
+            "token_ids": torch.tensor(self.token_ids, dtype=torch.int32),
         }
 
     # ---- reading -----------------------------------------------------------------------------
@@ -321,7 +350,8 @@ class Session:
     def stream(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, **sampling) -> Iterator[str]:
         """Like ask, but yields the answer in text pieces as they decode."""
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
-        logits = self.prefill(self.question_tokens(question))
+        self._retrieval_log.clear()
+        logits = self.prefill(self.question_tokens(question), progress=lambda done, total: self._record_retrieval())
         self._phase = "answered"
         yield from self._decode(logits, config)
 
@@ -350,11 +380,24 @@ class Session:
             piece = detokenizer.push(token)
             # The answer joins the context: every token, the last one too, goes through the model.
             logits = self._forward(torch.tensor([token], device=self.device))[-1]
+            self._record_retrieval()
             if piece:
                 yield piece
         rest = detokenizer.finish()
         if rest:
             yield rest
+
+    def retrieved_spans(self, limit: int = 10) -> list[RetrievedSpan]:
+        """The stored spans the last answer attended to (its question and its steps, all layers), most
+        retrieved first, each with its text: the evidence the answer came from."""
+        return self._retrieval_log.top(limit, self._text_at)
+
+    def _record_retrieval(self) -> None:
+        self._retrieval_log.record(self.cache.memories())
+
+    def _text_at(self, start: int, length: int) -> str:
+        """The text of token positions start..start+length (empty for a store saved without its token ids)."""
+        return self.tokenizer.decode(self.token_ids[start : start + length].tolist(), skip_special_tokens=True)
 
     # ---- model -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -371,6 +414,7 @@ class Session:
             **{self._cache_kwarg: self.cache, STEP_KWARG: step},
         )
         self.cache.advance(chunk.numel())
+        self.token_ids.extend(chunk.tolist())
         return output.logits[0].float()
 
     def _tokenize(self, text: str) -> list[int]:

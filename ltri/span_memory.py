@@ -222,7 +222,7 @@ class SpanMemory(LayerMemory):
         if self.span_config.index_vectors == "bounds":
             search = bound_query(search)
         scores, span_ids = self.index.search(search, min(config.search_k, self.n_spans))
-        votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5)
+        votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5, how=config.vote)
         lengths, owner = self._spans_on(votes.device)
         if self.shared is not None and config.collaboration > 0:
             self.shared.begin_step(self.tokens_seen)

@@ -47,8 +47,9 @@ def write_meta(directory: Path, meta: dict) -> None:
     write_atomically(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
-def read_meta(directory: Path) -> dict:
-    """The store's meta.json, checked for format, version and completeness (LtriError otherwise)."""
+def read_meta(directory: Path, require_complete: bool = True) -> dict:
+    """The store's meta.json, checked for format, version and (unless require_complete is False)
+    completeness; LtriError otherwise."""
     if not directory.is_dir():
         raise LtriError(f"Store {directory} does not exist: make one with `ltri ingest FILE --store {directory}`.")
     path = directory / META_FILE
@@ -65,7 +66,7 @@ def read_meta(directory: Path) -> dict:
             f"The store at {directory} has format version {meta.get('version')}, this ltri reads version {VERSION}: "
             "ingest the text again."
         )
-    if meta.get("complete") is not True:
+    if require_complete and meta.get("complete") is not True:
         raise LtriError(
             f"The store at {directory} is incomplete: its writer stopped before finishing (killed or crashed); "
             "ingest the text again into an empty directory."

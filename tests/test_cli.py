@@ -21,7 +21,9 @@ def run_ltri(*args: str, stdin: str | None = None, timeout: int = 300) -> subpro
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # One thread per process: on a shared machine, threads mostly wait for each other.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # no controlling terminal, whoever runs the tests
     )
 
 
@@ -105,7 +107,24 @@ ERROR_CASES = {
         "not supported",
     ),
     "unknown policy": (lambda tmp, book: ["ask", "-c", str(book), "--policy", "magic", "q"], "Unknown memory policy"),
+    "unknown selector": (lambda tmp, book: ["chat", "-c", str(book), "--selector", "magic"], "Unknown selector"),
     "impossible window": (lambda tmp, book: ["chat", "-c", str(book), "--window", "0"], "n_window"),
+    "negative budget": (lambda tmp, book: ["chat", "-c", str(book), "--budget", "-1"], "budget must be 0 or more"),
+    "non-numeric budget": (
+        lambda tmp, book: ["ask", "-c", str(book), "--budget", "lots", "q"],
+        "Invalid value for '--budget'",
+    ),
+    "no answer tokens": (lambda tmp, book: ["chat", "-c", str(book), "--max-tokens", "0"], "at least 1"),
+    "unknown option": (lambda tmp, book: ["ask", "--frobnicate", "q"], "No such option"),
+    "chat about a missing file": (lambda tmp, book: ["chat", "-c", str(tmp / "nowhere.txt")], "does not exist"),
+    "chat about a binary file": (lambda tmp, book: ["chat", "-c", str(binary_file(tmp))], "binary"),
+    "chat about a latin-1 file": (lambda tmp, book: ["chat", "-c", str(latin1_file(tmp))], "not UTF-8"),
+    "chat with an unknown model": (
+        lambda tmp, book: ["chat", "-c", str(book), "-m", str(unsupported_model_dir(tmp))],
+        "not supported",
+    ),
+    "info of no store": (lambda tmp, book: ["info", "--store", str(tmp / "none")], "does not exist"),
+    "info of what is not a store": (lambda tmp, book: ["info", "--store", str(tmp)], "not an ltri store"),
     "empty question": (lambda tmp, book: ["ask", "-c", str(book), "  "], "question is empty"),
     "no store": (lambda tmp, book: ["ask", "--store", str(tmp / "none"), "q"], "does not exist"),
     "not a store": (lambda tmp, book: ["ask", "--store", str(tmp), "q"], "not an ltri store"),

@@ -17,6 +17,16 @@ def test_votes_average_each_heads_softmax_over_the_spans_it_found():
     assert torch.isinf(votes[[0, 2, 4]]).all()
 
 
+def test_max_votes_keep_what_any_one_query_is_sure_of():
+    # one sharp query (span 2) among two flat ones (spans 0 and 1): the mean follows the flat ones.
+    scores = torch.tensor([[[9.0, 0.0], [1.0, 1.0], [1.0, 1.0]]])
+    ids = torch.tensor([[[2, 0], [0, 1], [0, 1]]])
+    mean = pool_votes(scores, ids, n_spans=3, scale=1.0)
+    sure = pool_votes(scores, ids, n_spans=3, scale=1.0, how="max")
+    assert mean.argmax().item() == 0 and sure.argmax().item() == 2
+    assert torch.allclose(sure[2], torch.tensor([9.0, 0.0]).softmax(0)[0])
+
+
 def test_budget_takes_the_best_spans_that_fit_and_returns_them_in_document_order():
     votes = torch.tensor([0.1, 0.5, float("-inf"), 0.3, 0.2])
     lengths = torch.tensor([10, 20, 5, 30, 15])

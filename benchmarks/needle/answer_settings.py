@@ -3,7 +3,7 @@
     python3 benchmarks/needle/answer_settings.py --length 12k --depth 50 --haystack DIR_OF_TXT \
         --settings '[{}, {"budget": 4096}, {"collaboration": 0}]' --out results.json
 
-The context is built as in needle.py (same needle, question, scoring and needle recall). It is fed
+The context is built as in needle.py (ltri.needle: same needle, question, scoring and needle recall). It is fed
 once with the default config into a store; every setting (RetrievalConfig fields, plus
 "position_mode") reopens that store and asks. Only what happens after reading changes between rows.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 import tempfile
@@ -20,15 +19,11 @@ import time
 from pathlib import Path
 
 from ltri import LtriConfig, RetrievalConfig, Session, load_model
+from ltri.needle.haystack import build_context, make_haystack
+from ltri.needle.recall import fed_token_ids, needle_token_range, recall_fields, watch_needle
+from ltri.needle.settings import parse_lengths
+from ltri.needle.tasks import make_probe
 from ltri.provenance import git_sha
-
-
-def load_harness():
-    spec = importlib.util.spec_from_file_location("needle_harness", Path(__file__).with_name("needle.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 def config_for(setting: dict) -> LtriConfig:
@@ -47,11 +42,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    needle = load_harness()
-    (length,) = needle.parse_lengths(args.length)
+    (length,) = parse_lengths(args.length)
     model, tokenizer = load_model(None, device=args.device)
-    haystack = needle.make_haystack(tokenizer, args.haystack, length + 256)
-    context = needle.build_context(tokenizer, haystack, length, args.depth)
+    probe = make_probe("needle", 0, length, args.depth)
+    haystack = make_haystack(tokenizer, args.haystack, length + 256)
+    context = build_context(tokenizer, haystack, length, args.depth, probe.sentence)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
@@ -62,12 +57,12 @@ def main() -> None:
             reader.save()
         for setting in json.loads(args.settings):
             with Session.open(store, model=model, tokenizer=tokenizer, config=config_for(setting)) as session:
-                _, offsets = needle.fed_token_ids(tokenizer, session.chat_format, context.text)
-                start, end = needle.needle_token_range(offsets, context.needle_chars)
-                with needle.watch_needle(start, end) as coverage:
-                    response = session.ask(needle.QUESTION, max_new_tokens=args.max_new_tokens)
-                row = {"setting": setting, "score": needle.score(response), "response": response}
-                row |= needle.recall_fields(session, coverage)
+                _, offsets = fed_token_ids(tokenizer, session.chat_format, context.text)
+                start, end = needle_token_range(offsets, context.needle_chars)
+                with watch_needle(start, end) as coverage:
+                    response = session.ask(probe.question, max_new_tokens=args.max_new_tokens)
+                row = {"setting": setting, "score": probe.score(response), "response": response}
+                row |= recall_fields(session, coverage)
             rows.append(row)
             print(
                 f"{json.dumps(setting):60s} score {row['score']}  recall {row['needle_recall']:.2f}  {response[:70]!r}"
