@@ -115,7 +115,7 @@ class RetrievalConfig:
     collaboration: float = 1.0
     query_dims: str = "all"
     score_distance: int = 0
-    cache_mb: int = 512
+    cache_mb: int = 2048
     selector: str = "none"
     select_tokens: int = 1024
     select_rank: int = 16

@@ -59,6 +59,7 @@ class SpanMemory(LayerMemory):
         self.cache: SpanCache | None = None
         self.persistence = Persistence(retrieval.persistence)
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
+        self._loaded = None  # (span ids, their keys, values, positions) as the last step loaded them
         self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
@@ -233,7 +234,9 @@ class SpanMemory(LayerMemory):
         chosen = choose_spans(votes, lengths, config.budget).cpu()
         self.persistence.record(votes)
         self.last_retrieved = chosen
-        return self._load(chosen, queries.device)
+        if self._loaded is None or not torch.equal(self._loaded[0], chosen):
+            self._loaded = (chosen, self._load(chosen, queries.device))
+        return self._loaded[1]
 
     def _spans_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on device, cached."""
