@@ -156,6 +156,11 @@ def test_harness_writes_cells_summary_and_resumes(smollm, tmp_path, monkeypatch)
     assert command.main(harness_args(out), preloaded=smollm) == rows
     assert [path.stat().st_mtime_ns for path in paths] == mtimes
 
+    # Reporting only: the summary again from the cells, no model needed.
+    (out / "summary.csv").unlink()
+    assert command.main([*harness_args(out), "--report-only"]) == rows
+    assert (out / "summary.csv").exists()
+
     # A resume that would measure differently is refused.
     with pytest.raises(SystemExit, match="budget"):
         command.main(harness_args(out, budget=512), preloaded=smollm)

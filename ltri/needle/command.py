@@ -70,12 +70,19 @@ def parser() -> argparse.ArgumentParser:
     add("chunk_size", type=int, default=LtriConfig().chunk_size)
     add("index_vectors", default=SpanConfig().index_vectors)
     add("query_dims", default=RetrievalConfig().query_dims)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no cell: write summary.csv and the heatmaps from the cells in --out (for example after "
+        "merging the cells of several device calls)",
+    )
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> NeedleRun:
     command_line = parser()
     args = vars(command_line.parse_args(argv))
+    args.pop("report_only")
     try:
         return make_run(**args)
     except (ValueError, LtriError) as error:
@@ -91,7 +98,14 @@ def run_benchmark(run: NeedleRun, argv: Sequence[str], preloaded: tuple | None =
     run.out.mkdir(parents=True, exist_ok=True)
     write_run_config(run, model, argv, earlier)
     run_cells(run, model, tokenizer)
+    return write_report(run)
+
+
+def write_report(run: NeedleRun) -> list[dict]:
+    """summary.csv and the heatmaps from the cells in run.out, without running any; returns the summary rows."""
     cells = load_cells(run)
+    if not cells:
+        raise LtriError(f"{run.out} holds no cells of this grid to report on.")
     rows = report.summary_rows(run, cells)
     report.write_summary(run.out / "summary.csv", rows)
     report.plot_heatmaps(run, cells)
@@ -104,6 +118,8 @@ def main(argv: Sequence[str] | None = None, preloaded: tuple | None = None) -> l
     argv = list(sys.argv[1:] if argv is None else argv)
     run = parse_args(argv)
     try:
+        if "--report-only" in argv:
+            return write_report(run)
         return run_benchmark(run, argv, preloaded)
     except LtriError as error:
         sys.exit(f"needle: {error}")
