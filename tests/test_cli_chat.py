@@ -158,7 +158,7 @@ def test_stats_spans_and_reset_in_the_chat(first_chat):
     assert re.search(r"last answer\s+none yet", after)
 
 
-def test_second_chat_reopens_the_cached_store_without_reading_again(first_chat, cache, book):
+def test_second_chat_reopens_the_cached_store_without_reading_again(first_chat, cache, book, tmp_path):
     (entry,) = first_chat["entries"]
     saved_meta = (entry / "meta.json").stat().st_mtime_ns
     child, _ = spawn_chat(cache, "--context", str(book), *MEMORY, "--max-tokens", "24")
@@ -168,6 +168,9 @@ def test_second_chat_reopens_the_cached_store_without_reading_again(first_chat, 
     assert "blue heron" in multi_line.lower()
     assert "max_tokens 300" in ask(child, "/set max_tokens 300")
     assert "Unknown setting" in ask(child, "/set warmth 3")
+    saved = tmp_path / "saved"
+    ask(child, f"/save {saved}")
+    assert json.loads((saved / "meta.json").read_text())["complete"] is True, "/save writes a complete store"
     child.sendline("Write a very long story about the harbour town, with many chapters.")
     child.expect_exact("chapters.\r\n")
     child.expect(r"\w")  # the answer has begun
