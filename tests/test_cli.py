@@ -159,5 +159,5 @@ def test_ingest_once_then_ask_from_the_store(book, tmp_path):
     answered = run_ltri("ask", "--store", str(store), "--quiet", QUESTION)
     assert answered.returncode == 0, answered.stderr
     assert "blue heron" in answered.stdout.lower()
-    other_settings = run_ltri("ask", "--store", str(store), "--window", "512", "--quiet", QUESTION)
+    other_settings = run_ltri("ask", "--store", str(store), "--window", "1024", "--quiet", QUESTION)
     assert other_settings.returncode == 1 and "other memory or span settings" in other_settings.stderr

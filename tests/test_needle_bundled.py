@@ -1,13 +1,17 @@
-"""The bundled SmolLM2 (trained to 8K tokens) finds a needle in about 12K tokens with the default config,
-where the streaming policy with the same sinks and window cannot."""
+"""The bundled SmolLM2 (trained to 8K tokens) finds a needle in 12K tokens with the default config,
+where the streaming policy with the same sinks and window cannot.
+
+The text is the needle benchmark's cell (generated filler, 12K tokens, depth 50%): in
+benchmarks/needle/results/cpu-filler-12k-window512/ the default window and budget (512) answer all five
+depths, and in cpu-filler-12k-window2048/ the former defaults miss this one."""
 
 import pytest
 
 from ltri import LtriConfig, MemoryConfig, Session
-from ltri.filler import text_with_fact
+from ltri.needle.haystack import build_context, make_haystack
+from ltri.needle.tasks import NEEDLE, QUESTION
 
-FACT = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-QUESTION = "What is the best thing to do in San Francisco?"
+LENGTH, DEPTH = 12 * 1024, 50.0
 
 
 def found(reply: str) -> bool:
@@ -17,10 +21,10 @@ def found(reply: str) -> bool:
 
 @pytest.fixture(scope="module")
 def haystack(smollm) -> str:
-    text = text_with_fact(FACT, n_sentences=730, depth=0.35, seed=21)
-    n_tokens = len(smollm[1](text)["input_ids"])
-    assert 11_000 <= n_tokens <= 14_000, n_tokens
-    return text
+    tokenizer = smollm[1]
+    context = build_context(tokenizer, make_haystack(tokenizer, None, LENGTH + 256), LENGTH, DEPTH, NEEDLE)
+    assert abs(context.n_tokens - LENGTH) <= 2, context.n_tokens
+    return context.text
 
 
 def answer(smollm, haystack: str, config: LtriConfig) -> tuple[str, Session]:
