@@ -69,6 +69,7 @@ from ltri.cache import cache_argument_name
 from ltri.model import DTYPES, resolve_dtype
 from ltri.provenance import git_dirty, git_sha
 from ltri.sampling import sample_next
+from ltri.timing import copy_bandwidth, synchronize
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "e2e_h100.json"
@@ -293,25 +294,6 @@ def context_ids(n_tokens: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 28) -> float:
-    """Bytes/s of a large on-device copy (read + write counted), median of 5 after one warm-up."""
-    source = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(6):
-        synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * source.nbytes / statistics.median(times[1:])
 
 
 @dataclass

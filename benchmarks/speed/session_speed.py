@@ -27,30 +27,12 @@ from ltri import LtriConfig, MemoryConfig, Session, load_model
 from ltri.cache import cache_argument_name
 from ltri.filler import filler_text
 from ltri.provenance import git_sha
+from ltri.timing import copy_bandwidth, synchronize
 
 
 def parse_length(text: str) -> int:
     text = text.strip().lower()
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 28) -> float:
-    """Bytes/s of a large copy (read + write counted), median of 5."""
-    source = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(6):
-        synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * source.nbytes / statistics.median(times[1:])
 
 
 def context_ids(tokenizer, n_tokens: int) -> list[int]:

@@ -12,6 +12,7 @@ from ltri.needle.recall import fed_token_ids, needle_token_range, recall_fields,
 from ltri.needle.settings import NeedleRun
 from ltri.needle.tasks import Probe
 from ltri.session import Session
+from ltri.timing import synchronize
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct (bundled)"
 # What a cell that ran out of memory records instead of an answer.
@@ -23,11 +24,6 @@ OOM_FIELDS = {
     "needle_span_retrieved": None,
     "needle_recall": None,
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def read_and_answer(session: Session, context: Context, question: str, max_new_tokens: int) -> dict:
