@@ -36,13 +36,16 @@ def needle(
     chunk_size: Annotated[int, typer.Option("--chunk-size", help=HELP["chunk_size"])] = _LTRI.chunk_size,
     index_vectors: Annotated[str, typer.Option("--index-vectors", help=HELP["index_vectors"])] = _SPANS.index_vectors,
     query_dims: Annotated[str, typer.Option("--query-dims", help=HELP["query_dims"])] = _RETRIEVAL.query_dims,
+    refresh_every: Annotated[
+        int, typer.Option("--refresh-every", help=HELP["refresh_every"])
+    ] = _RETRIEVAL.refresh_every,
 ) -> None:
     """Hide a sentence at depths of long texts, ask for it with each method, write cells, summary.csv and heatmaps."""
     from ltri.needle.command import make_run, run_benchmark
 
     options = dict(task=task, seed=seed, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     options |= dict(budget=budget, window=window, sink=sink, chunk_size=chunk_size)
-    options |= dict(index_vectors=index_vectors, query_dims=query_dims)
+    options |= dict(index_vectors=index_vectors, query_dims=query_dims, refresh_every=refresh_every)
     try:
         run = make_run(lengths, depths, methods, out, haystack, **options)
     except ValueError as error:

@@ -48,6 +48,14 @@ class ReadingOptions:
             help=f"Token selection among retrieved spans: {', '.join(SELECTORS)} (default: {_RETRIEVAL.selector}).",
         ),
     ] = None
+    refresh_every: Annotated[
+        int | None,
+        typer.Option(
+            "--refresh-every",
+            help="Answer tokens per retrieval; 0 keeps what the question retrieved "
+            f"(default: {_RETRIEVAL.refresh_every}).",
+        ),
+    ] = None
     chunk: Annotated[
         int | None, typer.Option("--chunk", help=f"Tokens per prefill step (default: {_LTRI.chunk_size}).")
     ] = None
@@ -64,7 +72,7 @@ class ReadingOptions:
         """base (default: LtriConfig()) with the options given on the command line."""
         base = base or LtriConfig()
         memory = _given(base.memory, policy=self.policy, n_sink=self.sink, n_window=self.window)
-        retrieval = _given(base.retrieval, budget=self.budget, selector=self.selector)
+        retrieval = _given(base.retrieval, budget=self.budget, selector=self.selector, refresh_every=self.refresh_every)
         return _given(
             base,
             memory=memory,

@@ -63,6 +63,8 @@ class LtriCache(Cache):
 
     def advance(self, n_tokens: int) -> None:
         """Record that a forward over n_tokens finished in every layer."""
+        for memory in self.memories():
+            memory.end_forward()
         self.tokens_seen += n_tokens
 
 

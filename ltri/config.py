@@ -106,6 +106,11 @@ class RetrievalConfig:
         directions of the document's keys; ``sparq`` by scores on the select_rank largest query components.
     select_tokens: retrieved tokens each KV head keeps at a decode step (loki, sparq).
     select_rank: dimensions the loki and sparq scores use.
+    refresh_every: decode steps per retrieval while answering. 1 retrieves at every generated token; N > 1
+        retrieves at every N-th one and attends to the spans the last retrieval loaded in between; 0 keeps
+        the spans the question (the last prefill chunk) retrieved for the whole answer. Prefill chunks
+        always retrieve. Skipping retrieval removes its host work (index search, votes, store reads) from
+        those steps.
     """
 
     budget: int = 512
@@ -121,6 +126,7 @@ class RetrievalConfig:
     selector: str = "none"
     select_tokens: int = 1024
     select_rank: int = 16
+    refresh_every: int = 1
 
     def __post_init__(self) -> None:
         if self.budget < 0:
@@ -149,6 +155,8 @@ class RetrievalConfig:
             raise LtriError(f"select_tokens must be at least 1, got {self.select_tokens}.")
         if self.select_rank < 1:
             raise LtriError(f"select_rank must be at least 1, got {self.select_rank}.")
+        if self.refresh_every < 0:
+            raise LtriError(f"refresh_every must be 0 or more decode steps, got {self.refresh_every}.")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class LayerMemory(ABC):
         wants_chunk_attention(q_len) said so.
         """
 
+    def end_forward(self) -> None:  # noqa: B027 - most policies have nothing to finish
+        """Called when a forward has passed every layer: finish work the layers do together."""
+
     def wants_chunk_attention(self, q_len: int) -> bool:
         """Whether append needs the chunk's self-attention (span segmentation reads it)."""
         return False

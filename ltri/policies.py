@@ -15,15 +15,16 @@ def make_memories(config: LtriConfig, n_layers: int, store: SpanStore | None) ->
     if memory.policy == "streaming":
         return [StreamingMemory(memory.n_sink, memory.n_window) for _ in range(n_layers)]
     if memory.policy == "ltri":
+        from ltri.deferred_segmentation import DeferredSegmentation
         from ltri.shared_votes import SharedVotes
         from ltri.span_memory import SpanMemory
 
         if store is None:
             raise ValueError("the ltri policy needs a span store")
         cache_bytes = config.retrieval.cache_mb * 2**20 // n_layers
-        shared = SharedVotes(n_layers)
+        shared, deferred = SharedVotes(n_layers), DeferredSegmentation()
         return [
-            SpanMemory(layer, memory, config.spans, config.retrieval, store, cache_bytes, shared)
+            SpanMemory(layer, memory, config.spans, config.retrieval, store, cache_bytes, shared, deferred)
             for layer in range(n_layers)
         ]
     raise ValueError(f"unknown memory policy {memory.policy!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
+from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.index import index_from_state, make_index
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.span_cache import SpanCache
@@ -41,13 +42,17 @@ class SpanMemory(LayerMemory):
         store: SpanStore,
         cache_bytes: int,
         shared: SharedVotes | None = None,
+        deferred: DeferredSegmentation | None = None,
     ) -> None:
-        """shared: the votes all layers of the model publish and borrow (None: this layer decides alone)."""
+        """shared: the votes all layers of the model publish and borrow (None: this layer decides alone);
+        deferred: where the layers' chunks wait to be cut together (None: each is cut at once)."""
         self.layer = layer
         self.memory_config, self.span_config, self.retrieval_config = memory, spans, retrieval
         self.store = store
         self.cache_bytes = cache_bytes
         self.shared = shared
+        self.deferred = deferred
+        self._waiting_cut = False  # this layer's chunk waits in deferred to be cut
         self._device_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # (lengths, token owner) on device
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
@@ -60,6 +65,7 @@ class SpanMemory(LayerMemory):
         self.persistence = Persistence(retrieval.persistence)
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
         self._loaded = None  # (span ids, their keys, values, positions) as the last step loaded them
+        self.steps_since_retrieval = 0  # decode steps since the last retrieval (RetrievalConfig.refresh_every)
         self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
@@ -80,6 +86,7 @@ class SpanMemory(LayerMemory):
         return reads_attention and q_len >= config.min_len
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
+        self.end_forward()
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
         n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
         if n_sink > 0:
@@ -97,10 +104,17 @@ class SpanMemory(LayerMemory):
         else:
             self._cut_unsegmented()
             self.window.append(keys, values, positions)
-            self._segment(keys[0], chunk_attention)
+            self._cut_chunk(keys[0], chunk_attention)
+            return
         self._evict()
 
+    def end_forward(self) -> None:
+        """Cut this layer's chunk if it still waits for the other layers' (then evict)."""
+        if self._waiting_cut:
+            self.deferred.flush()
+
     def resident(self, queries: torch.Tensor) -> ResidentSet | None:
+        self.end_forward()
         parts = [self.sinks] if self.sinks.length else []
         retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
         if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
@@ -151,13 +165,28 @@ class SpanMemory(LayerMemory):
         return keys, values, positions
 
     # ---- segmentation ------------------------------------------------------------------------
-    def _segment(self, keys: torch.Tensor, attention: torch.Tensor) -> None:
-        """Cut a fresh chunk into pending spans. keys (nheads_kv, n, headdim), attention (nheads_kv, n, n)."""
+    def _cut_chunk(self, keys: torch.Tensor, attention: torch.Tensor) -> None:
+        """Cut a fresh chunk into pending spans and evict: keys (nheads_kv, n, headdim), attention (nheads_kv, n, n).
+
+        Triangles are cut at the end of the forward with every layer's (``ltri.deferred_segmentation``)
+        when the layers share a DeferredSegmentation, else now; fixed blocks now."""
         config = self.span_config
         if config.segmentation == "fixed":
-            segmentation = fixed_segmentation(keys.shape[1], config.max_len, keys.device)
+            self._add_spans(keys, attention, fixed_segmentation(keys.shape[1], config.max_len, keys.device))
+        elif self.deferred is None:
+            cut = segment(attention.mean(dim=0), config.theta, config.min_len, config.max_len, config.nms_iou)
+            self._add_spans(keys, attention, cut)
         else:
-            segmentation = segment(attention.mean(dim=0), config.theta, config.min_len, config.max_len, config.nms_iou)
+            self._waiting_cut = True
+            self.deferred.add(attention.mean(dim=0), config, lambda cut: self._finish_cut(keys, attention, cut))
+
+    def _finish_cut(self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation) -> None:
+        self._waiting_cut = False
+        self._add_spans(keys, attention, segmentation)
+
+    def _add_spans(self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation) -> None:
+        """The chunk's spans, with their index vectors, join the pending ones; then the oldest may leave."""
+        config = self.span_config
         if config.index_vectors == "bounds":
             vectors = key_bounds(keys, segmentation)
             owner = torch.arange(vectors.shape[1])
@@ -165,6 +194,7 @@ class SpanMemory(LayerMemory):
             counts = vectors_per_span(segmentation, config.max_vectors)
             vectors, owner = top_attended_keys(keys, attention, segmentation, counts)
         self.pending.add(segmentation.ends - segmentation.starts, vectors, owner)
+        self._evict()
 
     def _cut_unsegmented(self) -> None:
         """Cut the window's unsegmented tail into near-equal spans of at most max_len tokens."""
@@ -217,6 +247,8 @@ class SpanMemory(LayerMemory):
     # ---- retrieval ---------------------------------------------------------------------------
     def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spans for queries (1, nheads, q_len, headdim): keys, values (1, nheads_kv, n, headdim), positions (n,)."""
+        if self._reuses_last_retrieval(queries.shape[2]):
+            return self._loaded[1]
         nheads_kv, headdim = self.kv_shape
         config = self.retrieval_config
         search = retrieval_queries(queries, nheads_kv, config.max_voting_queries)
@@ -237,6 +269,18 @@ class SpanMemory(LayerMemory):
         if self._loaded is None or not torch.equal(self._loaded[0], chosen):
             self._loaded = (chosen, self._load(chosen, queries.device))
         return self._loaded[1]
+
+    def _reuses_last_retrieval(self, q_len: int) -> bool:
+        """Whether this step attends to the spans the last retrieval loaded (decode steps between refreshes)."""
+        if q_len > 1 or self._loaded is None:
+            self.steps_since_retrieval = 0
+            return False
+        self.steps_since_retrieval += 1
+        refresh_every = self.retrieval_config.refresh_every
+        if refresh_every == 0 or self.steps_since_retrieval % refresh_every:
+            return True
+        self.steps_since_retrieval = 0
+        return False
 
     def _spans_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on device, cached."""
@@ -261,6 +305,7 @@ class SpanMemory(LayerMemory):
     # ---- persistence ---------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything but the stored payloads, on the CPU."""
+        self.end_forward()
         return {
             "sinks": self.sinks.state(),
             "window": self.window.state(),

@@ -60,26 +60,41 @@ def top_attended_keys(
     over each KV head's query heads; counts: (n_spans,) int64 with 0 <= counts <= span length.
     Returns vectors (nheads_kv, total, headdim), total = counts.sum(), spans in order and each span's
     keys by received attention, most first; and span_of_vector (total,) int64 in 0..n_spans-1.
+    One device sync: the few sizes the output needs (and the checks) come to the host together.
     """
     nheads_kv, n, headdim = keys.shape
     lengths, starts = segmentation.lengths, segmentation.starts
-    if int(lengths.sum()) != n or attention.shape != (nheads_kv, n, n):
-        raise ValueError(f"keys {tuple(keys.shape)}, attention {tuple(attention.shape)} and spans must cover n tokens")
-    if bool((counts < 0).any()) or bool((counts > lengths).any()):
+    if attention.shape != (nheads_kv, n, n) or counts.shape != lengths.shape:
+        raise ValueError(f"keys {tuple(keys.shape)}, attention {tuple(attention.shape)} and counts do not match")
+    covered, width, k, total, counts_fit = _top_key_sizes(lengths, counts)
+    if covered != n:
+        raise ValueError(f"the spans cover {covered} tokens, the keys {n}")
+    if not counts_fit:
         raise ValueError("counts must lie in 0..span length")
     received = in_span_attention(attention.float(), segmentation)  # (nheads_kv, n)
-    width = max(int(lengths.max()), 1) if lengths.numel() else 1
     offsets = torch.arange(width, device=keys.device)  # (width,)
     tokens = starts[:, None] + offsets  # (n_spans, width)
     inside = offsets < lengths[:, None]
     padded = received[:, tokens.clamp(max=n - 1)].masked_fill(~inside, float("-inf"))  # (nheads_kv, n_spans, width)
-    k = max(int(counts.max()), 1) if counts.numel() else 1
     best = torch.topk(padded, k, dim=2).indices  # (nheads_kv, n_spans, k) offsets, most attended first
-    chosen = torch.arange(k, device=keys.device) < counts[:, None]  # (n_spans, k)
-    picked = (starts[:, None] + best)[:, chosen]  # (nheads_kv, total) token indices
+    span_of_vector = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=keys.device), counts, output_size=total
+    )  # (total,)
+    rank = torch.arange(total, device=keys.device) - (counts.cumsum(0) - counts)[span_of_vector]  # within its span
+    picked = starts[span_of_vector] + best[:, span_of_vector, rank]  # (nheads_kv, total) token indices
     vectors = keys.gather(1, picked[..., None].expand(-1, -1, headdim))
-    span_of_vector = torch.repeat_interleave(torch.arange(counts.numel(), device=keys.device), counts)
     return vectors, span_of_vector
+
+
+def _top_key_sizes(lengths: Tensor, counts: Tensor) -> tuple[int, int, int, int, bool]:
+    """Host integers for top_attended_keys, in one transfer: tokens covered, the widest span (>= 1),
+    the most vectors of a span (>= 1), the total of vectors, and whether 0 <= counts <= lengths."""
+    if lengths.numel() == 0:
+        return 0, 1, 1, 0, True
+    fit = ((counts >= 0) & (counts <= lengths)).all()
+    sizes = torch.stack([lengths.sum(), lengths.max(), counts.max(), counts.sum(), fit.long()]).tolist()
+    covered, width, k, total, counts_fit = sizes
+    return covered, max(width, 1), max(k, 1), total, bool(counts_fit)
 
 
 def key_bounds(keys: Tensor, segmentation: Segmentation) -> Tensor:

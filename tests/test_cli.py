@@ -110,6 +110,10 @@ ERROR_CASES = {
     "unknown selector": (lambda tmp, book: ["chat", "-c", str(book), "--selector", "magic"], "Unknown selector"),
     "impossible window": (lambda tmp, book: ["chat", "-c", str(book), "--window", "0"], "n_window"),
     "negative budget": (lambda tmp, book: ["chat", "-c", str(book), "--budget", "-1"], "budget must be 0 or more"),
+    "negative refresh": (
+        lambda tmp, book: ["chat", "-c", str(book), "--refresh-every", "-1"],
+        "refresh_every must be 0 or more",
+    ),
     "non-numeric budget": (
         lambda tmp, book: ["ask", "-c", str(book), "--budget", "lots", "q"],
         "Invalid value for '--budget'",

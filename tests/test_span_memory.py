@@ -93,3 +93,35 @@ def test_resident_set_stays_bounded_by_sinks_budget_window_and_chunk(position_mo
     window_bound = 64 + 24 + chunk  # window + one span still waiting + a chunk's tokens before eviction
     assert max(s.resident_tokens for s in seen) <= 8 + budget + window_bound
     assert final.store_bytes > 0
+
+
+@pytest.mark.parametrize(("refresh_every", "searches"), [(1, 10), (4, 2), (0, 0)])
+def test_decode_steps_retrieve_every_refresh_every_steps(refresh_every, searches):
+    """Between refreshes a decode step attends to the spans the last retrieval loaded, without searching."""
+    model = tiny_llama(seed=1)
+    config = LtriConfig(
+        memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
+        spans=SMALL_SPANS,
+        retrieval=RetrievalConfig(budget=48, search_k=8, refresh_every=refresh_every),
+        chunk_size=32,
+        position_mode="compact",
+    )
+    ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(2)).tolist()
+    with Session(model, config, tokenizer=byte_tokenizer()) as session:
+        session.prefill(ids[:560])
+        memories = session.cache.memories()
+        calls = [0] * len(memories)
+        for layer, memory in enumerate(memories):
+            search = memory.index.search
+
+            def counted(*args, layer=layer, search=search):
+                calls[layer] += 1
+                return search(*args)
+
+            memory.index.search = counted
+        after_question = [memory.last_retrieved.clone() for memory in memories]
+        for token in ids[560:570]:
+            session.prefill([token])
+    assert calls == [searches] * len(memories)
+    if refresh_every == 0:
+        assert all(torch.equal(m.last_retrieved, r) for m, r in zip(memories, after_question, strict=True))

@@ -36,7 +36,9 @@ decode tokens, chunking, ltri config, seed) must match the file's, else the scri
 --profile: after the timed ltri decode, --profile-steps more steps under torch.profiler (ops by self device
 and CPU time, and ltri's phases: resident set, retrieval, span loading, store reads, index search, attention,
 append, labelled for the profile only) and again under cProfile (Python functions by cumulative and own time),
-written to ``<out stem>_profile_<context>.txt`` next to the JSON. The device's copy of the tree has no .git:
+written to ``<out stem>_profile_<context>.txt`` next to the JSON; then --profile-steps more prefill chunks
+under torch.profiler (segmentation, index vectors, eviction, store writes, index adds, attention), written to
+``<out stem>_prefill_profile_<context>.txt``. The device's copy of the tree has no .git:
 pass GIT_SHA=$(git rev-parse HEAD).
 """
 
@@ -180,6 +182,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--ltri-chunk", type=int, default=None, help="Session chunk_size (default: ltri's)")
     parser.add_argument("--ltri-window", type=int, default=None, help="n_window (default: ltri's)")
     parser.add_argument("--ltri-sink", type=int, default=None, help="n_sink (default: ltri's)")
+    parser.add_argument(
+        "--ltri-refresh-every", type=int, default=None, help="decode steps per retrieval (default: ltri's)"
+    )
     parser.add_argument("--store-root", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
@@ -220,8 +225,11 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, n_window=args.ltri_window)
     if args.ltri_sink is not None:
         memory = replace(memory, n_sink=args.ltri_sink)
+    retrieval = config.retrieval
+    if args.ltri_refresh_every is not None:
+        retrieval = replace(retrieval, refresh_every=args.ltri_refresh_every)
     chunk = config.chunk_size if args.ltri_chunk is None else args.ltri_chunk
-    return replace(config, memory=memory, chunk_size=chunk)
+    return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -401,6 +409,7 @@ def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
         fields.update(store_gb=store_bytes(store) / 1e9, **space)
         if settings.profile:
             fields["profile_file"] = profile_decode(session, logits, ids.numel(), settings).name
+            fields["prefill_profile_file"] = profile_prefill(session, ids.numel(), settings).name
         return fields
     finally:
         if session is not None:
@@ -434,6 +443,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "n_sink": settings.ltri.memory.n_sink,
         "n_window": settings.ltri.memory.n_window,
         "budget": settings.ltri.retrieval.budget,
+        "refresh_every": settings.ltri.retrieval.refresh_every,
     }
     return fields, logits
 
@@ -489,8 +499,9 @@ RUNNERS = {"full": run_full, "ltri": run_ltri}
 
 @contextlib.contextmanager
 def labelled_phases(session: Session):
-    """Wraps ltri's decode phases in torch.profiler.record_function ranges, for the profile only."""
+    """Wraps ltri's decode and prefill phases in torch.profiler.record_function ranges, for the profile only."""
     import ltri.attention as attention
+    from ltri.deferred_segmentation import DeferredSegmentation
     from ltri.offload.span_cache import SpanCache
     from ltri.offload.span_store import SpanStore
     from ltri.span_memory import SpanMemory
@@ -498,14 +509,21 @@ def labelled_phases(session: Session):
     targets = [
         (attention, "attend_with_memory", "ltri.attend_with_memory (one layer)"),
         (attention, "decode_attention", "ltri.decode_attention"),
+        (attention, "causal_chunk_attention", "ltri.chunk_attention (sdpa)"),
+        (attention, "chunk_self_attention", "ltri.chunk_self_attention (for segmentation)"),
         (SpanMemory, "resident", "ltri.resident_set"),
         (SpanMemory, "_retrieve", "ltri.retrieve"),
         (SpanMemory, "_load", "ltri.load_spans"),
         (SpanMemory, "append", "ltri.append"),
+        (DeferredSegmentation, "flush", "ltri.segmentation (all layers)"),
+        (SpanMemory, "_add_spans", "ltri.index_vectors_and_evict"),
+        (SpanMemory, "_evict", "ltri.evict"),
+        (SpanStore, "put_spans", "ltri.store_write"),
         (SpanCache, "get", "ltri.span_cache_get"),
         (SpanStore, "read_spans", "ltri.store_read"),
     ]
     targets += [(cls, "search", "ltri.index_search") for cls in index_classes(session)]
+    targets += [(cls, "add", "ltri.index_add") for cls in index_classes(session)]
     saved = []
     try:
         for owner, name, label in targets:
@@ -560,9 +578,33 @@ def profile_decode(session: Session, logits: torch.Tensor, n_tokens: int, settin
     return path
 
 
-def torch_tables(torch_profile, device: torch.device, steps: int) -> str:
+def profile_prefill(session: Session, n_tokens: int, settings: Settings) -> Path:
+    """Profiles settings.profile_steps more prefill chunks of random ids (torch.profiler); returns the file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device, steps, chunk = session.device, settings.profile_steps, settings.ltri.chunk_size
+    ids = context_ids(steps * chunk, settings.shape.vocab, settings.seed + 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with labelled_phases(session), profile(activities=activities) as torch_profile:
+        synchronize(device)
+        start = time.perf_counter()
+        session.prefill(ids)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    path = settings.out.with_name(f"{settings.out.stem}_prefill_profile_{n_tokens}.txt")
+    header = (
+        f"ltri prefill profile: {settings.shape_name}, {steps} chunks of {chunk} tokens read after a context of "
+        f"{n_tokens} tokens (and the decode), under torch.profiler: {steps * chunk / seconds:.0f} tokens/s. "
+        "Phases as in the decode profile, per chunk; segmentation runs once per chunk for all layers.\n\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + torch_tables(torch_profile, device, steps, "prefill chunk"))
+    return path
+
+
+def torch_tables(torch_profile, device: torch.device, steps: int, step_name: str = "decode step") -> str:
     events = torch_profile.key_averages()
-    parts = ["== ltri phases (inclusive times, per decode step) ==\n", phase_table(events, steps)]
+    parts = [f"== ltri phases (inclusive times, per {step_name}) ==\n", phase_table(events, steps)]
     if device.type == "cuda":
         parts += ["\n== ops by self device time ==\n", events.table(sort_by="self_device_time_total", row_limit=30)]
     parts += ["\n== ops by self CPU time ==\n", events.table(sort_by="self_cpu_time_total", row_limit=30)]

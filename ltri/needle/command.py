@@ -70,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     add("chunk_size", type=int, default=LtriConfig().chunk_size)
     add("index_vectors", default=SpanConfig().index_vectors)
     add("query_dims", default=RetrievalConfig().query_dims)
+    add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -24,6 +24,7 @@ CELL_SETTINGS = (
     "chunk_size",
     "index_vectors",
     "query_dims",
+    "refresh_every",
 )
 
 
@@ -48,6 +49,7 @@ class NeedleRun:
     chunk_size: int = LtriConfig().chunk_size
     index_vectors: str = SpanConfig().index_vectors  # the ltri method's; the others set their own
     query_dims: str = RetrievalConfig().query_dims  # likewise
+    refresh_every: int = RetrievalConfig().refresh_every  # every sparse method's
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -67,7 +69,7 @@ class NeedleRun:
         return LtriConfig(
             memory=MemoryConfig(n_sink=self.sink, n_window=self.window),
             spans=SpanConfig(index_vectors=self.index_vectors),
-            retrieval=RetrievalConfig(budget=self.budget, query_dims=self.query_dims),
+            retrieval=RetrievalConfig(budget=self.budget, query_dims=self.query_dims, refresh_every=self.refresh_every),
             chunk_size=self.chunk_size,
             device=self.device,
             dtype=self.dtype,
@@ -128,4 +130,5 @@ HELP = {
     "chunk_size": "tokens per prefill step",
     "index_vectors": "the ltri method's index vectors: keys or bounds",
     "query_dims": "the ltri method's query dimensions: all or long_range",
+    "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
 }

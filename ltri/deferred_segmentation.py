@@ -1,0 +1,71 @@
+"""Chunks of all layers cut into spans together, once the forward over the chunk has passed every layer.
+
+Each layer's prefill chunk is segmented by its own attention (``ltri.spans``). One call per layer is
+hundreds of tiny GPU launches; the layers of one forward wait here instead and are cut in one batched
+call (``ltri.span_batch.segment_many``), each launch doing the work of every layer. Nothing reads a
+chunk's spans before the next forward (they wait in the window, unindexed), so the spans and
+everything after them are exactly what cutting each layer at once would give.
+
+A layer hands in its block's head-averaged attention (n, n) and a callback that takes the
+Segmentation. Blocks are cut together when they share n and the segmentation settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ltri.config import SpanConfig
+from ltri.span_batch import segment_many
+from ltri.spans import Segmentation
+
+MAX_WAITING_BYTES = 1 << 30  # attention held while waiting; past it the waiting blocks are cut at once
+
+
+@dataclass(frozen=True)
+class WaitingBlock:
+    attention: torch.Tensor  # (n, n) head-averaged causal attention of the chunk
+    spans: SpanConfig
+    finish: Callable[[Segmentation], None]
+
+    def group(self) -> tuple:
+        config = self.spans
+        shape = (self.attention.shape[0], self.attention.device)
+        return (*shape, config.theta, config.min_len, config.max_len, config.nms_iou)
+
+
+class DeferredSegmentation:
+    def __init__(self, max_waiting_bytes: int = MAX_WAITING_BYTES, batched: bool | None = None) -> None:
+        """batched: as segment_many's (None: batched except on the CPU, where the loop is faster)."""
+        self.max_waiting_bytes = max_waiting_bytes
+        self.batched = batched
+        self.waiting: list[WaitingBlock] = []
+        self.waiting_bytes = 0
+
+    def add(self, attention: torch.Tensor, spans: SpanConfig, finish: Callable[[Segmentation], None]) -> None:
+        """A block to cut later: attention (n, n); finish(segmentation) gets its spans."""
+        self.waiting.append(WaitingBlock(attention, spans, finish))
+        self.waiting_bytes += attention.nbytes
+        if self.waiting_bytes > self.max_waiting_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Cut every waiting block (one batched call per group of like blocks) and hand out the spans, in the
+        order the blocks came."""
+        waiting, self.waiting, self.waiting_bytes = self.waiting, [], 0
+        groups: dict[tuple, list[int]] = {}
+        for number, block in enumerate(waiting):
+            groups.setdefault(block.group(), []).append(number)
+        segmentations: list[Segmentation | None] = [None] * len(waiting)
+        for numbers in groups.values():
+            config = waiting[numbers[0]].spans
+            attention = torch.stack([waiting[number].attention for number in numbers])  # (n_blocks, n, n)
+            cut = segment_many(
+                attention, config.theta, config.min_len, config.max_len, config.nms_iou, batched=self.batched
+            )
+            for number, segmentation in zip(numbers, cut, strict=True):
+                segmentations[number] = segmentation
+        for block, segmentation in zip(waiting, segmentations, strict=True):
+            block.finish(segmentation)
