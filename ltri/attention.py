@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import Layout, RopeTable, key_positions
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from ltri.positions import Rotary
 
 ATTENTION_NAME = "ltri"
+# Not cuDNN: it plans every new shape on the host (2 ms a call on an H200, benchmarks/speed/NOTES.md step 3),
+# and each chunk's resident set has a new length.
+CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 STEP_KWARG = "ltri_step"
 
 
@@ -133,8 +137,11 @@ def causal_chunk_attention(query, keys, values, n_resident: int, scaling: float 
         key_index = torch.arange(n_keys, device=query.device)
         query_index = torch.arange(q_len, device=query.device) + n_resident
         mask = key_index[None, :] <= query_index[:, None]  # (q_len, n_keys)
-    enable_gqa = query.shape[1] != keys.shape[1]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:  # every backend but math and cuDNN wants as many KV heads as query heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    with sdpa_kernel(CHUNK_BACKENDS):
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
 
 
 def decode_attention(query, keys, values, scaling: float | None) -> torch.Tensor:

@@ -260,7 +260,7 @@ class SpanMemory(LayerMemory):
         if self.shared is not None and config.collaboration > 0:
             self.shared.begin_step(self.tokens_seen)
             borrowed = self.shared.read(self.span_starts, lengths, owner) * config.collaboration
-            self.shared.publish(self.span_starts, lengths, votes)
+            self.shared.publish(self.span_starts, owner, votes)
             votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
         votes = self.persistence.apply(votes)
         chosen = choose_spans(votes, lengths, config.budget).cpu()

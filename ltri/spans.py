@@ -223,17 +223,40 @@ def positive_candidates(candidates: Candidates) -> Candidates:
 NMS_ROUNDS_PER_CHECK = 8  # NMS rounds enqueued between two looks at whether candidates remain (device syncs)
 
 
-def _suppressed(
-    candidates: Candidates, lengths: Tensor, best_start: Tensor, best_end: Tensor, nms_iou: float
-) -> Tensor:
-    """(n_blocks, n_cand) bool: the candidates (lengths: (n_cand,) ends - starts) whose IoU with their
-    block's pick (best_start, best_end: (n_blocks, 1)) exceeds nms_iou, the pick included."""
-    starts, ends = candidates.starts, candidates.ends
+@dataclass(frozen=True)
+class _NmsBuffers:
+    """What every NMS round reuses (allocating its (n_blocks, n_cand) temporaries afresh each round fragments
+    the CPU heap: it grew by gigabytes over thousands of rounds)."""
+
+    drop: Tensor  # (n_blocks, n_cand) bool
+    other: Tensor  # (n_blocks, n_cand) bool
+    overlap: Tensor  # (n_blocks, n_cand) float64 (nms_iou > 0; else empty)
+    union: Tensor  # (n_blocks, n_cand) float64 (nms_iou > 0; else empty)
+    lengths: Tensor  # (n_cand,) float64 candidate lengths
+
+    @staticmethod
+    def like(candidates: Candidates, nms_iou: float) -> _NmsBuffers:
+        scores = candidates.scores
+        masks = [torch.empty_like(scores, dtype=torch.bool) for _ in range(2)]
+        sums = [torch.empty_like(scores) if nms_iou > 0 else scores.new_empty(0) for _ in range(2)]
+        return _NmsBuffers(*masks, *sums, candidates.ends - candidates.starts)
+
+
+def _drop_overlapping(
+    live: Tensor, candidates: Candidates, best_start: Tensor, best_end: Tensor, nms_iou: float, buffers: _NmsBuffers
+) -> None:
+    """Set to -inf, in live (n_blocks, n_cand), the candidates whose IoU with their block's pick
+    (best_start, best_end: (n_blocks, 1)) exceeds nms_iou, the pick included."""
+    starts, ends, drop = candidates.starts, candidates.ends, buffers.drop
     if nms_iou == 0:  # IoU > 0: any overlap (what the general test below says, in fewer operations)
-        return (starts < best_end) & (ends > best_start)
-    overlap = (torch.minimum(ends, best_end) - torch.maximum(starts, best_start)).clamp(min=0)
-    union = lengths + (best_end - best_start) - overlap
-    return overlap > nms_iou * union  # IoU > nms_iou, without dividing
+        torch.lt(starts, best_end, out=drop)
+        drop &= torch.gt(ends, best_start, out=buffers.other)
+    else:
+        overlap, union = buffers.overlap, buffers.union
+        torch.minimum(ends, best_end, out=overlap).sub_(torch.maximum(starts, best_start, out=union)).clamp_(min=0)
+        torch.add(buffers.lengths, best_end - best_start, out=union).sub_(overlap)
+        torch.gt(overlap, union.mul_(nms_iou), out=drop)  # IoU > nms_iou, without dividing
+    live.masked_fill_(drop, float("-inf"))
 
 
 def greedy_nms(candidates: Candidates, nms_iou: float) -> Tensor:
@@ -246,16 +269,16 @@ def greedy_nms(candidates: Candidates, nms_iou: float) -> Tensor:
     Each round handles every block and stays on the device: a block with no candidate left records
     an invalid pick. The device is asked whether any block has candidates left only every
     NMS_ROUNDS_PER_CHECK rounds."""
-    live = candidates.scores.clone()  # (n_blocks, n_cand), -inf once dropped
-    lengths = candidates.ends - candidates.starts  # (n_cand,)
+    live = candidates.scores.clone()  # (n_blocks, n_cand): S > 0, or -inf once dropped (or never a candidate)
+    buffers = _NmsBuffers.like(candidates, nms_iou)
     picks, best_scores = [], []
-    while live.shape[-1] and bool((live > float("-inf")).any()):
+    while live.numel() and bool(live.max() > float("-inf")):
         for _ in range(NMS_ROUNDS_PER_CHECK):
             best_score, best = live.max(-1, keepdim=True)  # (n_blocks, 1) each, the first best
             best_start, best_end = candidates.starts[best], candidates.ends[best]
             picks.append(torch.cat([best_start, best_end], -1))
             best_scores.append(best_score)
-            live.masked_fill_(_suppressed(candidates, lengths, best_start, best_end, nms_iou), float("-inf"))
+            _drop_overlapping(live, candidates, best_start, best_end, nms_iou, buffers)
     if not picks:
         return torch.full((live.shape[0], 0, 2), -1, dtype=torch.long, device=live.device)
     valid = torch.cat(best_scores, -1) > float("-inf")  # (n_blocks, n_rounds)

@@ -42,9 +42,9 @@ def flip_byte(path: Path, layer: int, span_id: int, offset: int = 10) -> None:
     env.close()
 
 
-@pytest.fixture
-def store(tmp_path):
-    with SpanStore(tmp_path / "store") as opened:
+@pytest.fixture(params=[False, True], ids=["sync", "background"])
+def store(tmp_path, request):
+    with SpanStore(tmp_path / "store", background_writes=request.param) as opened:
         yield opened
 
 

@@ -24,6 +24,7 @@ import struct
 import weakref
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ltri.errors import LtriError
+from ltri.offload.background_writer import BackgroundWriter
 from ltri.offload.staging import StagingPool
 
 FORMAT = b"ltri-span-store/1"
@@ -48,7 +50,12 @@ def payload_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 class SpanStore:
-    def __init__(self, path: Path | str, readonly: bool = False, map_size: int = 1 << 40) -> None:
+    def __init__(
+        self, path: Path | str, readonly: bool = False, map_size: int = 1 << 40, background_writes: bool = False
+    ) -> None:
+        """background_writes: put_spans returns once the payloads are copied to the host, and one thread
+        writes them (``ltri.offload.background_writer``); reads of those spans, and whole-store calls, wait
+        for them. A crash then loses the writes still queued (a saved session flushes them first)."""
         self.path = Path(path)
         self.readonly = readonly
         self._key = self.path.resolve()
@@ -59,22 +66,41 @@ class SpanStore:
         _open_stores[self._key] = self
         self._staging = StagingPool()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._writer = BackgroundWriter() if background_writes and not readonly else None
 
     # --- writing
 
     def put_spans(self, layer: int, span_ids: Sequence[int], payloads: Sequence[torch.Tensor]) -> None:
-        """Stores each payload's raw bytes and crc32 under (layer, span id), all in one transaction."""
+        """Stores each payload's raw bytes and crc32 under (layer, span id), all in one transaction.
+
+        The payloads are copied to the host before this returns (the caller may change them afterwards);
+        with background writes the transaction runs later, on the writer's thread."""
         if len(span_ids) != len(payloads):
             raise ValueError(f"{len(span_ids)} span ids for {len(payloads)} payloads")
-        blobs = host_bytes(payloads)
+        if self.readonly:
+            raise LtriError(f"The span store at {self.path} is open read-only: it takes no new spans.")
+        span_ids = [int(span_id) for span_id in span_ids]
+        copied = host_copy(payloads)
+        if self._writer is None:
+            self._write(layer, span_ids, copied)
+        else:
+            self._writer.submit(lambda: self._write(layer, span_ids, copied), layer, span_ids)
+
+    def _write(self, layer: int, span_ids: list[int], copied: HostCopy) -> None:
         with self._lmdb_errors("write to"), self.env.begin(write=True) as txn:
-            for span_id, blob in zip(span_ids, blobs, strict=True):
-                key = span_key(layer, int(span_id))
+            for span_id, blob in zip(span_ids, copied.blobs(), strict=True):
+                key = span_key(layer, span_id)
                 txn.put(key, blob, db=self._payloads)
                 txn.put(key, CHECKSUM.pack(zlib.crc32(blob), blob.nbytes), db=self._checksums)
 
+    def wait_for_writes(self) -> None:
+        """Return once every span handed to put_spans is in the store (raises a failed write's error)."""
+        if self._writer is not None:
+            self._writer.drain()
+
     def flush(self) -> None:
         """Forces committed transactions to disk (they already survive a crash of this process)."""
+        self.wait_for_writes()
         if not self.readonly:
             self.env.sync(True)
 
@@ -91,6 +117,8 @@ class SpanStore:
         """The payloads of span_ids, as new tensors of the given shapes and dtype on device (crc32 checked)."""
         if len(span_ids) != len(shapes):
             raise ValueError(f"{len(span_ids)} span ids for {len(shapes)} shapes")
+        if self._writer is not None:
+            self._writer.wait_for(layer, [int(span_id) for span_id in span_ids])
         device = torch.device(device)
         if device.type == "cuda":
             return self._read_to_cuda(layer, span_ids, shapes, dtype, device)
@@ -155,6 +183,7 @@ class SpanStore:
         span_counts: only spans 0..span_counts[layer]-1 of each layer (those a saved session refers
         to), and each of them must be there; None checks everything stored.
         """
+        self.wait_for_writes()
         with self.env.begin(buffers=True) as txn:
             for key, record in self._records(txn, span_counts):
                 layer, span_id = KEY.unpack(key)
@@ -176,6 +205,7 @@ class SpanStore:
 
         span_counts: as in verify(); a span it names that is missing changes the digest too.
         """
+        self.wait_for_writes()
         digest = hashlib.sha256(FORMAT)
         with self.env.begin() as txn:
             for key, record in self._records(txn, span_counts):
@@ -185,11 +215,13 @@ class SpanStore:
 
     def nbytes(self) -> int:
         """Payload bytes stored (without LMDB's own overhead)."""
+        self.wait_for_writes()
         with self.env.begin() as txn:
             return sum(CHECKSUM.unpack(record)[1] for _, record in self._records(txn))
 
     def span_ids(self, layer: int) -> list[int]:
         """The span ids stored for layer, ascending."""
+        self.wait_for_writes()
         prefix = struct.pack(">I", layer)
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self._checksums)
@@ -215,6 +247,7 @@ class SpanStore:
 
     def copy_to(self, path: Path | str) -> None:
         """A compacted copy of this store in path, which must be empty or not exist yet."""
+        self.wait_for_writes()
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise LtriError(f"Cannot copy the span store to {path}: the directory is not empty; choose an empty one.")
@@ -223,9 +256,14 @@ class SpanStore:
             self.env.copy(str(path), compact=True)
 
     def close(self) -> None:
-        if _open_stores.get(self._key) is self:
-            self.env.close()
-            del _open_stores[self._key]
+        """Waits for the queued writes, then closes (a failed write's error is raised once closed)."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if _open_stores.get(self._key) is self:
+                self.env.close()
+                del _open_stores[self._key]
 
     def __enter__(self) -> SpanStore:
         return self
@@ -301,15 +339,34 @@ class SpanStore:
         return LtriError(f"The span store at {self.path} is damaged: {where} {problem}; ingest the text again.")
 
 
-def host_bytes(payloads: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Each payload's raw bytes as a flat uint8 array in host memory; GPU payloads cross in one copy."""
+@dataclass(frozen=True)
+class HostCopy:
+    """Payloads' raw bytes copied to host memory: one block, pinned when they came from a GPU."""
+
+    data: torch.Tensor  # (total bytes,) uint8 on the host
+    sizes: list[int]  # bytes of each payload, in order
+    ready: torch.cuda.Event | None  # recorded after the device-to-host copy; None for CPU payloads
+
+    def blobs(self) -> list[np.ndarray]:
+        """Each payload's bytes as a flat uint8 array (waits for the copy)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [part.numpy() for part in self.data.split(self.sizes)]
+
+
+def host_copy(payloads: Sequence[torch.Tensor]) -> HostCopy:
+    """Copies of the payloads' bytes on the host, made without waiting for the GPU: one device-to-host copy
+    into pinned memory, enqueued on the current stream after the work that made the payloads."""
     flat = [payload.detach().contiguous().reshape(-1).view(torch.uint8) for payload in payloads]
-    on_gpu = [i for i, tensor in enumerate(flat) if not tensor.is_cpu]
-    if on_gpu:
-        host = torch.cat([flat[i] for i in on_gpu]).cpu()
-        for i, part in zip(on_gpu, host.split([flat[i].numel() for i in on_gpu]), strict=True):
-            flat[i] = part
-    return [tensor.numpy() for tensor in flat]
+    sizes = [tensor.numel() for tensor in flat]
+    joined = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)  # a copy even on the CPU
+    if joined.is_cpu:
+        return HostCopy(joined, sizes, None)
+    host = torch.empty(joined.numel(), dtype=torch.uint8, pin_memory=True)
+    host.copy_(joined, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return HostCopy(host, sizes, ready)
 
 
 def byte_view(tensor: torch.Tensor) -> np.ndarray:
