@@ -14,7 +14,7 @@ class PendingSpans:
     def __init__(self) -> None:
         self.lengths = torch.empty(0, dtype=torch.long)  # (n_pending,) tokens per span, CPU
         self.vectors: torch.Tensor | None = None  # (nheads_kv, n_vectors, dim)
-        self.owner = torch.empty(0, dtype=torch.long)  # (n_vectors,) pending index of each vector's span
+        self.owner = torch.empty(0, dtype=torch.long)  # (n_vectors,) pending index of each vector's span, ascending
 
     @property
     def count(self) -> int:
@@ -39,14 +39,15 @@ class PendingSpans:
         return int((remaining >= n_window).sum())
 
     def pop(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Remove the n oldest spans; returns their lengths (n,), vectors (nheads_kv, v, dim), owner (v,)."""
-        leaving = self.owner < n
-        owner_device = self.vectors.device
-        taken = (self.lengths[:n], self.vectors[:, leaving.to(owner_device)], self.owner[leaving])
-        staying = ~leaving
+        """Remove the n oldest spans; returns their lengths (n,), vectors (nheads_kv, v, dim), owner (v,).
+
+        Vectors are kept in span order (owner ascending), so the leaving ones are a prefix: slices, no
+        boolean indexing of device tensors (a host sync)."""
+        n_leaving = int((self.owner < n).sum())  # owner is on the CPU
+        taken = (self.lengths[:n], self.vectors[:, :n_leaving], self.owner[:n_leaving])
         self.lengths = self.lengths[n:]
-        self.vectors = self.vectors[:, staying.to(owner_device)]
-        self.owner = self.owner[staying] - n
+        self.vectors = self.vectors[:, n_leaving:]
+        self.owner = self.owner[n_leaving:] - n
         return taken
 
     def state(self) -> dict:

@@ -7,10 +7,11 @@ every block: thresholds, prefix-sum tables, the dense candidate grid (no sync to
 candidates) and each NMS round for all blocks together; then one transfer brings every block's kept
 spans to the host, where token claiming and gap filling run for all blocks together.
 
-On the CPU there are no launches to save, and the batched pass is the slower one (measured on 32
-planted 512-token blocks, one thread: 0.6 s against 0.25 s for the loop): its (n_blocks, n, n) float64
-tables no longer stay in the cache, and the dense candidate grid gives NMS ~1.3x the candidates
-(many times more rounds when nms_iou > 0). So by default the CPU segments one block after the other.
+On the CPU there are no launches to save, and the batched pass is the slower one (benchmarks/speed/
+segmentation.py, 32 planted 512-token blocks, one thread: 0.60-0.63 s against 0.42-0.43 s for the loop):
+its (n_blocks, n, n) float64 tables no longer stay in the cache, and every NMS round goes through the
+dense grid of every block (up to the most rounds any block needs; many when nms_iou > 0). So by
+default the CPU segments one block after the other.
 Vocabulary: n_blocks blocks of n tokens each.
 """
 

@@ -223,15 +223,14 @@ class SpanMemory(LayerMemory):
         lengths, vectors, owner = self.pending.pop(n_leaving)
         n_tokens = int(lengths.sum())
         span_ids = torch.arange(self.n_spans, self.n_spans + n_leaving)
-        payloads = torch.stack([self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens]])
-        pieces = [piece.contiguous() for piece in payloads.split(lengths.tolist(), dim=2)]
+        pieces = span_payloads(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens], lengths)
         self.store.put_spans(self.layer, span_ids.tolist(), pieces)
-        self._ensure_index_and_cache(vectors, payloads.device)
-        for span_id, piece in zip(span_ids.tolist(), pieces, strict=True):
-            self.cache.put(span_id, piece)
+        self._ensure_index_and_cache(vectors, pieces[0].device)
+        self.cache.put_block(span_ids.tolist(), pieces)
         self.index.add(vectors.float(), span_ids[owner].to(vectors.device))
-        offsets = torch.cumsum(lengths, dim=0) - lengths
-        self.span_starts = torch.cat([self.span_starts, self.window.positions()[offsets.to(payloads.device)].cpu()])
+        # The window holds consecutive text positions after the sinks and the stored spans: no device read.
+        window_start = self.sinks.length + int(self.span_lengths.sum())
+        self.span_starts = torch.cat([self.span_starts, window_start + torch.cumsum(lengths, dim=0) - lengths])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
         self.window.keep(0, self.window.length - n_tokens)
 
@@ -338,6 +337,28 @@ class SpanMemory(LayerMemory):
         if state["index"] is not None:
             self.index = index_from_state(self.retrieval_config.backend, state["index"], device)
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+
+
+def span_payloads(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive spans' payloads as contiguous views of one block, made by one gather.
+
+    keys, values: (nheads_kv, n, headdim) the spans' tokens in order; lengths: (n_spans,) CPU, summing to n.
+    Returns n_spans tensors (2, nheads_kv, length, headdim) (keys then values), span after span in the block.
+    """
+    nheads_kv, n, headdim = keys.shape
+    rows = 2 * nheads_kv  # (keys, values) x heads: the block's row groups, each n tokens long
+    stacked = torch.stack([keys, values]).view(rows * n, headdim)
+    piece_lengths = lengths.repeat_interleave(rows)  # (n_spans * rows,) one piece per span and row group
+    piece_starts = torch.arange(rows).repeat(lengths.numel()) * n + (
+        torch.cumsum(lengths, 0) - lengths
+    ).repeat_interleave(rows)
+    first = torch.cumsum(piece_lengths, 0) - piece_lengths
+    index = (piece_starts - first).repeat_interleave(piece_lengths, output_size=rows * n) + torch.arange(rows * n)
+    block = stacked.index_select(0, index.to(keys.device, non_blocking=True))  # (rows * n, headdim) span-major
+    sizes = (lengths * rows).tolist()
+    return [
+        piece.view(2, nheads_kv, size // rows, headdim) for piece, size in zip(block.split(sizes), sizes, strict=True)
+    ]
 
 
 def even_segmentation(n: int, max_len: int, device) -> Segmentation:

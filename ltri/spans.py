@@ -184,10 +184,11 @@ def triangle_scores(attention: Tensor, theta: float | Tensor | None = None, wind
         raise ValueError(f"attention must be square (n, n) blocks, got {tuple(attention.shape)}")
     n = attention.shape[-1]
     thresholds = row_thresholds(attention, theta, window)  # (..., n)
-    excess = (attention.double() - thresholds[..., None]).tril()  # (..., n, n)
+    # in place from here: for a batch of blocks these are large (32 blocks of 1024 tokens: 270 MB each)
+    excess = attention.to(torch.float64, copy=True).sub_(thresholds[..., None]).tril_()  # (..., n, n)
     table = excess.new_zeros(*attention.shape[:-2], n + 1, n + 1)
     # [..., j, i]: sum over rows <= i, columns <= j
-    table[..., 1:, 1:] = excess.cumsum(-1).transpose(-1, -2).contiguous().cumsum(-1)
+    table[..., 1:, 1:] = excess.cumsum_(-1).transpose(-1, -2).contiguous().cumsum_(-1)
     return TriangleScores(table)
 
 

@@ -32,8 +32,8 @@ def mixed_blocks(n, seed=0):
 
 
 def tied_blocks(n_triangles=12, length=16):
-    """Blocks whose candidates tie exactly: equal triangles of dyadic values (exact float64 sums),
-    one shifted by 5 tokens."""
+    """Blocks whose candidates tie exactly (dyadic values: exact float64 sums): equal triangles, the same
+    shifted by 5 tokens, and constant cells."""
     n = n_triangles * length
     span = torch.arange(n) // length
     triangles = ((span[:, None] == span[None, :]) & torch.ones(n, n).tril().bool()).float() / length

@@ -125,3 +125,16 @@ def test_decode_steps_retrieve_every_refresh_every_steps(refresh_every, searches
     assert calls == [searches] * len(memories)
     if refresh_every == 0:
         assert all(torch.equal(m.last_retrieved, r) for m, r in zip(memories, after_question, strict=True))
+
+
+def test_span_payloads_are_the_spans_keys_and_values_in_one_block():
+    from ltri.span_memory import span_payloads
+
+    keys, values = torch.randn(3, 40, 8), torch.randn(3, 40, 8)
+    lengths = torch.tensor([5, 1, 20, 14])
+    pieces = span_payloads(keys, values, lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    for piece, start, length in zip(pieces, starts.tolist(), lengths.tolist(), strict=True):
+        assert piece.is_contiguous() and piece.shape == (2, 3, length, 8)
+        assert torch.equal(piece, torch.stack([keys[:, start : start + length], values[:, start : start + length]]))
+    assert len({piece.untyped_storage().data_ptr() for piece in pieces}) == 1, "views of one block"

@@ -68,8 +68,10 @@ class SpanSlots:
     def _insert(self, new_ids: torch.Tensor, new_slots: torch.Tensor) -> None:
         ids = torch.cat([self._sorted_ids, new_ids])
         slots = torch.cat([self._sorted_slots, new_slots])
-        order = torch.argsort(ids)
-        self._sorted_ids, self._sorted_slots = ids[order], slots[order]
+        if self.n_spans and new_ids.numel() and new_ids[0] <= self._sorted_ids[-1]:
+            order = torch.argsort(ids)  # ids out of order; spans leaving a window come in ascending order
+            ids, slots = ids[order], slots[order]
+        self._sorted_ids, self._sorted_slots = ids, slots
         self.slot_span_ids = torch.cat([self.slot_span_ids, new_ids])
         self.slot_counts = torch.cat([self.slot_counts, torch.zeros_like(new_ids)])
 

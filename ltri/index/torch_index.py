@@ -36,7 +36,9 @@ class TorchSpanIndex(SpanIndex):
         end = self._length + n_new
         self._vectors[:, self._length : end] = vectors.to(self.device, torch.float32)
         self._vector_slots[self._length : end] = slots.to(self.device)
-        self._slot_span_ids = self._slots.slot_span_ids.to(self.device)
+        n_known = self._slot_span_ids.numel()  # copy only the slots this add created
+        fresh = self._slots.slot_span_ids[n_known:].to(self.device, non_blocking=True)
+        self._slot_span_ids = torch.cat([self._slot_span_ids, fresh])
         self._length = end
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,13 @@ class SpanCache:
         self._insert(int(span_id), payload)
         self._evict(protected={int(span_id)})
 
+    def put_block(self, span_ids: Sequence[int], payloads: Sequence[torch.Tensor]) -> None:
+        """Caches fresh payloads that are views of one block on the device, as they are (no copies): the block
+        lives while any of them is cached, as the views that read_spans returns for a batch of misses do."""
+        for span_id, payload in zip(span_ids, payloads, strict=True):
+            self._insert(int(span_id), payload.detach())
+        self._evict(protected={int(span_id) for span_id in span_ids})
+
     def nbytes(self) -> int:
         return self._nbytes
 
