@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ltri.config import LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig
+from ltri.config import VOTES, LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.errors import LtriError
 from ltri.model import load_model
 from ltri.needle import report
@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     add("index_vectors", default=SpanConfig().index_vectors)
     add("query_dims", default=RetrievalConfig().query_dims)
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
+    add("vote", default=RetrievalConfig().vote, choices=VOTES)
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -25,6 +25,7 @@ CELL_SETTINGS = (
     "index_vectors",
     "query_dims",
     "refresh_every",
+    "vote",
 )
 
 
@@ -50,6 +51,7 @@ class NeedleRun:
     index_vectors: str = SpanConfig().index_vectors  # the ltri method's; the others set their own
     query_dims: str = RetrievalConfig().query_dims  # likewise
     refresh_every: int = RetrievalConfig().refresh_every  # every sparse method's
+    vote: str = RetrievalConfig().vote  # likewise
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -131,4 +133,5 @@ HELP = {
     "index_vectors": "the ltri method's index vectors: keys or bounds",
     "query_dims": "the ltri method's query dimensions: all or long_range",
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
+    "vote": "how the queries' weights over spans pool into one vote per span: mean or max",
 }
