@@ -237,3 +237,13 @@ def test_ltri_needle_refuses_bad_options_in_one_sentence(tmp_path):
     assert isinstance(result.exception, LtriError) and "unknown methods" in str(result.exception)
     result = CliRunner().invoke(needle_app(), ["needle", "--haystack", str(tmp_path), "--out", str(tmp_path)])
     assert isinstance(result.exception, LtriError) and ".txt files" in str(result.exception)
+
+
+def test_every_retrieval_option_reaches_the_ltri_config(tmp_path):
+    from ltri.needle.command import make_run
+
+    options = dict(budget=300, window=200, sink=8, query_dims="long_range", refresh_every=3, vote="max")
+    run = make_run("1k", "2", "ltri", tmp_path, None, **options)
+    config = run.ltri_config("ltri")
+    assert (config.retrieval.budget, config.memory.n_window, config.memory.n_sink) == (300, 200, 8)
+    assert (config.retrieval.query_dims, config.retrieval.refresh_every, config.retrieval.vote) == ("long_range", 3, "max")

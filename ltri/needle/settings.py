@@ -71,7 +71,9 @@ class NeedleRun:
         return LtriConfig(
             memory=MemoryConfig(n_sink=self.sink, n_window=self.window),
             spans=SpanConfig(index_vectors=self.index_vectors),
-            retrieval=RetrievalConfig(budget=self.budget, query_dims=self.query_dims, refresh_every=self.refresh_every),
+            retrieval=RetrievalConfig(
+                budget=self.budget, query_dims=self.query_dims, refresh_every=self.refresh_every, vote=self.vote
+            ),
             chunk_size=self.chunk_size,
             device=self.device,
             dtype=self.dtype,
