@@ -246,4 +246,5 @@ def test_every_retrieval_option_reaches_the_ltri_config(tmp_path):
     run = make_run("1k", "2", "ltri", tmp_path, None, **options)
     config = run.ltri_config("ltri")
     assert (config.retrieval.budget, config.memory.n_window, config.memory.n_sink) == (300, 200, 8)
-    assert (config.retrieval.query_dims, config.retrieval.refresh_every, config.retrieval.vote) == ("long_range", 3, "max")
+    retrieval = config.retrieval
+    assert (retrieval.query_dims, retrieval.refresh_every, retrieval.vote) == ("long_range", 3, "max")
