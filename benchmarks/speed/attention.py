@@ -20,9 +20,11 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 - kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
   same keys, to tune the split heuristic.
 
-Timing: CUDA events around each call, each call preceded by a 256 MB write that evicts the L2 cache; median of
---reps after --warmup. The call's launches queue behind that write, which hides the launch overhead of short calls
-but not all of it for the ltri step (tens of launches). "graph_ms" (ltri rows and the kernel) replays the call
+Timing: CUDA events around each call, each call preceded by a 256 MB read that evicts the L2 cache and leaves it
+clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirty lines: a short kernel then paid
+for writing them back, up to twice its own reads); median of --reps after --warmup. The call's launches queue
+behind that read, which hides the launch overhead of short calls but not all of it for the ltri step (tens of
+launches). "graph_ms" (ltri rows and the kernel) replays the call
 from a CUDA graph: device time with no launch overhead, what a graphed decode loop would pay. "wall_ms" is host
 time of one synchronised call, launch overhead included. "bytes" is what the method must read at least; "gbps"
 is bytes / ms; "floor_ms" is bytes over the copy bandwidth measured in the same run ("copy_gbps": read + write
@@ -232,12 +234,18 @@ def sdpa_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class Timer:
-    """Median device time (CUDA events behind an L2-evicting write) and host wall time of a call."""
+    """Median device time (CUDA events behind an L2-evicting read) and host wall time of a call."""
 
     def __init__(self, device: torch.device, warmup: int, reps: int):
         self.device, self.warmup, self.reps = device, warmup, reps
         self.cuda = device.type == "cuda"
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
+        # 256 MB, read by a reduction before each timed call: L2 (50 MB on an H100) then holds clean lines of it,
+        # as in a decode step, where the layer's kernels before attention mostly read (weights).
+        self.flush_buffer = torch.ones(64 * 2**20, dtype=torch.float32, device=device) if self.cuda else None
+        self.flush_sink = torch.empty((), dtype=torch.float32, device=device) if self.cuda else None
+
+    def flush(self) -> None:
+        torch.sum(self.flush_buffer, dtype=torch.float32, out=self.flush_sink)
 
     def sync(self) -> None:
         if self.cuda:
@@ -250,7 +258,7 @@ class Timer:
         walls = []
         for _ in range(self.reps):
             if self.cuda:
-                self.flush.zero_()
+                self.flush()
             self.sync()
             start = time.perf_counter()
             fn()
@@ -260,7 +268,7 @@ class Timer:
             return statistics.median(walls), statistics.median(walls)
         events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(self.reps)]
         for start_event, end_event in events:
-            self.flush.zero_()
+            self.flush()
             start_event.record()
             fn()
             end_event.record()
@@ -513,7 +521,7 @@ def main() -> None:
 
     result = {
         "env": environment(device),
-        "config": {**asdict(shape), "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps},
+        "config": {**asdict(shape), "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps, "l2_flush": "read"},
         "copy_gbps": copy,
         "checks": checks,
         "rows": rows,
