@@ -6,7 +6,7 @@ import sys
 
 from ltri.cli.answer_stream import AnswerReport, CtrlC, stream_answer
 from ltri.cli.chat_commands import run_command
-from ltri.cli.chat_input import enable_line_editing, read_message
+from ltri.cli.chat_input import catch_ctrl_c, enable_line_editing, read_message
 from ltri.cli.options import AnswerOptions
 from ltri.cli.progress import note
 from ltri.cli.session_source import OpenSession
@@ -57,6 +57,7 @@ def run_chat(opened: OpenSession, answer: AnswerOptions, quiet: bool) -> None:
     chat = Chat(opened, answer, interactive)
     if interactive:
         enable_line_editing()
+        catch_ctrl_c()
         tokens = opened.session.stats().tokens_seen
         note(quiet, f"{tokens:,} tokens read. Ask about the text; /help lists the commands, /bye ends.")
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from ltri.errors import LtriError
@@ -47,6 +48,17 @@ def enable_line_editing() -> None:
         import readline  # noqa: F401 - importing it is what makes input() edit lines
     except ImportError:
         pass
+
+
+def catch_ctrl_c() -> None:
+    """Make Ctrl-C at the prompt raise KeyboardInterrupt even where the chat started with SIGINT ignored or blocked.
+
+    Both are inherited from the parent process, and with SIGINT ignored at startup Python installs no handler, so
+    a Ctrl-C at the prompt would vanish (the answer's own handler, ``CtrlC``, would still work, and then restore
+    the ignoring). Those are exactly the symptoms of the chat test's hang in the full suite (benchmarks/speed/NOTES.md).
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def attach_terminal() -> None:

@@ -4,6 +4,7 @@ and the store cache that lets the second chat about a text start without reading
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -79,7 +80,8 @@ class Chunks:
         return ANSI.sub("", "".join(text for _, text in self.reads))
 
 
-def spawn_chat(cache: Path, *args: str) -> tuple[pexpect.spawn, Chunks]:
+def spawn_chat(cache: Path, *args: str, ignoring_ctrl_c: bool = False) -> tuple[pexpect.spawn, Chunks]:
+    """ignoring_ctrl_c: start the chat with SIGINT ignored, as a parent process that ignores it would."""
     child = pexpect.spawn(
         sys.executable,
         ["-m", "ltri", "chat", *args],
@@ -87,6 +89,7 @@ def spawn_chat(cache: Path, *args: str) -> tuple[pexpect.spawn, Chunks]:
         encoding="utf-8",
         timeout=240,
         dimensions=(50, 200),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignoring_ctrl_c else None,
     )
     child.logfile_read = Chunks()
     return child, child.logfile_read
@@ -161,7 +164,7 @@ def test_stats_spans_and_reset_in_the_chat(first_chat):
 def test_second_chat_reopens_the_cached_store_without_reading_again(first_chat, cache, book, tmp_path):
     (entry,) = first_chat["entries"]
     saved_meta = (entry / "meta.json").stat().st_mtime_ns
-    child, _ = spawn_chat(cache, "--context", str(book), *MEMORY, "--max-tokens", "24")
+    child, _ = spawn_chat(cache, "--context", str(book), *MEMORY, "--max-tokens", "24", ignoring_ctrl_c=True)
     opening = ask(child)
     assert "reopened the cached store" in opening and not READ_LINE.search(opening)
     multi_line = ask(child, '"""What is the secret', 'password for the harbour gate?"""')
@@ -177,13 +180,8 @@ def test_second_chat_reopens_the_cached_store_without_reading_again(first_chat, 
     child.sendintr()
     stopped = ask(child)
     assert "[stopped]" in stopped
-    child.sendintr()  # at the prompt, Ctrl-C does not end the chat either
-    if child.expect_exact(["/bye ends the chat", pexpect.TIMEOUT], timeout=60) == 1:
-        child.terminate(force=True)  # it holds the cached store's lock, which the next tests need
-        pytest.xfail(
-            "known bug, open: in the full suite (never when this file runs alone) a Ctrl-C at the chat prompt after "
-            "a stopped answer is not answered; benchmarks/speed/NOTES.md, end"
-        )
+    child.sendintr()  # at the prompt, Ctrl-C does not end the chat either, though it started ignoring SIGINT
+    child.expect_exact("(Ctrl-D or /bye ends the chat)", timeout=60)
     child.sendeof()
     assert end(child) == 0
     assert store_entries(cache) == [entry]
