@@ -4,13 +4,15 @@
         --settings '[{}, {"budget": 4096}, {"collaboration": 0}]' --out results.json
 
 The context is built as in needle.py (ltri.needle: same needle, question, scoring and needle recall). It is fed
-once with the default config into a store; every setting (RetrievalConfig fields, plus
-"position_mode") reopens that store and asks. Only what happens after reading changes between rows.
+once with the default config into a store; every setting (RetrievalConfig fields, plus "position_mode", plus
+"oracle": true for oracle retrieval, ltri.needle.oracle: the needle's spans win every retrieval) reopens that
+store and asks. Only what happens after reading changes between rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from ltri import LtriConfig, RetrievalConfig, Session, load_model
 from ltri.needle.haystack import build_context, make_haystack
+from ltri.needle.oracle import needle_first
 from ltri.needle.recall import fed_token_ids, needle_token_range, recall_fields, watch_needle
 from ltri.needle.settings import parse_lengths
 from ltri.needle.tasks import make_probe
@@ -27,7 +30,7 @@ from ltri.provenance import git_sha
 
 
 def config_for(setting: dict) -> LtriConfig:
-    setting = dict(setting)
+    setting = {key: value for key, value in setting.items() if key != "oracle"}
     position_mode = setting.pop("position_mode", LtriConfig().position_mode)
     return dataclasses.replace(LtriConfig(), position_mode=position_mode, retrieval=RetrievalConfig(**setting))
 
@@ -59,7 +62,8 @@ def main() -> None:
             with Session.open(store, model=model, tokenizer=tokenizer, config=config_for(setting)) as session:
                 _, offsets = fed_token_ids(tokenizer, session.chat_format, context.text)
                 start, end = needle_token_range(offsets, context.needle_chars)
-                with watch_needle(start, end) as coverage:
+                oracle = needle_first(start, end) if setting.get("oracle") else contextlib.nullcontext()
+                with oracle, watch_needle(start, end) as coverage:
                     response = session.ask(probe.question, max_new_tokens=args.max_new_tokens)
                 row = {"setting": setting, "score": probe.score(response), "response": response}
                 row |= recall_fields(session, coverage)
