@@ -12,12 +12,14 @@ import typer
 from ltri.cli import needle as needle_command
 from typer.testing import CliRunner
 
+from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
 from ltri.chat_format import ChatFormat
 from ltri.errors import LtriError
 from ltri.filler import filler_text
 from ltri.methods import METHODS, method_config
-from ltri.needle import cell, command, grid, haystack, recall, run_config, settings, tasks
+from ltri.needle import cell, command, grid, haystack, oracle, recall, run_config, settings, tasks
 from ltri.needle.scoring import score
+from ltri.retrieval import Persistence
 from ltri.span_memory import SpanMemory
 
 LENGTH = 1536
@@ -113,6 +115,28 @@ def test_watch_needle_restores_the_retrieval():
         assert SpanMemory._retrieve is not original
         raise RuntimeError
     assert SpanMemory._retrieve is original
+
+
+def test_oracle_retrieval_puts_the_needle_in_every_layer_at_every_step(smollm):
+    """ltri.needle.oracle: with a budget too small to hold the needle by chance (but two spans of up to 128 tokens),
+    every retrieval of every layer holds it."""
+    model, tokenizer = smollm
+    probe = tasks.make_probe("needle", 0, LENGTH, 40.0)
+    made = haystack.make_haystack(tokenizer, None, LENGTH + 256)
+    context = haystack.build_context(tokenizer, made, LENGTH, 40.0, probe.sentence)
+    config = LtriConfig(memory=MemoryConfig(n_window=256), retrieval=RetrievalConfig(budget=256))
+    with Session(model, config, tokenizer=tokenizer) as session:
+        session.feed(context.text)
+        _, offsets = recall.fed_token_ids(tokenizer, session.chat_format, context.text)
+        start, end = recall.needle_token_range(offsets, context.needle_chars)
+        original = SpanMemory._retrieve
+        with oracle.needle_first(start, end), recall.watch_needle(start, end) as coverage:
+            session.ask(probe.question, max_new_tokens=4)
+        assert SpanMemory._retrieve is original
+        memories = session.cache.memories()
+        assert all(type(memory.persistence) is Persistence for memory in memories)
+        full, tokens, steps = coverage.per_layer(memories)
+    assert min(steps) > 1 and full == [1.0] * len(memories)
 
 
 def harness_args(out: Path, budget: int = 256) -> list[str]:
