@@ -133,6 +133,58 @@ def test_head_without_valid_keys_gives_zero_and_minus_inf():
     torch.testing.assert_close(lse, ref_lse)
 
 
+def check_against_reference(q, k, v, n_valid, causal, split_size):
+    """sparse_attention_triton with split_size against the float64 reference (float32 inputs)."""
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+    ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), n_valid, causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
+
+
+# (nheads_kv, group, q_len, n_keys, headdim, causal, split_size): one split, several, more than a merge step's 16
+LAUNCHES = [
+    (3, 4, 1, 1025, 64, False, 32),
+    (2, 3, 37, 123, 128, True, 64),
+    (8, 4, 1, 300, 64, False, 1024),
+    (1, 1, 1, 1025, 256, False, 32),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), [(0, 1), (1, 2), (2, 3), (3, 0)], ids=lambda i: f"launch{i}")
+def test_consecutive_launches_with_other_shapes_and_split_counts(first, second):
+    """Launches with other shapes and split counts one after another (compiled variants and buffers do not leak)."""
+    for index in (first, second, first):
+        nheads_kv, group, q_len, n_keys, headdim, causal, split_size = LAUNCHES[index]
+        q, k, v, n_valid = make_inputs(nheads_kv, group, q_len, n_keys, headdim, True, torch.float32, seed=index)
+        check_against_reference(q, k, v, n_valid, causal, split_size)
+
+
+@pytest.mark.parametrize("headdim", [64, 256])
+@pytest.mark.parametrize(("split_size", "q_len"), [(32, 1), (32, 37), (2048, 1), (2048, 37)])
+def test_smallest_splits_and_a_single_split(split_size, q_len, headdim):
+    """The most splits split_size allows (33, beyond one merge step of 16 splits) and a single split."""
+    q, k, v, n_valid = make_inputs(2, 4, q_len, 1025, headdim, True, torch.float32, seed=5)
+    n_valid[0] = 1000
+    check_against_reference(q, k, v, n_valid, q_len > 1, split_size)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["decode", "causal"])
+@pytest.mark.parametrize("split_size", [32, 2048], ids=["splits", "one-split"])
+def test_rows_without_keys_give_zero_and_minus_inf(split_size, causal):
+    """A KV head with no valid key (all its rows), and causal rows before the first valid key."""
+    q_len = 5 if causal else 1
+    q, k, v, _ = make_inputs(3, 2, q_len, 200, 64, False, torch.float32, seed=6)
+    n_valid = torch.tensor([0, 200, 3], device=DEVICE)  # KV head 2, causal: positions 0 and 1 see no key
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+    empty = torch.zeros(q.shape[:2], dtype=torch.bool, device=DEVICE)
+    empty[:2] = True
+    if causal:
+        empty[4:, :2] = True
+    assert torch.all(out[empty] == 0) and torch.all(lse[empty] == float("-inf"))
+    assert torch.all(torch.isfinite(lse[~empty]))
+    check_against_reference(q, k, v, n_valid, causal, split_size)
+
+
 def test_strided_keys_and_explicit_scale():
     """k, v as views with a row stride (e.g. slots of a larger buffer); a custom scale."""
     q, k, v, _ = make_inputs(2, 2, 1, 194, 64, False, torch.float32, seed=4)
