@@ -242,10 +242,9 @@ class Timer:
         # 256 MB, read by a reduction before each timed call: L2 (50 MB on an H100) then holds clean lines of it,
         # as in a decode step, where the layer's kernels before attention mostly read (weights).
         self.flush_buffer = torch.ones(64 * 2**20, dtype=torch.float32, device=device) if self.cuda else None
-        self.flush_sink = torch.empty((), dtype=torch.float32, device=device) if self.cuda else None
 
     def flush(self) -> None:
-        torch.sum(self.flush_buffer, dtype=torch.float32, out=self.flush_sink)
+        self.flush_buffer.sum()
 
     def sync(self) -> None:
         if self.cuda:
