@@ -20,12 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ltri import LtriConfig, RetrievalConfig, Session, load_model
-from ltri.needle.haystack import build_context, make_haystack
+from ltri import LtriConfig, RetrievalConfig, Session
+from ltri.needle.one_context import add_context_arguments, load_context
 from ltri.needle.oracle import needle_first
 from ltri.needle.recall import fed_token_ids, needle_token_range, recall_fields, watch_needle
-from ltri.needle.settings import parse_lengths
-from ltri.needle.tasks import make_probe
 from ltri.provenance import git_sha
 
 
@@ -37,19 +35,11 @@ def config_for(setting: dict) -> LtriConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", default="12k")
-    parser.add_argument("--depth", type=float, default=50.0)
-    parser.add_argument("--haystack", type=Path, default=None, help="directory of .txt files (default: filler)")
+    add_context_arguments(parser, length="12k")
     parser.add_argument("--settings", default="[{}]", help="JSON list of RetrievalConfig overrides")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    (length,) = parse_lengths(args.length)
-    model, tokenizer = load_model(None, device=args.device)
-    probe = make_probe("needle", 0, length, args.depth)
-    haystack = make_haystack(tokenizer, args.haystack, length + 256)
-    context = build_context(tokenizer, haystack, length, args.depth, probe.sentence)
+    one = load_context(args)
+    model, tokenizer, probe, context = one.model, one.tokenizer, one.probe, one.context
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
