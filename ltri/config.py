@@ -111,6 +111,9 @@ class RetrievalConfig:
         the spans the question (the last prefill chunk) retrieved for the whole answer. Prefill chunks
         always retrieve. Skipping retrieval removes its host work (index search, votes, store reads) from
         those steps.
+    reread: at each question, once it is read, read the window again (``ltri.reread``): its tokens' keys and
+        values are computed anew attending to the sinks and the spans the question retrieved, as they would be
+        in a short text that holds that evidence; then the answer begins. Costs one forward over the window.
     """
 
     budget: int = 512
@@ -127,6 +130,7 @@ class RetrievalConfig:
     select_tokens: int = 1024
     select_rank: int = 16
     refresh_every: int = 1
+    reread: bool = False
 
     def __post_init__(self) -> None:
         if self.budget < 0:

@@ -66,6 +66,8 @@ class SpanMemory(LayerMemory):
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
         self._loaded = None  # (span ids, their keys, values, positions) as the last step loaded them
         self.steps_since_retrieval = 0  # decode steps since the last retrieval (RetrievalConfig.refresh_every)
+        self.rereading_from: int | None = None  # text position where the chunk read again starts (ltri.reread)
+        self.spans_at_retrieval = 0  # spans stored when the last retrieval chose among them
         self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
@@ -81,12 +83,17 @@ class SpanMemory(LayerMemory):
 
     # ---- LayerMemory -------------------------------------------------------------------------
     def wants_chunk_attention(self, q_len: int) -> bool:
+        if self.rereading_from is not None:
+            return False
         config = self.span_config
         reads_attention = config.segmentation == "triangles" or config.index_vectors == "keys"
         return reads_attention and q_len >= config.min_len
 
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.end_forward()
+        if self.rereading_from is not None:
+            self.window.overwrite_tail(keys, values)
+            return
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
         n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
         if n_sink > 0:
@@ -115,6 +122,8 @@ class SpanMemory(LayerMemory):
 
     def resident(self, queries: torch.Tensor) -> ResidentSet | None:
         self.end_forward()
+        if self.rereading_from is not None:
+            return self._reread_resident(self.rereading_from)
         parts = [self.sinks] if self.sinks.length else []
         retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
         if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
@@ -135,6 +144,29 @@ class SpanMemory(LayerMemory):
             return None
         layout = Layout(self.sinks.length, n_retrieved, self.window.length)
         return ResidentSet(tuple(keys), tuple(values), torch.cat(positions), layout)
+
+    def unseen_by_retrieval(self) -> int | None:
+        """Text position of the first token that is neither a sink nor in a span the last retrieval could choose
+        (the window's start, or an earlier one if spans left the window since); None before any retrieval."""
+        if self._loaded is None:
+            return None
+        if self.spans_at_retrieval < self.n_spans:
+            return int(self.span_starts[self.spans_at_retrieval])
+        return self.sinks.length + int(self.span_lengths.sum())
+
+    def _reread_resident(self, chunk_start: int) -> ResidentSet | None:
+        """While the window is read again from text position chunk_start on: the sinks and the tokens before
+        chunk_start of the spans the last retrieval loaded (later ones are in the chunk), nothing else."""
+        pieces = [(self.sinks.keys(), self.sinks.values(), self.sinks.positions())] if self.sinks.length else []
+        if self._loaded is not None:
+            keys, values, positions = self._loaded[1]  # the spans retrieved last, in document order
+            before = int((positions < chunk_start).sum())
+            pieces.append((keys[:, :, :before], values[:, :, :before], positions[:before]))
+        if not pieces:
+            return None
+        keys, values, positions = zip(*pieces, strict=True)
+        n_retrieved = sum(piece.numel() for piece in positions) - self.sinks.length
+        return ResidentSet(keys, values, torch.cat(positions), Layout(self.sinks.length, n_retrieved, 0))
 
     def resident_tokens(self) -> int:
         return self.sinks.length + int(self.span_lengths[self.last_retrieved].sum()) + self.window.length
@@ -265,6 +297,7 @@ class SpanMemory(LayerMemory):
         chosen = choose_spans(votes, lengths, config.budget).cpu()
         self.persistence.record(votes)
         self.last_retrieved = chosen
+        self.spans_at_retrieval = self.n_spans
         if self._loaded is None or not torch.equal(self._loaded[0], chosen):
             self._loaded = (chosen, self._load(chosen, queries.device))
         return self._loaded[1]

@@ -32,6 +32,15 @@ class TokenBuffer:
         self._positions[self.length : end] = positions
         self.length = end
 
+    def overwrite_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New keys and values for the held tokens, from the last length tokens of keys, values (positions stay)."""
+        if self.length == 0:
+            return
+        if keys.shape[2] < self.length:
+            raise ValueError(f"overwrite_tail needs at least the {self.length} held tokens, got {keys.shape[2]}")
+        self._keys[:, :, : self.length] = keys[:, :, keys.shape[2] - self.length :]
+        self._values[:, :, : self.length] = values[:, :, values.shape[2] - self.length :]
+
     def keys(self) -> torch.Tensor:
         return self._slice(self._keys)
 

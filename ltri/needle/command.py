@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     add("query_dims", default=RetrievalConfig().query_dims)
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
     add("vote", default=RetrievalConfig().vote, choices=VOTES)
+    add("reread", action="store_true")
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -26,6 +26,7 @@ CELL_SETTINGS = (
     "query_dims",
     "refresh_every",
     "vote",
+    "reread",
 )
 
 
@@ -52,6 +53,7 @@ class NeedleRun:
     query_dims: str = RetrievalConfig().query_dims  # likewise
     refresh_every: int = RetrievalConfig().refresh_every  # every sparse method's
     vote: str = RetrievalConfig().vote  # likewise
+    reread: bool = RetrievalConfig().reread  # the ltri method's (the published methods do not reread)
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -72,7 +74,11 @@ class NeedleRun:
             memory=MemoryConfig(n_sink=self.sink, n_window=self.window),
             spans=SpanConfig(index_vectors=self.index_vectors),
             retrieval=RetrievalConfig(
-                budget=self.budget, query_dims=self.query_dims, refresh_every=self.refresh_every, vote=self.vote
+                budget=self.budget,
+                query_dims=self.query_dims,
+                refresh_every=self.refresh_every,
+                vote=self.vote,
+                reread=self.reread,
             ),
             chunk_size=self.chunk_size,
             device=self.device,
@@ -136,4 +142,5 @@ HELP = {
     "query_dims": "the ltri method's query dimensions: all or long_range",
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
     "vote": "how the queries' weights over spans pool into one vote per span: mean or max",
+    "reread": "the ltri method reads the window again with the question's spans before answering",
 }

@@ -1,0 +1,49 @@
+"""Reading the window again at a question (``RetrievalConfig.reread``).
+
+While ltri streams a long text, each token's keys and values are computed with what was resident then: the
+sinks, the spans that chunk retrieved, the window. A question then retrieves its evidence, but the window's tokens
+(the text just before the question, and the question itself) were encoded without that evidence in reach, so
+their deeper layers carry nothing of it; full attention over the same resident tokens, read as one short text,
+answers needle questions that ltri misses for this reason (benchmarks/needle/README.md, "Full attention over
+what ltri holds"). Rereading computes the window's keys and values again, attending to the sinks and to the spans
+the question retrieved (fixed for the pass, no new retrieval), and then decodes from the reread question.
+
+The chunk read again is every layer's window: from the earliest window start of any layer to the last token
+(the windows differ by a span's length between layers, and the question itself may have pushed spans out); a layer
+attends to the retrieved spans before the chunk, keeps the new keys and values of its own window and ignores the
+earlier tokens, which it holds as stored spans. Token counts, positions, spans and the index do not
+change; the pending spans' index vectors keep the keys they were cut from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltri.span_memory import SpanMemory
+
+
+def window_start(memories: list) -> int | None:
+    """Where the chunk read again starts: the earliest text position that some layer holds neither as a sink nor
+    in a span its question's retrieval could choose (its window, and spans that left the window since). None when
+    rereading cannot help: a policy other than ``ltri``, or a layer that has not retrieved (nothing stored yet)."""
+    if not memories or not all(isinstance(memory, SpanMemory) for memory in memories):
+        return None
+    starts = [memory.unseen_by_retrieval() for memory in memories]
+    return None if any(start is None for start in starts) else min(starts)
+
+
+def reread_window(session, logits: torch.Tensor) -> torch.Tensor:
+    """Read every layer's window again with the question's spans; the reread last position's logits (vocab,),
+    or logits unchanged where rereading cannot help."""
+    memories = session.cache.memories()
+    start = window_start(memories)
+    if start is None:
+        return logits
+    chunk = torch.tensor(session.token_ids[start:], dtype=torch.long, device=session.device)
+    for memory in memories:
+        memory.rereading_from = start
+    try:
+        return session.run_model(chunk, start)[-1]
+    finally:
+        for memory in memories:
+            memory.rereading_from = None
