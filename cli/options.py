@@ -56,6 +56,14 @@ class ReadingOptions:
             f"(default: {_RETRIEVAL.refresh_every}).",
         ),
     ] = None
+    reread: Annotated[
+        bool | None,
+        typer.Option(
+            "--reread/--no-reread",
+            help="At each question, read the window again with the spans the question retrieved "
+            f"(default: {'on' if _RETRIEVAL.reread else 'off'}).",
+        ),
+    ] = None
     chunk: Annotated[
         int | None, typer.Option("--chunk", help=f"Tokens per prefill step (default: {_LTRI.chunk_size}).")
     ] = None
@@ -72,7 +80,13 @@ class ReadingOptions:
         """base (default: LtriConfig()) with the options given on the command line."""
         base = base or LtriConfig()
         memory = _given(base.memory, policy=self.policy, n_sink=self.sink, n_window=self.window)
-        retrieval = _given(base.retrieval, budget=self.budget, selector=self.selector, refresh_every=self.refresh_every)
+        retrieval = _given(
+            base.retrieval,
+            budget=self.budget,
+            selector=self.selector,
+            refresh_every=self.refresh_every,
+            reread=self.reread,
+        )
         return _given(
             base,
             memory=memory,

@@ -277,7 +277,9 @@ def test_chat_takes_the_text_from_a_pipe_and_the_questions_from_the_terminal(cac
 def test_the_cache_key_follows_what_shapes_a_store(tiny_model):
     base = ReadingOptions(window=64)
     key = store_key("text", str(tiny_model), base.config(), None)
-    assert key == store_key("text", str(tiny_model), ReadingOptions(window=64, budget=10, chunk=7).config(), None)
+    answer_time = ReadingOptions(window=64, budget=10, chunk=7, reread=True).config()
+    assert answer_time.retrieval.reread and not base.config().retrieval.reread
+    assert key == store_key("text", str(tiny_model), answer_time, None)
     others = [
         store_key("other text", str(tiny_model), base.config(), None),
         store_key("text", None, base.config(), None),
