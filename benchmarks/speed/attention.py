@@ -23,9 +23,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 Timing: CUDA events around each call, each call preceded by a 256 MB read that evicts the L2 cache and leaves it
 clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirty lines that a short kernel may
 have to write back while it reads; the two were not compared on one machine); median of --reps after --warmup. The
-call's launches queue behind that read, which hides only part of their launch overhead (the read takes about 60 us
-on an H200, a Triton launch from Python about as long), so "ms" includes some launch overhead; "graph_ms" (ltri
-rows and the kernel) replays the call
+call's launches queue behind that read, which hides only part of their launch overhead, so "ms" includes some of
+it (compare it with "graph_ms"); "graph_ms" (ltri rows and the kernel) replays the call
 from a CUDA graph: device time with no launch overhead, what a graphed decode loop would pay. "wall_ms" is host
 time of one synchronised call, launch overhead included. "bytes" is what the method must read at least; "gbps"
 is bytes / ms; "floor_ms" is bytes over the copy bandwidth measured in the same run ("copy_gbps": read + write
