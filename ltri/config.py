@@ -114,6 +114,9 @@ class RetrievalConfig:
     reread: at each question, once it is read, read the window again (``ltri.reread``): its tokens' keys and
         values are computed anew attending to the sinks and the spans the question retrieved, as they would be
         in a short text that holds that evidence; then the answer begins. Costs one forward over the window.
+    reread_evidence: with reread, also read again this many stored tokens, those most layers' question retrieval
+        agreed on, before the window in the same chunk; each layer keeps them resident for the answer
+        (``ltri.evidence``). 0: the window only.
     """
 
     budget: int = 512
@@ -131,10 +134,13 @@ class RetrievalConfig:
     select_rank: int = 16
     refresh_every: int = 1
     reread: bool = False
+    reread_evidence: int = 0
 
     def __post_init__(self) -> None:
         if self.budget < 0:
             raise LtriError(f"The retrieval budget must be 0 or more tokens, got {self.budget}.")
+        if self.reread_evidence < 0:
+            raise LtriError(f"reread_evidence must be 0 or more tokens, got {self.reread_evidence}.")
         if self.search_k < 1:
             raise LtriError(f"search_k must be at least 1, got {self.search_k}.")
         if self.backend not in INDEX_BACKENDS:

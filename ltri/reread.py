@@ -13,12 +13,17 @@ The chunk read again is every layer's window: from the earliest window start of 
 attends to the retrieved spans before the chunk, keeps the new keys and values of its own window and ignores the
 earlier tokens, which it holds as stored spans. Token counts, positions, spans and the index do not
 change; the pending spans' index vectors keep the keys they were cut from.
+
+With ``reread_evidence`` > 0 the chunk starts with that many stored tokens, those the layers' question retrieval
+agreed on most (``ltri.evidence``), so that the evidence too is encoded next to the question rather than where the
+long text had it; each layer keeps them resident for the answer, and they are forgotten at the next question.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ltri.evidence import agreed_positions
 from ltri.span_memory import SpanMemory
 
 
@@ -32,18 +37,29 @@ def window_start(memories: list) -> int | None:
     return None if any(start is None for start in starts) else min(starts)
 
 
-def reread_window(session, logits: torch.Tensor) -> torch.Tensor:
-    """Read every layer's window again with the question's spans; the reread last position's logits (vocab,),
-    or logits unchanged where rereading cannot help."""
+def reread_window(session, logits: torch.Tensor, n_evidence: int = 0) -> torch.Tensor:
+    """Read every layer's window again with the question's spans, after n_evidence stored tokens the layers'
+    question retrieval agreed on (``ltri.evidence``); the reread last position's logits (vocab,), or logits
+    unchanged where rereading cannot help."""
     memories = session.cache.memories()
     start = window_start(memories)
     if start is None:
         return logits
-    chunk = torch.tensor(session.token_ids[start:], dtype=torch.long, device=session.device)
+    evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
+    ids = torch.tensor(session.token_ids, dtype=torch.long)
+    chunk = torch.cat([ids[evidence], ids[start:]]).to(session.device)
+    positions = torch.cat([evidence, torch.arange(start, ids.numel())]).to(session.device)
     for memory in memories:
-        memory.rereading_from = start
+        memory.rereading_from, memory.rereading_evidence = start, evidence.to(session.device)
     try:
-        return session.run_model(chunk, start)[-1]
+        return session.run_model(chunk, positions)[-1]
     finally:
         for memory in memories:
-            memory.rereading_from = None
+            memory.rereading_from = memory.rereading_evidence = None
+
+
+def forget_evidence(memories: list) -> None:
+    """Drop the evidence the last question's reread kept (before a new question is read)."""
+    for memory in memories:
+        if isinstance(memory, SpanMemory):
+            memory.evidence.clear()

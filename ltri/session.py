@@ -33,7 +33,7 @@ from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
 from ltri.model import cache_root, load_model
 from ltri.policies import make_memories
 from ltri.positions import Rotary
-from ltri.reread import reread_window
+from ltri.reread import forget_evidence, reread_window
 from ltri.retrieval_log import RetrievalLog, RetrievedSpan
 from ltri.sampling import make_generator, sample_next
 from ltri.store_files import (
@@ -352,9 +352,10 @@ class Session:
         """Like ask, but yields the answer in text pieces as they decode."""
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         self._retrieval_log.clear()
+        forget_evidence(self.cache.memories())
         logits = self.prefill(self.question_tokens(question), progress=lambda done, total: self._record_retrieval())
         if self.config.retrieval.reread:
-            logits = reread_window(self, logits)
+            logits = reread_window(self, logits, self.config.retrieval.reread_evidence)
         self._phase = "answered"
         yield from self._decode(logits, config)
 
@@ -406,17 +407,17 @@ class Session:
     @torch.inference_mode()
     def _forward(self, chunk: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """One forward over chunk (q_len,) new token ids; returns logits (q_len or 1, vocab) in float32."""
-        logits = self.run_model(chunk, self.cache.tokens_seen, all_logits)
+        start = self.cache.tokens_seen
+        logits = self.run_model(chunk, torch.arange(start, start + chunk.numel(), device=self.device), all_logits)
         self.cache.advance(chunk.numel())
         self.token_ids.extend(chunk.tolist())
         return logits
 
     @torch.inference_mode()
-    def run_model(self, chunk: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
-        """The model over chunk (q_len,) token ids at text positions start.. -> logits (q_len or 1, vocab) float32.
+    def run_model(self, chunk: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """The model over chunk (q_len,) token ids at text positions (q_len,) -> logits (q_len or 1, vocab) float32.
 
         The layers' memories take the chunk's keys and values; counting the tokens is the caller's."""
-        positions = torch.arange(start, start + chunk.numel(), device=self.device)
         step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_frame)
         output = self.model(
             input_ids=chunk[None, :],

@@ -18,6 +18,7 @@ import torch
 
 from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.deferred_segmentation import DeferredSegmentation
+from ltri.evidence import Evidence
 from ltri.index import index_from_state, make_index
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.span_cache import SpanCache
@@ -66,7 +67,9 @@ class SpanMemory(LayerMemory):
         self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
         self._loaded = None  # (span ids, their keys, values, positions) as the last step loaded them
         self.steps_since_retrieval = 0  # decode steps since the last retrieval (RetrievalConfig.refresh_every)
-        self.rereading_from: int | None = None  # text position where the chunk read again starts (ltri.reread)
+        self.rereading_from: int | None = None  # text position where the window read again starts (ltri.reread)
+        self.rereading_evidence: torch.Tensor | None = None  # (n,) positions of the evidence read before it
+        self.evidence = Evidence()  # stored tokens the last question's reread encoded anew
         self.spans_at_retrieval = 0  # spans stored when the last retrieval chose among them
         self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
@@ -92,7 +95,10 @@ class SpanMemory(LayerMemory):
     def append(self, keys, values, positions, chunk_attention=None) -> None:
         self.end_forward()
         if self.rereading_from is not None:
-            self.window.overwrite_tail(keys, values)
+            n_evidence = 0 if self.rereading_evidence is None else self.rereading_evidence.numel()
+            if n_evidence:
+                self.evidence.keep(keys[:, :, :n_evidence], values[:, :, :n_evidence], self.rereading_evidence)
+            self.window.overwrite_tail(keys[:, :, n_evidence:], values[:, :, n_evidence:])
             return
         self.kv_shape, self.dtype = (keys.shape[1], keys.shape[3]), keys.dtype
         n_sink = min(self.memory_config.n_sink - self.sinks.length, keys.shape[2])
@@ -128,7 +134,9 @@ class SpanMemory(LayerMemory):
         retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
         if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
             retrieved = self._select(queries, *retrieved)
-        n_retrieved = 0 if retrieved is None else retrieved[2].numel()
+        if self.evidence.length and retrieved is not None:
+            retrieved = self.evidence.leave_out(*retrieved)
+        n_retrieved = self.evidence.length + (0 if retrieved is None else retrieved[2].numel())
         keys = [buffer.keys() for buffer in parts]
         values = [buffer.values() for buffer in parts]
         positions = [buffer.positions() for buffer in parts]
@@ -136,10 +144,12 @@ class SpanMemory(LayerMemory):
             keys.append(retrieved[0])
             values.append(retrieved[1])
             positions.append(retrieved[2])
-        if self.window.length:
-            keys.append(self.window.keys())
-            values.append(self.window.values())
-            positions.append(self.window.positions())
+        # the evidence right before the window, where the question's reread read it (ltri.reread)
+        for buffer in (self.evidence.tokens, self.window):
+            if buffer.length:
+                keys.append(buffer.keys())
+                values.append(buffer.values())
+                positions.append(buffer.positions())
         if not keys:
             return None
         layout = Layout(self.sinks.length, n_retrieved, self.window.length)
@@ -156,12 +166,14 @@ class SpanMemory(LayerMemory):
 
     def _reread_resident(self, chunk_start: int) -> ResidentSet | None:
         """While the window is read again from text position chunk_start on: the sinks and the tokens before
-        chunk_start of the spans the last retrieval loaded (later ones are in the chunk), nothing else."""
+        chunk_start of the spans the last retrieval loaded (later ones, and the evidence, are in the chunk)."""
         pieces = [(self.sinks.keys(), self.sinks.values(), self.sinks.positions())] if self.sinks.length else []
         if self._loaded is not None:
             keys, values, positions = self._loaded[1]  # the spans retrieved last, in document order
-            before = int((positions < chunk_start).sum())
-            pieces.append((keys[:, :, :before], values[:, :, :before], positions[:before]))
+            kept = positions < chunk_start
+            if self.rereading_evidence is not None:
+                kept &= ~torch.isin(positions, self.rereading_evidence.to(positions.device))
+            pieces.append((keys[:, :, kept], values[:, :, kept], positions[kept]))
         if not pieces:
             return None
         keys, values, positions = zip(*pieces, strict=True)
@@ -169,7 +181,8 @@ class SpanMemory(LayerMemory):
         return ResidentSet(keys, values, torch.cat(positions), Layout(self.sinks.length, n_retrieved, 0))
 
     def resident_tokens(self) -> int:
-        return self.sinks.length + int(self.span_lengths[self.last_retrieved].sum()) + self.window.length
+        retrieved = int(self.span_lengths[self.last_retrieved].sum())
+        return self.sinks.length + retrieved + self.evidence.length + self.window.length
 
     def nbytes(self) -> int:
         cached = 0 if self.cache is None else self.cache.nbytes()

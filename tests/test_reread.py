@@ -19,11 +19,11 @@ TEXT_IDS = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed
 QUESTION = "What was it?"
 
 
-def config(budget: int, reread: bool, position_mode: str = "true") -> LtriConfig:
+def config(budget: int, reread: bool, position_mode: str = "true", evidence: int = 0) -> LtriConfig:
     return LtriConfig(
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
         spans=SpanConfig(min_len=4, max_len=24),
-        retrieval=RetrievalConfig(budget=budget, search_k=10**6, reread=reread),
+        retrieval=RetrievalConfig(budget=budget, search_k=10**6, reread=reread, reread_evidence=evidence),
         position_mode=position_mode,
         chunk_size=100,
     )
@@ -98,3 +98,31 @@ def test_rereading_is_skipped_where_it_cannot_help():
     full = dataclasses.replace(config(budget=48, reread=True), memory=MemoryConfig(policy="full"))
     assert window_start(Session(model, full, tokenizer=byte_tokenizer()).cache.memories()) is None
     assert all(isinstance(m, SpanMemory) for m in short.cache.memories())
+
+
+@pytest.mark.parametrize("position_mode", ["compact", "true", "one_angle"])
+def test_evidence_is_read_with_the_window_kept_for_the_answer_and_forgotten_at_the_next_question(position_mode):
+    model = tiny_llama(seed=5)
+    _, session = question_logits(model, config(budget=48, reread=True, position_mode=position_mode, evidence=40))
+    seen = session.cache.tokens_seen
+    for memory in session.cache.memories():
+        evidence = memory.evidence.tokens.positions()
+        assert evidence.numel() == 40 and torch.equal(evidence, evidence.sort().values)
+        assert int(evidence.max()) < int(memory.window.positions()[0]), "evidence comes from stored spans"
+    memory = session.cache.memories()[1]
+    resident = memory.resident(torch.randn(1, 4, 1, 16))  # a decode step's queries: evidence and spans do not repeat
+    assert resident.positions.unique().numel() == resident.positions.numel()
+    assert resident.layout.n_retrieved >= 40
+    first = [m.evidence.tokens.positions().clone() for m in session.cache.memories()]
+    session.ask("And where?", max_new_tokens=2)
+    assert session.cache.tokens_seen > seen
+    assert all(m.evidence.length == 40 for m in session.cache.memories())
+    now = [m.evidence.tokens.positions() for m in session.cache.memories()]
+    assert any(not torch.equal(a, b) for a, b in zip(first, now, strict=True)), "the new question's evidence"
+
+
+def test_negative_evidence_is_refused_in_one_sentence():
+    from ltri.errors import LtriError
+
+    with pytest.raises(LtriError, match="reread_evidence must be 0 or more"):
+        RetrievalConfig(reread_evidence=-1)

@@ -1,0 +1,55 @@
+"""Evidence: tokens of stored spans that a question's reread encoded anew, resident with the window for its answer.
+
+``ltri.reread`` with ``RetrievalConfig.reread_evidence`` > 0 reads, with the window, the stored tokens the question's
+retrieval agreed on most across layers, as one chunk; each layer keeps their new keys and values here, resident
+between the sinks and the spans it retrieves (which then leave those tokens out) until the next question.
+Shapes: keys, values (1, nheads_kv, n, headdim); positions (n,) text positions, ascending.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltri.token_buffer import TokenBuffer
+
+
+class Evidence:
+    def __init__(self) -> None:
+        self.tokens = TokenBuffer()
+
+    @property
+    def length(self) -> int:
+        return self.tokens.length
+
+    def clear(self) -> None:
+        self.tokens = TokenBuffer()
+
+    def keep(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace the evidence with these tokens."""
+        self.clear()
+        if positions.numel():
+            self.tokens.append(keys, values, positions)
+
+    def leave_out(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        """Retrieved tokens (keys, values, positions) without those the evidence holds (one device read)."""
+        if self.length == 0 or positions.numel() == 0:
+            return keys, values, positions
+        kept = ~torch.isin(positions, self.tokens.positions().to(positions.device))
+        return keys[:, :, kept], values[:, :, kept], positions[kept]
+
+
+def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor:
+    """The n_tokens text positions before ``before`` that most layers' last retrieval holds, ascending (CPU).
+
+    Ties go to the later position (nearer the question)."""
+    counts = torch.zeros(before, dtype=torch.int32)
+    for memory in memories:
+        chosen = memory.last_retrieved.cpu()
+        starts, lengths = memory.span_starts[chosen].tolist(), memory.span_lengths[chosen].tolist()
+        for start, length in zip(starts, lengths, strict=True):
+            counts[start : min(start + length, before)] += 1
+    held = int((counts > 0).sum())
+    if held == 0 or n_tokens <= 0:
+        return torch.empty(0, dtype=torch.long)
+    order = torch.argsort(counts.double() + torch.arange(before, dtype=torch.double) / (before + 1), descending=True)
+    return order[: min(n_tokens, held)].sort().values
