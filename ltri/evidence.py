@@ -2,7 +2,8 @@
 
 ``ltri.reread`` with ``RetrievalConfig.reread_evidence`` > 0 reads, with the window, the stored tokens the question's
 retrieval agreed on most across layers, as one chunk; each layer keeps their new keys and values here, resident
-between the sinks and the spans it retrieves (which then leave those tokens out) until the next question.
+right before the window, where the reread read it, with the spans it retrieves leaving those tokens out, until the
+next question or the next text fed.
 Shapes: keys, values (1, nheads_kv, n, headdim); positions (n,) text positions, ascending.
 """
 

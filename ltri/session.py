@@ -313,6 +313,7 @@ class Session:
         """Read more text (a string, or token ids). Returns the number of tokens fed."""
         token_ids = self._tokenize(self._opening(inside_user_turn=""))
         token_ids += self._tokenize(text) if isinstance(text, str) else [int(t) for t in text]
+        forget_evidence(self.cache.memories())  # the last answer's (ltri.evidence)
         self._phase = "in_user"
         self.prefill(token_ids, progress=progress)
         return len(token_ids)

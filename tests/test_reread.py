@@ -101,7 +101,7 @@ def test_rereading_is_skipped_where_it_cannot_help():
 
 
 @pytest.mark.parametrize("position_mode", ["compact", "true", "one_angle"])
-def test_evidence_is_read_with_the_window_kept_for_the_answer_and_forgotten_at_the_next_question(position_mode):
+def test_evidence_is_read_with_the_window_kept_for_the_answer_and_forgotten_after(position_mode):
     model = tiny_llama(seed=5)
     _, session = question_logits(model, config(budget=48, reread=True, position_mode=position_mode, evidence=40))
     seen = session.cache.tokens_seen
@@ -119,6 +119,8 @@ def test_evidence_is_read_with_the_window_kept_for_the_answer_and_forgotten_at_t
     assert all(m.evidence.length == 40 for m in session.cache.memories())
     now = [m.evidence.tokens.positions() for m in session.cache.memories()]
     assert any(not torch.equal(a, b) for a, b in zip(first, now, strict=True)), "the new question's evidence"
+    session.feed("More text.")
+    assert all(m.evidence.length == 0 for m in session.cache.memories()), "reading on forgets the answer's evidence"
 
 
 def test_negative_evidence_is_refused_in_one_sentence():
