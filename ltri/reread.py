@@ -43,7 +43,7 @@ def reread_window(session, logits: torch.Tensor, n_evidence: int = 0) -> torch.T
     unchanged where rereading cannot help."""
     memories = session.cache.memories()
     start = window_start(memories)
-    if start is None:
+    if start is None or len(session.token_ids) < session.cache.tokens_seen:  # a store saved without its token ids
         return logits
     evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
     ids = torch.tensor(session.token_ids, dtype=torch.long)
@@ -59,7 +59,7 @@ def reread_window(session, logits: torch.Tensor, n_evidence: int = 0) -> torch.T
 
 
 def forget_evidence(memories: list) -> None:
-    """Drop the evidence the last question's reread kept (before a new question is read)."""
+    """Drop the evidence the last question's reread kept (before a new question or more text is read)."""
     for memory in memories:
         if isinstance(memory, SpanMemory):
             memory.evidence.clear()
