@@ -153,7 +153,7 @@ class Session:
             )
         directory.mkdir(parents=True, exist_ok=True)
         write_meta(directory, self._meta(complete=False))
-        self.store = SpanStore(directory / SPANS_DIR)
+        self.store = SpanStore(directory / SPANS_DIR, background_writes=True)
         self.store_path = directory
 
     def stats(self) -> SessionStats:
@@ -256,7 +256,7 @@ class Session:
         self.system = state["system"]
         self.chat_format = ChatFormat.for_tokenizer(self.tokenizer, self.system)
         if self.config.memory.policy == "ltri":
-            self.store = SpanStore(directory / SPANS_DIR)
+            self.store = SpanStore(directory / SPANS_DIR, background_writes=True)
             self.store_path = directory
             self._check_payloads(directory, meta["payloads"], verify)
         n_layers = self.model.config.num_hidden_layers
