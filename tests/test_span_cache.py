@@ -93,15 +93,16 @@ def test_zero_budget_still_serves(store):
     assert cached(cache) == {3}
 
 
-def test_put_spares_a_store_read_and_owns_its_memory(store):
+def test_put_block_spares_store_reads_and_keeps_the_views_as_they_are(store):
     cache = SpanCache(store, LAYER, byte_budget=4 * SPAN_BYTES, device="cpu")
-    chunk = torch.randn(2, 2, 64, 4)
-    cache.put(77, chunk[:, :, 8:16])  # span 77 is not in the store: a read would fail
-    (got,) = get(cache, [77])
-    assert torch.equal(got, chunk[:, :, 8:16]) and store.reads == [] and cache.hits == 1
-    assert got.untyped_storage().nbytes() == SPAN_BYTES  # not the whole chunk kept alive
-    cache.put(77, payload(1))
-    assert torch.equal(get(cache, [77])[0], payload(1)) and cache.nbytes() == SPAN_BYTES
+    block = torch.randn(2, 2, 16, 4)  # spans 77 and 78 (not in the store: a read would fail), 8 tokens each
+    cache.put_block([77, 78], [block[:, :, :8], block[:, :, 8:]])
+    got = get(cache, [78, 77])
+    assert torch.equal(got[0], block[:, :, 8:]) and torch.equal(got[1], block[:, :, :8])
+    assert store.reads == [] and cache.hits == 2 and cache.nbytes() == 2 * SPAN_BYTES
+    assert got[0].untyped_storage().data_ptr() == block.untyped_storage().data_ptr()  # views, no copies
+    cache.put_block([77], [payload(1)])
+    assert torch.equal(get(cache, [77])[0], payload(1)) and cache.nbytes() == 2 * SPAN_BYTES
 
 
 def test_clear_and_shape_mismatch(store):

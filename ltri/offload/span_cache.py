@@ -1,6 +1,6 @@
 """One layer's least-recently-used cache of span payloads on the compute device, within a byte budget.
 
-Eviction runs at the end of every get() and put() and never evicts the spans that call asked for or
+Eviction runs at the end of every get() and put_block() and never evicts the spans that call asked for or
 inserted. So a request larger than the budget is still served whole, and the cache then holds it,
 over budget, until a later call evicts it: those are the tensors the caller has just received, so
 keeping them costs no memory the caller does not already hold.
@@ -53,14 +53,6 @@ class SpanCache:
                 self._insert(span_id, payload)
         self._evict(protected=wanted.keys())
         return [self._entries[int(span_id)] for span_id in span_ids]
-
-    def put(self, span_id: int, payload: torch.Tensor) -> None:
-        """Caches a freshly made payload (moved to the device; copied if it is a view of a larger tensor)."""
-        payload = payload.detach().to(self.device)
-        if not payload.is_contiguous() or payload.untyped_storage().nbytes() != payload.nbytes:
-            payload = payload.clone(memory_format=torch.contiguous_format)
-        self._insert(int(span_id), payload)
-        self._evict(protected={int(span_id)})
 
     def put_block(self, span_ids: Sequence[int], payloads: Sequence[torch.Tensor]) -> None:
         """Caches fresh payloads that are views of one block on the device, as they are (no copies): the block
