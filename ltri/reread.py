@@ -16,7 +16,8 @@ change; the pending spans' index vectors keep the keys they were cut from.
 
 With ``reread_evidence`` > 0 the chunk starts with that many stored tokens, those the layers' question retrieval
 agreed on most (``ltri.evidence``), so that the evidence too is encoded next to the question rather than where the
-long text had it; each layer keeps them resident for the answer, and they are forgotten at the next question.
+long text had it; each layer keeps them resident for the answer, and they are forgotten at the next question or
+text fed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ltri.evidence import agreed_positions
 from ltri.span_memory import SpanMemory
 
 
-def window_start(memories: list) -> int | None:
+def reread_start(memories: list) -> int | None:
     """Where the chunk read again starts: the earliest text position that some layer holds neither as a sink nor
     in a span its question's retrieval could choose (its window, and spans that left the window since). None when
     rereading cannot help: a policy other than ``ltri``, or a layer that has not retrieved (nothing stored yet)."""
@@ -42,13 +43,13 @@ def reread_window(session, logits: torch.Tensor, n_evidence: int = 0) -> torch.T
     question retrieval agreed on (``ltri.evidence``); the reread last position's logits (vocab,), or logits
     unchanged where rereading cannot help."""
     memories = session.cache.memories()
-    start = window_start(memories)
+    start = reread_start(memories)
     if start is None or len(session.token_ids) < session.cache.tokens_seen:  # a store saved without its token ids
         return logits
     evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
-    ids = torch.tensor(session.token_ids, dtype=torch.long)
-    chunk = torch.cat([ids[evidence], ids[start:]]).to(session.device)
-    positions = torch.cat([evidence, torch.arange(start, ids.numel())]).to(session.device)
+    ids = [session.token_ids[position] for position in evidence.tolist()] + list(session.token_ids[start:])
+    chunk = torch.tensor(ids, dtype=torch.long, device=session.device)
+    positions = torch.cat([evidence, torch.arange(start, session.cache.tokens_seen)]).to(session.device)
     for memory in memories:
         memory.rereading_from, memory.rereading_evidence = start, evidence.to(session.device)
     try:

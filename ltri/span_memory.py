@@ -80,6 +80,11 @@ class SpanMemory(LayerMemory):
         return self.span_lengths.numel()
 
     @property
+    def window_start(self) -> int:
+        """Text position of the window's first token: it follows the sinks and the stored spans (host counts only)."""
+        return self.sinks.length + int(self.span_lengths.sum())
+
+    @property
     def tokens_seen(self) -> int:
         """Tokens appended so far: each is a sink, in a stored span or in the window."""
         return self.sinks.length + int(self.span_lengths.sum()) + self.window.length
@@ -162,7 +167,7 @@ class SpanMemory(LayerMemory):
             return None
         if self.spans_at_retrieval < self.n_spans:
             return int(self.span_starts[self.spans_at_retrieval])
-        return self.sinks.length + int(self.span_lengths.sum())
+        return self.window_start
 
     def _reread_resident(self, chunk_start: int) -> ResidentSet | None:
         """While the window is read again from text position chunk_start on: the sinks and the tokens before
@@ -274,8 +279,7 @@ class SpanMemory(LayerMemory):
         self.cache.put_block(span_ids.tolist(), pieces)
         self.index.add(vectors.float(), span_ids[owner].to(vectors.device))
         # The window holds consecutive text positions after the sinks and the stored spans: no device read.
-        window_start = self.sinks.length + int(self.span_lengths.sum())
-        self.span_starts = torch.cat([self.span_starts, window_start + torch.cumsum(lengths, dim=0) - lengths])
+        self.span_starts = torch.cat([self.span_starts, self.window_start + torch.cumsum(lengths, dim=0) - lengths])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
         self.window.keep(0, self.window.length - n_tokens)
 

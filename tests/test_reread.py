@@ -12,7 +12,7 @@ import torch
 from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
-from ltri.reread import window_start
+from ltri.reread import reread_start
 from ltri.span_memory import SpanMemory
 
 TEXT_IDS = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(11)).tolist()
@@ -57,7 +57,7 @@ def test_rereading_with_everything_retrieved_changes_nothing():
     model = tiny_llama(seed=5)
     plain, plain_session = question_logits(model, config(budget=10**6, reread=False))
     reread, reread_session = question_logits(model, config(budget=10**6, reread=True))
-    assert window_start(reread_session.cache.memories()) is not None, "the text must have left the window"
+    assert reread_start(reread_session.cache.memories()) is not None, "the text must have left the window"
     assert (plain - reread).abs().max().item() < 1e-4
     for (keys, values, positions), (keys2, values2, positions2) in zip(
         window_state(plain_session), window_state(reread_session), strict=True
@@ -93,10 +93,10 @@ def test_rereading_is_skipped_where_it_cannot_help():
     model = tiny_llama(seed=5)
     short = Session(model, config(budget=48, reread=True), tokenizer=byte_tokenizer())
     short.prefill(TEXT_IDS[:40])  # nothing has left the window yet
-    assert window_start(short.cache.memories()) is None
+    assert reread_start(short.cache.memories()) is None
     assert short.ask(QUESTION, max_new_tokens=2) is not None
     full = dataclasses.replace(config(budget=48, reread=True), memory=MemoryConfig(policy="full"))
-    assert window_start(Session(model, full, tokenizer=byte_tokenizer()).cache.memories()) is None
+    assert reread_start(Session(model, full, tokenizer=byte_tokenizer()).cache.memories()) is None
     assert all(isinstance(m, SpanMemory) for m in short.cache.memories())
 
 

@@ -51,9 +51,9 @@ class NeedleRun:
     chunk_size: int = LtriConfig().chunk_size
     index_vectors: str = SpanConfig().index_vectors  # the ltri method's; the others set their own
     query_dims: str = RetrievalConfig().query_dims  # likewise
-    refresh_every: int = RetrievalConfig().refresh_every  # every sparse method's
+    refresh_every: int = RetrievalConfig().refresh_every  # likewise (infllm and quest keep the default)
     vote: str = RetrievalConfig().vote  # likewise
-    reread: bool = RetrievalConfig().reread  # the ltri method's (the published methods do not reread)
+    reread: bool = RetrievalConfig().reread  # likewise
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
