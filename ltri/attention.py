@@ -94,15 +94,16 @@ def ltri_attention_forward(module, query, key, value, attention_mask, scaling=No
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    query, key = step.rotary.unrotate_identity(query), step.rotary.unrotate_identity(key)
     output = attend_with_memory(step, module.layer_idx, query, key, value, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
 def attend_with_memory(step: StepContext, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
-    """Attention of the chunk over the layer's resident set and itself; returns (batch, nheads, q_len, headdim)."""
+    """Attention of the chunk over the layer's resident set and itself; returns (batch, nheads, q_len, headdim).
+
+    query, key: pre-RoPE (what the projections gave, before any rotation)."""
     memory = step.cache.memory(layer_idx)
-    query = step.rotary.unrotate_identity(query)
-    key = step.rotary.unrotate_identity(key)
     resident = memory.resident(query if step.retrieval_frame is None else step.retrieval_frame(query))
     if resident is None:
         keys, values, resident_positions, layout = key, value, step.chunk_positions[:0], Layout()

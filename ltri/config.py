@@ -179,6 +179,9 @@ class LtriConfig:
         about n_window before the chunk (InfLLM); ``true`` uses each token's position in the text.
     device: ``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when available.
     dtype: ``float32``, ``bfloat16`` or ``float16``; None means float32 on CPU and bfloat16 on CUDA.
+    cuda_graphs: on CUDA, a one-token forward (a decode step) replays the dense work between two layers'
+        attentions (norms, projections, MLP) as one captured CUDA graph instead of launching it from
+        Python (``ltri.decode_step``); the attention with memory runs eagerly between the graphs.
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -188,6 +191,7 @@ class LtriConfig:
     position_mode: str = "compact"
     device: str | None = None
     dtype: str | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

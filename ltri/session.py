@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from ltri import attention
 from ltri.attention import ATTENTION_NAME, STEP_KWARG, RetrievalFrame, StepContext, register_attention
 from ltri.cache import LtriCache, cache_argument_name
 from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
+from ltri.decode_step import DecodeStep
 from ltri.detokenize import IncrementalDetokenizer
 from ltri.errors import LtriError
 from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -102,6 +105,7 @@ class Session:
         self._retrieval_log = RetrievalLog()
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self._cache_kwarg = cache_argument_name(self.model)
+        self._decode_step = DecodeStep.for_model(self.model, use_graphs=config.cuda_graphs)
         self.store = None
         self.store_path: Path | None = None
 
@@ -420,6 +424,8 @@ class Session:
 
         The layers' memories take the chunk's keys and values; counting the tokens is the caller's."""
         step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_frame)
+        if chunk.numel() == 1 and self._decode_step is not None:
+            return self._decode_step(chunk, functools.partial(attention.attend_with_memory, step))
         output = self.model(
             input_ids=chunk[None, :],
             position_ids=torch.zeros_like(chunk)[None, :],  # pre-RoPE q/k: ltri rotates them itself

@@ -185,6 +185,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--ltri-refresh-every", type=int, default=None, help="decode steps per retrieval (default: ltri's)"
     )
+    parser.add_argument(
+        "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
+    )
     parser.add_argument("--store-root", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
@@ -229,7 +232,7 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
     if args.ltri_refresh_every is not None:
         retrieval = replace(retrieval, refresh_every=args.ltri_refresh_every)
     chunk = config.chunk_size if args.ltri_chunk is None else args.ltri_chunk
-    return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk)
+    return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk, cuda_graphs=not args.ltri_no_graphs)
 
 
 # --------------------------------------------------------------------------------------------- model

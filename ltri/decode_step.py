@@ -1,0 +1,195 @@
+"""One-token forwards (decode steps) that walk the decoder layers themselves, the dense work as CUDA graphs.
+
+transformers launches a layer's dense work (norms, projections, MLP: about ten kernels) from Python; for an
+8B model that is most of a decode step (full attention: 53 ms a token for a 10 ms floor on an H200,
+benchmarks/speed/NOTES.md). Here a one-token forward walks the layers itself:
+
+    segment 0      embedding, layer 0's input norm and q/k/v projections
+    attention 0    ltri's attention with memory (retrieval, span loads, host decisions): eager
+    segment 1      layer 0's o_proj, residual and MLP; layer 1's norm and q/k/v
+    ...
+    segment n      layer n-1's o_proj, residual and MLP; final norm and lm_head
+
+On CUDA each segment is captured once as a CUDA graph and replayed (one launch instead of about ten);
+elsewhere the same segments run eagerly. Only the attention between them stays in Python, where the
+memory decides what each layer reads.
+
+Shapes: hidden (1, 1, hidden_size); query (1, nheads, 1, headdim), key and value (1, nheads_kv, 1,
+headdim), pre-RoPE; an attention output (1, nheads, 1, headdim); logits (1, vocab) float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# attend(layer index, query, key, value, scaling) -> attention output (1, nheads, 1, headdim)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """The modules of one Llama-family decoder layer (llama, mistral, qwen2, qwen3) a decode step calls."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    q_norm: nn.Module | None  # qwen3 normalizes each head's query and key before RoPE
+    k_norm: nn.Module | None
+    o_proj: nn.Module
+    post_norm: nn.Module
+    mlp: nn.Module
+    head_dim: int
+    scaling: float
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (1, 1, hidden_size) -> pre-RoPE query, key, value (1, heads, 1, headdim)."""
+        normed = self.input_norm(hidden)
+        shape = (1, 1, -1, self.head_dim)
+        query = self.q_proj(normed).view(shape)
+        key = self.k_proj(normed).view(shape)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        value = self.v_proj(normed).view(shape)
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+    def finish(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input residual (1, 1, hidden_size) and attention (1, nheads, 1, headdim)."""
+        hidden = residual + self.o_proj(attention.transpose(1, 2).reshape(1, 1, -1))
+        return hidden + self.mlp(self.post_norm(hidden))
+
+
+def decoder_layers(model) -> list[DecoderLayer] | None:
+    """The model's layers as DecoderLayers; None when a layer is not laid out as this module expects."""
+    try:
+        layers = model.get_decoder().layers
+        return [_decoder_layer(layer) for layer in layers[: model.config.num_hidden_layers]]
+    except AttributeError:
+        return None
+
+
+def _decoder_layer(layer) -> DecoderLayer:
+    attention = layer.self_attn
+    return DecoderLayer(
+        input_norm=layer.input_layernorm,
+        q_proj=attention.q_proj,
+        k_proj=attention.k_proj,
+        v_proj=attention.v_proj,
+        q_norm=getattr(attention, "q_norm", None),
+        k_norm=getattr(attention, "k_norm", None),
+        o_proj=attention.o_proj,
+        post_norm=layer.post_attention_layernorm,
+        mlp=layer.mlp,
+        head_dim=attention.head_dim,
+        scaling=attention.scaling,
+    )
+
+
+class DecodeStep:
+    """model(one token id) -> logits, with ltri's attention called between the dense segments."""
+
+    def __init__(self, model, layers: list[DecoderLayer], use_graphs: bool) -> None:
+        self.embed = model.get_input_embeddings()
+        self.final_norm = model.get_decoder().norm
+        self.lm_head = model.get_output_embeddings()
+        self.layers = layers
+        self.use_graphs = use_graphs
+        self._graphs: GraphedSegments | None = None
+
+    @staticmethod
+    def for_model(model, use_graphs: bool) -> DecodeStep | None:
+        """A DecodeStep for the model, graphs on CUDA when use_graphs; None when its layers are not supported."""
+        layers = decoder_layers(model)
+        if layers is None:
+            return None
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return DecodeStep(model, layers, use_graphs and on_cuda)
+
+    # ---- segments: segment 0 takes the token id, segment i > 0 layer i-1's residual and attention output ----
+    def first_segment(self, token: torch.Tensor):
+        """token (1, 1) -> (residual, query, key, value) of layer 0."""
+        hidden = self.embed(token)
+        return (hidden, *self.layers[0].project(hidden))
+
+    def middle_segment(self, index: int, residual: torch.Tensor, attention: torch.Tensor):
+        """Layer index-1's output, then layer index's (residual, query, key, value)."""
+        hidden = self.layers[index - 1].finish(residual, attention)
+        return (hidden, *self.layers[index].project(hidden))
+
+    def last_segment(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The last layer's output, then logits (1, vocab) float32."""
+        hidden = self.layers[-1].finish(residual, attention)
+        return self.lm_head(self.final_norm(hidden))[0].float()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def __call__(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """token: (1,) id; attend: ltri's attention of one layer. Returns logits (1, vocab) float32."""
+        if self.use_graphs:
+            if self._graphs is None:
+                self._graphs = GraphedSegments(self, token.device)
+            return self._graphs.run(token, attend)
+        residual, query, key, value = self.first_segment(token.view(1, 1))
+        for index, layer in enumerate(self.layers):
+            attention = attend(index, query, key, value, layer.scaling)
+            if index + 1 < len(self.layers):
+                residual, query, key, value = self.middle_segment(index + 1, residual, attention)
+        return self.last_segment(residual, attention)
+
+
+class GraphedSegments:
+    """The segments of a DecodeStep captured as CUDA graphs, with their static inputs and outputs.
+
+    Graph i reads the residual that graph i-1 wrote and the attention output the eager step copied into
+    attention_inputs[i-1]; the graphs share one memory pool and are always replayed in capture order.
+    """
+
+    def __init__(self, step: DecodeStep, device: torch.device) -> None:
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.scalings = [layer.scaling for layer in step.layers]
+        with torch.inference_mode():
+            self._warm_up(step)
+            self.graphs, self.outputs, self.attention_inputs = self._capture(step)
+
+    def _warm_up(self, step: DecodeStep) -> None:
+        """Run every segment once on a side stream (cuBLAS and the allocator set up outside any capture)."""
+        side = torch.cuda.Stream(self.token.device)
+        side.wait_stream(torch.cuda.current_stream(self.token.device))
+        with torch.cuda.stream(side):
+            residual, query, _, _ = step.first_segment(self.token)
+            for index in range(1, len(step.layers)):
+                residual, query, _, _ = step.middle_segment(index, residual, torch.zeros_like(query))
+            step.last_segment(residual, torch.zeros_like(query))
+        torch.cuda.current_stream(self.token.device).wait_stream(side)
+
+    def _capture(self, step: DecodeStep):
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outputs, attention_inputs = [], [], []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step.first_segment(self.token)
+        graphs.append(graph)
+        outputs.append(out)
+        for index in range(1, len(step.layers) + 1):
+            attention_inputs.append(torch.zeros_like(outputs[-1][1]))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                if index < len(step.layers):
+                    out = step.middle_segment(index, outputs[-1][0], attention_inputs[-1])
+                else:
+                    out = step.last_segment(outputs[-1][0], attention_inputs[-1])
+            graphs.append(graph)
+            outputs.append(out)
+        return graphs, outputs, attention_inputs
+
+    def run(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:
+        self.token.copy_(token.view(1, 1))
+        for index, graph in enumerate(self.graphs[:-1]):
+            graph.replay()
+            _, query, key, value = self.outputs[index]
+            self.attention_inputs[index].copy_(attend(index, query, key, value, self.scalings[index]))
+        self.graphs[-1].replay()
+        return self.outputs[-1].clone()
