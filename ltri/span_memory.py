@@ -19,7 +19,7 @@ import torch
 from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.evidence import Evidence
-from ltri.index import index_from_state, make_index
+from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
@@ -277,7 +277,7 @@ class SpanMemory(LayerMemory):
         self.store.put_spans(self.layer, span_ids.tolist(), pieces)
         self._ensure_index_and_cache(vectors, pieces[0].device)
         self.cache.put_block(span_ids.tolist(), pieces)
-        self.index.add(vectors.float(), span_ids[owner].to(vectors.device))
+        self.index.add(vectors, span_ids[owner].to(vectors.device))
         # The window holds consecutive text positions after the sinks and the stored spans: no device read.
         self.span_starts = torch.cat([self.span_starts, self.window_start + torch.cumsum(lengths, dim=0) - lengths])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
@@ -288,7 +288,8 @@ class SpanMemory(LayerMemory):
             self.basis = fit_basis(self._resident_keys()).to(device)
         if self.index is None:
             nheads_kv, _, dim = vectors.shape
-            self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device)
+            dtype = vector_dtype(self.dtype, device)
+            self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device, dtype)
         if self.cache is None:
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
 
@@ -385,7 +386,8 @@ class SpanMemory(LayerMemory):
         self.kv_shape = None if state["kv_shape"] is None else tuple(state["kv_shape"])
         self.dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         if state["index"] is not None:
-            self.index = index_from_state(self.retrieval_config.backend, state["index"], device)
+            dtype = vector_dtype(self.dtype, device)
+            self.index = index_from_state(self.retrieval_config.backend, state["index"], device, dtype)
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
 
 

@@ -236,3 +236,38 @@ def test_faiss_gpu_matches_torch_on_cuda():
     assert torch.equal(faiss_ids, torch_ids)
     torch.testing.assert_close(faiss_scores, torch_scores, atol=1e-4, rtol=0)
     assert torch.equal(FaissSpanIndex.from_state(gpu_faiss.state(), "cuda").search(queries, 6)[1], faiss_ids)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_vectors_search_as_float32_does(device, dtype):
+    """Vectors and queries that the dtype holds exactly (a bf16 model's keys and queries): the index kept in that
+    dtype returns float32 scores equal to a float32 index's (up to summation order) and the same spans, and its
+    state is float32 as every backend's."""
+    batches = [(vectors.to(dtype), span_ids) for vectors, span_ids in random_batches(seed=8)]
+    queries = torch.randn(NHEADS_KV, 5, DIM, generator=torch.Generator().manual_seed(9)).to(dtype)
+    low = make_index("torch", NHEADS_KV, DIM, device, dtype)
+    exact = make_index("torch", NHEADS_KV, DIM, device)
+    for vectors, span_ids in batches:
+        low.add(vectors.to(device), span_ids.to(device))
+        exact.add(vectors.to(device), span_ids.to(device))
+    assert low._vectors.dtype == dtype
+    low_scores, low_ids = low.search(queries.to(device), 6)
+    exact_scores, exact_ids = exact.search(queries.float().to(device), 6)
+    assert low_scores.dtype == torch.float32
+    torch.testing.assert_close(low_scores, exact_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(low_ids, exact_ids)
+    assert low.state()["vectors"].dtype == torch.float32
+    rebuilt = index_from_state("torch", low.state(), device, dtype)
+    assert torch.equal(rebuilt.search(queries.to(device), 6)[1], low_ids)
+
+
+def test_vector_dtype_is_the_models_on_cuda_only():
+    from ltri.index import vector_dtype
+
+    assert vector_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert vector_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert vector_dtype(torch.float32, "cuda:0") == torch.float32

@@ -110,7 +110,7 @@ def pad_results(scores: torch.Tensor, span_ids: torch.Tensor, k: int) -> tuple[t
 
 
 class SpanIndex(ABC):
-    """One layer's span index, covering all its KV heads. Backends are built as cls(nheads_kv, dim, device)."""
+    """One layer's span index, covering all its KV heads. Backends are built as cls(nheads_kv, dim, device, dtype)."""
 
     nheads_kv: int
     dim: int
@@ -143,9 +143,11 @@ class SpanIndex(ABC):
         return {"vectors": vectors, "span_ids": span_ids}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], device: torch.device | str) -> SpanIndex:
+    def from_state(
+        cls, state: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> SpanIndex:
         vectors, span_ids = check_state(state)
-        index = cls(vectors.shape[0], vectors.shape[2], device)
+        index = cls(vectors.shape[0], vectors.shape[2], device, dtype)
         if span_ids.numel():
             index.add(vectors, span_ids)
         return index

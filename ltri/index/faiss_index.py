@@ -36,7 +36,10 @@ def _shared_gpu_resources(gpu_id: int) -> object:
 
 
 class FaissSpanIndex(SpanIndex):
-    def __init__(self, nheads_kv: int, dim: int, device: torch.device | str) -> None:
+    def __init__(
+        self, nheads_kv: int, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """dtype is accepted for the common signature; FAISS keeps float32 vectors."""
         self.nheads_kv = nheads_kv
         self.dim = dim
         self.device = torch.device(device)
