@@ -145,6 +145,7 @@ class GraphedSegments:
 
     Graph i reads the residual that graph i-1 wrote and the attention output the eager step copied into
     attention_inputs[i-1]; the graphs share one memory pool and are always replayed in capture order.
+    Captures are thread-local: the span store's writer thread may wait for its copies meanwhile.
     """
 
     def __init__(self, step: DecodeStep, device: torch.device) -> None:
@@ -169,14 +170,14 @@ class GraphedSegments:
         pool = torch.cuda.graph_pool_handle()
         graphs, outputs, attention_inputs = [], [], []
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = step.first_segment(self.token)
         graphs.append(graph)
         outputs.append(out)
         for index in range(1, len(step.layers) + 1):
             attention_inputs.append(torch.zeros_like(outputs[-1][1]))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 if index < len(step.layers):
                     out = step.middle_segment(index, outputs[-1][0], attention_inputs[-1])
                 else:

@@ -92,3 +92,30 @@ def test_cuda_graph_segments_equal_eager_segments(family, policy):
 def test_graphs_are_off_on_the_cpu():
     step = DecodeStep.for_model(tiny_llama(), use_graphs=True)
     assert step is not None and not step.use_graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_capture_lets_other_threads_wait_for_the_gpu():
+    """The span store's writer thread waits for its device-to-host copies (an event's synchronize) whenever it
+    has work, also while a decode step captures its graphs: that must not break the capture."""
+    import threading
+
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    step = DecodeStep.for_model(model, use_graphs=True)
+    done = threading.Event()
+
+    def writer_like():
+        while not done.is_set():
+            copy_done = torch.cuda.Event()
+            copy_done.record(torch.cuda.Stream())
+            copy_done.synchronize()
+
+    thread = threading.Thread(target=writer_like)
+    thread.start()
+    try:
+        logits = step(torch.tensor([5], device="cuda"), lambda index, q, k, v, scaling: torch.zeros_like(q))
+    finally:
+        done.set()
+        thread.join()
+    eager = DecodeStep.for_model(model, use_graphs=False)
+    assert torch.equal(logits, eager(torch.tensor([5], device="cuda"), lambda index, q, k, v, scaling: torch.zeros_like(q)))
