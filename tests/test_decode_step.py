@@ -113,9 +113,13 @@ def test_capture_lets_other_threads_wait_for_the_gpu():
     thread = threading.Thread(target=writer_like)
     thread.start()
     try:
-        logits = step(torch.tensor([5], device="cuda"), lambda index, q, k, v, scaling: torch.zeros_like(q))
+        logits = step(torch.tensor([5], device="cuda"), no_attention)
     finally:
         done.set()
         thread.join()
     eager = DecodeStep.for_model(model, use_graphs=False)
-    assert torch.equal(logits, eager(torch.tensor([5], device="cuda"), lambda index, q, k, v, scaling: torch.zeros_like(q)))
+    assert torch.equal(logits, eager(torch.tensor([5], device="cuda"), no_attention))
+
+
+def no_attention(index, query, key, value, scaling):
+    return torch.zeros_like(query)
