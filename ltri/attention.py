@@ -75,13 +75,15 @@ class StepContext:
     position_mode: str
     chunk_positions: torch.Tensor  # (q_len,) positions of the chunk's tokens in the text
     retrieval_frame: RetrievalFrame | None = None  # how queries are turned before they ask for spans; None: as is
-    # Outside ``true`` mode the RoPE table depends only on the layout: layers with the same one share it.
+    # In ``one_angle`` mode the RoPE table depends only on the layout: layers with the same one share it.
     shared_tables: dict[Layout, RopeTable] = field(default_factory=dict, compare=False)
 
     def key_table(self, resident_positions: torch.Tensor, layout: Layout, like: torch.Tensor) -> RopeTable:
         """RoPE table for the resident keys followed by the chunk: (n_resident + q_len) positions."""
         if self.position_mode == "true":
             return self.rotary.table(key_positions("true", resident_positions, self.chunk_positions), like)
+        if self.position_mode == "compact":  # positions 0..n-1 whatever the layout
+            return self.rotary.prefix_table(resident_positions.numel() + self.chunk_positions.numel(), like)
         if layout not in self.shared_tables:
             positions = key_positions(self.position_mode, resident_positions, self.chunk_positions, layout)
             self.shared_tables[layout] = self.rotary.table(positions, like)

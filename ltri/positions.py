@@ -88,11 +88,26 @@ class Rotary:
     def __init__(self, rotary_module: torch.nn.Module) -> None:
         self.module = rotary_module
         self.scaling = float(getattr(rotary_module, "attention_scaling", 1.0))
+        # Dynamic variants rescale with the longest position asked for: their tables are not prefixes of longer ones.
+        rope_type = str(getattr(rotary_module, "rope_type", "default"))
+        self.prefixes_are_stable = "dynamic" not in rope_type and "longrope" not in rope_type
+        self._prefix: RopeTable | None = None  # the table of positions 0..n-1, grown on demand
 
     def table(self, positions: torch.Tensor, like: torch.Tensor) -> RopeTable:
         """cos/sin for positions (seqlen,), in the dtype of like."""
         cos, sin = self.module(like, positions[None, :])
         return RopeTable(cos[:, None], sin[:, None])
+
+    def prefix_table(self, n: int, like: torch.Tensor) -> RopeTable:
+        """The table of positions 0..n-1: views of one table kept for the longest n so far (each position's
+        cos/sin is computed alone, so a prefix of a longer table is the shorter table, bit for bit)."""
+        if not self.prefixes_are_stable:
+            return self.table(torch.arange(n, device=like.device), like)
+        held = self._prefix
+        if held is None or held.cos.shape[2] < n or held.cos.dtype != like.dtype or held.cos.device != like.device:
+            longest = max(n, 2 * (0 if held is None else held.cos.shape[2]), 4096)
+            self._prefix = held = self.table(torch.arange(longest, device=like.device), like)
+        return RopeTable(held.cos[:, :, :n], held.sin[:, :, :n])
 
     def long_range_mask(self, reach: int, device) -> torch.Tensor | None:
         """(headdim,) 1.0 on the dimensions whose rotation over reach tokens stays under one radian, 0.0 on

@@ -8,7 +8,7 @@ from ltri.index.base import SpanIndex, SpanSlots, best_spans
 
 
 class TorchSpanIndex(SpanIndex):
-    """Vectors live in a buffer on the layer's device whose capacity doubles when full.
+    """Vectors live in a buffer on the layer's device whose capacity grows by a quarter when full.
 
     dtype: how the vectors are kept. Index vectors are keys, or key bounds and means rounded to the model's
     dtype, so a bf16 model's vectors lose nothing in bf16, at half the memory and search traffic of float32;
@@ -64,7 +64,8 @@ class TorchSpanIndex(SpanIndex):
         capacity = self._vectors.shape[1]
         if needed <= capacity:
             return
-        capacity = max(needed, 2 * capacity, 256)
+        # Grow by a quarter: at most 25% of the index unused (doubling left up to half of it, GBs at 512K tokens).
+        capacity = max(needed, capacity + capacity // 4, 256)
         vectors = self._vectors.new_empty(self.nheads_kv, capacity, self.dim)
         vector_slots = self._vector_slots.new_empty(capacity)
         vectors[:, : self._length] = self._vectors[:, : self._length]
