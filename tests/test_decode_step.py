@@ -103,11 +103,11 @@ def test_capture_lets_other_threads_wait_for_the_gpu():
     model = tiny_model("llama").to("cuda", torch.bfloat16)
     step = DecodeStep.for_model(model, use_graphs=True)
     done = threading.Event()
+    copy_done = torch.cuda.Event()  # recorded, as the store's copies are, on the main thread's stream before capture
+    copy_done.record()
 
     def writer_like():
         while not done.is_set():
-            copy_done = torch.cuda.Event()
-            copy_done.record(torch.cuda.Stream())
             copy_done.synchronize()
 
     thread = threading.Thread(target=writer_like)
