@@ -33,7 +33,6 @@ import torch
 
 from ltri.errors import LtriError
 from ltri.offload.background_writer import BackgroundWriter
-from ltri.offload.checked_copy import CheckedCopier, CopyJob
 from ltri.offload.staging import StagingPool
 
 FORMAT = b"ltri-span-store/1"
@@ -66,7 +65,6 @@ class SpanStore:
         self._payloads, self._checksums, self._meta = self._open_dbs()
         _open_stores[self._key] = self
         self._staging = StagingPool()
-        self._copier = CheckedCopier()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._writer = BackgroundWriter() if background_writes and not readonly else None
 
@@ -125,19 +123,11 @@ class SpanStore:
         if device.type == "cuda":
             return self._read_to_cuda(layer, span_ids, shapes, dtype, device)
         results = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
-        self._read_into(layer, span_ids, [byte_view(result) for result in results])
+        with self.env.begin(buffers=True) as txn:
+            for span_id, result in zip(span_ids, results, strict=True):
+                payload = self._checked_payload(txn, layer, int(span_id), result.nbytes)
+                byte_view(result)[:] = payload  # payload: a memoryview into the map, dead once txn ends
         return results
-
-    def _read_into(self, layer: int, span_ids: Sequence[int], destinations: Sequence[np.ndarray]) -> None:
-        """Each span's payload checked and copied into its destination (uint8, the payload's size)."""
-        with self.env.begin(buffers=True) as txn:  # the payloads are memoryviews into the map, dead once txn ends
-            jobs = [
-                CopyJob(*self._sized_payload(txn, layer, int(span_id), destination.size), destination)
-                for span_id, destination in zip(span_ids, destinations, strict=True)
-            ]
-            bad = self._copier.run(jobs)
-        if bad is not None:
-            raise self._damaged(layer, int(span_ids[bad]), "fails its checksum")
 
     def _read_to_cuda(
         self, layer: int, span_ids: Sequence[int], shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device
@@ -149,11 +139,11 @@ class SpanStore:
         """
         sizes = [payload_nbytes(shape, dtype) for shape in shapes]
         offsets = np.cumsum([0, *sizes[:-1]]).tolist() if sizes else []
-        buffer, staging = self._staging.acquire(sum(sizes))
-        host = staging.numpy()
-        self._read_into(
-            layer, span_ids, [host[offset : offset + size] for size, offset in zip(sizes, offsets, strict=True)]
-        )
+        with self.env.begin(buffers=True) as txn:
+            buffer, staging = self._staging.acquire(sum(sizes))
+            host = staging.numpy()
+            for span_id, size, offset in zip(span_ids, sizes, offsets, strict=True):
+                host[offset : offset + size] = self._checked_payload(txn, layer, int(span_id), size)
         current, side = torch.cuda.current_stream(device), self._side_stream(device)
         with torch.cuda.stream(side):
             block = torch.empty(sum(sizes), dtype=torch.uint8, device=device)  # one copy for every span
@@ -168,13 +158,6 @@ class SpanStore:
         ]
 
     def _checked_payload(self, txn: lmdb.Transaction, layer: int, span_id: int, nbytes: int) -> memoryview:
-        payload, crc = self._sized_payload(txn, layer, span_id, nbytes)
-        if zlib.crc32(payload) != crc:
-            raise self._damaged(layer, span_id, "fails its checksum")
-        return payload
-
-    def _sized_payload(self, txn: lmdb.Transaction, layer: int, span_id: int, nbytes: int) -> tuple[memoryview, int]:
-        """A span's stored bytes (nbytes of them, else LtriError) and their stored crc32, not checked yet."""
         key = span_key(layer, span_id)
         payload = txn.get(key, db=self._payloads)
         record = txn.get(key, db=self._checksums)
@@ -183,7 +166,9 @@ class SpanStore:
         crc, length = CHECKSUM.unpack(record)
         if len(payload) != length or length != nbytes:
             raise self._damaged(layer, span_id, f"holds {len(payload)} bytes where {nbytes} were expected")
-        return payload, crc
+        if zlib.crc32(payload) != crc:
+            raise self._damaged(layer, span_id, "fails its checksum")
+        return payload
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -273,7 +258,6 @@ class SpanStore:
     def close(self) -> None:
         """Waits for the queued writes, then closes (a failed write's error is raised once closed)."""
         try:
-            self._copier.close()
             if self._writer is not None:
                 self._writer.close()
         finally:
