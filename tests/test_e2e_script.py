@@ -84,3 +84,25 @@ def test_out_of_memory_becomes_an_oom_row(e2e, tmp_path, monkeypatch):
     row = e2e.measure_row(None, "full", 1024, settings, run_index=0, bandwidth=1.0)
     assert row["status"] == "oom" and row["failed_in"] == "prefill" and row["tokens_done"] == 256
     assert row["error"].startswith("CUDA out of memory")
+
+
+def test_merge_takes_the_asked_rows_of_another_call_with_their_runs(e2e, tmp_path):
+    settings = e2e.parse_args(tiny_args(tmp_path, "--contexts", "1k,2k"))
+    ours, theirs = e2e.new_document(settings), e2e.new_document(settings)
+    ours["runs"] = [{"command": "first call", "copy_gb_s": 1.0}]
+    theirs["runs"] = [{"command": "second call", "copy_gb_s": 1.0}]
+    for document, speed, run in ((ours, 1.0, 0), (theirs, 2.0, 0)):
+        for context in (1024, 2048):
+            e2e.put_row(document, {"method": "ltri", "context_len": context, "status": "ok", "x": speed, "run": run})
+    e2e.save_document(ours, settings.out)
+    e2e.save_document(theirs, tmp_path / "other.json")
+    e2e.main(tiny_args(tmp_path, "--contexts", "2k", "--merge", str(tmp_path / "other.json")))
+    merged = json.loads(settings.out.read_text())
+    rows = {row["context_len"]: row for row in merged["rows"]}
+    assert rows[1024]["x"] == 1.0 and rows[2048]["x"] == 2.0  # only the asked context was taken
+    assert merged["runs"][rows[2048]["run"]]["command"] == "second call"
+    assert merged["runs"][rows[1024]["run"]]["command"] == "first call"
+    with pytest.raises(SystemExit, match="other settings"):
+        e2e.main(
+            tiny_args(tmp_path, "--decode-tokens", "8", "--out", str(tmp_path / "x.json"), "--merge", str(settings.out))
+        )

@@ -255,6 +255,7 @@ def test_low_precision_vectors_search_as_float32_does(device, dtype):
         low.add(vectors.to(device), span_ids.to(device))
         exact.add(vectors.to(device), span_ids.to(device))
     assert low._vectors.dtype == dtype
+    assert low.vector_nbytes() * 2 == exact.vector_nbytes() == exact.n_vectors * NHEADS_KV * DIM * 4
     low_scores, low_ids = low.search(queries.to(device), 6)
     exact_scores, exact_ids = exact.search(queries.float().to(device), 6)
     assert low_scores.dtype == torch.float32

@@ -141,6 +141,7 @@ class Settings:
     profile_steps: int
     redo: bool
     warmup: bool = True
+    merge: Path | None = None  # a results file whose rows to take instead of measuring
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -197,6 +198,13 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--profile", action="store_true", help="profile a few ltri decode steps per context")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--redo", action="store_true", help="measure rows that the results file already holds")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="measure nothing: take the --contexts x --only-methods rows of this results file (same settings, e.g. "
+        "from another device call) into --out, with the runs that measured them",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up rows (smoke tests)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -217,6 +225,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         profile_steps=args.profile_steps,
         redo=args.redo,
         warmup=not args.no_warmup,
+        merge=args.merge,
     )
 
 
@@ -459,7 +468,7 @@ def span_cache_counts(session: Session) -> tuple[int, int]:
 
 def index_bytes(session: Session) -> int:
     indexes = [getattr(memory, "index", None) for memory in session.cache.memories()]
-    return sum(index.n_vectors * index.nheads_kv * index.dim * 4 for index in indexes if index is not None)
+    return sum(index.vector_nbytes() for index in indexes if index is not None)
 
 
 def store_space(settings: Settings, n_tokens: int) -> dict:
@@ -757,6 +766,20 @@ def put_row(document: dict, row: dict) -> None:
     document["rows"] = [*rows, row]
 
 
+def merge_rows(document: dict, other: dict, settings: Settings) -> int:
+    """Takes other's rows of the asked contexts and methods into document (replacing rows of the same method and
+    context), with the runs that measured them; returns how many. other must hold the same settings."""
+    if other.get("settings") != document["settings"]:
+        raise SystemExit(f"{settings.merge} holds results made with other settings than {settings.out}.")
+    wanted = {(m, n) for n in settings.contexts for m in settings.methods}
+    taken = [row for row in other["rows"] if (row["method"], row["context_len"]) in wanted]
+    runs_before = len(document["runs"])
+    document["runs"].extend(other["runs"])
+    for row in taken:
+        put_row(document, {**row, "run": row["run"] + runs_before})
+    return len(taken)
+
+
 def pending_rows(document: dict, settings: Settings) -> list[tuple[int, str]]:
     done = {(r["method"], r["context_len"]) for r in document["rows"] if r["status"] in FINAL_STATUSES}
     wanted = [(n, m) for n in settings.contexts for m in settings.methods]
@@ -843,7 +866,10 @@ def main(argv: list[str] | None = None) -> dict:
     settings = parse_args(argv)
     document = load_document(settings)
     pending = pending_rows(document, settings)
-    if pending:
+    if settings.merge is not None:
+        n_taken = merge_rows(document, json.loads(settings.merge.read_text()), settings)
+        print(f"took {n_taken} rows of {settings.merge}")
+    elif pending:
         measure_pending(document, pending, settings, argv)
     else:
         print(f"{settings.out} already holds every row asked for (--redo measures them again)")

@@ -133,6 +133,10 @@ class SpanIndex(ABC):
     def n_vectors(self) -> int:
         """Vectors added (per head)."""
 
+    def vector_nbytes(self) -> int:
+        """Bytes the vectors take (float32 unless a backend keeps them otherwise)."""
+        return self.n_vectors * self.nheads_kv * self.dim * 4
+
     @abstractmethod
     def _raw_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All vectors (nheads_kv, n_vectors, dim) float32 and their span ids (n_vectors,), CPU, as added."""

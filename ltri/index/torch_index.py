@@ -48,6 +48,9 @@ class TorchSpanIndex(SpanIndex):
         self._slot_span_ids = torch.cat([self._slot_span_ids, fresh])
         self._length = end
 
+    def vector_nbytes(self) -> int:
+        return self._length * self.nheads_kv * self.dim * self._vectors.element_size()
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_search(queries, k)
         vectors = self._vectors[:, : self._length]  # (nheads_kv, n_vectors, dim)
