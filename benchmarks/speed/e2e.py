@@ -30,7 +30,8 @@ on); ``no_space`` (the store root has less free space than the spans need: not a
 The results file is append-only and resumable: every row is written as soon as it ends (and marked ``started``
 before), rows already there are skipped (--redo measures them again), and each command is recorded under
 ``runs`` with its environment (command, git SHA, GPU, versions) and measured copy bandwidth. So a long sweep can
-be split over commands of a few minutes each with --contexts and --only-methods. The settings (shape, dtype,
+be split over commands of a few minutes each with --contexts and --only-methods; rows measured into another file
+with the same settings (another device call) join this one with --merge (they keep the run that measured them). The settings (shape, dtype,
 decode tokens, chunking, ltri config, seed) must match the file's, else the script refuses.
 
 --profile: after the timed ltri decode, --profile-steps more steps under torch.profiler (ops by self device
