@@ -31,8 +31,9 @@ The results file is append-only and resumable: every row is written as soon as i
 before), rows already there are skipped (--redo measures them again), and each command is recorded under
 ``runs`` with its environment (command, git SHA, GPU, versions) and measured copy bandwidth. So a long sweep can
 be split over commands of a few minutes each with --contexts and --only-methods; rows measured into another file
-with the same settings (another device call) join this one with --merge (they keep the run that measured them). The settings (shape, dtype,
-decode tokens, chunking, ltri config, seed) must match the file's, else the script refuses.
+with the same settings (another device call) join this one with --merge (they keep the run that measured them).
+The settings (shape, dtype, decode tokens, chunking, ltri config, seed) must match the file's, else the script
+refuses.
 
 --profile: after the timed ltri decode, --profile-steps more steps under torch.profiler (ops by self device
 and CPU time, and ltri's phases: resident set, retrieval, span loading, store reads, index search, attention,
