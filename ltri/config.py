@@ -88,6 +88,8 @@ class RetrievalConfig:
     search_k: spans each query asks the index for; the queries' votes are pooled.
     max_voting_queries: a chunk of at most this many tokens asks with every query (a question, a
         decode step); a longer one with the mean query of each head.
+    voting_window: when > 0, such a chunk votes with its last voting_window queries only (SnapKV's observation
+        window: the end of a question, where the answer starts, knows best what it needs); 0: all of them.
     backend: span index backend, ``torch`` (exact matmul), ``faiss``, or ``auto`` (torch on CUDA,
         faiss on CPU).
     vote: how the queries' softmax weights over the spans they found become one vote per span: ``mean``
@@ -122,6 +124,7 @@ class RetrievalConfig:
     budget: int = 512
     search_k: int = 64
     max_voting_queries: int = 64
+    voting_window: int = 0
     backend: str = "auto"
     vote: str = "mean"
     persistence: float = 0.8
@@ -145,6 +148,8 @@ class RetrievalConfig:
             raise LtriError(f"search_k must be at least 1, got {self.search_k}.")
         if self.backend not in INDEX_BACKENDS:
             raise LtriError(f"Unknown index backend {self.backend!r}: choose one of {', '.join(INDEX_BACKENDS)}.")
+        if self.voting_window < 0:
+            raise LtriError(f"voting_window must be 0 or more queries, got {self.voting_window}.")
         if self.max_voting_queries < 1:
             raise LtriError(f"max_voting_queries must be at least 1, got {self.max_voting_queries}.")
         if self.vote not in VOTES:

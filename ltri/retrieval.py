@@ -16,17 +16,22 @@ from __future__ import annotations
 import torch
 
 
-def retrieval_queries(queries: torch.Tensor, nheads_kv: int, max_voting_queries: int) -> torch.Tensor:
+def retrieval_queries(
+    queries: torch.Tensor, nheads_kv: int, max_voting_queries: int, voting_window: int = 0
+) -> torch.Tensor:
     """The queries a chunk asks the index with, grouped by KV head.
 
     queries (1, nheads, q_len, headdim) pre-RoPE -> (nheads_kv, n_ask, headdim) float32: every query
-    when q_len <= max_voting_queries (a question, a decode step: each query votes), else one mean
-    query per head (a long prefill chunk). n_ask = group * q_len or group.
+    when q_len <= max_voting_queries (a question, a decode step: each query votes; only the last voting_window
+    of them when voting_window > 0), else one mean query per head (a long prefill chunk).
+    n_ask = group * (number of voting queries) or group.
     """
     _, nheads, q_len, headdim = queries.shape
     queries = queries[0].float()
     if q_len > max_voting_queries:
         queries = queries.mean(dim=1, keepdim=True)
+    elif voting_window:
+        queries = queries[:, -voting_window:]
     return queries.reshape(nheads_kv, -1, headdim)
 
 

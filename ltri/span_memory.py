@@ -300,7 +300,7 @@ class SpanMemory(LayerMemory):
             return self._loaded[1]
         nheads_kv, headdim = self.kv_shape
         config = self.retrieval_config
-        search = retrieval_queries(queries, nheads_kv, config.max_voting_queries)
+        search = retrieval_queries(queries, nheads_kv, config.max_voting_queries, config.voting_window)
         if self.span_config.index_vectors == "bounds":
             search = bound_query(search)
         scores, span_ids = self.index.search(search, min(config.search_k, self.n_spans))

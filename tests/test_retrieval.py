@@ -1,5 +1,6 @@
 """Head votes, the token budget, persistence and retrieval positions, on small hand-made cases."""
 
+import pytest
 import torch
 
 from ltri.positions import Layout, key_positions
@@ -55,6 +56,22 @@ def test_a_chunk_asks_with_the_mean_of_its_queries_per_head():
     got = retrieval_queries(queries, nheads_kv=2, max_voting_queries=4)
     assert got.shape == (2, 3, 8)
     assert torch.allclose(got[1, 2], queries[0, 5].mean(0))
+
+
+def test_a_short_chunk_votes_with_its_last_queries_when_a_voting_window_is_set():
+    queries = torch.randn(1, 6, 5, 8)  # 6 query heads over 2 KV heads: groups of 3
+    every = retrieval_queries(queries, nheads_kv=2, max_voting_queries=8)
+    assert every.shape == (2, 15, 8) and torch.equal(every[1, 14], queries[0, 5, 4])
+    last_two = retrieval_queries(queries, nheads_kv=2, max_voting_queries=8, voting_window=2)
+    assert last_two.shape == (2, 6, 8)
+    assert torch.equal(last_two[0], queries[0, :3, 3:].reshape(6, 8))  # head by head, its last two queries
+    assert torch.equal(retrieval_queries(queries, 2, 8, voting_window=9), every)  # a window over the chunk: all
+    long_chunk = retrieval_queries(queries, nheads_kv=2, max_voting_queries=4, voting_window=2)
+    assert long_chunk.shape == (2, 3, 8)  # a long chunk still asks with its mean queries
+    from ltri import LtriError, RetrievalConfig
+
+    with pytest.raises(LtriError, match="voting_window"):
+        RetrievalConfig(voting_window=-1)
 
 
 def test_one_angle_puts_all_retrieved_tokens_at_one_position():
