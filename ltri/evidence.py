@@ -33,24 +33,36 @@ class Evidence:
 
     def leave_out(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         """Retrieved tokens (keys, values, positions) without those the evidence holds (one device read)."""
-        if self.length == 0 or positions.numel() == 0:
+        if self.length == 0:
             return keys, values, positions
-        kept = ~torch.isin(positions, self.tokens.positions().to(positions.device))
-        return keys[:, :, kept], values[:, :, kept], positions[kept]
+        return without_positions(keys, values, positions, self.tokens.positions())
+
+
+def without_positions(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, excluded: torch.Tensor):
+    """Tokens (keys, values (1, nheads_kv, n, headdim), positions (n,)) but those at the excluded positions."""
+    if positions.numel() == 0 or excluded.numel() == 0:
+        return keys, values, positions
+    kept = ~torch.isin(positions, excluded.to(positions.device))
+    return keys[:, :, kept], values[:, :, kept], positions[kept]
 
 
 def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor:
     """The n_tokens text positions before ``before`` that most layers' last retrieval holds, ascending (CPU).
 
     Ties go to the later position (nearer the question)."""
-    counts = torch.zeros(before, dtype=torch.int32)
+    if n_tokens <= 0:
+        return torch.empty(0, dtype=torch.long)
+    # Each retrieved span adds 1 over [start, end): +1 at its start and -1 at its end, summed along the text.
+    edges = torch.zeros(before + 1, dtype=torch.int32)
     for memory in memories:
         chosen = memory.last_retrieved.cpu()
-        starts, lengths = memory.span_starts[chosen].tolist(), memory.span_lengths[chosen].tolist()
-        for start, length in zip(starts, lengths, strict=True):
-            counts[start : min(start + length, before)] += 1
+        starts = memory.span_starts[chosen].clamp(max=before)
+        ends = (memory.span_starts[chosen] + memory.span_lengths[chosen]).clamp(max=before)
+        edges.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
+        edges.index_add_(0, ends, torch.full_like(ends, -1, dtype=torch.int32))
+    counts = edges.cumsum(0, dtype=torch.int32)[:before]
     held = int((counts > 0).sum())
-    if held == 0 or n_tokens <= 0:
+    if held == 0:
         return torch.empty(0, dtype=torch.long)
     order = torch.argsort(counts.double() + torch.arange(before, dtype=torch.double) / (before + 1), descending=True)
     return order[: min(n_tokens, held)].sort().values

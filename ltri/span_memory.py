@@ -18,7 +18,7 @@ import torch
 
 from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.deferred_segmentation import DeferredSegmentation
-from ltri.evidence import Evidence
+from ltri.evidence import Evidence, without_positions
 from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.span_cache import SpanCache
@@ -175,10 +175,11 @@ class SpanMemory(LayerMemory):
         pieces = [(self.sinks.keys(), self.sinks.values(), self.sinks.positions())] if self.sinks.length else []
         if self._loaded is not None:
             keys, values, positions = self._loaded[1]  # the spans retrieved last, in document order
-            kept = positions < chunk_start
+            before = positions < chunk_start
+            loaded = keys[:, :, before], values[:, :, before], positions[before]
             if self.rereading_evidence is not None:
-                kept &= ~torch.isin(positions, self.rereading_evidence.to(positions.device))
-            pieces.append((keys[:, :, kept], values[:, :, kept], positions[kept]))
+                loaded = without_positions(*loaded, self.rereading_evidence)
+            pieces.append(loaded)
         if not pieces:
             return None
         keys, values, positions = zip(*pieces, strict=True)

@@ -128,3 +128,23 @@ def test_negative_evidence_is_refused_in_one_sentence():
 
     with pytest.raises(LtriError, match="reread_evidence must be 0 or more"):
         RetrievalConfig(reread_evidence=-1)
+
+
+def test_agreed_positions_count_the_layers_holding_each_position():
+    from types import SimpleNamespace
+
+    from ltri.evidence import agreed_positions
+
+    def layer(starts, lengths, chosen):
+        return SimpleNamespace(
+            span_starts=torch.tensor(starts), span_lengths=torch.tensor(lengths), last_retrieved=torch.tensor(chosen, dtype=torch.long)
+        )
+
+    memories = [layer([0, 4, 10], [4, 6, 5], [1, 2]), layer([2, 6, 12], [4, 6, 5], [0, 2])]
+    # layer 0 holds 4..9 and 10..14, layer 1 holds 2..5 and 12..16: before 12, positions 4 and 5 count 2,
+    # 2-3 and 6-11 count 1, 0-1 count 0
+    assert agreed_positions(memories, before=12, n_tokens=2).tolist() == [4, 5]
+    assert agreed_positions(memories, before=12, n_tokens=3).tolist() == [4, 5, 11]  # ties: the later position
+    assert agreed_positions(memories, before=12, n_tokens=100).tolist() == list(range(2, 12))
+    assert agreed_positions(memories, before=12, n_tokens=0).numel() == 0
+    assert agreed_positions([layer([0], [4], [])], before=12, n_tokens=5).numel() == 0
