@@ -136,8 +136,8 @@ def test_agreed_positions_count_the_layers_holding_each_position():
     from ltri.evidence import agreed_positions
 
     def layer(starts, lengths, chosen):
-        chosen = torch.tensor(chosen, dtype=torch.long)
-        return SimpleNamespace(span_starts=torch.tensor(starts), span_lengths=torch.tensor(lengths), last_retrieved=chosen)
+        starts, lengths, chosen = torch.tensor(starts), torch.tensor(lengths), torch.tensor(chosen, dtype=torch.long)
+        return SimpleNamespace(span_starts=starts, span_lengths=lengths, last_retrieved=chosen)
 
     memories = [layer([0, 4, 10], [4, 6, 5], [1, 2]), layer([2, 6, 12], [4, 6, 5], [0, 2])]
     # layer 0 holds 4..9 and 10..14, layer 1 holds 2..5 and 12..16: before 12, positions 4 and 5 count 2,
