@@ -14,6 +14,7 @@ SELECTORS = ("none", "loki", "sparq")
 INDEX_BACKENDS = ("auto", "torch", "faiss")
 QUERY_DIMS = ("all", "long_range")
 VOTES = ("mean", "max")
+HOST_PAYLOADS = ("cuda", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,16 @@ class MemoryConfig:
     n_window: most recent tokens kept (the local window). 512 by default: with 512 retrieved tokens the
         bundled 135M model reads about 1.1K resident tokens, and answers the needle benchmark far better
         than with 2048 of each (benchmarks/needle/README.md); larger models may want more.
+    host_payloads: where the ``ltri`` policy also keeps its stored tokens in pinned host memory, which the GPU
+        reads in place, so that a whole decode step runs as one CUDA graph (``ltri.captured_decode``):
+        ``cuda`` on CUDA devices, ``always`` (on a CPU too: the same code runs eagerly), ``never``. The copy
+        is dropped, and decode steps go back to the span cache, when host memory runs short.
     """
 
     policy: str = "ltri"
     n_sink: int = 64
     n_window: int = 512
+    host_payloads: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:
@@ -41,6 +47,8 @@ class MemoryConfig:
             raise LtriError(f"n_sink must be 0 or more, got {self.n_sink}.")
         if self.n_window < 1:
             raise LtriError(f"n_window must be at least 1 token, got {self.n_window}.")
+        if self.host_payloads not in HOST_PAYLOADS:
+            raise LtriError(f"Unknown host_payloads {self.host_payloads!r}: choose one of {', '.join(HOST_PAYLOADS)}.")
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,10 @@ class DecodeStep:
             if self._graphs is None:
                 self._graphs = GraphedSegments(self, token.device)
             return self._graphs.run(token, attend)
+        return self.walk(token, attend)
+
+    def walk(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The step eagerly, segment after segment (or all recorded into one graph by whoever captures it)."""
         residual, query, key, value = self.first_segment(token.view(1, 1))
         for index, layer in enumerate(self.layers):
             attention = attend(index, query, key, value, layer.scaling)

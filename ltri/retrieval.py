@@ -67,43 +67,75 @@ def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> tor
 
     votes (n_spans,) with -inf for spans not found; lengths (n_spans,) int64 on the same device.
     """
+    chosen = chosen_spans_padded(votes, lengths, budget)
+    return chosen[chosen < votes.numel()]
+
+
+def chosen_spans_padded(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+    """choose_spans without a host sync: (min(n_spans, budget),) the chosen ids ascending, then n_spans as
+    padding (every span holds at least one token, so at most budget spans fit)."""
+    n_spans = votes.numel()
     order = torch.argsort(votes, descending=True, stable=True)
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
-    return torch.sort(order[fits]).values
+    return torch.sort(torch.where(fits, order, n_spans)).values[: min(n_spans, budget)]
+
+
+def span_token_rows(
+    chosen: torch.Tensor, lengths: torch.Tensor, first_rows: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored rows of the chosen spans' tokens, in order, without a host sync.
+
+    chosen (m,) span ids, then padding ids (any id past the last span); lengths, first_rows (n_spans + 1,) each
+    span's length and first stored row, the last entry an empty span (length 0) that padding stands for.
+    Returns rows (n_rows,) int64, 0 past the chosen tokens, and their count (0-dim int64), at most n_rows.
+    """
+    chosen = chosen.clamp(max=lengths.numel() - 1)
+    chosen_lengths = lengths[chosen]
+    ends = torch.cumsum(chosen_lengths, dim=0)  # (m,)
+    token = torch.arange(n_rows, device=chosen.device)
+    which = torch.searchsorted(ends, token, right=True).clamp(max=chosen.numel() - 1)  # chosen span of each token
+    rows = first_rows[chosen[which]] + token - (ends[which] - chosen_lengths[which])
+    count = ends[-1].clamp(max=n_rows)
+    return torch.where(token < count, rows, 0), count
 
 
 class Persistence:
     """A span's vote fades over steps instead of vanishing: effective vote = max(vote now, decay * last one).
 
     So a span that drew much attention stays in for a few steps (evidence is not dropped one token
-    later), while spans that only just made the budget do not crowd out new evidence.
+    later), while spans that only just made the budget do not crowd out new evidence. The remembered
+    votes live in one buffer updated in place (a captured decode step reads and writes it), grown by a
+    quarter when more spans are asked for; entries past the spans recorded so far are 0.
     """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self.remembered = torch.empty(0)  # (n_spans,) effective votes of the last step, 0 if none
+        self.buffer = torch.zeros(0)  # (capacity,) effective votes of the last step, 0 if none
 
     def apply(self, votes: torch.Tensor) -> torch.Tensor:
         """Votes (n_spans,), -inf when not found, raised to the faded votes of the last step."""
-        self._grow(votes.numel(), votes.device)
+        self.reserve(votes.numel(), votes.device)
         if self.decay == 0:
             return votes
-        faded = self.remembered * self.decay
+        faded = self.buffer[: votes.numel()] * self.decay
         return torch.where(faded > 0, torch.maximum(votes, faded), votes)
 
     def record(self, votes: torch.Tensor) -> None:
         """Remember this step's effective votes (n_spans,)."""
-        self.remembered = torch.where(torch.isfinite(votes), votes, 0.0).clamp(min=0)
+        self.reserve(votes.numel(), votes.device)
+        self.buffer[: votes.numel()] = torch.where(torch.isfinite(votes), votes, 0.0).clamp(min=0)
 
-    def _grow(self, n_spans: int, device) -> None:
-        if self.remembered.device != torch.device(device):
-            self.remembered = self.remembered.to(device)
-        missing = n_spans - self.remembered.numel()
-        if missing > 0:
-            self.remembered = torch.cat([self.remembered, torch.zeros(missing, device=device)])
+    def reserve(self, n_spans: int, device) -> None:
+        """Room for n_spans votes on device (a new buffer only when it moves or grows)."""
+        if self.buffer.device != torch.device(device):
+            self.buffer = self.buffer.to(device)
+        if n_spans > self.buffer.numel():
+            grown = torch.zeros(max(n_spans, self.buffer.numel() * 5 // 4), device=device)
+            grown[: self.buffer.numel()] = self.buffer
+            self.buffer = grown
 
     def state(self) -> dict:
-        return {"remembered": self.remembered.cpu()}
+        return {"remembered": self.buffer.cpu()}
 
     def load_state(self, state: dict, device) -> None:
-        self.remembered = state["remembered"].to(device)
+        self.buffer = state["remembered"].to(device)

@@ -27,6 +27,7 @@ import torch
 from ltri import attention
 from ltri.attention import ATTENTION_NAME, STEP_KWARG, RetrievalFrame, StepContext, register_attention
 from ltri.cache import LtriCache, cache_argument_name
+from ltri.captured_decode import CapturedDecode
 from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
 from ltri.decode_step import DecodeStep
@@ -106,6 +107,7 @@ class Session:
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self._cache_kwarg = cache_argument_name(self.model)
         self._decode_step = DecodeStep.for_model(self.model, use_graphs=config.cuda_graphs)
+        self._captured: CapturedDecode | None = None  # bound to self.cache's memories (_captured_decode)
         self.store = None
         self.store_path: Path | None = None
 
@@ -125,6 +127,7 @@ class Session:
 
     def close(self) -> None:
         """Release the span store (a temporary one is deleted). Reading again needs reset()."""
+        self._captured = None
         self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
         if finalizer is not None:
@@ -425,6 +428,10 @@ class Session:
         The layers' memories take the chunk's keys and values; counting the tokens is the caller's."""
         step = StepContext(self.cache, self.rotary, self.config.position_mode, positions, self._retrieval_frame)
         if chunk.numel() == 1 and self._decode_step is not None:
+            captured = self._captured_decode()
+            logits = None if captured is None else captured(chunk)
+            if logits is not None:
+                return logits
             return self._decode_step(chunk, functools.partial(attention.attend_with_memory, step))
         output = self.model(
             input_ids=chunk[None, :],
@@ -434,6 +441,22 @@ class Session:
             **{self._cache_kwarg: self.cache, STEP_KWARG: step},
         )
         return output.logits[0].float()
+
+    def _captured_decode(self) -> CapturedDecode | None:
+        """The captured decode steps of the current memories; None where the settings rule them out (another
+        policy or position mode, a retrieval frame): then every decode step is eager."""
+        eligible = (
+            self.config.memory.policy == "ltri"
+            and self.config.position_mode == "compact"
+            and self._retrieval_frame is None
+        )
+        if not eligible:
+            return None
+        memories = self.cache.memories()
+        if self._captured is None or self._captured.memories != memories:
+            use_graph = self.config.cuda_graphs
+            self._captured = CapturedDecode(self._decode_step, memories, self.rotary, self.device, use_graph)
+        return self._captured
 
     def _tokenize(self, text: str) -> list[int]:
         if not text:

@@ -4,6 +4,8 @@ Spans differ per layer, so votes are shared per text position: a layer spreads e
 over the span's tokens; another layer reads, for each of its own spans, the largest shared vote
 among its tokens. A step reads what the previous step published (all layers) plus what the layers
 before it published in this step. Vocabulary: n_positions = tokens of the text held as spans.
+Both buffers are updated in place (a captured decode step reads and writes them) and grow by a quarter;
+positions past those published hold 0.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class SharedVotes:
         values = torch.where(torch.isfinite(votes), votes, 0.0) / self.n_layers
         per_token = values[owner]
         first = int(span_starts[0])
-        self._reserve(first + per_token.numel(), values.device)
+        self.reserve(first + per_token.numel(), values.device)
         self.current[first : first + per_token.numel()] += per_token
 
     def read(self, span_starts: torch.Tensor, span_lengths: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
@@ -35,8 +37,8 @@ class SharedVotes:
         owner: (n_positions_of_this_layer,) the span index of each token from span_starts[0] on.
         """
         first, n_tokens = int(span_starts[0]), owner.numel()
-        self._reserve(first + n_tokens, owner.device)
-        shared = (self.previous + self.current)[first : first + n_tokens]
+        self.reserve(first + n_tokens, owner.device)
+        shared = self.previous[first : first + n_tokens] + self.current[first : first + n_tokens]
         best = torch.zeros(span_lengths.numel(), device=owner.device)
         return best.scatter_reduce(0, owner, shared, reduce="amax")
 
@@ -45,16 +47,26 @@ class SharedVotes:
         if tokens_seen == self.step_tokens:
             return
         self.step_tokens = tokens_seen
-        self.previous, self.current = self.current, torch.zeros_like(self.current)
+        self.turn()
 
-    def _reserve(self, n_positions: int, device) -> None:
+    def turn(self) -> None:
+        """What this step published becomes the last step's; the new step starts with nothing (in place)."""
+        self.previous.copy_(self.current)
+        self.current.zero_()
+
+    def reserve(self, n_positions: int, device) -> None:
+        """Room for n_positions on device (new buffers only when they move or grow)."""
         if self.current.device != torch.device(device):
             self.previous, self.current = self.previous.to(device), self.current.to(device)
-        missing = n_positions - self.current.numel()
-        if missing > 0:
-            pad = torch.zeros(missing, device=device)
-            self.previous = torch.cat([self.previous, pad])
-            self.current = torch.cat([self.current, pad])
+        if n_positions > self.current.numel():
+            capacity = max(n_positions, self.current.numel() * 5 // 4)
+            self.previous, self.current = (self._grown(buffer, capacity) for buffer in (self.previous, self.current))
+
+    @staticmethod
+    def _grown(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = torch.zeros(capacity, device=buffer.device)
+        grown[: buffer.numel()] = buffer
+        return grown
 
     def state(self) -> dict:
         return {"previous": self.previous.cpu(), "current": self.current.cpu(), "step_tokens": self.step_tokens}

@@ -14,6 +14,8 @@ Shapes: keys, values (1, nheads_kv, seqlen, headdim) pre-RoPE; a span payload is
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
@@ -21,12 +23,14 @@ from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.evidence import Evidence, without_positions
 from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.memory import LayerMemory, ResidentSet
+from ltri.offload.host_payloads import HostMemoryShort, HostPayloads
 from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
 from ltri.positions import Layout
 from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
 from ltri.shared_votes import SharedVotes
+from ltri.span_tables import SpanTables
 from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
 from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
@@ -34,6 +38,9 @@ from ltri.token_selection import TokenSelector, fit_basis
 
 
 class SpanMemory(LayerMemory):
+    # Set while something replaces _retrieve (the needle oracle): decode steps then take the eager path.
+    retrieval_overridden = False
+
     def __init__(
         self,
         layer: int,
@@ -54,7 +61,8 @@ class SpanMemory(LayerMemory):
         self.shared = shared
         self.deferred = deferred
         self._waiting_cut = False  # this layer's chunk waits in deferred to be cut
-        self._device_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # (lengths, token owner) on device
+        self.tables: SpanTables | None = None  # the stored spans' lengths and rows on the device
+        self.host_payloads: HostPayloads | None = None  # the stored tokens in pinned host memory (MemoryConfig)
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
         self.n_unsegmented = 0  # tokens at the end of the window not cut into spans yet
@@ -64,7 +72,8 @@ class SpanMemory(LayerMemory):
         self.index = None  # created with the first stored span, when the shapes are known
         self.cache: SpanCache | None = None
         self.persistence = Persistence(retrieval.persistence)
-        self.last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
+        self._last_retrieved = torch.empty(0, dtype=torch.long)  # span ids the last step attended to
+        self._captured_chosen = None  # (pinned ids, event, n_spans) a captured step wrote them to, until read
         self._loaded = None  # (span ids, their keys, values, positions) as the last step loaded them
         self.steps_since_retrieval = 0  # decode steps since the last retrieval (RetrievalConfig.refresh_every)
         self.rereading_from: int | None = None  # text position where the window read again starts (ltri.reread)
@@ -74,6 +83,20 @@ class SpanMemory(LayerMemory):
         self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
+
+    @property
+    def last_retrieved(self) -> torch.Tensor:
+        """Span ids (CPU, ascending) the last step attended to."""
+        if self._captured_chosen is not None:
+            chosen, written, n_spans = self._captured_chosen
+            written.synchronize()
+            self._last_retrieved = chosen[chosen < n_spans].clone()
+            self._captured_chosen = None
+        return self._last_retrieved
+
+    @last_retrieved.setter
+    def last_retrieved(self, span_ids: torch.Tensor) -> None:
+        self._last_retrieved, self._captured_chosen = span_ids, None
 
     @property
     def n_spans(self) -> int:
@@ -194,6 +217,39 @@ class SpanMemory(LayerMemory):
         cached = 0 if self.cache is None else self.cache.nbytes()
         return self.sinks.nbytes() + self.window.nbytes() + cached
 
+    # ---- captured decode steps (ltri.captured_decode) ------------------------------------------
+    def captured_ready(self) -> bool:
+        """Whether a decode step of this layer can run in fixed shapes: stored spans with every token in host
+        rows, sinks full, the torch index, no reread under way, and a retrieval with no per-step host choices."""
+        config = self.retrieval_config
+        return (
+            self.n_spans > 0
+            and config.budget > 0
+            and config.selector == "none"
+            and config.refresh_every == 1
+            and not SpanMemory.retrieval_overridden
+            and self.host_payloads is not None
+            and self.host_payloads.length == self.tables.n_rows
+            and self.sinks.length == self.memory_config.n_sink
+            and self.rereading_from is None
+            and self.evidence.length == 0
+            and not self._waiting_cut
+            and hasattr(self.index, "search_captured")
+            and self.index.n_spans == self.n_spans
+        )
+
+    def after_captured_step(self, chosen: torch.Tensor, written: torch.cuda.Event | None) -> None:
+        """Book what a captured step did in place: one token written after the window's, spans chosen into the
+        host tensor chosen (padding >= n_spans) once written completes. Then cut and evict as append would."""
+        self.window.count_written(1)
+        self.spans_at_retrieval = self.n_spans
+        self._captured_chosen = (chosen, written or _DoneEvent(), self.n_spans)
+        self._loaded = None
+        self.n_unsegmented += 1
+        if self.n_unsegmented >= self.span_config.max_len:
+            self._cut_unsegmented()
+        self._evict()
+
     # ---- token selection ---------------------------------------------------------------------
     def token_selector(self) -> TokenSelector:
         config = self.retrieval_config
@@ -279,6 +335,8 @@ class SpanMemory(LayerMemory):
         self._ensure_index_and_cache(vectors, pieces[0].device)
         self.cache.put_block(span_ids.tolist(), pieces)
         self.index.add(vectors, span_ids[owner].to(vectors.device))
+        self.tables.extend(lengths)
+        self._keep_on_host(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens])
         # The window holds consecutive text positions after the sinks and the stored spans: no device read.
         self.span_starts = torch.cat([self.span_starts, self.window_start + torch.cumsum(lengths, dim=0) - lengths])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
@@ -293,6 +351,29 @@ class SpanMemory(LayerMemory):
             self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device, dtype)
         if self.cache is None:
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+        if self.tables is None:
+            self.tables = SpanTables(device)
+            self.host_payloads = self._new_host_payloads(device)
+
+    def _new_host_payloads(self, device) -> HostPayloads | None:
+        """Pinned host rows for the stored tokens, where MemoryConfig.host_payloads asks for them (a new memory's)."""
+        wanted = self.memory_config.host_payloads
+        if wanted == "never" or (wanted == "cuda" and torch.device(device).type != "cuda"):
+            return None
+        nheads_kv, headdim = self.kv_shape
+        return HostPayloads(nheads_kv, headdim, self.dtype, device)
+
+    def _keep_on_host(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The leaving tokens (nheads_kv, n, headdim) join the host rows; when the host runs short the rows are
+        dropped for good, and decode steps read spans through the span cache."""
+        if self.host_payloads is None:
+            return
+        try:
+            self.host_payloads.append(keys, values)
+        except HostMemoryShort as short:
+            warnings.warn(f"layer {self.layer}: stored tokens no longer kept in host memory ({short})", stacklevel=2)
+            self.host_payloads.close()
+            self.host_payloads = None
 
     # ---- retrieval ---------------------------------------------------------------------------
     def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,12 +415,8 @@ class SpanMemory(LayerMemory):
         return False
 
     def _spans_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on device, cached."""
-        if self._device_spans is None or self._device_spans[0].numel() != self.n_spans:
-            lengths = self.span_lengths.to(device)
-            owner = torch.repeat_interleave(torch.arange(self.n_spans, device=device), lengths)
-            self._device_spans = (lengths, owner)
-        return self._device_spans
+        """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on the tables' device."""
+        return self.tables.lengths[: self.n_spans], self.tables.owner[: self.tables.n_rows]
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nheads_kv, headdim = self.kv_shape
@@ -390,6 +467,16 @@ class SpanMemory(LayerMemory):
             dtype = vector_dtype(self.dtype, device)
             self.index = index_from_state(self.retrieval_config.backend, state["index"], device, dtype)
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+            self.tables = SpanTables(device)
+            self.tables.extend(self.span_lengths)
+            # Reopened stores keep their payloads in the store only: decode steps read them through the cache.
+
+
+class _DoneEvent:
+    """An event already complete (steps run eagerly on a CPU)."""
+
+    def synchronize(self) -> None:
+        return None
 
 
 def span_payloads(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:

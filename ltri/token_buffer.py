@@ -32,6 +32,22 @@ class TokenBuffer:
         self._positions[self.length : end] = positions
         self.length = end
 
+    def make_room(self, n_more: int) -> None:
+        """Capacity for n_more tokens past the held ones (the buffer must hold at least one token)."""
+        self._reserve(self._keys, self._values, self.length + n_more)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole allocation: keys, values (batch, nheads_kv, capacity, headdim), positions (capacity,).
+
+        Whoever writes tokens past length into them says so with count_written."""
+        return self._keys, self._values, self._positions
+
+    def count_written(self, n: int) -> None:
+        """n tokens were written into buffers() right after the held ones: they are held now."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"{n} tokens written past {self.length} held overflow the capacity {self.capacity}")
+        self.length += n
+
     def overwrite_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """New keys and values for the held tokens, from the last length tokens of keys, values (positions stay)."""
         if self.length == 0:

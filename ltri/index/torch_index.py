@@ -58,6 +58,33 @@ class TorchSpanIndex(SpanIndex):
         top_scores, top_ids = best_spans(scores, self._vector_slots[: self._length], self._slot_span_ids, k)
         return top_scores.to(queries.device), top_ids.to(queries.device)
 
+    def search_captured(
+        self, queries: torch.Tensor, k: int, n_vectors: torch.Tensor, n_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """search without a host read, for a captured decode step: every buffer slot is scored and the vectors
+        past n_vectors (0-dim int64 on the device, the count when the step runs) are left out.
+
+        Results name slots, not span ids (the same for a memory that adds spans 0, 1, 2, ... in order).
+        n_slots: above every slot in use; slot n_slots - 1 is never any span's (the left-out vectors go
+        there, each with score -inf). Returns scores, slots (nheads_kv, n_queries, min(k, n_slots)), slot -1
+        where a query found fewer spans. The shapes and the tensors read stay the same until the buffer grows.
+        """
+        capacity = self._vectors.shape[1]
+        valid = torch.arange(capacity, device=self.device) < n_vectors
+        scores = float32_scores(queries.to(self.device), self._vectors).masked_fill(~valid, float("-inf"))
+        slots = torch.where(valid, self._vector_slots, n_slots - 1)
+        identity = torch.arange(n_slots, device=self.device)
+        return best_spans(scores, slots, identity, k)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors search_captured reads (a captured step stays valid while these are the same)."""
+        return self._vectors, self._vector_slots
+
+    def slots_are_span_ids(self) -> bool:
+        """Whether spans were added as 0, 1, 2, ... (then a slot is its span's id)."""
+        ids = self._slots.slot_span_ids
+        return bool(torch.equal(ids, torch.arange(ids.numel())))
+
     def _raw_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         vectors = self._vectors[:, : self._length].to("cpu", torch.float32)
         slots = self._vector_slots[: self._length].cpu()

@@ -50,7 +50,9 @@ def needle_first(start: int, end: int) -> Iterator[None]:
             memory.persistence = persistence
 
     SpanMemory._retrieve = retrieve_needle_first
+    SpanMemory.retrieval_overridden = True  # decode steps then retrieve eagerly, through the override
     try:
         yield
     finally:
         SpanMemory._retrieve = original
+        SpanMemory.retrieval_overridden = False

@@ -8,74 +8,141 @@ the durable copy; this one lives as long as the session.
 Layout, token-major so that one token's keys and values are one contiguous 4 KB read for a
 Llama-3-8B layer (8 KV heads, head dim 128, bf16):
 
-    tokens  (capacity, 2, nheads_kv, headdim)   stored token t (t = text position - n_sink) at row t;
-                                                [:, 0] keys, [:, 1] values, pre-RoPE, in the model dtype
+    tokens  (max_tokens, 2, nheads_kv, headdim)  stored token t (t = text position - n_sink) at row t;
+                                                 [:, 0] keys, [:, 1] values, pre-RoPE, in the model dtype
 
-Stored tokens of a layer are consecutive text positions (sinks first, then every stored span in order),
-so a span's tokens are one run of rows. Capacity grows by a quarter; growing moves the rows to a new
-allocation, and device views taken before it are stale (``generation`` counts the moves).
+The rows are one reserved range of virtual addresses (an anonymous mapping that takes no memory until
+written); on CUDA the part in use is page-locked and registered with the driver piece by piece as it
+fills. So the rows never move: the tensor, its device alias and any CUDA graph that reads it stay valid
+while the layer stores more. Rows past ``length`` must not be read.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+from pathlib import Path
+
 import torch
+
+# Host memory left to everything else when more rows are locked (the span store may live in RAM too).
+HOST_MARGIN_BYTES = 16 * 2**30
+_MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
+_REGISTER_MAPPED = 2  # cudaHostRegisterMapped
+_LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time
+
+
+class HostMemoryShort(RuntimeError):
+    """Locking more rows would leave the host less than HOST_MARGIN_BYTES of available memory."""
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def physical_host_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class HostPayloads:
-    """nheads_kv, headdim, dtype: one stored token's shape; device: where the aliasing views are read."""
+    """nheads_kv, headdim, dtype: one stored token's shape; device: where the rows are read.
 
-    def __init__(self, nheads_kv: int, headdim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    max_tokens: rows reserved (address space only); by default as many as the host's RAM could hold."""
+
+    def __init__(
+        self, nheads_kv: int, headdim: int, dtype: torch.dtype, device: torch.device | str, max_tokens: int = 0
+    ) -> None:
         self.device = torch.device(device)
         self.row_shape = (2, nheads_kv, headdim)
         self.dtype = dtype
-        self.tokens = torch.empty(0, *self.row_shape, dtype=dtype)  # (capacity, 2, nheads_kv, headdim)
+        self.max_tokens = max_tokens or physical_host_bytes() // self.row_bytes
+        self._region = mmap.mmap(
+            -1, self.max_tokens * self.row_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        )
+        raw = torch.frombuffer(self._region, dtype=torch.uint8)
+        self.tokens = raw.view(dtype).view(self.max_tokens, *self.row_shape)
         self.length = 0
-        self.generation = 0  # bumped whenever the rows move to a new allocation
+        self._locked = _LockedPrefix(self.tokens.data_ptr()) if self.device.type == "cuda" else None
         self._device_view: torch.Tensor | None = None
 
     @property
-    def capacity(self) -> int:
-        return self.tokens.shape[0]
+    def row_bytes(self) -> int:
+        return self.row_shape[0] * self.row_shape[1] * self.row_shape[2] * self.dtype.itemsize
 
     def nbytes(self) -> int:
-        return self.tokens.nbytes
+        """Bytes of host memory the rows in use take."""
+        return self.length * self.row_bytes
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values (nheads_kv, n, headdim) of the next n stored tokens, on any device.
 
         A device-to-host copy is enqueued on the current stream (not waited for): any later kernel on that
-        stream that reads the rows runs after it."""
+        stream that reads the rows runs after it. HostMemoryShort (nothing stored) when the host is short."""
         n = keys.shape[1]
-        self.reserve(self.length + n)
+        if self.length + n > self.max_tokens:
+            raise HostMemoryShort(f"{self.length + n} stored tokens exceed the {self.max_tokens} rows reserved")
+        if self._locked is not None:
+            self._locked.extend((self.length + n) * self.row_bytes)
         rows = torch.stack([keys, values]).permute(2, 0, 1, 3)  # (n, 2, nheads_kv, headdim)
         self.tokens[self.length : self.length + n].copy_(rows, non_blocking=True)
         self.length += n
 
-    def reserve(self, needed: int) -> None:
-        """Room for needed tokens; growth by at least a quarter, rows copied over."""
-        if needed <= self.capacity:
-            return
-        capacity = max(needed, self.capacity + self.capacity // 4, 1024)
-        grown = torch.empty(capacity, *self.row_shape, dtype=self.dtype, pin_memory=self._pinned())
-        if self.length:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # copies still writing the old rows
-            grown[: self.length].copy_(self.tokens[: self.length])
-        self.tokens = grown
-        self.generation += 1
-        self._device_view = None
-
     def device_view(self) -> torch.Tensor:
-        """The rows as a tensor on the device (capacity, 2, nheads_kv, headdim): on CUDA an alias of the
-        pinned host rows (reads cross PCIe, nothing is copied); elsewhere the host tensor itself."""
-        if self.device.type != "cuda":
+        """The rows as a tensor on the device (max_tokens, 2, nheads_kv, headdim): on CUDA an alias of the
+        locked host rows (reads cross PCIe, nothing is copied); elsewhere the host tensor itself."""
+        if self._locked is None:
             return self.tokens
         if self._device_view is None:
             self._device_view = mapped_on_device(self.tokens, self.device)
         return self._device_view
 
-    def _pinned(self) -> bool:
-        return self.device.type == "cuda"
+    def close(self) -> None:
+        """Unlock the rows (views of them must not be read after this)."""
+        self._device_view = None
+        if self._locked is not None:
+            self._locked.release()
+            self._locked = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _LockedPrefix:
+    """The first bytes of a reserved range, page-locked and registered with CUDA in pieces as they are needed."""
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+        self.pieces: list[tuple[int, int]] = []  # (address, bytes) registered
+        self.nbytes = 0
+
+    def extend(self, needed: int) -> None:
+        if needed <= self.nbytes:
+            return
+        step = max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4)
+        available = available_host_bytes()
+        if available is not None and available - step < HOST_MARGIN_BYTES:
+            raise HostMemoryShort(
+                f"locking {step / 2**30:.1f} GiB more would leave the host under {HOST_MARGIN_BYTES >> 30} GiB"
+            )
+        address = self.address + self.nbytes
+        error = torch.cuda.cudart().cudaHostRegister(address, step, _REGISTER_MAPPED)
+        if int(error) != 0:
+            raise HostMemoryShort(f"cudaHostRegister failed with CUDA error {int(error)}")
+        self.pieces.append((address, step))
+        self.nbytes += step
+
+    def release(self) -> None:
+        for address, _ in self.pieces:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        self.pieces.clear()
+        self.nbytes = 0
 
 
 class _CudaArray:
@@ -87,12 +154,11 @@ class _CudaArray:
 
 
 def mapped_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor aliasing the contiguous pinned host tensor host (same shape and dtype).
-
-    With unified virtual addressing (every 64-bit CUDA platform) memory from cudaHostAlloc, which is
-    what torch's pinned allocator uses, has the same address on the host and the device."""
-    if not host.is_pinned() or not host.is_contiguous():
-        raise ValueError("only a contiguous pinned host tensor can be read by the GPU in place")
+    """A CUDA tensor aliasing the contiguous host tensor host (same shape and dtype), whose memory is pinned
+    (torch's pinned allocator) or registered with cudaHostRegister: with unified virtual addressing (every
+    64-bit CUDA platform) such memory has the same address on the host and the device."""
+    if not host.is_contiguous():
+        raise ValueError("only a contiguous host tensor can be read by the GPU in place")
     raw = host.view(torch.int16) if host.element_size() == 2 else host.view(torch.int32)
     typestr = "<i2" if host.element_size() == 2 else "<i4"
     with torch.cuda.device(device):

@@ -1,0 +1,226 @@
+"""A whole decode step as one CUDA graph: ltri's attention with memory in fixed shapes, no host decision.
+
+The eager decode step (``ltri.attention.attend_with_memory``) asks the host, in every layer, which spans
+won, which of them the span cache holds, how long the resident set is: a few milliseconds of Python and
+device syncs per layer (benchmarks/speed/NOTES.md). Here a layer's step reads only device tensors whose
+shapes do not change from one step to the next:
+
+    window      the token is written at the window's length (a device count) in the window's buffer
+    retrieval   the index scores its whole buffer (vectors past the count left out), votes pool over every
+                span slot, shared votes and persistence are updated in place, the budget is filled on the
+                device (``retrieval.chosen_spans_padded``), and the chosen spans' tokens are gathered from
+                the pinned host rows (``offload.host_payloads``) straight over PCIe
+    attention   sinks, retrieved tokens and window packed at compact positions into one padded key set,
+                rotated, and attended with the sparse attention kernel up to the valid count
+
+so the dense segments and every layer's attention are captured together and replayed with one launch.
+The host writes three counts per layer before a step (window length, index vectors, text position) and
+books the step after it (the window's new token, cuts and evictions, which run eagerly as ever).
+
+A graph stays valid while the tensors it reads are the same; when a buffer grows (the window, the index,
+the span tables, the votes) the next step runs the same code eagerly, and the one after is captured
+anew. On a CPU, or with graphs off, every step runs the same code eagerly.
+
+Shapes: query (1, nheads, 1, headdim), key, value (1, nheads_kv, 1, headdim) pre-RoPE; budget B retrieved
+tokens; the packed key set P = n_sink + B + window capacity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltri.decode_step import DecodeStep
+from ltri.kernels.sparse_attention import sparse_attention
+from ltri.positions import RopeTable, Rotary
+from ltri.retrieval import chosen_spans_padded, pool_votes, retrieval_queries, span_token_rows
+from ltri.span_memory import SpanMemory
+from ltri.span_vectors import bound_query
+
+WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
+
+
+class CapturedLayer:
+    """One layer's attention with memory in fixed shapes, bound to the memory's tensors as they are now.
+
+    counts: (3,) int64 on the device, written by the host before each step: the window's length before the
+    step, the index's vectors, the token's text position."""
+
+    def __init__(self, memory: SpanMemory, rotary: Rotary, counts: torch.Tensor, turns_shared_votes: bool) -> None:
+        self.memory = memory
+        self.counts = counts
+        self.turns_shared_votes = turns_shared_votes  # the first layer of a step starts the shared votes' step
+        self.budget = memory.retrieval_config.budget
+        self.n_sink = memory.sinks.length
+        self.n_slots = memory.tables.span_capacity + 1  # the last slot is the empty span
+        n_chosen = min(self.n_slots, self.budget)
+        self.chosen = torch.empty(n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
+        self.n_packed = self.n_sink + self.budget + memory.window.capacity
+        self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The layer's attention output (1, nheads, 1, headdim); the token's key and value join the window."""
+        window_length = self.counts[0:1]
+        window_keys, window_values, window_positions = self.memory.window.buffers()
+        window_keys.index_copy_(2, window_length, key)
+        window_values.index_copy_(2, window_length, value)
+        window_positions.index_copy_(0, window_length, self.counts[2:3])
+        retrieved, n_retrieved = self.retrieve(query)
+        keys = self.packed(0, retrieved[:, 0], n_retrieved)
+        values = self.packed(1, retrieved[:, 1], n_retrieved)
+        n_valid = self.n_sink + n_retrieved + window_length + 1  # (1,) the token itself is the last valid key
+        at = n_valid - 1
+        query_table = RopeTable(self.table.cos.index_select(2, at), self.table.sin.index_select(2, at))
+        rotated_keys = self.table.rotate(keys[None])[0]
+        n_valid_per_head = n_valid.expand(keys.shape[0]).contiguous()
+        output, _ = sparse_attention(
+            query_table.rotate(query)[0], rotated_keys, values, n_valid=n_valid_per_head, scale=scaling
+        )
+        return output[None]
+
+    def packed(self, part: int, retrieved: torch.Tensor, n_retrieved: torch.Tensor) -> torch.Tensor:
+        """Sinks, the n_retrieved valid retrieved tokens, then the window, packed: (nheads_kv, P, headdim).
+
+        part: 0 keys, 1 values; retrieved (B, nheads_kv, headdim) of that part."""
+        window = self.memory.window.buffers()[part][0]
+        sinks = self.memory.sinks
+        sinks = window[:, :0] if sinks.length == 0 else (sinks.keys() if part == 0 else sinks.values())[0]
+        sources = torch.cat([sinks, retrieved.transpose(0, 1), window], dim=1)  # (nheads_kv, P, headdim)
+        place = torch.arange(self.n_packed, device=sources.device)
+        source = torch.where(place < self.n_sink + n_retrieved, place, place - n_retrieved + self.budget)
+        return sources.index_select(1, source.clamp(max=self.n_packed - 1))
+
+    def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The budget's tokens for query: (B, 2, nheads_kv, headdim) rows (0 past the count) and their count."""
+        memory = self.memory
+        config = memory.retrieval_config
+        nheads_kv, headdim = memory.kv_shape
+        search = retrieval_queries(query, nheads_kv, config.max_voting_queries, config.voting_window)
+        if memory.span_config.index_vectors == "bounds":
+            search = bound_query(search)
+        scores, slots = memory.index.search_captured(search, config.search_k, self.counts[1], self.n_slots)
+        votes = pool_votes(scores, slots, self.n_slots, scale=headdim**-0.5, how=config.vote)  # (n_slots,)
+        tables = memory.tables
+        if memory.shared is not None and config.collaboration > 0:
+            if self.turns_shared_votes:
+                memory.shared.turn()
+            borrowed = memory.shared.read(memory.span_starts, tables.lengths, tables.owner) * config.collaboration
+            memory.shared.publish(memory.span_starts, tables.owner, votes)
+            votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
+            votes[-1] = float("-inf")  # the empty span's slot borrows what other layers stored further on
+        votes = memory.persistence.apply(votes)
+        chosen = chosen_spans_padded(votes, tables.lengths, self.budget)
+        memory.persistence.record(votes)
+        self.chosen.copy_(chosen, non_blocking=True)
+        rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
+        return memory.host_payloads.device_view().index_select(0, rows), count
+
+
+class CapturedDecode:
+    """Decode steps of a Session through CapturedLayers, as one CUDA graph when use_graph (CUDA only)."""
+
+    def __init__(self, step: DecodeStep, memories: list[SpanMemory], rotary: Rotary, device, use_graph: bool) -> None:
+        self.step = step
+        self.memories = memories
+        self.rotary = rotary
+        self.device = torch.device(device)
+        self.use_graph = use_graph and self.device.type == "cuda"
+        pinned = self.device.type == "cuda"
+        self.counts_host = torch.zeros(len(memories), 3, dtype=torch.long, pin_memory=pinned)
+        self.counts = torch.zeros(len(memories), 3, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.layers: list[CapturedLayer] | None = None
+        self.signature: tuple | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        self._counts_read: torch.cuda.Event | None = None
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor | None:
+        """Logits (1, vocab) float32 of a decode step for token (1,); None (nothing done) when a layer cannot
+        take a captured step, and the caller runs the eager one."""
+        if not all(memory.captured_ready() for memory in self.memories):
+            self.drop()
+            return None
+        self._make_room()
+        signature = self._signature()
+        self._write_counts()
+        self.token.copy_(token.view(1, 1))
+        if signature != self.signature:
+            self.drop()
+            self.layers = self._bind()
+            self.signature = signature
+            logits = self._forward()  # eager, and the warm-up of the next step's capture
+        elif self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.graph_logits.clone()
+        else:
+            logits = self._forward()
+        self._book()
+        return logits
+
+    def drop(self) -> None:
+        """Forget the graph and the bound layers (the next captured step binds and runs eagerly first)."""
+        self.graph = self.graph_logits = self.layers = self.signature = None
+
+    def _forward(self) -> torch.Tensor:
+        layers = self.layers
+        return self.step.walk(self.token, lambda index, q, k, v, scaling: layers[index].attend(q, k, v, scaling))
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.graph_logits = self._forward()
+        self.graph = graph
+
+    def _bind(self) -> list[CapturedLayer]:
+        return [
+            CapturedLayer(memory, self.rotary, self.counts[index], turns_shared_votes=index == 0)
+            for index, memory in enumerate(self.memories)
+        ]
+
+    def _make_room(self) -> None:
+        """Room in every buffer a step writes in place, so that nothing grows while a graph records."""
+        for memory in self.memories:
+            if memory.window.capacity - memory.window.length < 1:
+                memory.window.make_room(WINDOW_HEADROOM)
+            memory.persistence.reserve(memory.tables.span_capacity + 1, self.device)
+            if memory.shared is not None:
+                memory.shared.reserve(memory.sinks.length + memory.tables.owner.numel(), self.device)
+
+    def _signature(self) -> tuple:
+        """The tensors a bound step reads and writes: the same tuple means the graph is still valid."""
+        pointers = []
+        for memory in self.memories:
+            tensors = (
+                *memory.window.buffers(),
+                *memory.index.buffers(),
+                memory.tables.lengths,
+                memory.tables.first_rows,
+                memory.tables.owner,
+                memory.persistence.buffer,
+            )
+            if memory.shared is not None:
+                tensors += (memory.shared.previous, memory.shared.current)
+            pointers.append(tuple((tensor.data_ptr(), tensor.numel()) for tensor in tensors))
+        return tuple(pointers)
+
+    def _write_counts(self) -> None:
+        if self._counts_read is not None:
+            self._counts_read.synchronize()  # the last step's copy has read the host counts
+        for index, memory in enumerate(self.memories):
+            self.counts_host[index, 0] = memory.window.length
+            self.counts_host[index, 1] = memory.index.n_vectors
+            self.counts_host[index, 2] = memory.tokens_seen
+        self.counts.copy_(self.counts_host, non_blocking=True)
+        if self.device.type == "cuda":
+            self._counts_read = torch.cuda.Event()
+            self._counts_read.record()
+
+    def _book(self) -> None:
+        written = None
+        if self.device.type == "cuda":
+            written = torch.cuda.Event()
+            written.record()
+        for layer, memory in zip(self.layers, self.memories, strict=True):
+            memory.after_captured_step(layer.chosen, written)

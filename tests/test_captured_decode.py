@@ -1,0 +1,136 @@
+"""Captured decode steps (ltri.captured_decode) attend to what the eager decode step attends to.
+
+The captured step reads only fixed-shape device tensors: it must choose the same spans, gather the same
+tokens from the host rows, pack them at the same compact positions and give the same logits as the
+eager step, over many steps, across cuts and evictions, with shared votes and persistence carried
+between steps. On a CPU the same code runs eagerly (MemoryConfig.host_payloads="always"); on CUDA it
+runs as one graph.
+"""
+
+import pytest
+import torch
+from support import byte_tokenizer, tiny_llama
+
+from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
+from ltri.captured_decode import CapturedDecode
+from ltri.offload.host_payloads import HostPayloads
+from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
+
+TEXT = torch.randint(0, 256, (900,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def session_for(host_payloads: str, device: str = "cpu", dtype=torch.float32, **retrieval) -> Session:
+    model = tiny_llama(n_layers=3).to(device, dtype)
+    config = LtriConfig(
+        memory=MemoryConfig(n_sink=8, n_window=64, host_payloads=host_payloads),
+        spans=SpanConfig(min_len=4, max_len=16),
+        retrieval=RetrievalConfig(budget=48, search_k=8, backend="torch", **retrieval),
+        chunk_size=64,
+    )
+    return Session(model, config, tokenizer=byte_tokenizer())
+
+
+def decode(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
+    """Logits of n_steps greedy steps after the text, and each step's retrieved spans per layer."""
+    logits = session.prefill(TEXT)
+    steps, retrieved = [], []
+    for _ in range(n_steps):
+        logits = session.prefill([int(logits[-1].argmax())])
+        steps.append(logits[-1])
+        retrieved.append([memory.last_retrieved.tolist() for memory in session.cache.memories()])
+    return torch.stack(steps), retrieved
+
+
+@pytest.mark.parametrize("retrieval", [{}, {"vote": "max", "collaboration": 0.0}, {"persistence": 0.0}])
+def test_captured_steps_equal_eager_steps_on_the_cpu(retrieval):
+    eager = session_for("never", **retrieval)
+    captured = session_for("always", **retrieval)
+    expected, expected_spans = decode(eager, 40)
+    got, got_spans = decode(captured, 40)
+    assert captured._captured is not None and captured._captured.layers is not None  # the captured path ran
+    assert eager._captured is None or eager._captured.layers is None
+    assert got_spans == expected_spans
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_steps_fall_back_to_eager_while_a_layer_cannot_be_captured():
+    session = session_for("always")
+    session.prefill(TEXT)
+    memory = session.cache.memories()[1]
+    memory.host_payloads = None  # as when the host ran short of memory
+    reference = session_for("never")
+    reference.prefill(TEXT)
+    got = session.prefill([5])
+    assert session._captured.layers is None  # nothing bound: the step was eager
+    assert torch.allclose(got, reference.prefill([5]), atol=1e-5)
+
+
+def test_the_budget_is_filled_on_the_device_as_on_the_host():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 40, (1,), generator=generator))
+        votes = torch.randn(n, generator=generator)
+        votes[torch.rand(n, generator=generator) < 0.3] = float("-inf")
+        lengths = torch.randint(1, 20, (n,), generator=generator)
+        budget = int(torch.randint(0, 120, (1,), generator=generator))
+        chosen = chosen_spans_padded(votes, lengths, budget)
+        expected = choose_spans(votes, lengths, budget)
+        assert chosen.numel() == min(n, budget)
+        assert torch.equal(chosen[: expected.numel()], expected)
+        assert bool((chosen[expected.numel() :] == n).all())
+
+
+def test_span_token_rows_lists_each_chosen_spans_rows_in_order():
+    lengths = torch.tensor([3, 2, 4, 0])  # three spans, then the empty span
+    first_rows = torch.tensor([0, 3, 5, 0])
+    chosen = torch.tensor([0, 2, 4, 4])  # spans 0 and 2, then padding (past the empty span: clamped to it)
+    rows, count = span_token_rows(chosen, lengths, first_rows, n_rows=10)
+    assert int(count) == 7
+    assert rows.tolist() == [0, 1, 2, 5, 6, 7, 8, 0, 0, 0]
+    rows, count = span_token_rows(chosen, lengths, first_rows, n_rows=5)
+    assert int(count) == 5 and rows.tolist() == [0, 1, 2, 5, 6]
+
+
+def test_host_rows_hold_what_left_the_window():
+    session = session_for("always")
+    session.prefill(TEXT)
+    for memory in session.cache.memories():
+        rows = memory.host_payloads
+        assert rows.length == memory.tables.n_rows == int(memory.span_lengths.sum())
+        span = memory.n_spans // 2
+        start, length = int(memory.span_starts[span]), int(memory.span_lengths[span])
+        payload = memory.store.read_spans(memory.layer, [span], [(2, 2, length, 16)], torch.float32, "cpu")[0]
+        first = start - memory.sinks.length
+        assert torch.equal(rows.tokens[first : first + length].permute(1, 2, 0, 3), payload)
+
+
+def test_host_rows_need_no_copy_to_grow():
+    rows = HostPayloads(2, 16, torch.float32, "cpu", max_tokens=1000)
+    view = rows.device_view()
+    keys = torch.randn(2, 600, 16)
+    rows.append(keys, -keys)
+    rows.append(keys[:, :300], keys[:, :300])
+    assert rows.device_view() is view and rows.length == 900
+    assert torch.equal(view[650, 0], keys[:, 50])
+    with pytest.raises(RuntimeError, match="exceed"):
+        rows.append(keys[:, :200], keys[:, :200])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_captured_steps_equal_eager_steps_on_the_gpu(graphs):
+    sessions = []
+    for host_payloads in ("never", "cuda"):
+        sessions.append(session_for(host_payloads, "cuda", torch.bfloat16))
+    if not graphs:
+        sessions[1]._captured = CapturedDecode(
+            sessions[1]._decode_step, sessions[1].cache.memories(), sessions[1].rotary, "cuda", use_graph=False
+        )
+    expected, expected_spans = decode(sessions[0], 40)
+    got, got_spans = decode(sessions[1], 40)
+    assert sessions[1]._captured.layers is not None
+    assert sessions[1]._captured.use_graph == graphs
+    assert graphs is False or sessions[1]._captured.graph is not None
+    agreeing = sum(a == b for a, b in zip(got_spans, expected_spans, strict=True))
+    assert agreeing >= 35  # bf16: a near tie may go the other way now and then
+    assert (got - expected).abs().max().item() < 0.1
