@@ -133,12 +133,14 @@ class CapturedDecode:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         self._counts_read: torch.cuda.Event | None = None
+        self.steps = {"bound": 0, "replayed": 0, "eager": 0, "declined": 0}  # how each call went
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor | None:
         """Logits (1, vocab) float32 of a decode step for token (1,); None (nothing done) when a layer cannot
         take a captured step, and the caller runs the eager one."""
         if not all(memory.captured_ready() for memory in self.memories):
             self.drop()
+            self.steps["declined"] += 1
             return None
         self._make_room()
         signature = self._signature()
@@ -149,13 +151,16 @@ class CapturedDecode:
             self.layers = self._bind()
             self.signature = signature
             logits = self._forward()  # eager, and the warm-up of the next step's capture
+            self.steps["bound"] += 1
         elif self.use_graph:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
             logits = self.graph_logits.clone()
+            self.steps["replayed"] += 1
         else:
             logits = self._forward()
+            self.steps["eager"] += 1
         self._book()
         return logits
 

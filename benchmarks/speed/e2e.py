@@ -191,6 +191,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
+    parser.add_argument(
+        "--ltri-host-payloads",
+        default=None,
+        choices=("cuda", "always", "never"),
+        help="MemoryConfig.host_payloads (default: ltri's); never: decode steps read spans through the span cache",
+    )
     parser.add_argument("--store-root", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
@@ -239,6 +245,8 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, n_window=args.ltri_window)
     if args.ltri_sink is not None:
         memory = replace(memory, n_sink=args.ltri_sink)
+    if args.ltri_host_payloads is not None:
+        memory = replace(memory, host_payloads=args.ltri_host_payloads)
     retrieval = config.retrieval
     if args.ltri_refresh_every is not None:
         retrieval = replace(retrieval, refresh_every=args.ltri_refresh_every)
@@ -440,8 +448,10 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
     synchronize(device)
     prefill_s = time.perf_counter() - start
     hits, misses = span_cache_counts(session)
+    steps_before = captured_steps(session)
     step_s, logits = timed_decode(session.prefill, logits, settings.decode_tokens, device, progress)
     hits_after, misses_after = span_cache_counts(session)
+    steps_after = captured_steps(session)
     stats = session.stats()
     fields = {
         **speed_fields(ids.numel(), prefill_s, step_s),
@@ -453,6 +463,9 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "index_gb": index_bytes(session) / 1e9,
         "decode_span_cache_hits": hits_after - hits,
         "decode_span_cache_misses": misses_after - misses,
+        "decode_captured_steps": {key: steps_after[key] - steps_before.get(key, 0) for key in steps_after},
+        "host_payloads_gb": host_payload_bytes(session) / 1e9,
+        "host_payloads": settings.ltri.memory.host_payloads,
         "ltri_chunk": settings.ltri.chunk_size,
         "n_sink": settings.ltri.memory.n_sink,
         "n_window": settings.ltri.memory.n_window,
@@ -466,6 +479,17 @@ def span_cache_counts(session: Session) -> tuple[int, int]:
     caches = [getattr(memory, "cache", None) for memory in session.cache.memories()]
     caches = [cache for cache in caches if cache is not None]
     return sum(cache.hits for cache in caches), sum(cache.misses for cache in caches)
+
+
+def captured_steps(session: Session) -> dict:
+    """How the session's decode steps went through ltri.captured_decode so far (bound, replayed, eager, declined)."""
+    captured = session._captured
+    return {} if captured is None else dict(captured.steps)
+
+
+def host_payload_bytes(session: Session) -> int:
+    rows = [getattr(memory, "host_payloads", None) for memory in session.cache.memories()]
+    return sum(row.nbytes() for row in rows if row is not None)
 
 
 def index_bytes(session: Session) -> int:
