@@ -106,7 +106,7 @@ class CapturedLayer:
             borrowed = memory.shared.read(memory.span_starts, tables.lengths, tables.owner) * config.collaboration
             memory.shared.publish(memory.span_starts, tables.owner, votes)
             votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
-            votes[-1] = float("-inf")  # the empty span's slot borrows what other layers stored further on
+            votes[-1:].fill_(float("-inf"))  # the empty span's slot borrows what other layers stored further on
         votes = memory.persistence.apply(votes)
         chosen = chosen_spans_padded(votes, tables.lengths, self.budget)
         memory.persistence.record(votes)
