@@ -110,7 +110,8 @@ def test_evidence_is_read_with_the_window_kept_for_the_answer_and_forgotten_afte
         assert evidence.numel() == 40 and torch.equal(evidence, evidence.sort().values)
         assert int(evidence.max()) < int(memory.window.positions()[0]), "evidence comes from stored spans"
     memory = session.cache.memories()[1]
-    resident = memory.resident(torch.randn(1, 4, 1, 16))  # a decode step's queries: evidence and spans do not repeat
+    with torch.inference_mode():  # as the Session runs its forwards (votes are updated in place)
+        resident = memory.resident(torch.randn(1, 4, 1, 16))  # a decode step's queries: no repeats
     assert resident.positions.unique().numel() == resident.positions.numel()
     assert resident.layout.n_retrieved >= 40
     first = [m.evidence.tokens.positions().clone() for m in session.cache.memories()]
