@@ -13,6 +13,7 @@ from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
 from ltri.captured_decode import CapturedDecode
+from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
 from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
 
@@ -120,8 +121,8 @@ def test_host_rows_need_no_copy_to_grow():
 @pytest.mark.parametrize("graphs", [False, True])
 def test_captured_steps_equal_eager_steps_on_the_gpu(graphs):
     sessions = []
-    for host_payloads in ("never", "cuda"):
-        sessions.append(session_for(host_payloads, "cuda", torch.bfloat16))
+    for where in ("never", "cuda"):
+        sessions.append(session_for(where, "cuda", torch.bfloat16))
     if not graphs:
         sessions[1]._captured = CapturedDecode(
             sessions[1]._decode_step, sessions[1].cache.memories(), sessions[1].rotary, "cuda", use_graph=False
@@ -134,3 +135,25 @@ def test_captured_steps_equal_eager_steps_on_the_gpu(graphs):
     agreeing = sum(a == b for a, b in zip(got_spans, expected_spans, strict=True))
     assert agreeing >= 35  # bf16: a near tie may go the other way now and then
     assert (got - expected).abs().max().item() < 0.1
+
+
+def test_copies_into_host_rows_are_cut_where_a_registration_ends():
+    locked = host_payloads._LockedPrefix(address=0)
+    locked.pieces, locked.nbytes = [(0, 100), (100, 50), (150, 200)], 350
+    assert locked.split(90, 160) == [(90, 100), (100, 150), (150, 160)]
+    assert locked.split(120, 130) == [(120, 130)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="registered host memory needs a GPU")
+def test_host_rows_across_many_registrations_read_back_on_the_gpu(monkeypatch):
+    monkeypatch.setattr(host_payloads, "_LOCK_STEP_BYTES", 3 * 4096)
+    rows = HostPayloads(2, 16, torch.bfloat16, "cuda", max_tokens=4096)  # 128 bytes a row
+    keys = torch.randn(2, 1000, 16, device="cuda", dtype=torch.bfloat16)
+    for start in range(0, 1000, 77):  # appends that straddle registrations
+        rows.append(keys[:, start : start + 77], -keys[:, start : start + 77])
+    assert len(rows._locked.pieces) > 3
+    picked = torch.tensor([0, 95, 96, 500, 999], device="cuda")
+    got = rows.device_view().index_select(0, picked)
+    assert torch.equal(got[:, 0], keys[:, picked].transpose(0, 1))
+    assert torch.equal(got[:, 1], -keys[:, picked].transpose(0, 1))
+    rows.close()

@@ -66,8 +66,8 @@ class HostPayloads:
         self._region = mmap.mmap(
             -1, self.max_tokens * self.row_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         )
-        raw = torch.frombuffer(self._region, dtype=torch.uint8)
-        self.tokens = raw.view(dtype).view(self.max_tokens, *self.row_shape)
+        self._bytes = torch.frombuffer(self._region, dtype=torch.uint8)  # (max_tokens * row_bytes,)
+        self.tokens = self._bytes.view(dtype).view(self.max_tokens, *self.row_shape)
         self.length = 0
         self._locked = _LockedPrefix(self.tokens.data_ptr()) if self.device.type == "cuda" else None
         self._device_view: torch.Tensor | None = None
@@ -88,10 +88,15 @@ class HostPayloads:
         n = keys.shape[1]
         if self.length + n > self.max_tokens:
             raise HostMemoryShort(f"{self.length + n} stored tokens exceed the {self.max_tokens} rows reserved")
+        start, stop = self.length * self.row_bytes, (self.length + n) * self.row_bytes
+        rows = torch.stack([keys, values]).permute(2, 0, 1, 3).contiguous()  # (n, 2, nheads_kv, headdim)
+        source = rows.view(-1).view(torch.uint8)
+        pieces = [(start, stop)]
         if self._locked is not None:
-            self._locked.extend((self.length + n) * self.row_bytes)
-        rows = torch.stack([keys, values]).permute(2, 0, 1, 3)  # (n, 2, nheads_kv, headdim)
-        self.tokens[self.length : self.length + n].copy_(rows, non_blocking=True)
+            self._locked.extend(stop)
+            pieces = self._locked.split(start, stop)  # a copy must not cross from one registration to the next
+        for low, high in pieces:
+            self._bytes[low:high].copy_(source[low - start : high - start], non_blocking=True)
         self.length += n
 
     def device_view(self) -> torch.Tensor:
@@ -125,7 +130,8 @@ class _LockedPrefix:
     def extend(self, needed: int) -> None:
         if needed <= self.nbytes:
             return
-        step = max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4)
+        page = mmap.PAGESIZE  # pieces end on page boundaries: two registrations cannot share a page
+        step = -(-max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4) // page) * page
         available = available_host_bytes()
         if available is not None and available - step < HOST_MARGIN_BYTES:
             raise HostMemoryShort(
@@ -137,6 +143,16 @@ class _LockedPrefix:
             raise HostMemoryShort(f"cudaHostRegister failed with CUDA error {int(error)}")
         self.pieces.append((address, step))
         self.nbytes += step
+
+    def split(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Byte range [start, stop) (offsets from the start, registered) cut where one registration ends."""
+        cuts, offset = [], 0
+        for _, size in self.pieces:
+            low, high = max(start, offset), min(stop, offset + size)
+            if low < high:
+                cuts.append((low, high))
+            offset += size
+        return cuts
 
     def release(self) -> None:
         for address, _ in self.pieces:
