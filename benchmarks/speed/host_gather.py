@@ -68,7 +68,7 @@ def main() -> None:
     torch.cuda.synchronize()
     rows = [span_rows(args.tokens, args.budget, args.span, generator).to(device) for _ in range(args.layers)]
     views = [layers[i % args.host_layers].device_view() for i in range(args.layers)]
-    on_device = [view.clone() for view in views[: args.host_layers]]
+    on_device = [view[: args.tokens].clone() for view in views[: args.host_layers]]  # views span the reservation
 
     checked = all(
         torch.equal(views[i].index_select(0, rows[i]).cpu(), layers[i % args.host_layers].tokens[rows[i].cpu()])
