@@ -23,7 +23,7 @@ from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.evidence import Evidence, without_positions
 from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.memory import LayerMemory, ResidentSet
-from ltri.offload.host_payloads import HostMemoryShort, HostPayloads
+from ltri.offload.host_payloads import HostMemoryShort, HostPayloads, HostRowsSwitch
 from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
@@ -51,15 +51,18 @@ class SpanMemory(LayerMemory):
         cache_bytes: int,
         shared: SharedVotes | None = None,
         deferred: DeferredSegmentation | None = None,
+        host_rows: HostRowsSwitch | None = None,
     ) -> None:
         """shared: the votes all layers of the model publish and borrow (None: this layer decides alone);
-        deferred: where the layers' chunks wait to be cut together (None: each is cut at once)."""
+        deferred: where the layers' chunks wait to be cut together (None: each is cut at once);
+        host_rows: whether the layers still keep host rows (shared by all layers; None: this layer's own)."""
         self.layer = layer
         self.memory_config, self.span_config, self.retrieval_config = memory, spans, retrieval
         self.store = store
         self.cache_bytes = cache_bytes
         self.shared = shared
         self.deferred = deferred
+        self.host_rows = host_rows or HostRowsSwitch()
         self._waiting_cut = False  # this layer's chunk waits in deferred to be cut
         self.tables: SpanTables | None = None  # the stored spans' lengths and rows on the device
         self.host_payloads: HostPayloads | None = None  # the stored tokens in pinned host memory (MemoryConfig)
@@ -358,7 +361,7 @@ class SpanMemory(LayerMemory):
     def _new_host_payloads(self, device) -> HostPayloads | None:
         """Pinned host rows for the stored tokens, where MemoryConfig.host_payloads asks for them (a new memory's)."""
         wanted = self.memory_config.host_payloads
-        if wanted == "never" or (wanted == "cuda" and torch.device(device).type != "cuda"):
+        if not self.host_rows.on or wanted == "never" or (wanted == "cuda" and torch.device(device).type != "cuda"):
             return None
         nheads_kv, headdim = self.kv_shape
         return HostPayloads(nheads_kv, headdim, self.dtype, device)
@@ -369,9 +372,12 @@ class SpanMemory(LayerMemory):
         if self.host_payloads is None:
             return
         try:
-            self.host_payloads.append(keys, values)
+            if self.host_rows.on:
+                self.host_payloads.append(keys, values)
         except HostMemoryShort as short:
-            warnings.warn(f"layer {self.layer}: stored tokens no longer kept in host memory ({short})", stacklevel=2)
+            warnings.warn(f"stored tokens no longer kept in host memory ({short})", stacklevel=2)
+            self.host_rows.on = False
+        if not self.host_rows.on:
             self.host_payloads.close()
             self.host_payloads = None
 

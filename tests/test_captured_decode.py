@@ -157,3 +157,22 @@ def test_host_rows_across_many_registrations_read_back_on_the_gpu(monkeypatch):
     assert torch.equal(got[:, 0], keys[:, picked].transpose(0, 1))
     assert torch.equal(got[:, 1], -keys[:, picked].transpose(0, 1))
     rows.close()
+
+
+def test_when_one_layer_runs_short_of_host_memory_every_layer_drops_its_rows(monkeypatch):
+    session = session_for("always")
+    session.prefill(TEXT[:400])
+    memories = session.cache.memories()
+    assert all(memory.host_payloads is not None for memory in memories)
+
+    def short(*args):
+        raise host_payloads.HostMemoryShort("no room")
+
+    monkeypatch.setattr(memories[0].host_payloads, "append", short)
+    with pytest.warns(UserWarning, match="no longer kept"):
+        session.prefill(TEXT[400:])
+    assert all(memory.host_payloads is None for memory in memories)
+    reference = session_for("never")
+    reference.prefill(TEXT[:400])  # fed in the same pieces: the same chunks, the same spans
+    reference.prefill(TEXT[400:])
+    assert torch.allclose(session.prefill([5]), reference.prefill([5]), atol=1e-5)  # eager steps, same answer

@@ -36,6 +36,14 @@ class HostMemoryShort(RuntimeError):
     """Locking more rows would leave the host less than HOST_MARGIN_BYTES of available memory."""
 
 
+class HostRowsSwitch:
+    """Shared by the layers of one session: once one layer's rows no longer fit, every layer drops its own
+    (a decode step is captured only when all layers have theirs, so the others' would be held for nothing)."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+
 def available_host_bytes() -> int | None:
     """MemAvailable of /proc/meminfo in bytes; None where there is no such file."""
     try:
