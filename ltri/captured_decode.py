@@ -103,7 +103,10 @@ class CapturedLayer:
         if memory.shared is not None and config.collaboration > 0:
             if self.turns_shared_votes:
                 memory.shared.turn()
-            borrowed = memory.shared.read(memory.span_starts, tables.lengths, tables.owner) * config.collaboration
+            max_len = memory.span_config.max_len
+            n_rows = tables.owner.numel()  # the whole table: reserved before the step
+            borrowed = memory.shared.read(self.n_sink, tables.first_rows, tables.lengths, max_len, n_rows)
+            borrowed = borrowed * config.collaboration
             memory.shared.publish(memory.span_starts, tables.owner, votes)
             votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
             votes[-1:].fill_(float("-inf"))  # the empty span's slot borrows what other layers stored further on

@@ -31,16 +31,21 @@ class SharedVotes:
         self.reserve(first + per_token.numel(), values.device)
         self.current[first : first + per_token.numel()] += per_token
 
-    def read(self, span_starts: torch.Tensor, span_lengths: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """For each span (n_spans,), the largest shared vote among its tokens.
+    def read(
+        self, first: int, first_rows: torch.Tensor, lengths: torch.Tensor, max_len: int, n_rows: int
+    ) -> torch.Tensor:
+        """For each span (n_spans,), the largest shared vote among its tokens (0 when none is positive).
 
-        owner: (n_positions_of_this_layer,) the span index of each token from span_starts[0] on.
-        """
-        first, n_tokens = int(span_starts[0]), owner.numel()
-        self.reserve(first + n_tokens, owner.device)
-        shared = self.previous[first : first + n_tokens] + self.current[first : first + n_tokens]
-        best = torch.zeros(span_lengths.numel(), device=owner.device)
-        return best.scatter_reduce(0, owner, shared, reduce="amax")
+        Span s covers positions first + first_rows[s] onwards for lengths[s] <= max_len tokens (first_rows and
+        lengths (n_spans,) on the device), within the n_rows positions from first on. Each span's tokens are
+        gathered into one row of a padded (n_spans, max_len) block and reduced: no atomics, however long the
+        text (a scatter max over every position collides on the runs of positions one span holds)."""
+        offsets = torch.arange(max_len, device=lengths.device)
+        positions = first + first_rows[:, None] + offsets[None, :]  # (n_spans, max_len)
+        self.reserve(first + n_rows, lengths.device)
+        positions = positions.clamp(max=self.current.numel() - 1)
+        shared = self.previous[positions] + self.current[positions]
+        return shared.masked_fill(offsets[None, :] >= lengths[:, None], 0.0).amax(dim=1).clamp(min=0)
 
     def begin_step(self, tokens_seen: int) -> None:
         """Called by every layer before it reads; the first call of a step moves current to previous."""

@@ -396,7 +396,10 @@ class SpanMemory(LayerMemory):
         lengths, owner = self._spans_on(votes.device)
         if self.shared is not None and config.collaboration > 0:
             self.shared.begin_step(self.tokens_seen)
-            borrowed = self.shared.read(self.span_starts, lengths, owner) * config.collaboration
+            first_rows = self.tables.first_rows[: self.n_spans]
+            max_len, n_rows = self.span_config.max_len, self.tables.n_rows
+            borrowed = self.shared.read(self.sinks.length, first_rows, lengths, max_len, n_rows)
+            borrowed = borrowed * config.collaboration
             self.shared.publish(self.span_starts, owner, votes)
             votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
         votes = self.persistence.apply(votes)
