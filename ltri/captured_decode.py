@@ -190,8 +190,9 @@ class CapturedDecode:
     def _make_room(self) -> None:
         """Room in every buffer a step writes in place, so that nothing grows while a graph records."""
         for memory in self.memories:
-            if memory.window.capacity - memory.window.length < 1:
-                memory.window.make_room(WINDOW_HEADROOM)
+            room = memory.window.capacity - memory.window.length
+            if room < 1 or room > 2 * WINDOW_HEADROOM:  # a window grown by prefill chunks is packed every step
+                memory.window.resize(memory.window.length + WINDOW_HEADROOM)
             memory.persistence.reserve(memory.tables.span_capacity + 1, self.device)
             if memory.shared is not None:
                 memory.shared.reserve(memory.sinks.length + memory.tables.owner.numel(), self.device)

@@ -32,9 +32,17 @@ class TokenBuffer:
         self._positions[self.length : end] = positions
         self.length = end
 
-    def make_room(self, n_more: int) -> None:
-        """Capacity for n_more tokens past the held ones (the buffer must hold at least one token)."""
-        self._reserve(self._keys, self._values, self.length + n_more)
+    def resize(self, capacity: int) -> None:
+        """A new allocation of capacity tokens (at least the held ones), the held tokens copied over."""
+        batch, nheads_kv, _, headdim = self._keys.shape
+        capacity = max(capacity, self.length)
+        keys = self._keys.new_empty(batch, nheads_kv, capacity, headdim)
+        values = self._values.new_empty(batch, nheads_kv, capacity, self._values.shape[-1])
+        positions = self._positions.new_empty(capacity)
+        keys[:, :, : self.length] = self.keys()
+        values[:, :, : self.length] = self.values()
+        positions[: self.length] = self.positions()
+        self._keys, self._values, self._positions = keys, values, positions
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole allocation: keys, values (batch, nheads_kv, capacity, headdim), positions (capacity,).

@@ -147,6 +147,7 @@ def test_copies_into_host_rows_are_cut_where_a_registration_ends():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="registered host memory needs a GPU")
 def test_host_rows_across_many_registrations_read_back_on_the_gpu(monkeypatch):
     monkeypatch.setattr(host_payloads, "_LOCK_STEP_BYTES", 3 * 4096)
+    monkeypatch.setattr(host_payloads, "_HUGE_PAGE", 4096)
     rows = HostPayloads(2, 16, torch.bfloat16, "cuda", max_tokens=4096)  # 128 bytes a row
     keys = torch.randn(2, 1000, 16, device="cuda", dtype=torch.bfloat16)
     for start in range(0, 1000, 77):  # appends that straddle registrations
@@ -176,3 +177,13 @@ def test_when_one_layer_runs_short_of_host_memory_every_layer_drops_its_rows(mon
     reference.prefill(TEXT[:400])  # fed in the same pieces: the same chunks, the same spans
     reference.prefill(TEXT[400:])
     assert torch.allclose(session.prefill([5]), reference.prefill([5]), atol=1e-5)  # eager steps, same answer
+
+
+def test_the_window_is_packed_from_a_buffer_sized_to_it_not_to_the_prefill_chunks():
+    session = session_for("always")
+    session.prefill(TEXT)
+    window = session.cache.memories()[0].window
+    before = (window.keys().clone(), window.positions().clone())
+    session.prefill([5])
+    assert window.capacity <= window.length + 256
+    assert torch.equal(window.keys()[:, :, :-1], before[0]) and torch.equal(window.positions()[:-1], before[1])

@@ -30,6 +30,7 @@ HOST_MARGIN_BYTES = 16 * 2**30
 _MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
 _REGISTER_MAPPED = 2  # cudaHostRegisterMapped
 _LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time
+_HUGE_PAGE = 2 * 2**20
 
 
 class HostMemoryShort(RuntimeError):
@@ -74,6 +75,10 @@ class HostPayloads:
         self._region = mmap.mmap(
             -1, self.max_tokens * self.row_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         )
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # 2 MB pages: locking a piece faults it in, and with 4 KB pages the faults alone took about 1 s a GB
+            # (cudaHostRegister, H100 machine, benchmarks/speed/NOTES.md step 7).
+            self._region.madvise(mmap.MADV_HUGEPAGE)
         self._bytes = torch.frombuffer(self._region, dtype=torch.uint8)  # (max_tokens * row_bytes,)
         self.tokens = self._bytes.view(dtype).view(self.max_tokens, *self.row_shape)
         self.length = 0
@@ -138,7 +143,7 @@ class _LockedPrefix:
     def extend(self, needed: int) -> None:
         if needed <= self.nbytes:
             return
-        page = mmap.PAGESIZE  # pieces end on page boundaries: two registrations cannot share a page
+        page = _HUGE_PAGE  # pieces end on (huge) page boundaries: two registrations cannot share a page
         step = -(-max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4) // page) * page
         available = available_host_bytes()
         if available is not None and available - step < HOST_MARGIN_BYTES:
