@@ -36,6 +36,8 @@ from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
 from ltri.token_selection import TokenSelector, fit_basis
 
+HOST_FILL_SPANS = 4096  # spans read per batch when a reopened store's tokens go back into host rows
+
 
 class SpanMemory(LayerMemory):
     # Set while something replaces _retrieve (the needle oracle): decode steps then take the eager path.
@@ -478,7 +480,19 @@ class SpanMemory(LayerMemory):
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
             self.tables = SpanTables(device)
             self.tables.extend(self.span_lengths)
-            # Reopened stores keep their payloads in the store only: decode steps read them through the cache.
+            self.host_payloads = self._new_host_payloads(device)
+            self._fill_host_rows()
+
+    def _fill_host_rows(self) -> None:
+        """A reopened store's tokens read back into new host rows, a batch of spans at a time (through the
+        host, not the GPU)."""
+        nheads_kv, headdim = self.kv_shape
+        for batch in torch.arange(self.n_spans).split(HOST_FILL_SPANS):
+            if self.host_payloads is None:  # the host ran short (_keep_on_host)
+                return
+            shapes = [(2, nheads_kv, int(length), headdim) for length in self.span_lengths[batch]]
+            block = torch.cat(self.store.read_spans(self.layer, batch.tolist(), shapes, self.dtype, "cpu"), dim=2)
+            self._keep_on_host(block[0], block[1])
 
 
 class _DoneEvent:

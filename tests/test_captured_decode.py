@@ -187,3 +187,20 @@ def test_the_window_is_packed_from_a_buffer_sized_to_it_not_to_the_prefill_chunk
     session.prefill([5])
     assert window.capacity <= window.length + 256
     assert torch.equal(window.keys()[:, :, :-1], before[0]) and torch.equal(window.positions()[:-1], before[1])
+
+
+def test_a_reopened_store_fills_its_host_rows_and_decodes_as_the_saved_session(tmp_path):
+    saved = session_for("always")
+    saved.reset(store=tmp_path / "store")
+    saved.prefill(TEXT)
+    saved.save()
+    expected = torch.stack([saved.prefill([token]) for token in (5, 9, 12)])
+    config = saved.config
+    saved.close()
+    reopened = Session.open(tmp_path / "store", model=tiny_llama(n_layers=3), tokenizer=byte_tokenizer(), config=config)
+    for memory in reopened.cache.memories():
+        assert memory.host_payloads is not None and memory.host_payloads.length == memory.tables.n_rows
+        assert memory.captured_ready()
+    got = torch.stack([reopened.prefill([token]) for token in (5, 9, 12)])
+    assert reopened._captured.steps["declined"] == 0 and reopened._captured.layers is not None
+    assert (got - expected).abs().max().item() < 1e-5
