@@ -330,6 +330,8 @@ def sparse_attention_reference(
     scores = torch.matmul(q.to(compute), k_heads.transpose(1, 2)) * scale  # (nheads, q_len, n_keys)
     mask = _key_mask(q_len, n_keys, nheads_kv, n_valid, causal, q.device).repeat_interleave(group, dim=0)
     scores = scores.masked_fill(~mask, float("-inf"))
+    # Padding may hold anything (NaN too): a key no query sees must add 0, not 0 * its value.
+    v_heads = v_heads.masked_fill(~mask.any(dim=1)[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)  # (nheads, q_len), -inf where no key is seen
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     out = torch.matmul(probs, v_heads)

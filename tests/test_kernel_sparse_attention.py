@@ -224,3 +224,14 @@ def test_model_side_import_and_cpu_call_never_import_triton():
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("implementation", [sparse_attention_reference, sparse_attention_triton])
+def test_padding_past_n_valid_may_hold_anything(implementation):
+    """A captured decode step packs its keys into buffers whose tail is whatever memory held: NaN included."""
+    q, k, v, _ = make_inputs(2, 4, 1, 97, 64, False, torch.float32)
+    n_valid = torch.tensor([40, 97], device=DEVICE)
+    clean, _ = implementation(q, k, v, n_valid=n_valid)
+    k[0, 40:], v[0, 40:] = float("nan"), float("inf")
+    dirty, _ = implementation(q, k, v, n_valid=n_valid)
+    assert torch.equal(clean, dirty)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ltri.index.base import SpanIndex, SpanSlots, best_spans
+from ltri.kernels.vector_scores import vector_scores
 
 
 class TorchSpanIndex(SpanIndex):
@@ -106,10 +107,8 @@ class TorchSpanIndex(SpanIndex):
 def float32_scores(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """queries (h, n_queries, dim) @ vectors (h, n_vectors, dim)^T in float32, with vectors kept in any dtype.
 
-    Low-precision vectors on CUDA: one matmul in their dtype that accumulates and returns float32 (the queries
-    rounded to that dtype: decode and question queries are the model's own, already in it); elsewhere float32."""
-    if vectors.dtype == torch.float32:
-        return torch.matmul(queries.float(), vectors.transpose(1, 2))
+    On CUDA the vector scores kernel (the queries rounded to the vectors' dtype: decode and question queries
+    are the model's own, already in it; float32 accumulation); elsewhere a float32 matmul."""
     if vectors.is_cuda:
-        return torch.bmm(queries.to(vectors.dtype), vectors.transpose(1, 2), out_dtype=torch.float32)
+        return vector_scores(queries, vectors)
     return torch.matmul(queries.float(), vectors.float().transpose(1, 2))
