@@ -27,6 +27,8 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_Q = 16  # tl.dot needs at least 16 rows
 _BLOCK_V = 128
+# float32's exact (non-tensor-core) dot takes smaller tiles on more warps, as in sparse_attention (register spills)
+_BLOCK_V_FLOAT32, _WARPS_FLOAT32 = 32, 8
 
 
 def _scores_kernel(
@@ -95,13 +97,14 @@ def vector_scores_triton(queries: torch.Tensor, vectors: torch.Tensor) -> torch.
     if n_queries == 0 or n_vectors == 0:
         return out
     interpret = interpreting()
-    grid = (nheads_kv, -(-n_vectors // _BLOCK_V), -(-n_queries // _BLOCK_Q))
+    exact = interpret or vectors.dtype == torch.float32
+    block_v, warps = (_BLOCK_V_FLOAT32, _WARPS_FLOAT32) if vectors.dtype == torch.float32 else (_BLOCK_V, 4)
+    grid = (nheads_kv, -(-n_vectors // block_v), -(-n_queries // _BLOCK_Q))
     _triton_kernels(interpret)[grid](
         queries, vectors, out, n_queries, n_vectors,
         queries.stride(0), queries.stride(1), vectors.stride(0), vectors.stride(1), out.stride(0), out.stride(1),
-        DIM=dim, BLOCK_Q=_BLOCK_Q, BLOCK_V=_BLOCK_V, UPCAST=interpret or vectors.dtype == torch.float32,
-        DOT_PRECISION="ieee" if interpret or vectors.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        DIM=dim, BLOCK_Q=_BLOCK_Q, BLOCK_V=block_v, UPCAST=exact, DOT_PRECISION="ieee" if exact else "tf32",
+        num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -45,7 +45,7 @@ def test_kernel_error_is_within_twice_plain_torchs(case, dtype):
     assert got.dtype == torch.float32 and got.shape == exact.shape
     kernel_error = (got.double() - exact).abs().max().item()
     torch_error = (plain - exact).abs().max().item()
-    assert kernel_error <= 2 * torch_error + ATOL[dtype]
+    assert kernel_error <= 2 * torch_error + ATOL[dtype], (kernel_error, torch_error)
 
 
 @pytest.mark.parametrize("case", CASES[:3])
