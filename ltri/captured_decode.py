@@ -151,6 +151,9 @@ class CapturedDecode:
         self.token.copy_(token.view(1, 1))
         if signature != self.signature:
             self.drop()
+            if not all(memory.index.slots_are_span_ids() for memory in self.memories):  # search_captured's premise
+                self.steps["declined"] += 1
+                return None
             self.layers = self._bind()
             self.signature = signature
             logits = self._forward()  # eager, and the warm-up of the next step's capture
