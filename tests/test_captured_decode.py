@@ -20,11 +20,13 @@ from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
 TEXT = torch.randint(0, 256, (900,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
-def session_for(host_payloads: str, device: str = "cpu", dtype=torch.float32, **retrieval) -> Session:
+def session_for(
+    host_payloads: str, device: str = "cpu", dtype=torch.float32, spans: dict | None = None, **retrieval
+) -> Session:
     model = tiny_llama(n_layers=3).to(device, dtype)
     config = LtriConfig(
         memory=MemoryConfig(n_sink=8, n_window=64, host_payloads=host_payloads),
-        spans=SpanConfig(min_len=4, max_len=16),
+        spans=SpanConfig(min_len=4, max_len=16, **(spans or {})),
         retrieval=RetrievalConfig(budget=48, search_k=8, backend="torch", **retrieval),
         chunk_size=64,
     )
@@ -42,10 +44,16 @@ def decode(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
     return torch.stack(steps), retrieved
 
 
-@pytest.mark.parametrize("retrieval", [{}, {"vote": "max", "collaboration": 0.0}, {"persistence": 0.0}])
-def test_captured_steps_equal_eager_steps_on_the_cpu(retrieval):
-    eager = session_for("never", **retrieval)
-    captured = session_for("always", **retrieval)
+QUEST_LIKE = {"segmentation": "fixed", "index_vectors": "bounds"}
+
+
+@pytest.mark.parametrize(
+    "spans, retrieval",
+    [(None, {}), (None, {"vote": "max", "collaboration": 0.0}), (None, {"persistence": 0.0}), (QUEST_LIKE, {})],
+)
+def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
+    eager = session_for("never", spans=spans, **retrieval)
+    captured = session_for("always", spans=spans, **retrieval)
     expected, expected_spans = decode(eager, 40)
     got, got_spans = decode(captured, 40)
     assert captured._captured is not None and captured._captured.layers is not None  # the captured path ran
