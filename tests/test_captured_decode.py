@@ -13,6 +13,7 @@ from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
 from ltri.captured_decode import CapturedDecode
+from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
 from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
@@ -213,3 +214,23 @@ def test_a_reopened_store_fills_its_host_rows_and_decodes_as_the_saved_session(t
     got = torch.stack([reopened.prefill([token]) for token in (5, 9, 12)])
     assert reopened._captured.steps["declined"] == 0 and reopened._captured.layers is not None
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_the_bundled_model_answers_the_same_through_captured_steps(smollm):
+    """The real model (30 layers, 3 KV heads) over a generated text with a fact: the same greedy answer, token
+    for token, whether its decode steps run eagerly or captured."""
+    model, tokenizer = smollm
+    fact = "The secret password for the harbour gate is 'blue heron'."
+    text = text_with_fact(fact, n_sentences=120, depth=0.4, seed=5)
+    answers = []
+    for where in ("never", "always"):
+        config = LtriConfig(memory=MemoryConfig(host_payloads=where), retrieval=RetrievalConfig(backend="torch"))
+        session = Session(model, config, tokenizer=tokenizer)
+        session.feed(text)
+        assert session.stats().spans > 0
+        session.ask("What is the secret password for the harbour gate?", max_new_tokens=16)
+        answers.append(session.last_answer_tokens)
+        if where == "always":
+            steps = session._captured.steps
+            assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == len(session.last_answer_tokens)
+    assert answers[0] == answers[1] and len(answers[0]) > 3
