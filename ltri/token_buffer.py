@@ -34,15 +34,7 @@ class TokenBuffer:
 
     def resize(self, capacity: int) -> None:
         """A new allocation of capacity tokens (at least the held ones), the held tokens copied over."""
-        batch, nheads_kv, _, headdim = self._keys.shape
-        capacity = max(capacity, self.length)
-        keys = self._keys.new_empty(batch, nheads_kv, capacity, headdim)
-        values = self._values.new_empty(batch, nheads_kv, capacity, self._values.shape[-1])
-        positions = self._positions.new_empty(capacity)
-        keys[:, :, : self.length] = self.keys()
-        values[:, :, : self.length] = self.values()
-        positions[: self.length] = self.positions()
-        self._keys, self._values, self._positions = keys, values, positions
+        self._allocate(self._keys, self._values, max(capacity, self.length))
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole allocation: keys, values (batch, nheads_kv, capacity, headdim), positions (capacity,).
@@ -118,6 +110,10 @@ class TokenBuffer:
             if needed > self.max_tokens:
                 raise RuntimeError(f"TokenBuffer holds at most {self.max_tokens} tokens, {needed} asked for")
             capacity = min(capacity, self.max_tokens)
+        self._allocate(keys, values, capacity)
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """New buffers of capacity tokens, shaped like keys and values, the held tokens copied over."""
         batch, nheads_kv, _, headdim = keys.shape
         new_keys = keys.new_empty(batch, nheads_kv, capacity, headdim)
         new_values = values.new_empty(batch, nheads_kv, capacity, values.shape[-1])
