@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri.growth import with_room
+
 
 def retrieval_queries(
     queries: torch.Tensor, nheads_kv: int, max_voting_queries: int, voting_window: int = 0
@@ -127,12 +129,7 @@ class Persistence:
 
     def reserve(self, n_spans: int, device) -> None:
         """Room for n_spans votes on device (a new buffer only when it moves or grows)."""
-        if self.buffer.device != torch.device(device):
-            self.buffer = self.buffer.to(device)
-        if n_spans > self.buffer.numel():
-            grown = torch.zeros(max(n_spans, self.buffer.numel() * 5 // 4), device=device)
-            grown[: self.buffer.numel()] = self.buffer
-            self.buffer = grown
+        self.buffer = with_room(self.buffer, n_spans, device)
 
     def state(self) -> dict:
         return {"remembered": self.buffer.cpu()}

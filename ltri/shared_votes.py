@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri.growth import with_room
+
 
 class SharedVotes:
     def __init__(self, n_layers: int) -> None:
@@ -61,17 +63,8 @@ class SharedVotes:
 
     def reserve(self, n_positions: int, device) -> None:
         """Room for n_positions on device (new buffers only when they move or grow)."""
-        if self.current.device != torch.device(device):
-            self.previous, self.current = self.previous.to(device), self.current.to(device)
-        if n_positions > self.current.numel():
-            capacity = max(n_positions, self.current.numel() * 5 // 4)
-            self.previous, self.current = (self._grown(buffer, capacity) for buffer in (self.previous, self.current))
-
-    @staticmethod
-    def _grown(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = torch.zeros(capacity, device=buffer.device)
-        grown[: buffer.numel()] = buffer
-        return grown
+        self.previous = with_room(self.previous, n_positions, device)
+        self.current = with_room(self.current, n_positions, device)
 
     def state(self) -> dict:
         return {"previous": self.previous.cpu(), "current": self.current.cpu(), "step_tokens": self.step_tokens}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri.growth import grown_capacity
+
 
 class SpanTables:
     def __init__(self, device: torch.device | str) -> None:
@@ -47,8 +49,10 @@ class SpanTables:
         span_capacity, row_capacity = self.span_capacity, self.owner.numel()
         if n_spans <= span_capacity and n_rows <= row_capacity:
             return
-        span_capacity = max(span_capacity, n_spans, span_capacity * 5 // 4, 256)
-        row_capacity = max(row_capacity, n_rows, row_capacity * 5 // 4, 4096)
+        if n_spans > span_capacity:
+            span_capacity = grown_capacity(span_capacity, n_spans, minimum=256)
+        if n_rows > row_capacity:
+            row_capacity = grown_capacity(row_capacity, n_rows, minimum=4096)
         lengths = torch.zeros(span_capacity + 1, dtype=torch.long, device=self.device)
         first_rows = torch.zeros_like(lengths)
         owner = torch.full((row_capacity,), span_capacity, dtype=torch.long, device=self.device)

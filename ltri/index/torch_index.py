@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ltri.growth import grown_capacity
 from ltri.index.base import SpanIndex, SpanSlots, best_spans
 from ltri.kernels.vector_scores import vector_scores
 
@@ -95,8 +96,8 @@ class TorchSpanIndex(SpanIndex):
         capacity = self._vectors.shape[1]
         if needed <= capacity:
             return
-        # Grow by a quarter: at most 25% of the index unused (doubling left up to half of it, GBs at 512K tokens).
-        capacity = max(needed, capacity + capacity // 4, 256)
+        # Grow by a quarter (doubling left up to half of the index unused: GBs at 512K tokens).
+        capacity = grown_capacity(capacity, needed, minimum=256)
         vectors = self._vectors.new_empty(self.nheads_kv, capacity, self.dim)
         vector_slots = self._vector_slots.new_empty(capacity)
         vectors[:, : self._length] = self._vectors[:, : self._length]
