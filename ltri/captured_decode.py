@@ -220,10 +220,8 @@ class CapturedDecode:
     def _write_counts(self) -> None:
         if self._counts_read is not None:
             self._counts_read.synchronize()  # the last step's copy has read the host counts
-        for index, memory in enumerate(self.memories):
-            self.counts_host[index, 0] = memory.window.length
-            self.counts_host[index, 1] = memory.index.n_vectors
-            self.counts_host[index, 2] = memory.tokens_seen
+        counts = [(memory.window.length, memory.index.n_vectors, memory.tokens_seen) for memory in self.memories]
+        self.counts_host.numpy()[:] = counts  # one host write, then one copy to the device
         self.counts.copy_(self.counts_host, non_blocking=True)
         if self.device.type == "cuda":
             self._counts_read = torch.cuda.Event()

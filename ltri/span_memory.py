@@ -110,12 +110,12 @@ class SpanMemory(LayerMemory):
     @property
     def window_start(self) -> int:
         """Text position of the window's first token: it follows the sinks and the stored spans (host counts only)."""
-        return self.sinks.length + int(self.span_lengths.sum())
+        return self.sinks.length + (0 if self.tables is None else self.tables.n_rows)
 
     @property
     def tokens_seen(self) -> int:
         """Tokens appended so far: each is a sink, in a stored span or in the window."""
-        return self.sinks.length + int(self.span_lengths.sum()) + self.window.length
+        return self.window_start + self.window.length
 
     # ---- LayerMemory -------------------------------------------------------------------------
     def wants_chunk_attention(self, q_len: int) -> bool:
@@ -335,6 +335,8 @@ class SpanMemory(LayerMemory):
         lengths, vectors, owner = self.pending.pop(n_leaving)
         n_tokens = int(lengths.sum())
         span_ids = torch.arange(self.n_spans, self.n_spans + n_leaving)
+        # The window holds consecutive text positions after the sinks and the stored spans: no device read.
+        starts = self.window_start + torch.cumsum(lengths, dim=0) - lengths  # before the tables count them
         pieces = span_payloads(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens], lengths)
         self.store.put_spans(self.layer, span_ids.tolist(), pieces)
         self._ensure_index_and_cache(vectors, pieces[0].device)
@@ -342,8 +344,7 @@ class SpanMemory(LayerMemory):
         self.index.add(vectors, span_ids[owner].to(vectors.device))
         self.tables.extend(lengths)
         self._keep_on_host(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens])
-        # The window holds consecutive text positions after the sinks and the stored spans: no device read.
-        self.span_starts = torch.cat([self.span_starts, self.window_start + torch.cumsum(lengths, dim=0) - lengths])
+        self.span_starts = torch.cat([self.span_starts, starts])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
         self.window.keep(0, self.window.length - n_tokens)
 
@@ -395,7 +396,7 @@ class SpanMemory(LayerMemory):
             search = bound_query(search)
         scores, span_ids = self.index.search(search, min(config.search_k, self.n_spans))
         votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5, how=config.vote)
-        lengths, owner = self._spans_on(votes.device)
+        lengths, owner = self._spans_on()
         if self.shared is not None and config.collaboration > 0:
             self.shared.begin_step(self.tokens_seen)
             first_rows = self.tables.first_rows[: self.n_spans]
@@ -425,7 +426,7 @@ class SpanMemory(LayerMemory):
         self.steps_since_retrieval = 0
         return False
 
-    def _spans_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _spans_on(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on the tables' device."""
         return self.tables.lengths[: self.n_spans], self.tables.owner[: self.tables.n_rows]
 
