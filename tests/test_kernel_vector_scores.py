@@ -22,8 +22,8 @@ from ltri.kernels.vector_scores import (  # noqa: E402
     vector_scores_triton,
 )
 
-# Relative to the largest score (about 4 sqrt(dim) here): the kernel's float32 dot accumulates its 128 products
-# one after another, cuBLAS in blocks (on the H100: 2.4e-5 against 6.6e-6 for scores up to about 50).
+# Relative to the largest score: the kernel's float32 dot adds its products one after another, cuBLAS in blocks
+# (with an absolute 1e-5 the H100 failed case2: 2.4e-5 against 6.6e-6, results/gpu_tests_captured_h100.log).
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 # (nheads_kv, n_queries, n_vectors, dim)

@@ -76,8 +76,8 @@ class HostPayloads:
             -1, self.max_tokens * self.row_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         )
         if hasattr(mmap, "MADV_HUGEPAGE"):
-            # 2 MB pages: locking a piece faults it in, and with 4 KB pages the faults alone took about 1 s a GB
-            # (cudaHostRegister, H100 machine, benchmarks/speed/NOTES.md step 7).
+            # 2 MB pages: locking a piece faults it in; with 4 KB pages cudaHostRegister took 7 s of an 8-chunk
+            # prefill profile on the H100 machine (benchmarks/speed/NOTES.md step 7).
             self._region.madvise(mmap.MADV_HUGEPAGE)
         self._bytes = torch.frombuffer(self._region, dtype=torch.uint8)  # (max_tokens * row_bytes,)
         self.tokens = self._bytes.view(dtype).view(self.max_tokens, *self.row_shape)
