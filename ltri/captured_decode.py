@@ -32,9 +32,8 @@ import torch
 from ltri.decode_step import DecodeStep
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import RopeTable, Rotary
-from ltri.retrieval import chosen_spans_padded, pool_votes, retrieval_queries, span_token_rows
+from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
-from ltri.span_vectors import bound_query
 
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
 
@@ -92,25 +91,14 @@ class CapturedLayer:
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The budget's tokens for query: (B, 2, nheads_kv, headdim) rows (0 past the count) and their count."""
         memory = self.memory
-        config = memory.retrieval_config
-        nheads_kv, headdim = memory.kv_shape
-        search = retrieval_queries(query, nheads_kv, config.max_voting_queries, config.voting_window)
-        if memory.span_config.index_vectors == "bounds":
-            search = bound_query(search)
-        scores, slots = memory.index.search_captured(search, config.search_k, self.counts[1], self.n_slots)
-        votes = pool_votes(scores, slots, self.n_slots, scale=headdim**-0.5, how=config.vote)  # (n_slots,)
+        search = memory.search_queries(query)
+        scores, slots = memory.index.search_captured(
+            search, memory.retrieval_config.search_k, self.counts[1], self.n_slots
+        )
+        if memory.shares_votes and self.turns_shared_votes:
+            memory.shared.turn()  # what begin_step does at a step's first layer, unconditionally
         tables = memory.tables
-        if memory.shared is not None and config.collaboration > 0:
-            if self.turns_shared_votes:
-                memory.shared.turn()
-            max_len = memory.span_config.max_len
-            n_rows = tables.owner.numel()  # the whole table: reserved before the step
-            borrowed = memory.shared.read(self.n_sink, tables.first_rows, tables.lengths, max_len, n_rows)
-            borrowed = borrowed * config.collaboration
-            memory.shared.publish(memory.span_starts, tables.owner, votes)
-            votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
-            votes[-1:].fill_(float("-inf"))  # the empty span's slot borrows what other layers stored further on
-        votes = memory.persistence.apply(votes)
+        votes = memory.votes(scores, slots, self.n_slots, tables.owner.numel())  # the whole tables, padding too
         chosen = chosen_spans_padded(votes, tables.lengths, self.budget)
         memory.persistence.record(votes)
         self.chosen.copy_(chosen, non_blocking=True)

@@ -389,24 +389,12 @@ class SpanMemory(LayerMemory):
         """Spans for queries (1, nheads, q_len, headdim): keys, values (1, nheads_kv, n, headdim), positions (n,)."""
         if self._reuses_last_retrieval(queries.shape[2]):
             return self._loaded[1]
-        nheads_kv, headdim = self.kv_shape
         config = self.retrieval_config
-        search = retrieval_queries(queries, nheads_kv, config.max_voting_queries, config.voting_window)
-        if self.span_config.index_vectors == "bounds":
-            search = bound_query(search)
-        scores, span_ids = self.index.search(search, min(config.search_k, self.n_spans))
-        votes = pool_votes(scores, span_ids, self.n_spans, scale=headdim**-0.5, how=config.vote)
-        lengths, owner = self._spans_on()
-        if self.shared is not None and config.collaboration > 0:
+        scores, span_ids = self.index.search(self.search_queries(queries), min(config.search_k, self.n_spans))
+        if self.shares_votes:
             self.shared.begin_step(self.tokens_seen)
-            first_rows = self.tables.first_rows[: self.n_spans]
-            max_len, n_rows = self.span_config.max_len, self.tables.n_rows
-            borrowed = self.shared.read(self.sinks.length, first_rows, lengths, max_len, n_rows)
-            borrowed = borrowed * config.collaboration
-            self.shared.publish(self.span_starts, owner, votes)
-            votes = torch.where(borrowed > 0, torch.where(torch.isfinite(votes), votes, 0.0) + borrowed, votes)
-        votes = self.persistence.apply(votes)
-        chosen = choose_spans(votes, lengths, config.budget).cpu()
+        votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows)
+        chosen = choose_spans(votes, self.tables.lengths[: self.n_spans], config.budget).cpu()
         self.persistence.record(votes)
         self.last_retrieved = chosen
         self.spans_at_retrieval = self.n_spans
@@ -426,9 +414,31 @@ class SpanMemory(LayerMemory):
         self.steps_since_retrieval = 0
         return False
 
-    def _spans_on(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Span lengths (n_spans,) and each stored token's span (n_stored_tokens,), on the tables' device."""
-        return self.tables.lengths[: self.n_spans], self.tables.owner[: self.tables.n_rows]
+    @property
+    def shares_votes(self) -> bool:
+        return self.shared is not None and self.retrieval_config.collaboration > 0
+
+    def search_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """What queries (1, nheads, q_len, headdim) ask the index with: (nheads_kv, n_ask, dim) (ltri.retrieval)."""
+        config = self.retrieval_config
+        search = retrieval_queries(queries, self.kv_shape[0], config.max_voting_queries, config.voting_window)
+        return bound_query(search) if self.span_config.index_vectors == "bounds" else search
+
+    def votes(self, scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, n_rows: int) -> torch.Tensor:
+        """Each span slot's vote (n_slots,) from the index's results: pooled, raised by what other layers published
+        for its tokens, faded with the last steps' (the shared votes' step begun already; the caller records).
+
+        n_slots: spans voted on (the stored ones, or a captured step's whole table); n_rows: stored rows of the
+        table the shared votes read and publish (the stored ones, or the whole table)."""
+        config = self.retrieval_config
+        votes = pool_votes(scores, span_ids, n_slots, scale=self.kv_shape[1] ** -0.5, how=config.vote)
+        if self.shares_votes:
+            lengths, first_rows = self.tables.lengths[:n_slots], self.tables.first_rows[:n_slots]
+            borrowed = self.shared.read(self.sinks.length, first_rows, lengths, self.span_config.max_len, n_rows)
+            self.shared.publish(self.span_starts, self.tables.owner[:n_rows], votes)
+            found = torch.where(torch.isfinite(votes), votes, 0.0)
+            votes = torch.where(borrowed > 0, found + borrowed * config.collaboration, votes)
+        return self.persistence.apply(votes)
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nheads_kv, headdim = self.kv_shape
