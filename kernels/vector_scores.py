@@ -68,7 +68,7 @@ def _triton_kernels(interpret: bool):
     return triton.jit(_scores_kernel)
 
 
-def _check_inputs(queries: torch.Tensor, vectors: torch.Tensor) -> None:
+def check_inputs(queries: torch.Tensor, vectors: torch.Tensor) -> None:
     if queries.dim() != 3 or vectors.dim() != 3 or queries.shape[0] != vectors.shape[0]:
         raise ValueError(
             f"vector_scores wants queries (nheads_kv, n_queries, dim) and vectors (nheads_kv, n_vectors, dim), "
@@ -80,16 +80,22 @@ def _check_inputs(queries: torch.Tensor, vectors: torch.Tensor) -> None:
         raise ValueError(f"queries and vectors must be on one device, got {queries.device} and {vectors.device}.")
 
 
-def vector_scores_triton(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """The kernel's launch; same contract as vector_scores."""
-    _check_inputs(queries, vectors)
+def check_kernel_vectors(vectors: torch.Tensor, kernel: str) -> None:
+    """What a scores kernel needs of the vectors: a power-of-2 dim 16..256, a float dtype, dims contiguous."""
     dim = vectors.shape[2]
     if dim < 16 or dim > 256 or dim & (dim - 1):
-        raise ValueError(f"The vector scores kernel supports power-of-2 dims 16..256, got {dim}.")
+        raise ValueError(f"The {kernel} kernel supports power-of-2 dims 16..256, got {dim}.")
     if vectors.dtype not in _DTYPES:
-        raise ValueError(f"The vector scores kernel takes float16, bfloat16 or float32 vectors, got {vectors.dtype}.")
+        raise ValueError(f"The {kernel} kernel takes float16, bfloat16 or float32 vectors, got {vectors.dtype}.")
     if vectors.stride(2) != 1:
         raise ValueError(f"vectors must be contiguous in dim (stride 1), got strides {vectors.stride()}.")
+
+
+def vector_scores_triton(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """The kernel's launch; same contract as vector_scores."""
+    check_inputs(queries, vectors)
+    check_kernel_vectors(vectors, "vector scores")
+    dim = vectors.shape[2]
     queries = queries.to(vectors.dtype).contiguous()
     nheads_kv, n_queries, _ = queries.shape
     n_vectors = vectors.shape[1]
@@ -111,7 +117,7 @@ def vector_scores_triton(queries: torch.Tensor, vectors: torch.Tensor) -> torch.
 
 def vector_scores_reference(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Plain torch: the queries rounded to the vectors' dtype, the product in float32 (float64 for float64)."""
-    _check_inputs(queries, vectors)
+    check_inputs(queries, vectors)
     compute = torch.promote_types(vectors.dtype, torch.float32)
     return torch.matmul(queries.to(vectors.dtype).to(compute), vectors.to(compute).transpose(1, 2))
 

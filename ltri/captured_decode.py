@@ -51,8 +51,8 @@ class CapturedLayer:
         self.budget = memory.retrieval_config.budget
         self.n_sink = memory.sinks.length
         self.n_slots = memory.tables.span_capacity + 1  # the last slot is the empty span
-        n_chosen = min(self.n_slots, self.budget)
-        self.chosen = torch.empty(n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
+        self.n_chosen = min(self.n_slots, self.budget, memory.tables.spans_fitting(self.budget))
+        self.chosen = torch.empty(self.n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
         self.n_packed = self.n_sink + self.budget + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
 
@@ -99,7 +99,7 @@ class CapturedLayer:
             memory.shared.turn()  # what begin_step does at a step's first layer, unconditionally
         tables = memory.tables
         votes = memory.votes(scores, slots, self.n_slots, tables.owner.numel())  # the whole tables, padding too
-        chosen = chosen_spans_padded(votes, tables.lengths, self.budget)
+        chosen = chosen_spans_padded(votes, tables.lengths, self.budget, self.n_chosen)
         memory.persistence.record(votes)
         self.chosen.copy_(chosen, non_blocking=True)
         rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
@@ -139,7 +139,7 @@ class CapturedDecode:
         self.token.copy_(token.view(1, 1))
         if signature != self.signature:
             self.drop()
-            if not all(memory.index.slots_are_span_ids() for memory in self.memories):  # search_captured's premise
+            if not all(memory.index.captured_search_ready() for memory in self.memories):
                 self.steps["declined"] += 1
                 return None
             self.layers = self._bind()
@@ -202,7 +202,10 @@ class CapturedDecode:
             )
             if memory.shared is not None:
                 tensors += (memory.shared.previous, memory.shared.current)
-            pointers.append(tuple((tensor.data_ptr(), tensor.numel()) for tensor in tensors))
+            buffers = tuple((tensor.data_ptr(), tensor.numel()) for tensor in tensors)
+            # a span with more vectors: a new kernel tile; a shorter span: more spans may fit the budget
+            shapes = (memory.index.per_span_rows, memory.tables.spans_fitting(memory.retrieval_config.budget))
+            pointers.append((*buffers, *shapes))
         return tuple(pointers)
 
     def _write_counts(self) -> None:

@@ -14,7 +14,7 @@ def grown_capacity(capacity: int, needed: int, minimum: int = 0) -> int:
 
 
 def with_room(buffer: torch.Tensor, needed: int, device) -> torch.Tensor:
-    """The 1-D float buffer on device with room for needed entries: buffer itself when it is there and has
+    """The 1-D buffer on device with room for needed entries: buffer itself when it is there and has
     them, else a new one holding its entries, then zeros."""
     if buffer.device != torch.device(device):
         buffer = buffer.to(device)

@@ -64,22 +64,30 @@ def pool_votes(
     return votes[:n_spans].masked_fill(hits[:n_spans] == 0, float("-inf"))
 
 
-def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int, max_spans: int | None = None) -> torch.Tensor:
     """Span ids by decreasing vote while their lengths fit the budget, returned in ascending order.
 
-    votes (n_spans,) with -inf for spans not found; lengths (n_spans,) int64 on the same device.
+    votes (n_spans,) with -inf for spans not found; lengths (n_spans,) int64 on the same device; max_spans: at
+    least the most spans the budget can hold (budget // the shortest length), default budget.
     """
-    chosen = chosen_spans_padded(votes, lengths, budget)
+    chosen = chosen_spans_padded(votes, lengths, budget, max_spans)
     return chosen[chosen < votes.numel()]
 
 
-def chosen_spans_padded(votes: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
-    """choose_spans without a host sync: (min(n_spans, budget),) the chosen ids ascending, then n_spans as
-    padding (every span holds at least one token, so at most budget spans fit)."""
+def chosen_spans_padded(
+    votes: torch.Tensor, lengths: torch.Tensor, budget: int, max_spans: int | None = None
+) -> torch.Tensor:
+    """choose_spans without a host sync: (m,) the chosen ids ascending, then n_spans as padding, where
+    m = min(n_spans, budget, max_spans) (every span holds at least one token, so at most budget spans fit).
+
+    Only the m best votes can be chosen, so a top-m replaces a sort of every span; the candidates are then
+    ordered by vote, ties by id. (Ties straddling the m-th place are cut by topk, not by id.)"""
     n_spans = votes.numel()
-    order = torch.argsort(votes, descending=True, stable=True)
+    m = min(n_spans, budget, budget if max_spans is None else max_spans)
+    candidates = torch.topk(votes, m, sorted=False).indices.sort().values  # ascending ids
+    order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
-    return torch.sort(torch.where(fits, order, n_spans)).values[: min(n_spans, budget)]
+    return torch.sort(torch.where(fits, order, n_spans)).values
 
 
 def span_token_rows(

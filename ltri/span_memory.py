@@ -394,7 +394,8 @@ class SpanMemory(LayerMemory):
         if self.shares_votes:
             self.shared.begin_step(self.tokens_seen)
         votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows)
-        chosen = choose_spans(votes, self.tables.lengths[: self.n_spans], config.budget).cpu()
+        lengths = self.tables.lengths[: self.n_spans]
+        chosen = choose_spans(votes, lengths, config.budget, self.tables.spans_fitting(config.budget)).cpu()
         self.persistence.record(votes)
         self.last_retrieved = chosen
         self.spans_at_retrieval = self.n_spans

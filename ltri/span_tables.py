@@ -24,6 +24,7 @@ class SpanTables:
         self.device = torch.device(device)
         self.n_spans = 0
         self.n_rows = 0
+        self.shortest = 0  # the shortest stored span's length (0 before any)
         self.lengths = torch.zeros(1, dtype=torch.long, device=self.device)
         self.first_rows = torch.zeros(1, dtype=torch.long, device=self.device)
         self.owner = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -32,9 +33,16 @@ class SpanTables:
     def span_capacity(self) -> int:
         return self.lengths.numel() - 1
 
+    def spans_fitting(self, budget: int) -> int:
+        """The most stored spans that budget tokens can hold."""
+        return budget // self.shortest if self.shortest else budget
+
     def extend(self, lengths: torch.Tensor) -> None:
-        """Spans that follow the stored ones: lengths (n,) int64 on the CPU."""
+        """Spans that follow the stored ones: lengths (n,) int64 on the CPU, each at least 1."""
         n, n_rows = lengths.numel(), int(lengths.sum())
+        if n:
+            shortest = int(lengths.min())
+            self.shortest = min(self.shortest, shortest) if self.shortest else shortest
         self._reserve(self.n_spans + n, self.n_rows + n_rows)
         first_rows = self.n_rows + torch.cumsum(lengths, 0) - lengths
         owner = torch.repeat_interleave(torch.arange(self.n_spans, self.n_spans + n), lengths)

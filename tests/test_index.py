@@ -272,3 +272,48 @@ def test_vector_dtype_is_the_models_on_cuda_only():
     assert vector_dtype(torch.bfloat16, "cuda") == torch.bfloat16
     assert vector_dtype(torch.bfloat16, "cpu") == torch.float32
     assert vector_dtype(torch.float32, "cuda:0") == torch.float32
+
+
+def grouped_batches(seed: int, spans_per_batch=(5, 40, 17), max_vectors=4):
+    """Batches as SpanMemory adds them: spans 0, 1, 2, ... in order, each with its 1..max_vectors vectors together."""
+    generator = torch.Generator().manual_seed(seed)
+    batches, first_span = [], 0
+    for n_spans in spans_per_batch:
+        counts = torch.randint(1, max_vectors + 1, (n_spans,), generator=generator)
+        span_ids = torch.repeat_interleave(torch.arange(first_span, first_span + n_spans), counts)
+        batches.append((torch.randn(NHEADS_KV, span_ids.numel(), DIM, generator=generator), span_ids))
+        first_span += n_spans
+    return batches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 7, 80])
+def test_spans_added_together_are_scored_from_the_slot_tables(device, k):
+    batches = grouped_batches(seed=k)
+    index = make_index("torch", NHEADS_KV, DIM, device)
+    for vectors, span_ids in batches:
+        index.add(vectors.to(device), span_ids.to(device))
+    assert index.captured_search_ready() and index.per_span_rows == 4
+    vectors, span_ids = all_of(batches)
+    queries = torch.randn(NHEADS_KV, 4, DIM, generator=torch.Generator().manual_seed(3))
+    scores, ids = index.search(queries.to(device), k)
+    expected_scores, expected_ids = reference_search(vectors, span_ids, queries, k)
+    assert torch.equal(ids.cpu(), expected_ids)
+    torch.testing.assert_close(scores.double().cpu(), expected_scores, atol=1e-4, rtol=0)
+    n_slots = index.n_spans + 9  # a captured step's slots: span ids, then empty slots
+    n_vectors = torch.tensor(index.n_vectors, device=device)
+    captured_scores, slots = index.search_captured(queries.to(device), k, n_vectors, n_slots)
+    assert torch.equal(slots, ids) and torch.equal(captured_scores, scores)
+
+
+def test_a_span_given_more_vectors_later_is_still_searched_exactly():
+    batches = grouped_batches(seed=5)
+    batches.append((torch.randn(NHEADS_KV, 3, DIM), torch.tensor([2, 2, 60])))  # span 2 again, then a new one
+    index = filled_index("torch", batches)
+    assert not index.captured_search_ready()
+    vectors, span_ids = all_of(batches)
+    queries = torch.randn(NHEADS_KV, 3, DIM, generator=torch.Generator().manual_seed(4))
+    scores, ids = index.search(queries, 9)
+    expected_scores, expected_ids = reference_search(vectors, span_ids, queries, 9)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(scores.double(), expected_scores, atol=1e-4, rtol=0)

@@ -36,6 +36,21 @@ def test_budget_takes_the_best_spans_that_fit_and_returns_them_in_document_order
     assert choose_spans(votes, lengths, budget=0).tolist() == []
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_best_m_votes_choose_what_sorting_every_span_chose(seed):
+    """With max_spans the most spans the budget can hold, the top-m candidates give the full sort's choice."""
+    generator = torch.Generator().manual_seed(seed)
+    n_spans, budget = 3000, 512
+    lengths = torch.randint(8, 129, (n_spans,), generator=generator)
+    votes = torch.rand(n_spans, generator=generator)
+    votes[torch.randperm(n_spans, generator=generator)[:400]] = float("-inf")
+    order = torch.argsort(votes, descending=True, stable=True)
+    fits = (torch.cumsum(lengths[order], 0) <= budget) & torch.isfinite(votes[order])
+    expected = order[fits].sort().values
+    assert torch.equal(choose_spans(votes, lengths, budget, max_spans=budget // int(lengths.min())), expected)
+    assert torch.equal(choose_spans(votes, lengths, budget), expected)
+
+
 def test_a_spans_vote_fades_over_steps_instead_of_vanishing():
     persistence = Persistence(decay=0.5)
     first = torch.tensor([0.8, 0.1, float("-inf")])

@@ -93,7 +93,13 @@ def best_spans(
     slots = slots.expand(nheads_kv, n_queries, n_candidates)
     span_scores = scores.new_full((nheads_kv, n_queries, n_spans), float("-inf"))
     span_scores.scatter_reduce_(2, slots, scores, reduce="amax", include_self=True)
-    top_scores, top_slots = span_scores.topk(min(k, n_spans), dim=2)  # (nheads_kv, n_queries, <=k)
+    return top_spans(span_scores, slot_span_ids, k)
+
+
+def top_spans(span_scores: torch.Tensor, slot_span_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best spans per head and query from their scores (nheads_kv, n_queries, n_slots) float32, -inf for
+    slots without a span; slot_span_ids (n_slots,) the span id of each slot. Returns as best_spans does."""
+    top_scores, top_slots = span_scores.topk(min(k, span_scores.shape[2]), dim=2)  # (nheads_kv, n_queries, <=k)
     top_ids = slot_span_ids[top_slots].masked_fill(top_scores == float("-inf"), -1)
     return pad_results(top_scores, top_ids, k)
 

@@ -1,11 +1,17 @@
-"""Exact span search with torch: one batched matmul over all vectors, span max, top-k, on any device."""
+"""Exact span search with torch on any device: each span's best vector score per query, then top-k.
+
+SpanMemory adds each span's vectors together, spans in order: the index then keeps, per span slot, its first
+vector and its count, and scores spans in one pass (``kernels/span_scores.py``). Vectors added otherwise (a
+span given more vectors later, spans out of order) switch the index for good to scoring every vector and a
+scatter maximum per span (``base.best_spans``), the same results."""
 
 from __future__ import annotations
 
 import torch
 
-from ltri.growth import grown_capacity
-from ltri.index.base import SpanIndex, SpanSlots, best_spans
+from ltri.growth import grown_capacity, with_room
+from ltri.index.base import SpanIndex, SpanSlots, best_spans, top_spans
+from ltri.kernels.span_scores import MAX_VECTORS, per_span_rows, span_scores
 from ltri.kernels.vector_scores import vector_scores
 
 
@@ -28,6 +34,10 @@ class TorchSpanIndex(SpanIndex):
         self._vector_slots = torch.empty(0, dtype=torch.long, device=self.device)  # (capacity,)
         self._slot_span_ids = torch.empty(0, dtype=torch.long, device=self.device)  # (n_spans,)
         self._length = 0
+        self._grouped = True  # every span's vectors consecutive: the slot tables below describe them
+        self._slot_first = torch.zeros(0, dtype=torch.long, device=self.device)  # (slot capacity,) first vector
+        self._slot_count = torch.zeros(0, dtype=torch.long, device=self.device)  # (slot capacity,) 0 past the spans
+        self._max_vectors = 0  # the most vectors of one span
 
     @property
     def n_spans(self) -> int:
@@ -40,8 +50,10 @@ class TorchSpanIndex(SpanIndex):
     def add(self, vectors: torch.Tensor, span_ids: torch.Tensor) -> None:
         self._check_add(vectors, span_ids)
         n_new = vectors.shape[1]
+        n_before = self.n_spans
         slots = self._slots.assign(span_ids)
         self._reserve(self._length + n_new)
+        self._describe_slots(slots, n_before)
         end = self._length + n_new
         self._vectors[:, self._length : end] = vectors.to(self.device, self._vectors.dtype)
         self._vector_slots[self._length : end] = slots.to(self.device)
@@ -55,37 +67,68 @@ class TorchSpanIndex(SpanIndex):
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_search(queries, k)
-        vectors = self._vectors[:, : self._length]  # (nheads_kv, n_vectors, dim)
-        scores = float32_scores(queries.to(self.device), vectors)  # (nheads_kv, n_queries, n_vectors)
-        top_scores, top_ids = best_spans(scores, self._vector_slots[: self._length], self._slot_span_ids, k)
+        queries_here = queries.to(self.device)
+        if self._grouped:
+            n_valid = torch.tensor(self._length, device=self.device)
+            scores = self._span_scores(queries_here, n_valid, self.n_spans)  # (nheads_kv, n_queries, n_spans)
+            top_scores, top_ids = top_spans(scores, self._slot_span_ids, k)
+        else:
+            vectors = self._vectors[:, : self._length]  # (nheads_kv, n_vectors, dim)
+            scores = float32_scores(queries_here, vectors)  # (nheads_kv, n_queries, n_vectors)
+            top_scores, top_ids = best_spans(scores, self._vector_slots[: self._length], self._slot_span_ids, k)
         return top_scores.to(queries.device), top_ids.to(queries.device)
 
     def search_captured(
         self, queries: torch.Tensor, k: int, n_vectors: torch.Tensor, n_slots: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """search without a host read, for a captured decode step: every buffer slot is scored and the vectors
-        past n_vectors (0-dim int64 on the device, the count when the step runs) are left out.
+        """search without a host read, for a captured decode step (``captured_search_ready``): every slot below
+        n_slots is scored, from the slot tables as they are when the step runs; vectors past n_vectors (0-dim
+        int64 on the device) are left out, and slots without vectors score -inf.
 
         Results name slots, not span ids (the same for a memory that adds spans 0, 1, 2, ... in order).
-        n_slots: above every slot in use; slot n_slots - 1 is never any span's (the left-out vectors go
-        there, each with score -inf). Returns scores, slots (nheads_kv, n_queries, min(k, n_slots)), slot -1
-        where a query found fewer spans. The shapes and the tensors read stay the same until the buffer grows.
+        Returns scores, slots (nheads_kv, n_queries, min(k, n_slots)), slot -1 where a query found fewer spans.
+        The shapes and the tensors read stay the same while ``buffers`` and ``per_span_rows`` do.
         """
-        capacity = self._vectors.shape[1]
-        valid = torch.arange(capacity, device=self.device) < n_vectors
-        scores = float32_scores(queries.to(self.device), self._vectors).masked_fill(~valid, float("-inf"))
-        slots = torch.where(valid, self._vector_slots, n_slots - 1)
-        identity = torch.arange(n_slots, device=self.device)
-        return best_spans(scores, slots, identity, k)
+        scores = self._span_scores(queries.to(self.device), n_vectors, n_slots)
+        return top_spans(scores, torch.arange(n_slots, device=self.device), k)
 
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensors search_captured reads (a captured step stays valid while these are the same)."""
-        return self._vectors, self._vector_slots
+        return self._vectors, self._slot_first, self._slot_count
 
-    def slots_are_span_ids(self) -> bool:
-        """Whether spans were added as 0, 1, 2, ... (then a slot is its span's id)."""
+    @property
+    def per_span_rows(self) -> int:
+        """Vectors read per span slot by a search (a captured step stays valid while this is the same)."""
+        return per_span_rows(self._max_vectors)
+
+    def captured_search_ready(self) -> bool:
+        """Whether search_captured applies: spans added as 0, 1, 2, ... (a slot is its span's id), each with its
+        vectors together."""
         ids = self._slots.slot_span_ids
-        return bool(torch.equal(ids, torch.arange(ids.numel())))
+        return self._grouped and bool(torch.equal(ids, torch.arange(ids.numel())))
+
+    def _span_scores(self, queries: torch.Tensor, n_valid: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """(nheads_kv, n_queries, n_slots) float32: each slot's best vector score, -inf without vectors."""
+        return span_scores(
+            queries, self._vectors, self._slot_first, self._slot_count, n_valid, n_slots, self._max_vectors
+        )
+
+    def _describe_slots(self, slots: torch.Tensor, n_before: int) -> None:
+        """Record where the vectors just added (slots (n_new,), CPU) lie, while every span's lie together: new
+        spans only (slots from n_before on), in ascending order, none with more than MAX_VECTORS. Else the index
+        stops using the slot tables for good."""
+        if not self._grouped or slots.numel() == 0:
+            return
+        counts = _counts_of_new_spans(slots, n_before, self.n_spans)
+        if counts is None:
+            self._grouped = False
+            return
+        firsts = self._length + torch.cumsum(counts, 0) - counts
+        self._slot_first = with_room(self._slot_first, self.n_spans, self.device)
+        self._slot_count = with_room(self._slot_count, self.n_spans, self.device)
+        self._slot_first[n_before : self.n_spans] = firsts.to(self.device)
+        self._slot_count[n_before : self.n_spans] = counts.to(self.device)
+        self._max_vectors = max(self._max_vectors, int(counts.max()))
 
     def _raw_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         vectors = self._vectors[:, : self._length].to("cpu", torch.float32)
@@ -113,3 +156,12 @@ def float32_scores(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor
     if vectors.is_cuda:
         return vector_scores(queries, vectors)
     return torch.matmul(queries.float(), vectors.float().transpose(1, 2))
+
+
+def _counts_of_new_spans(slots: torch.Tensor, n_before: int, n_spans: int) -> torch.Tensor | None:
+    """Vectors per new slot (n_spans - n_before,) when slots (n_new,) add vectors to new slots only, in ascending
+    order, at most MAX_VECTORS each; else None."""
+    if int(slots.min()) < n_before or bool((slots[1:] < slots[:-1]).any()):
+        return None
+    counts = torch.bincount(slots - n_before, minlength=n_spans - n_before)
+    return counts if int(counts.max()) <= MAX_VECTORS else None
