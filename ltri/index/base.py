@@ -96,10 +96,36 @@ def best_spans(
     return top_spans(span_scores, slot_span_ids, k)
 
 
+TOPK_CHUNK = 1024  # slots per first-round top-k when a row is longer (see chunked_topk)
+
+
+def padded_slots(n_slots: int) -> int:
+    """A width for span scores that chunked_topk can split into whole chunks: n_slots rounded up to TOPK_CHUNK
+    when longer than one chunk."""
+    return n_slots if n_slots <= TOPK_CHUNK else -(-n_slots // TOPK_CHUNK) * TOPK_CHUNK
+
+
+def chunked_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.topk(k, dim=2) for (nheads_kv, n_queries, n) in two rounds when n is whole chunks of TOPK_CHUNK:
+    the best k of each chunk, then the best k of those. A single top-k runs one thread block per row, and a
+    decode step has few rows (32 for Llama-3-8B) and more slots with every stored span; the first round runs one
+    block per row and chunk. Same values; ties may come out in another order."""
+    n = scores.shape[2]
+    if n <= TOPK_CHUNK or n % TOPK_CHUNK or k >= TOPK_CHUNK:
+        return scores.topk(min(k, n), dim=2)
+    chunks = scores.unflatten(2, (n // TOPK_CHUNK, TOPK_CHUNK))  # (nheads_kv, n_queries, n_chunks, chunk)
+    values, places = chunks.topk(k, dim=3, sorted=False)
+    places = places + torch.arange(0, n, TOPK_CHUNK, device=scores.device)[:, None]  # slots
+    best, which = values.flatten(2).topk(k, dim=2)
+    return best, places.flatten(2).gather(2, which)
+
+
 def top_spans(span_scores: torch.Tensor, slot_span_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best spans per head and query from their scores (nheads_kv, n_queries, n_slots) float32, -inf for
-    slots without a span; slot_span_ids (n_slots,) the span id of each slot. Returns as best_spans does."""
-    top_scores, top_slots = span_scores.topk(min(k, span_scores.shape[2]), dim=2)  # (nheads_kv, n_queries, <=k)
+    slots without a span; slot_span_ids (at least each slot with a span,) the span id of each slot. Returns as
+    best_spans does."""
+    top_scores, top_slots = chunked_topk(span_scores, k)  # (nheads_kv, n_queries, <=k)
+    top_slots = top_slots.clamp(max=slot_span_ids.numel() - 1)  # slots past the ids score -inf
     top_ids = slot_span_ids[top_slots].masked_fill(top_scores == float("-inf"), -1)
     return pad_results(top_scores, top_ids, k)
 
