@@ -341,7 +341,7 @@ class SpanMemory(LayerMemory):
         self.store.put_spans(self.layer, span_ids.tolist(), pieces)
         self._ensure_index_and_cache(vectors, pieces[0].device)
         self.cache.put_block(span_ids.tolist(), pieces)
-        self.index.add(vectors, span_ids[owner].to(vectors.device))
+        self.index.add(vectors, span_ids[owner])  # host ids: the index keeps its slot tables on the host
         self.tables.extend(lengths)
         self._keep_on_host(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens])
         self.span_starts = torch.cat([self.span_starts, starts])
