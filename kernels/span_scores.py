@@ -81,7 +81,9 @@ def _triton_kernels(interpret: bool):
     import triton.language
 
     tl = triton.language
-    return triton.jit(_span_scores_kernel)
+    # The counts change as spans are stored: specialising on them (divisible by 16, equal to 1) would compile the
+    # kernel anew in the middle of decoding whenever one changes class.
+    return triton.jit(_span_scores_kernel, do_not_specialize=["n_queries", "n_slots", "n_table"])
 
 
 def per_span_rows(max_vectors: int) -> int:

@@ -65,7 +65,7 @@ def _triton_kernels(interpret: bool):
     import triton.language
 
     tl = triton.language
-    return triton.jit(_scores_kernel)
+    return triton.jit(_scores_kernel, do_not_specialize=["n_queries", "n_vectors"])  # as in span_scores
 
 
 def check_inputs(queries: torch.Tensor, vectors: torch.Tensor) -> None:
