@@ -38,6 +38,7 @@ class TorchSpanIndex(SpanIndex):
         self._slot_first = torch.zeros(0, dtype=torch.long, device=self.device)  # (slot capacity,) first vector
         self._slot_count = torch.zeros(0, dtype=torch.long, device=self.device)  # (slot capacity,) 0 past the spans
         self._max_vectors = 0  # the most vectors of one span
+        self._n_valid = torch.zeros((), dtype=torch.long, device=self.device)  # _length on the device, for search
 
     @property
     def n_spans(self) -> int:
@@ -56,11 +57,12 @@ class TorchSpanIndex(SpanIndex):
         self._describe_slots(slots, n_before)
         end = self._length + n_new
         self._vectors[:, self._length : end] = vectors.to(self.device, self._vectors.dtype)
-        self._vector_slots[self._length : end] = slots.to(self.device)
+        self._vector_slots[self._length : end] = slots.to(self.device, non_blocking=True)  # staged: no stream sync
         n_known = self._slot_span_ids.numel()  # copy only the slots this add created
         fresh = self._slots.slot_span_ids[n_known:].to(self.device, non_blocking=True)
         self._slot_span_ids = torch.cat([self._slot_span_ids, fresh])
         self._length = end
+        self._n_valid.fill_(end)  # a kernel, not a host-to-device copy (which would wait for the stream)
 
     def vector_nbytes(self) -> int:
         return self._length * self.nheads_kv * self.dim * self._vectors.element_size()
@@ -69,8 +71,7 @@ class TorchSpanIndex(SpanIndex):
         self._check_search(queries, k)
         queries_here = queries.to(self.device)
         if self._grouped:
-            n_valid = torch.tensor(self._length, device=self.device)
-            scores = self._span_scores(queries_here, n_valid, padded_slots(self.n_spans))  # -inf past the spans
+            scores = self._span_scores(queries_here, self._n_valid, padded_slots(self.n_spans))  # -inf past the spans
             top_scores, top_ids = top_spans(scores, self._slot_span_ids, k)
         else:
             vectors = self._vectors[:, : self._length]  # (nheads_kv, n_vectors, dim)
@@ -126,8 +127,8 @@ class TorchSpanIndex(SpanIndex):
         firsts = self._length + torch.cumsum(counts, 0) - counts
         self._slot_first = with_room(self._slot_first, self.n_spans, self.device)
         self._slot_count = with_room(self._slot_count, self.n_spans, self.device)
-        self._slot_first[n_before : self.n_spans] = firsts.to(self.device)
-        self._slot_count[n_before : self.n_spans] = counts.to(self.device)
+        self._slot_first[n_before : self.n_spans] = firsts.to(self.device, non_blocking=True)
+        self._slot_count[n_before : self.n_spans] = counts.to(self.device, non_blocking=True)
         self._max_vectors = max(self._max_vectors, int(counts.max()))
 
     def _raw_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
