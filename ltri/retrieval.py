@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
+from ltri.topk import chunked_topk
 
 
 def retrieval_queries(
@@ -84,7 +85,7 @@ def chosen_spans_padded(
     ordered by vote, ties by id. (Ties straddling the m-th place are cut by topk, not by id.)"""
     n_spans = votes.numel()
     m = min(n_spans, budget, budget if max_spans is None else max_spans)
-    candidates = torch.topk(votes, m, sorted=False).indices.sort().values  # ascending ids
+    candidates = chunked_topk(votes, m)[1].sort().values  # ascending ids
     order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
     return torch.sort(torch.where(fits, order, n_spans)).values

@@ -319,17 +319,6 @@ def test_a_span_given_more_vectors_later_is_still_searched_exactly():
     torch.testing.assert_close(scores.double(), expected_scores, atol=1e-4, rtol=0)
 
 
-def test_chunked_topk_gives_the_values_of_one_topk():
-    from ltri.index.base import TOPK_CHUNK, chunked_topk
-
-    scores = torch.randn(3, 4, 3 * TOPK_CHUNK, generator=torch.Generator().manual_seed(6))
-    scores[:, :, TOPK_CHUNK : 2 * TOPK_CHUNK] += 2.0  # the best of one chunk crowd the others out
-    scores[0, 0, :2500] = float("-inf")
-    values, slots = chunked_topk(scores, 64)
-    expected = scores.topk(64, dim=2).values
-    assert torch.equal(values, expected) and torch.equal(scores.gather(2, slots), values)
-
-
 def test_an_index_longer_than_one_topk_chunk_is_searched_exactly():
     batches = grouped_batches(seed=11, spans_per_batch=(700, 600), max_vectors=2)
     index = filled_index("torch", batches)

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from ltri.errors import LtriError
+from ltri.topk import chunked_topk
 
 STATE_KEYS = ("vectors", "span_ids")
 
@@ -94,30 +95,6 @@ def best_spans(
     span_scores = scores.new_full((nheads_kv, n_queries, n_spans), float("-inf"))
     span_scores.scatter_reduce_(2, slots, scores, reduce="amax", include_self=True)
     return top_spans(span_scores, slot_span_ids, k)
-
-
-TOPK_CHUNK = 1024  # slots per first-round top-k when a row is longer (see chunked_topk)
-
-
-def padded_slots(n_slots: int) -> int:
-    """A width for span scores that chunked_topk can split into whole chunks: n_slots rounded up to TOPK_CHUNK
-    when longer than one chunk."""
-    return n_slots if n_slots <= TOPK_CHUNK else -(-n_slots // TOPK_CHUNK) * TOPK_CHUNK
-
-
-def chunked_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores.topk(k, dim=2) for (nheads_kv, n_queries, n) in two rounds when n is whole chunks of TOPK_CHUNK:
-    the best k of each chunk, then the best k of those. A single top-k runs one thread block per row, and a
-    decode step has few rows (32 for Llama-3-8B) and more slots with every stored span; the first round runs one
-    block per row and chunk. Same values; ties may come out in another order."""
-    n = scores.shape[2]
-    if n <= TOPK_CHUNK or n % TOPK_CHUNK or k >= TOPK_CHUNK:
-        return scores.topk(min(k, n), dim=2)
-    chunks = scores.unflatten(2, (n // TOPK_CHUNK, TOPK_CHUNK))  # (nheads_kv, n_queries, n_chunks, chunk)
-    values, places = chunks.topk(k, dim=3, sorted=False)
-    places = places + torch.arange(0, n, TOPK_CHUNK, device=scores.device)[:, None]  # slots
-    best, which = values.flatten(2).topk(k, dim=2)
-    return best, places.flatten(2).gather(2, which)
 
 
 def top_spans(span_scores: torch.Tensor, slot_span_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

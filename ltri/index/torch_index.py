@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import grown_capacity, with_room
-from ltri.index.base import SpanIndex, SpanSlots, best_spans, padded_slots, top_spans
+from ltri.index.base import SpanIndex, SpanSlots, best_spans, top_spans
 from ltri.kernels.span_scores import MAX_VECTORS, per_span_rows, span_scores
 from ltri.kernels.vector_scores import vector_scores
+from ltri.topk import padded_width
 
 
 class TorchSpanIndex(SpanIndex):
@@ -71,7 +72,7 @@ class TorchSpanIndex(SpanIndex):
         self._check_search(queries, k)
         queries_here = queries.to(self.device)
         if self._grouped:
-            scores = self._span_scores(queries_here, self._n_valid, padded_slots(self.n_spans))  # -inf past the spans
+            scores = self._span_scores(queries_here, self._n_valid, padded_width(self.n_spans))  # -inf past the spans
             top_scores, top_ids = top_spans(scores, self._slot_span_ids, k)
         else:
             vectors = self._vectors[:, : self._length]  # (nheads_kv, n_vectors, dim)
@@ -90,7 +91,7 @@ class TorchSpanIndex(SpanIndex):
         Returns scores, slots (nheads_kv, n_queries, min(k, n_slots)), slot -1 where a query found fewer spans.
         The shapes and the tensors read stay the same while ``buffers`` and ``per_span_rows`` do.
         """
-        scores = self._span_scores(queries.to(self.device), n_vectors, padded_slots(n_slots))  # -inf past n_slots
+        scores = self._span_scores(queries.to(self.device), n_vectors, padded_width(n_slots))  # -inf past n_slots
         return top_spans(scores, torch.arange(n_slots, device=self.device), k)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

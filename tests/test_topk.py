@@ -1,0 +1,33 @@
+"""Top-k in two rounds (ltri.topk) against one torch top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltri.topk import CHUNK, chunked_topk, padded_width
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 3 * CHUNK), (2 * CHUNK + 77,), (5, CHUNK - 3), (2, 1, CHUNK + 1)])
+@pytest.mark.parametrize("k", [1, 64, 300])
+def test_two_rounds_give_the_values_of_one_topk(shape, k):
+    values = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+    values[..., CHUNK // 2 : CHUNK] += 2.0  # the best of one chunk crowd the others out
+    values[..., : shape[-1] // 3] = float("-inf")
+    top, places = chunked_topk(values, k)
+    expected = values.topk(min(k, shape[-1]), dim=-1).values
+    assert torch.equal(top, expected)
+    assert torch.equal(values.gather(-1, places), top) and bool((places < shape[-1]).all())
+
+
+def test_padded_widths_are_whole_chunks_past_one():
+    assert [padded_width(n) for n in (0, 5, CHUNK, CHUNK + 1, 3 * CHUNK)] == [0, 5, CHUNK, 2 * CHUNK, 3 * CHUNK]
+
+
+def test_a_row_with_fewer_finite_entries_than_k_gives_distinct_places_inside_it():
+    n = 2 * CHUNK + 77
+    values = torch.full((n,), float("-inf"))
+    values[torch.tensor([3, 900, 1500, n - 1])] = torch.tensor([1.0, 4.0, 2.0, 3.0])
+    top, places = chunked_topk(values, 64)
+    assert places[:4].tolist() == [900, n - 1, 1500, 3] and top[4:].eq(float("-inf")).all()
+    assert places.unique().numel() == 64 and bool((places < n).all())
