@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
+from ltri.kernels.span_max import span_max
 
 
 class SharedVotes:
@@ -41,13 +42,10 @@ class SharedVotes:
         Span s covers positions first + first_rows[s] onwards for lengths[s] <= max_len tokens (first_rows and
         lengths (n_spans,) on the device), within the n_rows positions from first on. Each span's tokens are
         gathered into one row of a padded (n_spans, max_len) block and reduced: no atomics, however long the
-        text (a scatter max over every position collides on the runs of positions one span holds)."""
-        offsets = torch.arange(max_len, device=lengths.device)
-        positions = first + first_rows[:, None] + offsets[None, :]  # (n_spans, max_len)
+        text (a scatter max over every position collides on the runs of positions one span holds). On CUDA one
+        kernel reads each span's own positions only (``kernels/span_max.py``)."""
         self.reserve(first + n_rows, lengths.device)
-        positions = positions.clamp(max=self.current.numel() - 1)
-        shared = self.previous[positions] + self.current[positions]
-        return shared.masked_fill(offsets[None, :] >= lengths[:, None], 0.0).amax(dim=1).clamp(min=0)
+        return span_max(self.previous, self.current, first, first_rows, lengths, max_len)
 
     def begin_step(self, tokens_seen: int) -> None:
         """Called by every layer before it reads; the first call of a step moves current to previous."""
