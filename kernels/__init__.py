@@ -4,6 +4,9 @@
     ltri.kernels.lowrank_scores     pca_basis, project_keys, lowrank_scores (Loki)
     ltri.kernels.sparq_scores       sparq_scores, selected_mass, mean_value_reallocation (SparQ)
     ltri.kernels.topk_select        topk_tokens
+    ltri.kernels.vector_scores      vector_scores (the span index's scores of every vector)
+    ltri.kernels.span_scores        span_scores (each span's best vector score, vectors kept together)
+    ltri.kernels.span_max           span_max (the shared votes' read: each span's largest vote)
 
 Import the functions from their modules (this package does not re-export them: the modules share their
 names with their main function).
