@@ -1,0 +1,33 @@
+"""Captured decode steps with every Triton kernel on their path (span scores, span max, sparse attention) run in
+Triton's interpreter on the CPU: the kernels' real call sites, not only their own tests, against the eager steps.
+
+On a GPU the kernels run compiled in tests/test_captured_decode.py's GPU test; this module is for machines without.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if torch.cuda.is_available():
+    pytest.skip("with CUDA the kernels run compiled in test_captured_decode's GPU test", allow_module_level=True)
+
+from kernel_support import interpret_without_cuda  # noqa: E402, F401
+from ltri.kernels import use_triton  # noqa: E402
+from test_captured_decode import decode, session_for  # noqa: E402
+
+
+def test_captured_steps_through_the_kernels_equal_eager_steps():
+    assert use_triton(torch.zeros(1))  # the module runs the kernels in the interpreter
+    eager = session_for("never")
+    captured = session_for("always")
+    expected, expected_spans = decode(eager, 12)
+    got, got_spans = decode(captured, 12)
+    steps = captured._captured.steps
+    assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == 12
+    assert got_spans == expected_spans
+    assert (got - expected).abs().max().item() < 1e-4
