@@ -84,7 +84,7 @@ def chosen_spans_padded(
     Only the m best votes can be chosen, so a top-m replaces a sort of every span; the candidates are then
     ordered by vote, ties by id. (Ties straddling the m-th place are cut by topk, not by id.)"""
     n_spans = votes.numel()
-    m = min(n_spans, budget, budget if max_spans is None else max_spans)
+    m = min(n_spans, budget) if max_spans is None else min(n_spans, budget, max_spans)
     candidates = chunked_topk(votes, m)[1].sort().values  # ascending ids
     order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])

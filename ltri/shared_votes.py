@@ -23,14 +23,13 @@ class SharedVotes:
         self.current = torch.zeros(0)  # (n_positions,) the same, for the step in progress
         self.step_tokens = -1  # tokens seen when the current step began
 
-    def publish(self, span_starts: torch.Tensor, owner: torch.Tensor, votes: torch.Tensor) -> None:
-        """A layer's votes (n_spans,) (-inf: not found) over spans that tile positions from span_starts[0].
+    def publish(self, first: int, owner: torch.Tensor, votes: torch.Tensor) -> None:
+        """A layer's votes (n_spans,) (-inf: not found) over spans that tile the positions from first on.
 
-        owner: (n_positions_of_this_layer,) the span index of each token from span_starts[0] on (a gather by
-        it, unlike repeat_interleave by the lengths, needs no device sync to size its output)."""
+        owner: (n_positions_of_this_layer,) the span index of each token from first on (a gather by it, unlike
+        repeat_interleave by the lengths, needs no device sync to size its output)."""
         values = torch.where(torch.isfinite(votes), votes, 0.0) / self.n_layers
         per_token = values[owner]
-        first = int(span_starts[0])
         self.reserve(first + per_token.numel(), values.device)
         self.current[first : first + per_token.numel()] += per_token
 

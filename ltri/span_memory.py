@@ -435,8 +435,9 @@ class SpanMemory(LayerMemory):
         votes = pool_votes(scores, span_ids, n_slots, scale=self.kv_shape[1] ** -0.5, how=config.vote)
         if self.shares_votes:
             lengths, first_rows = self.tables.lengths[:n_slots], self.tables.first_rows[:n_slots]
-            borrowed = self.shared.read(self.sinks.length, first_rows, lengths, self.span_config.max_len, n_rows)
-            self.shared.publish(self.span_starts, self.tables.owner[:n_rows], votes)
+            first = self.sinks.length  # stored rows start after the sinks
+            borrowed = self.shared.read(first, first_rows, lengths, self.span_config.max_len, n_rows)
+            self.shared.publish(first, self.tables.owner[:n_rows], votes)
             found = torch.where(torch.isfinite(votes), votes, 0.0)
             votes = torch.where(borrowed > 0, found + borrowed * config.collaboration, votes)
         return self.persistence.apply(votes)

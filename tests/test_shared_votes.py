@@ -14,7 +14,7 @@ def test_a_span_reads_the_largest_vote_published_on_its_tokens():
     votes = torch.randn(40, generator=generator)
     votes[::7] = float("-inf")  # not found: publishes nothing
     shared.begin_step(tokens_seen=1)
-    shared.publish(torch.tensor([first]), owner, votes)
+    shared.publish(first, owner, votes)
     n_rows = int(publisher_lengths.sum())
     reader_lengths = torch.randint(1, 12, (30,), generator=generator)
     reader_lengths[-1] = 0  # an empty span reads 0
@@ -31,7 +31,7 @@ def test_a_span_reads_the_largest_vote_published_on_its_tokens():
 def test_a_new_step_moves_this_steps_votes_to_the_last_in_place():
     shared = SharedVotes(n_layers=1)
     shared.begin_step(tokens_seen=1)
-    shared.publish(torch.tensor([0]), torch.zeros(4, dtype=torch.long), torch.tensor([0.5]))
+    shared.publish(0, torch.zeros(4, dtype=torch.long), torch.tensor([0.5]))
     previous, current = shared.previous, shared.current
     shared.begin_step(tokens_seen=2)
     assert shared.previous is previous and shared.current is current  # same tensors: a captured step reads them
