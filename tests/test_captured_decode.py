@@ -9,41 +9,15 @@ runs as one graph.
 
 import pytest
 import torch
+from captured_sessions import TEXT, decode, session_for
 from support import byte_tokenizer, tiny_llama
 
-from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
+from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
 from ltri.captured_decode import CapturedDecode
 from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
 from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
-
-TEXT = torch.randint(0, 256, (900,), generator=torch.Generator().manual_seed(3)).tolist()
-
-
-def session_for(
-    host_payloads: str, device: str = "cpu", dtype=torch.float32, spans: dict | None = None, **retrieval
-) -> Session:
-    model = tiny_llama(n_layers=3).to(device, dtype)
-    config = LtriConfig(
-        memory=MemoryConfig(n_sink=8, n_window=64, host_payloads=host_payloads),
-        spans=SpanConfig(min_len=4, max_len=16, **(spans or {})),
-        retrieval=RetrievalConfig(budget=48, search_k=8, backend="torch", **retrieval),
-        chunk_size=64,
-    )
-    return Session(model, config, tokenizer=byte_tokenizer())
-
-
-def decode(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
-    """Logits of n_steps greedy steps after the text, and each step's retrieved spans per layer."""
-    logits = session.prefill(TEXT)
-    steps, retrieved = [], []
-    for _ in range(n_steps):
-        logits = session.prefill([int(logits[-1].argmax())])
-        steps.append(logits[-1])
-        retrieved.append([memory.last_retrieved.tolist() for memory in session.cache.memories()])
-    return torch.stack(steps), retrieved
-
 
 QUEST_LIKE = {"segmentation": "fixed", "index_vectors": "bounds"}
 

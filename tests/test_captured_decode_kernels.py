@@ -16,9 +16,9 @@ if importlib.util.find_spec("triton") is None:
 if torch.cuda.is_available():
     pytest.skip("with CUDA the kernels run compiled in test_captured_decode's GPU test", allow_module_level=True)
 
+from captured_sessions import decode, session_for  # noqa: E402
 from kernel_support import interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels import use_triton  # noqa: E402
-from test_captured_decode import decode, session_for  # noqa: E402
 
 
 def test_captured_steps_through_the_kernels_equal_eager_steps():

@@ -64,6 +64,16 @@ def all_of(batches):
     return torch.cat([vectors for vectors, _ in batches], dim=1), torch.cat([ids for _, ids in batches])
 
 
+def assert_searches_as_reference(index, batches, n_queries: int, k: int, seed: int):
+    """index.search of n_queries random queries gives the brute-force reference's spans and scores; returns them."""
+    queries = torch.randn(NHEADS_KV, n_queries, DIM, generator=torch.Generator().manual_seed(seed))
+    scores, ids = index.search(queries.to(index.device), k)
+    expected_scores, expected_ids = reference_search(*all_of(batches), queries, k)
+    assert torch.equal(ids.cpu(), expected_ids)
+    torch.testing.assert_close(scores.double().cpu(), expected_scores, atol=1e-4, rtol=0)
+    return queries, scores, ids
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 5, 17])
 def test_search_matches_reference_after_incremental_adds(backend, k):
@@ -294,12 +304,7 @@ def test_spans_added_together_are_scored_from_the_slot_tables(device, k):
     for vectors, span_ids in batches:
         index.add(vectors.to(device), span_ids.to(device))
     assert index.captured_search_ready() and index.per_span_rows == 4
-    vectors, span_ids = all_of(batches)
-    queries = torch.randn(NHEADS_KV, 4, DIM, generator=torch.Generator().manual_seed(3))
-    scores, ids = index.search(queries.to(device), k)
-    expected_scores, expected_ids = reference_search(vectors, span_ids, queries, k)
-    assert torch.equal(ids.cpu(), expected_ids)
-    torch.testing.assert_close(scores.double().cpu(), expected_scores, atol=1e-4, rtol=0)
+    queries, scores, ids = assert_searches_as_reference(index, batches, n_queries=4, k=k, seed=3)
     n_slots = index.n_spans + 9  # a captured step's slots: span ids, then empty slots
     n_vectors = torch.tensor(index.n_vectors, device=device)
     captured_scores, slots = index.search_captured(queries.to(device), k, n_vectors, n_slots)
@@ -311,21 +316,11 @@ def test_a_span_given_more_vectors_later_is_still_searched_exactly():
     batches.append((torch.randn(NHEADS_KV, 3, DIM), torch.tensor([2, 2, 60])))  # span 2 again, then a new one
     index = filled_index("torch", batches)
     assert not index.captured_search_ready()
-    vectors, span_ids = all_of(batches)
-    queries = torch.randn(NHEADS_KV, 3, DIM, generator=torch.Generator().manual_seed(4))
-    scores, ids = index.search(queries, 9)
-    expected_scores, expected_ids = reference_search(vectors, span_ids, queries, 9)
-    assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(scores.double(), expected_scores, atol=1e-4, rtol=0)
+    assert_searches_as_reference(index, batches, n_queries=3, k=9, seed=4)
 
 
 def test_an_index_longer_than_one_topk_chunk_is_searched_exactly():
     batches = grouped_batches(seed=11, spans_per_batch=(700, 600), max_vectors=2)
     index = filled_index("torch", batches)
     assert index.n_spans > 1024 and index.captured_search_ready()
-    vectors, span_ids = all_of(batches)
-    queries = torch.randn(NHEADS_KV, 2, DIM, generator=torch.Generator().manual_seed(12))
-    scores, ids = index.search(queries, 40)
-    expected_scores, expected_ids = reference_search(vectors, span_ids, queries, 40)
-    assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(scores.double(), expected_scores, atol=1e-4, rtol=0)
+    assert_searches_as_reference(index, batches, n_queries=2, k=40, seed=12)
