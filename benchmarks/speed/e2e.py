@@ -629,14 +629,23 @@ def profile_prefill(session: Session, n_tokens: int, settings: Settings) -> Path
         session.prefill(ids)
         synchronize(device)
         seconds = time.perf_counter() - start
+    python_profile = cProfile.Profile()
+    python_profile.enable()
+    start = time.perf_counter()
+    session.prefill(context_ids(steps * chunk, settings.shape.vocab, settings.seed + 2))
+    synchronize(device)
+    python_s = time.perf_counter() - start
+    python_profile.disable()
     path = settings.out.with_name(f"{settings.out.stem}_prefill_profile_{n_tokens}.txt")
     header = (
         f"ltri prefill profile: {settings.shape_name}, {steps} chunks of {chunk} tokens read after a context of "
-        f"{n_tokens} tokens (and the decode), under torch.profiler: {steps * chunk / seconds:.0f} tokens/s. "
+        f"{n_tokens} tokens (and the decode), under torch.profiler: {steps * chunk / seconds:.0f} tokens/s; then "
+        f"{steps} more under cProfile: {steps * chunk / python_s:.0f} tokens/s. "
         "Phases as in the decode profile, per chunk; segmentation runs once per chunk for all layers.\n\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + torch_tables(torch_profile, device, steps, "prefill chunk"))
+    tables = torch_tables(torch_profile, device, steps, "prefill chunk") + python_tables(python_profile)
+    path.write_text(header + tables)
     return path
 
 
@@ -679,7 +688,7 @@ def python_tables(python_profile: cProfile.Profile) -> str:
     parts = []
     for sort, title in (("cumulative", "cumulative time"), ("tottime", "own time")):
         stream = io.StringIO()
-        pstats.Stats(python_profile, stream=stream).strip_dirs().sort_stats(sort).print_stats(35)
+        pstats.Stats(python_profile, stream=stream).strip_dirs().sort_stats(sort).print_stats(50)
         parts.append(f"\n== cProfile, Python functions by {title} ==\n{stream.getvalue()}")
     return "".join(parts)
 
