@@ -39,14 +39,16 @@ refuses.
 and CPU time, and ltri's phases: resident set, retrieval, span loading, store reads, index search, attention,
 append, labelled for the profile only) and again under cProfile (Python functions by cumulative and own time),
 written to ``<out stem>_profile_<context>.txt`` next to the JSON; then --profile-steps more prefill chunks
-under torch.profiler (segmentation, index vectors, eviction, store writes, index adds, attention), written to
-``<out stem>_prefill_profile_<context>.txt``. The device's copy of the tree has no .git:
-pass GIT_SHA=$(git rev-parse HEAD).
+under torch.profiler (segmentation, index vectors, eviction, store writes, index adds, attention), again under
+cProfile, written to ``<out stem>_prefill_profile_<context>.txt``. Both files end with a census of the host's
+waits for the device (CUDA's sync debug mode) over --profile-steps more steps or chunks. The device's copy of
+the tree has no .git: pass GIT_SHA=$(git rev-parse HEAD).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import functools
@@ -61,6 +63,8 @@ import shutil
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -80,6 +84,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "e2e_h100.json"
 METHODS = ("full", "ltri")
 FINAL_STATUSES = ("ok", "oom", "no_space", "store_error", "cut_off")
 GREEDY = SamplingConfig(temperature=0.0)
+# Warm-up context of ltri (and full): with spans of about 15 tokens, 16K tokens store more spans per layer than one
+# 1024-entry chunk of ltri.topk, whose two-round path (and its kernels) a 1,600-token warm-up never reached.
+WARM_UP_TOKENS = 16384
 STORE_SPACE_MARGIN = 1.15  # LMDB pages and records on top of the raw payload bytes (an estimate)
 
 
@@ -600,8 +607,11 @@ def profile_decode(session: Session, logits: torch.Tensor, n_tokens: int, settin
         step_s, logits = timed_decode(session.prefill, logits, steps, device, Progress("profile"))
     python_profile = cProfile.Profile()
     python_profile.enable()
-    python_s, _ = timed_decode(session.prefill, logits, steps, device, Progress("profile"))
+    python_s, logits = timed_decode(session.prefill, logits, steps, device, Progress("profile"))
     python_profile.disable()
+    syncs = sync_sites(
+        lambda: timed_decode(session.prefill, logits, steps, device, Progress("syncs")), device, steps, "decode step"
+    )
     path = settings.out.with_name(f"{settings.out.stem}_profile_{n_tokens}.txt")
     header = (
         f"ltri decode profile: {settings.shape_name}, context {n_tokens} tokens, {steps} decode steps after the "
@@ -612,7 +622,7 @@ def profile_decode(session: Session, logits: torch.Tensor, n_tokens: int, settin
         "reports it (rough). In the op tables below, ltri.* rows are these ranges, not ops.\n\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + torch_tables(torch_profile, device, steps) + python_tables(python_profile))
+    path.write_text(header + torch_tables(torch_profile, device, steps) + python_tables(python_profile) + syncs)
     return path
 
 
@@ -636,6 +646,8 @@ def profile_prefill(session: Session, n_tokens: int, settings: Settings) -> Path
     synchronize(device)
     python_s = time.perf_counter() - start
     python_profile.disable()
+    ids = context_ids(steps * chunk, settings.shape.vocab, settings.seed + 3)
+    syncs = sync_sites(lambda: session.prefill(ids), device, steps, "prefill chunk")
     path = settings.out.with_name(f"{settings.out.stem}_prefill_profile_{n_tokens}.txt")
     header = (
         f"ltri prefill profile: {settings.shape_name}, {steps} chunks of {chunk} tokens read after a context of "
@@ -645,8 +657,38 @@ def profile_prefill(session: Session, n_tokens: int, settings: Settings) -> Path
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tables = torch_tables(torch_profile, device, steps, "prefill chunk") + python_tables(python_profile)
-    path.write_text(header + tables)
+    path.write_text(header + tables + syncs)
     return path
+
+
+def sync_sites(run: Callable[[], object], device: torch.device, steps: int, step_name: str) -> str:
+    """Runs run() with CUDA's sync debug mode on and counts where the host waited for the device: the innermost
+    frames of ltri's code (three at most) of each synchronising call, per step_name. Empty off CUDA."""
+    if device.type != "cuda":
+        return ""
+    sites: collections.Counter[str] = collections.Counter()
+
+    ours = (f"{os.sep}ltri{os.sep}", f"{os.sep}kernels{os.sep}")
+
+    def note(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [frame for frame in traceback.extract_stack()[:-1] if any(part in frame.filename for part in ours)]
+        chain = " < ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in frames[::-1][:3])
+        kind = "" if "synchroniz" in str(message) else f" [not a sync: {str(message)[:60]}]"
+        sites[(chain or f"{Path(filename).name}:{lineno}") + kind] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    lines = [f"{count / steps:>8.1f}  {site}" for site, count in sites.most_common(40)]
+    total = sum(sites.values()) / steps
+    header = f"\n== host waits for the device (CUDA sync debug mode), per {step_name}: {total:.1f} ==\n"
+    return header + "\n".join(lines) + "\n"
 
 
 def torch_tables(torch_profile, device: torch.device, steps: int, step_name: str = "decode step") -> str:
@@ -755,9 +797,11 @@ def floor_fields(model, resident_kv_bytes: int, bandwidth: float) -> dict:
 
 
 def warm_up(model, methods: set[str], settings: Settings) -> None:
-    """One small untimed row per method: first kernels (Triton compiles), allocator, lazy imports."""
+    """One untimed row per method: first kernels (Triton compiles), allocator, lazy imports. Long enough that ltri
+    stores more spans than one chunk of ltri.topk's two-round top-k, so that the timed rows compile nothing."""
     memory = settings.ltri.memory
     n_tokens = memory.n_sink + memory.n_window + 2 * settings.ltri.chunk_size  # ltri stores and retrieves spans
+    n_tokens = max(n_tokens, WARM_UP_TOKENS) if settings.shape_name != "tiny" else n_tokens
     quick = replace(settings, decode_tokens=2, profile=False)
     for method in sorted(methods):
         row = measure_row(model, method, n_tokens, quick, run_index=-1, bandwidth=1.0)
