@@ -200,7 +200,7 @@ class LtriConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     spans: SpanConfig = field(default_factory=SpanConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    chunk_size: int = 512
+    chunk_size: int = 2048
     position_mode: str = "compact"
     device: str | None = None
     dtype: str | None = None
