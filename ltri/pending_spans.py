@@ -26,10 +26,12 @@ class PendingSpans:
 
     def add(self, lengths: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor) -> None:
         """Spans that follow the pending ones: lengths (n,), vectors (nheads_kv, v, dim), owner (v,) in 0..n-1."""
-        owner = owner.to(self.owner.device) + self.count
-        self.lengths = torch.cat([self.lengths, lengths.cpu().long()])
+        lengths, owner = (
+            torch.cat([lengths.long(), owner.to(lengths.device).long()]).cpu().split([len(lengths), len(owner)])
+        )
+        self.owner = torch.cat([self.owner, owner + self.count])  # one wait for the device brought both
+        self.lengths = torch.cat([self.lengths, lengths])
         self.vectors = vectors if self.vectors is None else torch.cat([self.vectors, vectors], dim=1)
-        self.owner = torch.cat([self.owner, owner.cpu()])
 
     def spans_to_leave(self, window_tokens: int, n_window: int) -> int:
         """How many of the oldest spans can leave a window of window_tokens and keep at least n_window."""

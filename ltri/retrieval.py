@@ -66,12 +66,13 @@ def pool_votes(
 
 
 def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int, max_spans: int | None = None) -> torch.Tensor:
-    """Span ids by decreasing vote while their lengths fit the budget, returned in ascending order.
+    """Span ids by decreasing vote while their lengths fit the budget, returned in ascending order on the host
+    (one wait for the device).
 
     votes (n_spans,) with -inf for spans not found; lengths (n_spans,) int64 on the same device; max_spans: at
     least the most spans the budget can hold (budget // the shortest length), default budget.
     """
-    chosen = chosen_spans_padded(votes, lengths, budget, max_spans)
+    chosen = chosen_spans_padded(votes, lengths, budget, max_spans).cpu()
     return chosen[chosen < votes.numel()]
 
 

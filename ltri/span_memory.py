@@ -28,6 +28,7 @@ from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
 from ltri.positions import Layout
+from ltri.repeat import repeat_by_counts
 from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
 from ltri.shared_votes import SharedVotes
 from ltri.span_tables import SpanTables
@@ -395,7 +396,7 @@ class SpanMemory(LayerMemory):
             self.shared.begin_step(self.tokens_seen)
         votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows)
         lengths = self.tables.lengths[: self.n_spans]
-        chosen = choose_spans(votes, lengths, config.budget, self.tables.spans_fitting(config.budget)).cpu()
+        chosen = choose_spans(votes, lengths, config.budget, self.tables.spans_fitting(config.budget))
         self.persistence.record(votes)
         self.last_retrieved = chosen
         self.spans_at_retrieval = self.n_spans
@@ -450,8 +451,11 @@ class SpanMemory(LayerMemory):
             return empty, empty, torch.empty(0, dtype=torch.long, device=device)
         shapes = [(2, nheads_kv, int(length), headdim) for length in lengths]
         payload = torch.cat(self.cache.get(span_ids.tolist(), shapes, self.dtype), dim=2)
-        starts = torch.repeat_interleave(self.span_starts[span_ids] - (torch.cumsum(lengths, 0) - lengths), lengths)
-        positions = (starts + torch.arange(int(lengths.sum()))).to(device)
+        n_tokens = int(lengths.sum())
+        starts = repeat_by_counts(self.span_starts[span_ids] - (torch.cumsum(lengths, 0) - lengths), lengths, n_tokens)
+        positions = starts + torch.arange(n_tokens)
+        if positions.device != torch.device(device):
+            positions = positions.pin_memory().to(device, non_blocking=True)  # no wait for the device's queue
         return payload[0][None], payload[1][None], positions
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -529,7 +533,7 @@ def span_payloads(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
         torch.cumsum(lengths, 0) - lengths
     ).repeat_interleave(rows)
     first = torch.cumsum(piece_lengths, 0) - piece_lengths
-    index = (piece_starts - first).repeat_interleave(piece_lengths, output_size=rows * n) + torch.arange(rows * n)
+    index = repeat_by_counts(piece_starts - first, piece_lengths, rows * n) + torch.arange(rows * n)
     block = stacked.index_select(0, index.to(keys.device, non_blocking=True))  # (rows * n, headdim) span-major
     sizes = (lengths * rows).tolist()
     return [
@@ -555,7 +559,7 @@ def fixed_segmentation(n: int, length: int, device) -> Segmentation:
 def span_means(keys: torch.Tensor, segmentation: Segmentation) -> torch.Tensor:
     """Mean key of each span: keys (nheads_kv, n, headdim) -> (nheads_kv, n_spans, headdim)."""
     lengths = segmentation.ends - segmentation.starts
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=keys.device), lengths)
+    owner = repeat_by_counts(None, lengths.to(keys.device), keys.shape[1])
     sums = torch.zeros(keys.shape[0], lengths.numel(), keys.shape[2], dtype=torch.float32, device=keys.device)
     sums.index_add_(1, owner, keys.float())
     return (sums / lengths[None, :, None]).to(keys.dtype)

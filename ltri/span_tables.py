@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import grown_capacity
+from ltri.repeat import repeat_by_counts
 
 
 class SpanTables:
@@ -45,7 +46,7 @@ class SpanTables:
             self.shortest = min(self.shortest, shortest) if self.shortest else shortest
         self._reserve(self.n_spans + n, self.n_rows + n_rows)
         first_rows = self.n_rows + torch.cumsum(lengths, 0) - lengths
-        owner = torch.repeat_interleave(torch.arange(self.n_spans, self.n_spans + n), lengths)
+        owner = repeat_by_counts(torch.arange(self.n_spans, self.n_spans + n), lengths, n_rows)
         spans = slice(self.n_spans, self.n_spans + n)
         self.lengths[spans] = lengths.to(self.device, non_blocking=True)
         self.first_rows[spans] = first_rows.to(self.device, non_blocking=True)

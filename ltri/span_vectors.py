@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ltri.repeat import repeat_by_counts
 from ltri.spans import Segmentation
 
 
-def span_of_token(segmentation: Segmentation) -> Tensor:
-    """(n,) int64: the span index of each token of the block."""
-    lengths = segmentation.lengths
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+def span_of_token(segmentation: Segmentation, n: int | None = None) -> Tensor:
+    """(n,) int64: the span index of each token of the block (n: the block's tokens, if known: no device sync)."""
+    return repeat_by_counts(None, segmentation.lengths, n)
 
 
 def vectors_per_span(segmentation: Segmentation, max_vectors: int) -> Tensor:
@@ -46,7 +46,7 @@ def vectors_per_span(segmentation: Segmentation, max_vectors: int) -> Tensor:
 def in_span_attention(attention: Tensor, segmentation: Segmentation) -> Tensor:
     """(nheads_kv, n): attention each token receives from queries of its own span (column sums of A
     over rows in the token's span). attention: (nheads_kv, n, n)."""
-    span = span_of_token(segmentation)  # (n,)
+    span = span_of_token(segmentation, attention.shape[-1])  # (n,)
     same = span[:, None] == span[None, :]  # (n, n) query i and key j in one span
     return (attention * same).sum(1)
 
@@ -77,9 +77,7 @@ def top_attended_keys(
     inside = offsets < lengths[:, None]
     padded = received[:, tokens.clamp(max=n - 1)].masked_fill(~inside, float("-inf"))  # (nheads_kv, n_spans, width)
     best = torch.topk(padded, k, dim=2).indices  # (nheads_kv, n_spans, k) offsets, most attended first
-    span_of_vector = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=keys.device), counts, output_size=total
-    )  # (total,)
+    span_of_vector = repeat_by_counts(None, counts.to(keys.device), total)  # (total,)
     rank = torch.arange(total, device=keys.device) - (counts.cumsum(0) - counts)[span_of_vector]  # within its span
     picked = starts[span_of_vector] + best[:, span_of_vector, rank]  # (nheads_kv, total) token indices
     vectors = keys.gather(1, picked[..., None].expand(-1, -1, headdim))
@@ -103,7 +101,7 @@ def key_bounds(keys: Tensor, segmentation: Segmentation) -> Tensor:
     nheads_kv, n, headdim = keys.shape
     if int(segmentation.lengths.sum()) != n:
         raise ValueError(f"the spans cover {int(segmentation.lengths.sum())} tokens, the keys {n}")
-    index = span_of_token(segmentation)[None, :, None].expand_as(keys)  # (nheads_kv, n, headdim)
+    index = span_of_token(segmentation, n)[None, :, None].expand_as(keys)  # (nheads_kv, n, headdim)
     shape = (nheads_kv, segmentation.n_spans, headdim)
     kmax = keys.new_zeros(shape).scatter_reduce_(1, index, keys, "amax", include_self=False)
     kmin = keys.new_zeros(shape).scatter_reduce_(1, index, keys, "amin", include_self=False)
