@@ -38,6 +38,13 @@ from ltri.span_memory import SpanMemory
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
 
 
+def candidates(memory: SpanMemory) -> int:
+    """The best votes a captured step fills the budget from: at least the most stored spans the budget can hold,
+    rounded up to a power of two, so that a shorter span stored while decoding seldom changes it (and the step)."""
+    fitting = memory.tables.spans_fitting(memory.retrieval_config.budget)
+    return 1 << max(fitting - 1, 0).bit_length()
+
+
 class CapturedLayer:
     """One layer's attention with memory in fixed shapes, bound to the memory's tensors as they are now.
 
@@ -51,7 +58,7 @@ class CapturedLayer:
         self.budget = memory.retrieval_config.budget
         self.n_sink = memory.sinks.length
         self.n_slots = memory.tables.span_capacity + 1  # the last slot is the empty span
-        self.n_chosen = min(self.n_slots, self.budget, memory.tables.spans_fitting(self.budget))
+        self.n_chosen = min(self.n_slots, self.budget, candidates(memory))
         self.chosen = torch.empty(self.n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
         self.n_packed = self.n_sink + self.budget + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
@@ -179,14 +186,31 @@ class CapturedDecode:
         ]
 
     def _make_room(self) -> None:
-        """Room in every buffer a step writes in place, so that nothing grows while a graph records."""
+        """Room in every buffer a step writes in place, so that nothing grows while a graph records; and in the
+        stored spans' tables and index for every token the window holds and WINDOW_HEADROOM more, so that the
+        evictions of the next steps rarely grow them (each growth costs an eager step and a capture)."""
         for memory in self.memories:
             room = memory.window.capacity - memory.window.length
             if room < 1 or room > 2 * WINDOW_HEADROOM:  # a window grown by prefill chunks is packed every step
                 memory.window.resize(memory.window.length + WINDOW_HEADROOM)
+            self._reserve_stored(memory)
             memory.persistence.reserve(memory.tables.span_capacity + 1, self.device)
             if memory.shared is not None:
                 memory.shared.reserve(memory.sinks.length + memory.tables.owner.numel(), self.device)
+
+    @staticmethod
+    def _reserve_stored(memory: SpanMemory) -> None:
+        """Room in the span tables and the index for every token of the window (each may leave, as one span at
+        most) or, when that is short, for WINDOW_HEADROOM tokens more."""
+        leaving = memory.window.length
+        tables, index, max_vectors = memory.tables, memory.index, memory.span_config.max_vectors
+        if min(tables.room()) < leaving:
+            more = leaving + WINDOW_HEADROOM
+            tables.reserve(tables.n_spans + more, tables.n_rows + more)
+        span_room, vector_room = index.room()
+        if span_room < leaving or vector_room < leaving * max_vectors:
+            more = leaving + WINDOW_HEADROOM
+            index.reserve(index.n_spans + more, index.n_vectors + more * max_vectors)
 
     def _signature(self) -> tuple:
         """The tensors a bound step reads and writes: the same tuple means the graph is still valid."""
@@ -204,7 +228,7 @@ class CapturedDecode:
                 tensors += (memory.shared.previous, memory.shared.current)
             buffers = tuple((tensor.data_ptr(), tensor.numel()) for tensor in tensors)
             # a span with more vectors: a new kernel tile; a shorter span: more spans may fit the budget
-            shapes = (memory.index.per_span_rows, memory.tables.spans_fitting(memory.retrieval_config.budget))
+            shapes = (memory.index.per_span_rows, candidates(memory))
             pointers.append((*buffers, *shapes))
         return tuple(pointers)
 

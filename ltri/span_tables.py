@@ -44,7 +44,7 @@ class SpanTables:
         if n:
             shortest = int(lengths.min())
             self.shortest = min(self.shortest, shortest) if self.shortest else shortest
-        self._reserve(self.n_spans + n, self.n_rows + n_rows)
+        self.reserve(self.n_spans + n, self.n_rows + n_rows)
         first_rows = self.n_rows + torch.cumsum(lengths, 0) - lengths
         owner = repeat_by_counts(torch.arange(self.n_spans, self.n_spans + n), lengths, n_rows)
         spans = slice(self.n_spans, self.n_spans + n)
@@ -54,7 +54,12 @@ class SpanTables:
         self.n_spans += n
         self.n_rows += n_rows
 
-    def _reserve(self, n_spans: int, n_rows: int) -> None:
+    def room(self) -> tuple[int, int]:
+        """Spans and rows that fit before the tables grow."""
+        return self.span_capacity - self.n_spans, self.owner.numel() - self.n_rows
+
+    def reserve(self, n_spans: int, n_rows: int) -> None:
+        """Room for n_spans spans and n_rows rows (new tensors only when they grow)."""
         span_capacity, row_capacity = self.span_capacity, self.owner.numel()
         if n_spans <= span_capacity and n_rows <= row_capacity:
             return

@@ -208,3 +208,20 @@ def test_the_bundled_model_answers_the_same_through_captured_steps(smollm):
             steps = session._captured.steps
             assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == len(session.last_answer_tokens)
     assert answers[0] == answers[1] and len(answers[0]) > 3
+
+
+@pytest.mark.parametrize("n_tokens", [1200, 3300])
+def test_evictions_while_decoding_keep_the_first_binding(n_tokens):
+    """Spans leave the window while decoding. The first step reserves room for them in the span tables and the
+    index, and the budget's candidates are rounded up, so no buffer grows and no shape changes: one binding (one
+    eager step), then the same step. Without either, these two texts bind twice (1200: the index had room for one
+    more vector; 3300: a shorter span was stored)."""
+    session = session_for("always")
+    session.prefill(torch.randint(0, 256, (n_tokens,), generator=torch.Generator().manual_seed(3)).tolist())
+    spans_before = [memory.n_spans for memory in session.cache.memories()]
+    decode_steps, token = 60, 65
+    for _ in range(decode_steps):
+        token = int(session.prefill([token])[-1].argmax())
+    steps = session._captured.steps
+    assert all(memory.n_spans > before for memory, before in zip(session.cache.memories(), spans_before, strict=True))
+    assert steps["declined"] == 0 and steps["bound"] == 1 and steps["eager"] == decode_steps - 1

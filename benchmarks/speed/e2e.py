@@ -395,6 +395,7 @@ def speed_fields(n_tokens: int, prefill_s: float, step_s: list[float]) -> dict:
         "decode_ms_median": 1000 * statistics.median(step_s),
         "decode_ms_first": 1000 * step_s[0],
         "decode_ms_max": 1000 * max(step_s),
+        "decode_ms_steps": [round(1000 * seconds, 2) for seconds in step_s],
     }
 
 

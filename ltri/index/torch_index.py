@@ -132,6 +132,16 @@ class TorchSpanIndex(SpanIndex):
         self._slot_count[n_before : self.n_spans] = counts.to(self.device, non_blocking=True)
         self._max_vectors = max(self._max_vectors, int(counts.max()))
 
+    def room(self) -> tuple[int, int]:
+        """Span slots and vectors that fit before the index's buffers grow."""
+        return self._slot_first.numel() - self.n_spans, self._vectors.shape[1] - self._length
+
+    def reserve(self, n_spans: int, n_vectors: int) -> None:
+        """Room for n_spans span slots and n_vectors vectors (new buffers only when they grow)."""
+        self._reserve(n_vectors)
+        self._slot_first = with_room(self._slot_first, n_spans, self.device)
+        self._slot_count = with_room(self._slot_count, n_spans, self.device)
+
     def _raw_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         vectors = self._vectors[:, : self._length].to("cpu", torch.float32)
         slots = self._vector_slots[: self._length].cpu()
