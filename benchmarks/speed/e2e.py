@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import shlex
 import shutil
 import statistics
@@ -372,17 +373,60 @@ def timed_prefill(forward, ids: torch.Tensor, chunk: int, progress: Progress) ->
     return time.perf_counter() - start, logits
 
 
-def timed_decode(step, logits: torch.Tensor, n_tokens: int, device: torch.device, progress: Progress):
-    """Greedy decode: step([token]) -> logits (vocab,). Returns (each step's seconds, argmax included; last logits)."""
+def timed_decode(
+    step, logits: torch.Tensor, n_tokens: int, device: torch.device, progress: Progress, host: HostWatch | None = None
+):
+    """Greedy decode: step([token]) -> logits (vocab,). Returns (each step's seconds, argmax included; last logits).
+    host: watches each step's host side too."""
     progress.phase = "decode"
     times = []
     for _ in range(n_tokens):
         synchronize(device)
+        if host is not None:
+            host.begin()
         start = time.perf_counter()
         logits = step([sample_next(logits, GREEDY, None)])
         synchronize(device)
         times.append(time.perf_counter() - start)
+        if host is not None:
+            host.end()
     return times, logits
+
+
+class HostWatch:
+    """Per decode step, what the host did besides waiting: the process's CPU time (user + system, every thread),
+    its page faults, and the time Python's garbage collector ran. A step much longer than its GPU work with little
+    CPU time waited on something else."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[float]] = {"cpu_ms": [], "page_faults": [], "gc_ms": []}
+        self._gc_s = 0.0
+        self._gc_started: float | None = None
+        self._at_begin = (0.0, 0, 0.0)
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self._gc_s += time.perf_counter() - self._gc_started
+            self._gc_started = None
+
+    def _sample(self) -> tuple[float, int, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime, usage.ru_minflt + usage.ru_majflt, self._gc_s
+
+    def begin(self) -> None:
+        self._at_begin = self._sample()
+
+    def end(self) -> None:
+        (cpu, faults, gc_s), (cpu0, faults0, gc0) = self._sample(), self._at_begin
+        self.steps["cpu_ms"].append(round(1000 * (cpu - cpu0), 2))
+        self.steps["page_faults"].append(faults - faults0)
+        self.steps["gc_ms"].append(round(1000 * (gc_s - gc0), 2))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
 
 
 def speed_fields(n_tokens: int, prefill_s: float, step_s: list[float]) -> dict:
@@ -457,7 +501,11 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
     prefill_s = time.perf_counter() - start
     hits, misses = span_cache_counts(session)
     steps_before = captured_steps(session)
-    step_s, logits = timed_decode(session.prefill, logits, settings.decode_tokens, device, progress)
+    host = HostWatch()
+    try:
+        step_s, logits = timed_decode(session.prefill, logits, settings.decode_tokens, device, progress, host)
+    finally:
+        host.close()
     hits_after, misses_after = span_cache_counts(session)
     steps_after = captured_steps(session)
     stats = session.stats()
@@ -472,6 +520,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "decode_span_cache_hits": hits_after - hits,
         "decode_span_cache_misses": misses_after - misses,
         "decode_captured_steps": {key: steps_after[key] - steps_before.get(key, 0) for key in steps_after},
+        **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
         "ltri_chunk": settings.ltri.chunk_size,
