@@ -27,6 +27,8 @@ tokens; the packed key set P = n_sink + B + window capacity.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ltri.decode_step import DecodeStep
@@ -36,6 +38,14 @@ from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
 
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
+
+
+# What a step's signature holds per layer, in order (CapturedDecode._signature), to say what made a rebind.
+BUFFER_NAMES = (
+    "window keys", "window values", "window positions", "index vectors", "index slot firsts", "index slot counts",
+    "span lengths", "span first rows", "row owners", "persistence", "shared votes previous", "shared votes current",
+)  # fmt: skip
+SHAPE_NAMES = ("vectors per span", "budget candidates")
 
 
 def candidates(memory: SpanMemory) -> int:
@@ -132,6 +142,8 @@ class CapturedDecode:
         self.graph_logits: torch.Tensor | None = None
         self._counts_read: torch.cuda.Event | None = None
         self.steps = {"bound": 0, "replayed": 0, "eager": 0, "declined": 0}  # how each call went
+        self.rebinds: Counter[str] = Counter()  # what changed, each time a bound step had to be bound anew
+        self._bound_signature: tuple | None = None
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor | None:
         """Logits (1, vocab) float32 of a decode step for token (1,); None (nothing done) when a layer cannot
@@ -145,6 +157,7 @@ class CapturedDecode:
         self._write_counts()
         self.token.copy_(token.view(1, 1))
         if signature != self.signature:
+            self._note_rebind(signature)
             self.drop()
             if not all(memory.index.captured_search_ready() for memory in self.memories):
                 self.steps["declined"] += 1
@@ -211,6 +224,17 @@ class CapturedDecode:
         if span_room < leaving or vector_room < leaving * max_vectors:
             more = leaving + WINDOW_HEADROOM
             index.reserve(index.n_spans + more, index.n_vectors + more * max_vectors)
+
+    def _note_rebind(self, signature: tuple) -> None:
+        """Count the parts of the signature that changed since the last binding (each part once per rebind)."""
+        before, self._bound_signature = self._bound_signature, signature
+        if before is None or self.signature is None:
+            return  # the first binding, or one after the step was dropped
+        changed = set()
+        for old, new in zip(before, signature, strict=True):  # per layer: the buffers, then the two shapes
+            names = BUFFER_NAMES[: len(old) - len(SHAPE_NAMES)] + SHAPE_NAMES
+            changed.update(name for name, a, b in zip(names, old, new, strict=True) if a != b)
+        self.rebinds.update(changed)
 
     def _signature(self) -> tuple:
         """The tensors a bound step reads and writes: the same tuple means the graph is still valid."""

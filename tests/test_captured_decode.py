@@ -225,3 +225,18 @@ def test_evictions_while_decoding_keep_the_first_binding(n_tokens):
     steps = session._captured.steps
     assert all(memory.n_spans > before for memory, before in zip(session.cache.memories(), spans_before, strict=True))
     assert steps["declined"] == 0 and steps["bound"] == 1 and steps["eager"] == decode_steps - 1
+
+
+def test_a_rebind_says_what_changed():
+    session = session_for("always")
+    session.prefill(TEXT)
+    token = 65
+    for step in range(5):
+        if step == 3:  # the span tables grow: new tensors, which the bound step does not read
+            tables = session.cache.memories()[1].tables
+            tables.reserve(tables.n_spans + 10_000, tables.n_rows + 10_000)
+        token = int(session.prefill([token])[-1].argmax())
+    captured = session._captured
+    assert captured.steps["bound"] == 2
+    assert {"span lengths", "span first rows", "row owners"} <= set(captured.rebinds)
+    assert captured.rebinds["span lengths"] == 1 and "window keys" not in captured.rebinds

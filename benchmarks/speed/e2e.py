@@ -500,7 +500,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
     synchronize(device)
     prefill_s = time.perf_counter() - start
     hits, misses = span_cache_counts(session)
-    steps_before = captured_steps(session)
+    steps_before, rebinds_before = captured_steps(session), rebinds(session)
     host = HostWatch()
     try:
         step_s, logits = timed_decode(session.prefill, logits, settings.decode_tokens, device, progress, host)
@@ -520,6 +520,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "decode_span_cache_hits": hits_after - hits,
         "decode_span_cache_misses": misses_after - misses,
         "decode_captured_steps": {key: steps_after[key] - steps_before.get(key, 0) for key in steps_after},
+        "decode_rebinds": {key: count - rebinds_before.get(key, 0) for key, count in rebinds(session).items()},
         **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
@@ -542,6 +543,12 @@ def captured_steps(session: Session) -> dict:
     """How the session's decode steps went through ltri.captured_decode so far (bound, replayed, eager, declined)."""
     captured = session._captured
     return {} if captured is None else dict(captured.steps)
+
+
+def rebinds(session: Session) -> dict:
+    """What made the session's captured decode steps bind anew so far: signature part -> times."""
+    captured = session._captured
+    return {} if captured is None else dict(captured.rebinds)
 
 
 def host_payload_bytes(session: Session) -> int:
