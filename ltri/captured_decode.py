@@ -200,8 +200,8 @@ class CapturedDecode:
 
     def _make_room(self) -> None:
         """Room in every buffer a step writes in place, so that nothing grows while a graph records; and in the
-        stored spans' tables and index for every token the window holds and WINDOW_HEADROOM more, so that the
-        evictions of the next steps rarely grow them (each growth costs an eager step and a capture)."""
+        stored spans' tables and index for the window's tokens (``_reserve_stored``), so that the evictions of the
+        next steps rarely grow them (each growth costs an eager step and a capture)."""
         for memory in self.memories:
             room = memory.window.capacity - memory.window.length
             if room < 1 or room > 2 * WINDOW_HEADROOM:  # a window grown by prefill chunks is packed every step
@@ -213,9 +213,10 @@ class CapturedDecode:
 
     @staticmethod
     def _reserve_stored(memory: SpanMemory) -> None:
-        """Room in the span tables and the index for every token of the window (each may leave, as one span at
-        most) or, when that is short, for WINDOW_HEADROOM tokens more."""
-        leaving = memory.window.length
+        """Room in the span tables and the index for as many tokens as the window can hold before _make_room packs
+        it (each may leave, as one span at most); when that is short, for WINDOW_HEADROOM tokens more. (Not the
+        window's capacity itself, which a reopened session does not share with the saved one.)"""
+        leaving = memory.window.length + 2 * WINDOW_HEADROOM
         tables, index, max_vectors = memory.tables, memory.index, memory.span_config.max_vectors
         if min(tables.room()) < leaving:
             more = leaving + WINDOW_HEADROOM

@@ -210,12 +210,13 @@ def test_the_bundled_model_answers_the_same_through_captured_steps(smollm):
     assert answers[0] == answers[1] and len(answers[0]) > 3
 
 
-@pytest.mark.parametrize("n_tokens", [1200, 3300])
+@pytest.mark.parametrize("n_tokens", [1200, 3000, 3300])
 def test_evictions_while_decoding_keep_the_first_binding(n_tokens):
     """Spans leave the window while decoding. The first step reserves room for them in the span tables and the
     index, and the budget's candidates are rounded up, so no buffer grows and no shape changes: one binding (one
-    eager step), then the same step. Without either, these two texts bind twice (1200: the index had room for one
-    more vector; 3300: a shorter span was stored)."""
+    eager step), then the same step. Without either, these texts bind twice (1200: the index had room for one
+    more vector; 3000: the tables had room for the window's tokens but not for the ones decoded next; 3300: a
+    shorter span was stored)."""
     session = session_for("always")
     session.prefill(torch.randint(0, 256, (n_tokens,), generator=torch.Generator().manual_seed(3)).tolist())
     spans_before = [memory.n_spans for memory in session.cache.memories()]
