@@ -1,10 +1,9 @@
 """Each value repeated by its count, as torch.repeat_interleave(values, counts), without its costs on the host.
 
-On the CPU, torch's repeat_interleave hands even small jobs to its intra-op threads: on 2 busy cores one call
-took 0.05 to 10 ms for a few thousand entries where numpy's repeat took 12 to 400 us (2,400 to 35,000 spans),
-and the H100 machine's prefill profile charged it 0.45 ms a call, 22% of the host's time
-(benchmarks/speed/NOTES.md step 9). On a device it waits for the device to learn the output's length unless
-it is told (output_size).
+On the CPU, torch's repeat_interleave hands even small jobs to its intra-op threads: the H100 machine's prefill
+profile charged it 0.45 ms a call, 22% of the host's time (benchmarks/speed/NOTES.md step 9), where numpy's
+repeat is a plain loop. On a device it waits for the device to learn the output's length unless it is told
+(output_size).
 """
 
 from __future__ import annotations

@@ -106,3 +106,17 @@ def test_merge_takes_the_asked_rows_of_another_call_with_their_runs(e2e, tmp_pat
         e2e.main(
             tiny_args(tmp_path, "--decode-tokens", "8", "--out", str(tmp_path / "x.json"), "--merge", str(settings.out))
         )
+
+
+def test_full_rows_merge_across_ltri_configs_and_ltri_rows_do_not(e2e, tmp_path):
+    """Full attention does not read ltri's config: its rows join a results file made with another one."""
+    theirs = e2e.new_document(e2e.parse_args(tiny_args(tmp_path, "--contexts", "1k", "--ltri-chunk", "128")))
+    theirs["runs"] = [{"command": "other chunk", "copy_gb_s": 1.0}]
+    for method in ("full", "ltri"):
+        e2e.put_row(theirs, {"method": method, "context_len": 1024, "status": "ok", "run": 0})
+    e2e.save_document(theirs, tmp_path / "other.json")
+    e2e.main(tiny_args(tmp_path, "--contexts", "1k", "--only-methods", "full", "--merge", str(tmp_path / "other.json")))
+    merged = json.loads((tmp_path / "e2e.json").read_text())
+    assert [row["method"] for row in merged["rows"]] == ["full"]
+    with pytest.raises(SystemExit, match="other settings"):
+        e2e.main(tiny_args(tmp_path, "--contexts", "1k", "--merge", str(tmp_path / "other.json")))

@@ -904,8 +904,9 @@ def put_row(document: dict, row: dict) -> None:
 
 def merge_rows(document: dict, other: dict, settings: Settings) -> int:
     """Takes other's rows of the asked contexts and methods into document (replacing rows of the same method and
-    context), with the runs that measured them; returns how many. other must hold the same settings."""
-    if other.get("settings") != document["settings"]:
+    context), with the runs that measured them; returns how many. other must hold the same settings (but for
+    ltri's config when only full's rows are taken: full attention does not read it)."""
+    if comparable(other.get("settings"), settings.methods) != comparable(document["settings"], settings.methods):
         raise SystemExit(f"{settings.merge} holds results made with other settings than {settings.out}.")
     wanted = {(m, n) for n in settings.contexts for m in settings.methods}
     taken = [row for row in other["rows"] if (row["method"], row["context_len"]) in wanted]
@@ -914,6 +915,13 @@ def merge_rows(document: dict, other: dict, settings: Settings) -> int:
     for row in taken:
         put_row(document, {**row, "run": row["run"] + runs_before})
     return len(taken)
+
+
+def comparable(settings: dict | None, methods: tuple[str, ...]) -> dict | None:
+    """The settings that rows of these methods depend on."""
+    if settings is None or "ltri" in methods:
+        return settings
+    return {key: value for key, value in settings.items() if key != "ltri_config"}
 
 
 def pending_rows(document: dict, settings: Settings) -> list[tuple[int, str]]:
