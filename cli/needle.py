@@ -33,7 +33,7 @@ def needle(
     budget: Annotated[int, typer.Option("--budget", help=HELP["budget"])] = _RETRIEVAL.budget,
     window: Annotated[int, typer.Option("--window", help=HELP["window"])] = _MEMORY.n_window,
     sink: Annotated[int, typer.Option("--sink", help=HELP["sink"])] = _MEMORY.n_sink,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help=HELP["chunk_size"])] = _LTRI.chunk_size,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help=HELP["chunk_size"])] = _LTRI.chunk_size,
     index_vectors: Annotated[str, typer.Option("--index-vectors", help=HELP["index_vectors"])] = _SPANS.index_vectors,
     query_dims: Annotated[str, typer.Option("--query-dims", help=HELP["query_dims"])] = _RETRIEVAL.query_dims,
     refresh_every: Annotated[

@@ -65,7 +65,7 @@ class ReadingOptions:
         ),
     ] = None
     chunk: Annotated[
-        int | None, typer.Option("--chunk", help=f"Tokens per prefill step (default: {_LTRI.chunk_size}).")
+        int | None, typer.Option("--chunk", help="Tokens per prefill step (default: 2048 on a GPU, 512 on the CPU).")
     ] = None
     positions: Annotated[
         str | None,

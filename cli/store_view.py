@@ -33,7 +33,7 @@ def _config_line(config: dict) -> str:
         f"window {memory.get('n_window')}",
         f"budget {retrieval.get('budget')}",
         f"selector {retrieval.get('selector')}",
-        f"chunk {config.get('chunk_size')}",
+        f"chunk {config.get('chunk_size') or 'default'}",
         f"positions {config.get('position_mode')}",
     ]
     return ", ".join(parts)

@@ -331,7 +331,7 @@ class Session:
         progress: ProgressCallback | None = None,
         all_logits: bool = False,
     ):
-        """Feed raw token ids (n_tokens,), no chat formatting, in chunks of config.chunk_size.
+        """Feed raw token ids (n_tokens,), no chat formatting, in chunks of config.prefill_chunk(device).
 
         Returns the logits (vocab,) of the last position, or (n_tokens, vocab) with all_logits.
         """
@@ -340,8 +340,9 @@ class Session:
         else:
             ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
         pieces, last = [], None
-        for start in range(0, ids.numel(), self.config.chunk_size):
-            chunk = ids[start : start + self.config.chunk_size]
+        chunk_size = self.config.prefill_chunk(self.device)
+        for start in range(0, ids.numel(), chunk_size):
+            chunk = ids[start : start + chunk_size]
             logits = self._forward(chunk, all_logits=all_logits)
             pieces.append(logits)
             last = logits[-1]

@@ -258,7 +258,7 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
     retrieval = config.retrieval
     if args.ltri_refresh_every is not None:
         retrieval = replace(retrieval, refresh_every=args.ltri_refresh_every)
-    chunk = config.chunk_size if args.ltri_chunk is None else args.ltri_chunk
+    chunk = config.prefill_chunk(device) if args.ltri_chunk is None else args.ltri_chunk
     return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk, cuda_graphs=not args.ltri_no_graphs)
 
 

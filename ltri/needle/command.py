@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     add("budget", type=int, default=RetrievalConfig().budget)
     add("window", type=int, default=MemoryConfig().n_window)
     add("sink", type=int, default=MemoryConfig().n_sink)
-    add("chunk_size", type=int, default=LtriConfig().chunk_size)
+    add("chunk_size", type=int, default=LtriConfig().chunk_size)  # None: LtriConfig.prefill_chunk's default
     add("index_vectors", default=SpanConfig().index_vectors)
     add("query_dims", default=RetrievalConfig().query_dims)
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)

@@ -48,7 +48,7 @@ class NeedleRun:
     budget: int = RetrievalConfig().budget
     window: int = MemoryConfig().n_window
     sink: int = MemoryConfig().n_sink
-    chunk_size: int = LtriConfig().chunk_size
+    chunk_size: int | None = LtriConfig().chunk_size
     index_vectors: str = SpanConfig().index_vectors  # the ltri method's; the others set their own
     query_dims: str = RetrievalConfig().query_dims  # likewise
     refresh_every: int = RetrievalConfig().refresh_every  # likewise (infllm and quest keep the default)
@@ -137,7 +137,7 @@ HELP = {
     "budget": "retrieved tokens per layer and step (the sparse methods share it)",
     "window": "local window tokens",
     "sink": "attention-sink tokens",
-    "chunk_size": "tokens per prefill step",
+    "chunk_size": "tokens per prefill step (default: 2048 on a GPU, 512 on the CPU)",
     "index_vectors": "the ltri method's index vectors: keys or bounds",
     "query_dims": "the ltri method's query dimensions: all or long_range",
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
