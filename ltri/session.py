@@ -34,6 +34,7 @@ from ltri.decode_step import DecodeStep
 from ltri.detokenize import IncrementalDetokenizer
 from ltri.errors import LtriError
 from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
+from ltri.host_threads import one_host_thread
 from ltri.model import cache_root, load_model
 from ltri.policies import make_memories
 from ltri.positions import Rotary
@@ -415,10 +416,12 @@ class Session:
     # ---- model -------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, chunk: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """One forward over chunk (q_len,) new token ids; returns logits (q_len or 1, vocab) in float32."""
+        """One forward over chunk (q_len,) new token ids; returns logits (q_len or 1, vocab) in float32. On CUDA the
+        host's bookkeeping runs on one intra-op thread (``ltri.host_threads``)."""
         start = self.cache.tokens_seen
-        logits = self.run_model(chunk, torch.arange(start, start + chunk.numel(), device=self.device), all_logits)
-        self.cache.advance(chunk.numel())
+        with one_host_thread(self.device):
+            logits = self.run_model(chunk, torch.arange(start, start + chunk.numel(), device=self.device), all_logits)
+            self.cache.advance(chunk.numel())
         self.token_ids.extend(chunk.tolist())
         return logits
 
