@@ -211,6 +211,15 @@ class LtriConfig:
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise LtriError(f"chunk_size must be at least 1 token, got {self.chunk_size}.")
+        if self.position_mode not in POSITION_MODES:
+            raise LtriError(f"Unknown position mode {self.position_mode!r}: choose one of {', '.join(POSITION_MODES)}.")
+        if self.retrieval.selector != "none" and self.position_mode == "true":
+            raise LtriError(
+                "Token selection (selector loki or sparq) needs compact or one_angle positions: each KV head keeps "
+                "other tokens, which true positions would rotate differently."
+            )
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise LtriError(f"Unknown dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
 
     def prefill_chunk(self, device) -> int:
         """Tokens per prefill step on device: chunk_size, or by default GPU_CHUNK on CUDA and CPU_CHUNK elsewhere.
@@ -221,15 +230,6 @@ class LtriConfig:
         if self.chunk_size is not None:
             return self.chunk_size
         return GPU_CHUNK if str(device).startswith("cuda") else CPU_CHUNK
-        if self.position_mode not in POSITION_MODES:
-            raise LtriError(f"Unknown position mode {self.position_mode!r}: choose one of {', '.join(POSITION_MODES)}.")
-        if self.retrieval.selector != "none" and self.position_mode == "true":
-            raise LtriError(
-                "Token selection (selector loki or sparq) needs compact or one_angle positions: each KV head keeps "
-                "other tokens, which true positions would rotate differently."
-            )
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise LtriError(f"Unknown dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
 
 
 @dataclass(frozen=True)

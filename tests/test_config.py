@@ -13,3 +13,10 @@ def test_the_prefill_chunk_is_2048_on_cuda_and_512_elsewhere_unless_given():
     )
     with pytest.raises(LtriError, match="chunk_size"):
         LtriConfig(chunk_size=0)
+
+
+def test_the_other_fields_are_still_checked():
+    with pytest.raises(LtriError, match="position mode"):
+        LtriConfig(position_mode="sideways")
+    with pytest.raises(LtriError, match="dtype"):
+        LtriConfig(dtype="int8")
