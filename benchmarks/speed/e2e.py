@@ -14,18 +14,20 @@ values. The context is seeded random token ids. Methods, per context length:
   (--full-chunk tokens per forward, logits of the last position only), then greedy decode one token at a time.
 - ``ltri``: the Session with its default config (policy ``ltri``) except --ltri-* overrides; the span store in
   a new directory under --store-root (default /dev/shm), removed after the row. Prefill with
-  ``Session.prefill`` (raw token ids, in ``chunk_size`` chunks), then greedy decode as ``Session`` does it: the
-  next token from the last logits, fed back through ``Session.prefill([token])`` (the same one-token forward as
-  the session's own decode loop, without detokenizing).
+  ``Session.prefill`` (raw token ids, in chunks of ``LtriConfig.prefill_chunk``), then greedy decode as
+  ``Session`` does it: the next token from the last logits, fed back through ``Session.prefill([token])`` (the
+  same one-token forward as the session's own decode loop, without detokenizing).
 
 Each row: prefill tokens/s and seconds, decode tokens/s and ms per token (mean, median, first step), peak GPU
 memory (``torch.cuda.max_memory_allocated``, reset per row: weights included), resident tokens and their KV
 bytes, and the decode floor: the bytes one decode step must read (weights except the embedding table, plus the
 resident KV of every layer) divided by the copy bandwidth measured in the same run. ltri rows add the span
-count, the store's payload and on-disk size, the file system it lives on, the index size and the span cache's
-hits and misses during decode. status: ``ok``; ``oom`` (torch.OutOfMemoryError, memory freed, the run goes
-on); ``no_space`` (the store root has less free space than the spans need: not attempted); ``store_error``
-(ltri refused, e.g. the store filled up); ``cut_off`` (an earlier command ended during this row).
+count, the store's payload and on-disk size, the file system it lives on, the index size, the span cache's
+hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
+declined) and what made it bind anew, and per step: its time, the process's CPU time (every thread), page faults
+and garbage collection time (``decode_*_steps``). status: ``ok``; ``oom`` (torch.OutOfMemoryError, memory
+freed, the run goes on); ``no_space`` (the store root has less free space than the spans need: not attempted);
+``store_error`` (ltri refused, e.g. the store filled up); ``cut_off`` (an earlier command ended during this row).
 
 The results file is append-only and resumable: every row is written as soon as it ends (and marked ``started``
 before), rows already there are skipped (--redo measures them again), and each command is recorded under
@@ -33,7 +35,7 @@ before), rows already there are skipped (--redo measures them again), and each c
 be split over commands of a few minutes each with --contexts and --only-methods; rows measured into another file
 with the same settings (another device call) join this one with --merge (they keep the run that measured them).
 The settings (shape, dtype, decode tokens, chunking, ltri config, seed) must match the file's, else the script
-refuses.
+refuses; ``full`` rows alone may come from a file with another ltri config, which they do not read.
 
 --profile: after the timed ltri decode, --profile-steps more steps under torch.profiler (ops by self device
 and CPU time, and ltri's phases: resident set, retrieval, span loading, store reads, index search, attention,
