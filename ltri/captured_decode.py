@@ -217,13 +217,12 @@ class CapturedDecode:
         it (each may leave, as one span at most); when that is short, for WINDOW_HEADROOM tokens more. (Not the
         window's capacity itself, which a reopened session does not share with the saved one.)"""
         leaving = memory.window.length + 2 * WINDOW_HEADROOM
+        more = leaving + WINDOW_HEADROOM
         tables, index, max_vectors = memory.tables, memory.index, memory.span_config.max_vectors
         if min(tables.room()) < leaving:
-            more = leaving + WINDOW_HEADROOM
             tables.reserve(tables.n_spans + more, tables.n_rows + more)
         span_room, vector_room = index.room()
         if span_room < leaving or vector_room < leaving * max_vectors:
-            more = leaving + WINDOW_HEADROOM
             index.reserve(index.n_spans + more, index.n_vectors + more * max_vectors)
 
     def _note_rebind(self, signature: tuple) -> None:

@@ -559,7 +559,7 @@ def fixed_segmentation(n: int, length: int, device) -> Segmentation:
 def span_means(keys: torch.Tensor, segmentation: Segmentation) -> torch.Tensor:
     """Mean key of each span: keys (nheads_kv, n, headdim) -> (nheads_kv, n_spans, headdim)."""
     lengths = segmentation.ends - segmentation.starts
-    owner = repeat_by_counts(None, lengths.to(keys.device), keys.shape[1])
+    owner = repeat_by_counts(None, lengths, keys.shape[1])  # lengths are on the keys' device
     sums = torch.zeros(keys.shape[0], lengths.numel(), keys.shape[2], dtype=torch.float32, device=keys.device)
     sums.index_add_(1, owner, keys.float())
     return (sums / lengths[None, :, None]).to(keys.dtype)

@@ -77,7 +77,7 @@ def top_attended_keys(
     inside = offsets < lengths[:, None]
     padded = received[:, tokens.clamp(max=n - 1)].masked_fill(~inside, float("-inf"))  # (nheads_kv, n_spans, width)
     best = torch.topk(padded, k, dim=2).indices  # (nheads_kv, n_spans, k) offsets, most attended first
-    span_of_vector = repeat_by_counts(None, counts.to(keys.device), total)  # (total,)
+    span_of_vector = repeat_by_counts(None, counts, total)  # (total,) counts are on the keys' device
     rank = torch.arange(total, device=keys.device) - (counts.cumsum(0) - counts)[span_of_vector]  # within its span
     picked = starts[span_of_vector] + best[:, span_of_vector, rank]  # (nheads_kv, total) token indices
     vectors = keys.gather(1, picked[..., None].expand(-1, -1, headdim))

@@ -502,14 +502,14 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
     synchronize(device)
     prefill_s = time.perf_counter() - start
     hits, misses = span_cache_counts(session)
-    steps_before, rebinds_before = captured_steps(session), rebinds(session)
+    captured_before = captured_counts(session)
     host = HostWatch()
     try:
         step_s, logits = timed_decode(session.prefill, logits, settings.decode_tokens, device, progress, host)
     finally:
         host.close()
     hits_after, misses_after = span_cache_counts(session)
-    steps_after = captured_steps(session)
+    captured_after = captured_counts(session)
     stats = session.stats()
     fields = {
         **speed_fields(ids.numel(), prefill_s, step_s),
@@ -521,8 +521,8 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "index_gb": index_bytes(session) / 1e9,
         "decode_span_cache_hits": hits_after - hits,
         "decode_span_cache_misses": misses_after - misses,
-        "decode_captured_steps": {key: steps_after[key] - steps_before.get(key, 0) for key in steps_after},
-        "decode_rebinds": {key: count - rebinds_before.get(key, 0) for key, count in rebinds(session).items()},
+        "decode_captured_steps": counts_since(captured_before["steps"], captured_after["steps"]),
+        "decode_rebinds": counts_since(captured_before["rebinds"], captured_after["rebinds"]),
         **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
@@ -541,16 +541,15 @@ def span_cache_counts(session: Session) -> tuple[int, int]:
     return sum(cache.hits for cache in caches), sum(cache.misses for cache in caches)
 
 
-def captured_steps(session: Session) -> dict:
-    """How the session's decode steps went through ltri.captured_decode so far (bound, replayed, eager, declined)."""
+def captured_counts(session: Session) -> dict[str, dict[str, int]]:
+    """The session's ltri.captured_decode counters so far: ``steps`` (how decode steps went: bound, replayed, eager,
+    declined) and ``rebinds`` (what made a captured step bind anew)."""
     captured = session._captured
-    return {} if captured is None else dict(captured.steps)
+    return {name: {} if captured is None else dict(getattr(captured, name)) for name in ("steps", "rebinds")}
 
 
-def rebinds(session: Session) -> dict:
-    """What made the session's captured decode steps bind anew so far: signature part -> times."""
-    captured = session._captured
-    return {} if captured is None else dict(captured.rebinds)
+def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: count - before.get(key, 0) for key, count in after.items()}
 
 
 def host_payload_bytes(session: Session) -> int:
