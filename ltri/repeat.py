@@ -1,9 +1,9 @@
 """Each value repeated by its count, as torch.repeat_interleave(values, counts), without its costs on the host.
 
-On the CPU, torch's repeat_interleave hands even small jobs to its intra-op threads: the H100 machine's prefill
-profile charged it 0.45 ms a call, 22% of the host's time (benchmarks/speed/NOTES.md step 9), where numpy's
-repeat is a plain loop. On a device it waits for the device to learn the output's length unless it is told
-(output_size).
+On the CPU, torch's repeat_interleave hands its work to the intra-op threads: the H100 machine's prefill profile
+charged it 0.45 ms a call, 22% of the host's time, and on 2 idle cores it took 1.4 to 3.6 times numpy's one-thread
+repeat (benchmarks/speed/NOTES.md step 9, results/host_ops_cpu.json). On a device it waits for the device to learn
+the output's length unless it is told (output_size).
 """
 
 from __future__ import annotations
