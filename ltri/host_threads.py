@@ -3,8 +3,9 @@
 On CUDA the host's part of a forward is bookkeeping over small tensors: span ids, lengths, slot tables, a few
 entries per span of a layer. Past torch's grain size (32,768 entries; a layer's span tables pass it near 512K
 tokens, about 35K spans) torch spreads such an op over every intra-op thread, which then spin waiting for the
-next. While decoding at 512K tokens on the H100 machine's 32 cores the process used 0.2 to 3.9 s of CPU time
-per 28 to 128 ms step, where at 128K it used two threads' worth, and its steps stalled irregularly
+next. While decoding at 512K tokens on the H100 machine's 32 cores the process used a median of 27 cores' worth
+of CPU time per step (up to 3.9 s in a 128 ms step), where at 128K it used two threads' worth, and its steps
+stalled irregularly
 (benchmarks/speed/NOTES.md step 9; that this is the cause is not measured yet). On a CPU the forward's own
 compute wants the threads: nothing changes there.
 
