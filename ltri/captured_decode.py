@@ -38,6 +38,10 @@ from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
 
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
+# Decode steps' tokens a binding reserves room for in the stored spans' tables and index, past the window's own:
+# a room that happens to be just enough when the step binds would otherwise run out a few steps later in one of
+# 32 layers, and cost a second binding (NOTES.md step 10).
+BIND_SLACK = 1024
 
 
 # What a step's signature holds per layer, in order (CapturedDecode._signature), to say what made a rebind.
@@ -154,6 +158,9 @@ class CapturedDecode:
             return None
         self._make_room()
         signature = self._signature()
+        if signature != self.signature:  # binding anyway: room for the steps to come costs no extra binding now
+            self._make_room(slack=BIND_SLACK)
+            signature = self._signature()
         self._write_counts()
         self.token.copy_(token.view(1, 1))
         if signature != self.signature:
@@ -198,25 +205,25 @@ class CapturedDecode:
             for index, memory in enumerate(self.memories)
         ]
 
-    def _make_room(self) -> None:
+    def _make_room(self, slack: int = 0) -> None:
         """Room in every buffer a step writes in place, so that nothing grows while a graph records; and in the
-        stored spans' tables and index for the window's tokens (``_reserve_stored``), so that the evictions of the
-        next steps rarely grow them (each growth costs an eager step and a capture)."""
+        stored spans' tables and index for the window's tokens and slack tokens more (``_reserve_stored``), so
+        that the evictions of the next steps rarely grow them (each growth costs an eager step and a capture)."""
         for memory in self.memories:
             room = memory.window.capacity - memory.window.length
             if room < 1 or room > 2 * WINDOW_HEADROOM:  # a window grown by prefill chunks is packed every step
                 memory.window.resize(memory.window.length + WINDOW_HEADROOM)
-            self._reserve_stored(memory)
+            self._reserve_stored(memory, slack)
             memory.persistence.reserve(memory.tables.span_capacity + 1, self.device)
             if memory.shared is not None:
                 memory.shared.reserve(memory.sinks.length + memory.tables.owner.numel(), self.device)
 
     @staticmethod
-    def _reserve_stored(memory: SpanMemory) -> None:
+    def _reserve_stored(memory: SpanMemory, slack: int) -> None:
         """Room in the span tables and the index for as many tokens as the window can hold before _make_room packs
-        it (each may leave, as one span at most); when that is short, for WINDOW_HEADROOM tokens more. (Not the
-        window's capacity itself, which a reopened session does not share with the saved one.)"""
-        leaving = memory.window.length + 2 * WINDOW_HEADROOM
+        it (each may leave, as one span at most), and slack tokens more; when that is short, for WINDOW_HEADROOM
+        tokens more. (Not the window's capacity itself, which a reopened session does not share with the saved one.)"""
+        leaving = memory.window.length + 2 * WINDOW_HEADROOM + slack
         more = leaving + WINDOW_HEADROOM
         tables, index, max_vectors = memory.tables, memory.index, memory.span_config.max_vectors
         if min(tables.room()) < leaving:

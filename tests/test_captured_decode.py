@@ -13,7 +13,7 @@ from captured_sessions import TEXT, decode, session_for
 from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
-from ltri.captured_decode import CapturedDecode
+from ltri.captured_decode import WINDOW_HEADROOM, CapturedDecode
 from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
@@ -241,3 +241,26 @@ def test_a_rebind_says_what_changed():
     assert captured.steps["bound"] == 2
     assert {"span lengths", "span first rows", "row owners"} <= set(captured.rebinds)
     assert captured.rebinds["span lengths"] == 1 and "window keys" not in captured.rebinds
+
+
+def test_a_binding_leaves_room_for_the_steps_that_follow(monkeypatch):
+    """The worst case a prefill can leave: room in the stored spans' tables and index just enough for the window's
+    tokens when the step binds (buffers grown by exactly what is needed). The window then grows by a token, the
+    room is short, and without slack the step was bound again at once. The binding reserves BIND_SLACK tokens
+    more, so in hundreds of steps no buffer of the stored spans grows."""
+    exact = lambda capacity, needed, minimum=0: max(needed, minimum)  # noqa: E731
+    for module in ("ltri.growth", "ltri.span_tables", "ltri.index.torch_index"):
+        monkeypatch.setattr(f"{module}.grown_capacity", exact)
+    session = session_for("always")
+    session.prefill(TEXT)
+    for memory in session.cache.memories():
+        leaving = memory.window.length + 2 * WINDOW_HEADROOM
+        memory.tables.reserve(memory.tables.n_spans + leaving, memory.tables.n_rows + leaving)
+        memory.index.reserve(
+            memory.index.n_spans + leaving, memory.index.n_vectors + leaving * memory.span_config.max_vectors
+        )
+    token = 65
+    for _ in range(300):
+        token = int(session.prefill([token])[-1].argmax())
+    grown = {"span lengths", "span first rows", "row owners", "index vectors", "index slot firsts", "persistence"}
+    assert session._captured.steps["declined"] == 0 and not grown & set(session._captured.rebinds)
