@@ -54,6 +54,9 @@ class LayerMemory(ABC):
     def end_forward(self) -> None:  # noqa: B027 - most policies have nothing to finish
         """Called when a forward has passed every layer: finish work the layers do together."""
 
+    def store_deferred(self) -> None:  # noqa: B027 - most policies store nothing
+        """Write to the span store what only memory holds (a save needs it there)."""
+
     def wants_chunk_attention(self, q_len: int) -> bool:
         """Whether append needs the chunk's self-attention (span segmentation reads it)."""
         return False

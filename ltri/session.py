@@ -193,6 +193,9 @@ class Session:
             target.mkdir(parents=True, exist_ok=True)
             write_meta(target, self._meta(complete=False))
         if self.store is not None:
+            for memory in self.cache.memories():
+                memory.end_forward()
+                memory.store_deferred()
             self.store.flush()
             if not in_place:
                 self.store.copy_to(target / SPANS_DIR)

@@ -8,6 +8,10 @@ are cut into plain spans later. When tokens leave the window, their spans' paylo
 store (LMDB) and the GPU span cache, and their index vectors to the layer's span index. Each chunk
 or decode step then retrieves spans by its queries (``ltri.retrieval``).
 
+Where the layer keeps its stored tokens in host rows (``MemoryConfig.host_payloads``), the rows are the payloads'
+only copy until a save asks for the store (``store_deferred``), or the host runs short and the rows are dropped:
+reading a text then writes nothing to the store, and takes no second copy of it in host memory or on disk.
+
 Shapes: keys, values (1, nheads_kv, seqlen, headdim) pre-RoPE; a span payload is
 (2, nheads_kv, span_len, headdim) (keys then values) in the model dtype.
 """
@@ -69,6 +73,7 @@ class SpanMemory(LayerMemory):
         self._waiting_cut = False  # this layer's chunk waits in deferred to be cut
         self.tables: SpanTables | None = None  # the stored spans' lengths and rows on the device
         self.host_payloads: HostPayloads | None = None  # the stored tokens in pinned host memory (MemoryConfig)
+        self.n_in_store = 0  # spans [0, n_in_store) are in the span store; later ones only in the host rows
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
         self.n_unsegmented = 0  # tokens at the end of the window not cut into spans yet
@@ -338,15 +343,17 @@ class SpanMemory(LayerMemory):
         span_ids = torch.arange(self.n_spans, self.n_spans + n_leaving)
         # The window holds consecutive text positions after the sinks and the stored spans: no device read.
         starts = self.window_start + torch.cumsum(lengths, dim=0) - lengths  # before the tables count them
-        pieces = span_payloads(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens], lengths)
-        self.store.put_spans(self.layer, span_ids.tolist(), pieces)
+        keys, values = self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens]
+        pieces = span_payloads(keys, values, lengths)
         self._ensure_index_and_cache(vectors, pieces[0].device)
         self.cache.put_block(span_ids.tolist(), pieces)
         self.index.add(vectors, span_ids[owner])  # host ids: the index keeps its slot tables on the host
         self.tables.extend(lengths)
-        self._keep_on_host(self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens])
         self.span_starts = torch.cat([self.span_starts, starts])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
+        if not self._keep_on_host(keys, values):
+            self.store.put_spans(self.layer, span_ids.tolist(), pieces)
+            self.n_in_store = self.n_spans
         self.window.keep(0, self.window.length - n_tokens)
 
     def _ensure_index_and_cache(self, vectors: torch.Tensor, device) -> None:
@@ -357,7 +364,7 @@ class SpanMemory(LayerMemory):
             dtype = vector_dtype(self.dtype, device)
             self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device, dtype)
         if self.cache is None:
-            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+            self.cache = SpanCache(self, self.layer, self.cache_bytes, device)
         if self.tables is None:
             self.tables = SpanTables(device)
             self.host_payloads = self._new_host_payloads(device)
@@ -370,20 +377,60 @@ class SpanMemory(LayerMemory):
         nheads_kv, headdim = self.kv_shape
         return HostPayloads(nheads_kv, headdim, self.dtype, device)
 
-    def _keep_on_host(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """The leaving tokens (nheads_kv, n, headdim) join the host rows; when the host runs short the rows are
-        dropped for good, and decode steps read spans through the span cache."""
+    def _keep_on_host(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """The leaving tokens (nheads_kv, n, headdim) join the host rows: True when the rows took them. When the
+        host runs short the rows are dropped for good, once the spans only they hold are in the store; decode
+        steps then read spans through the span cache, and the store takes every new span."""
         if self.host_payloads is None:
-            return
+            return False
         try:
             if self.host_rows.on:
                 self.host_payloads.append(keys, values)
+                return True
         except HostMemoryShort as short:
             warnings.warn(f"stored tokens no longer kept in host memory ({short})", stacklevel=2)
             self.host_rows.on = False
-        if not self.host_rows.on:
-            self.host_payloads.close()
-            self.host_payloads = None
+        self.store_deferred()
+        self.host_payloads.close()
+        self.host_payloads = None
+        return False
+
+    def store_deferred(self) -> None:
+        """Write to the span store the spans only the host rows hold (a save needs every span there)."""
+        rows = self.host_payloads
+        if rows is None:
+            return
+        ends = torch.cumsum(self.span_lengths, 0)  # (n_spans,) each span's end row
+        in_rows = int(torch.searchsorted(ends, rows.length, right=True))
+        if in_rows <= self.n_in_store:
+            return
+        if rows.device.type == "cuda":
+            torch.cuda.synchronize(rows.device)  # the rows are filled by copies the device may still run
+        for batch in torch.arange(self.n_in_store, in_rows).split(HOST_FILL_SPANS):
+            lengths = self.span_lengths[batch]
+            first, last = int(ends[batch[0]] - lengths[0]), int(ends[batch[-1]])
+            block = rows.tokens[first:last]  # (n, 2, nheads_kv, headdim)
+            pieces = span_payloads(block[:, 0].transpose(0, 1), block[:, 1].transpose(0, 1), lengths)
+            self.store.put_spans(self.layer, batch.tolist(), pieces)
+        self.n_in_store = in_rows
+
+    def read_spans(
+        self, layer: int, span_ids: list[int], shapes: list[tuple[int, ...]], dtype: torch.dtype, device
+    ) -> list[torch.Tensor]:
+        """Where the span cache reads the payloads it misses (the span store's signature): the host rows while
+        they are kept (they hold every stored span, some only there), else the store. One gather on the device."""
+        rows = self.host_payloads
+        if rows is None:
+            return self.store.read_spans(layer, span_ids, shapes, dtype, device)
+        ids = torch.as_tensor(span_ids, dtype=torch.long)
+        lengths = self.span_lengths[ids]
+        first_rows = (torch.cumsum(self.span_lengths, 0) - self.span_lengths)[ids]
+        n = int(lengths.sum())
+        index = repeat_by_counts(first_rows - (torch.cumsum(lengths, 0) - lengths), lengths, n) + torch.arange(n)
+        view = rows.device_view()
+        gathered = view.index_select(0, index.to(view.device, non_blocking=True))  # (n, 2, nheads_kv, headdim)
+        pieces = span_payloads(gathered[:, 0].transpose(0, 1), gathered[:, 1].transpose(0, 1), lengths)
+        return [piece.to(device=device, dtype=dtype) for piece in pieces]
 
     # ---- retrieval ---------------------------------------------------------------------------
     def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -494,9 +541,10 @@ class SpanMemory(LayerMemory):
         if state["index"] is not None:
             dtype = vector_dtype(self.dtype, device)
             self.index = index_from_state(self.retrieval_config.backend, state["index"], device, dtype)
-            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
+            self.cache = SpanCache(self, self.layer, self.cache_bytes, device)
             self.tables = SpanTables(device)
             self.tables.extend(self.span_lengths)
+            self.n_in_store = self.n_spans  # a saved store holds every span
             self.host_payloads = self._new_host_payloads(device)
             self._fill_host_rows()
 

@@ -76,12 +76,19 @@ def test_span_token_rows_lists_each_chosen_spans_rows_in_order():
     assert int(count) == 5 and rows.tolist() == [0, 1, 2, 5, 6]
 
 
-def test_host_rows_hold_what_left_the_window():
+def test_host_rows_hold_what_left_the_window_and_a_save_writes_it_to_the_store():
+    """The host rows are the stored tokens' only copy while reading; a save writes them to the span store."""
     session = session_for("always")
     session.prefill(TEXT)
+    assert session.stats().store_bytes == 0
+    session.save()
+    assert (
+        session.stats().store_bytes == sum(memory.tables.n_rows for memory in session.cache.memories()) * 2 * 2 * 16 * 4
+    )
     for memory in session.cache.memories():
         rows = memory.host_payloads
         assert rows.length == memory.tables.n_rows == int(memory.span_lengths.sum())
+        assert memory.n_in_store == memory.n_spans
         span = memory.n_spans // 2
         start, length = int(memory.span_starts[span]), int(memory.span_lengths[span])
         payload = memory.store.read_spans(memory.layer, [span], [(2, 2, length, 16)], torch.float32, "cpu")[0]
@@ -145,6 +152,7 @@ def test_host_rows_across_many_registrations_read_back_on_the_gpu(monkeypatch):
 
 
 def test_when_one_layer_runs_short_of_host_memory_every_layer_drops_its_rows(monkeypatch):
+    """Once the spans only the rows held are in the span store; answers stay those of a session without rows."""
     session = session_for("always")
     session.prefill(TEXT[:400])
     memories = session.cache.memories()
@@ -161,6 +169,12 @@ def test_when_one_layer_runs_short_of_host_memory_every_layer_drops_its_rows(mon
     reference.prefill(TEXT[:400])  # fed in the same pieces: the same chunks, the same spans
     reference.prefill(TEXT[400:])
     assert torch.allclose(session.prefill([5]), reference.prefill([5]), atol=1e-5)  # eager steps, same answer
+    for memory, kept in zip(memories, reference.cache.memories(), strict=True):  # nothing only the rows held is lost
+        assert memory.n_in_store == memory.n_spans == kept.n_spans
+        shapes = [(2, 2, int(length), 16) for length in kept.span_lengths]
+        ids = list(range(kept.n_spans))
+        stored = memory.store.read_spans(memory.layer, ids, shapes, torch.float32, "cpu")
+        assert all(map(torch.equal, stored, kept.store.read_spans(kept.layer, ids, shapes, torch.float32, "cpu")))
 
 
 def test_the_window_is_packed_from_a_buffer_sized_to_it_not_to_the_prefill_chunks():

@@ -120,3 +120,12 @@ def test_full_rows_merge_across_ltri_configs_and_ltri_rows_do_not(e2e, tmp_path)
     assert [row["method"] for row in merged["rows"]] == ["full"]
     with pytest.raises(SystemExit, match="other settings"):
         e2e.main(tiny_args(tmp_path, "--contexts", "1k", "--merge", str(tmp_path / "other.json")))
+
+
+@pytest.mark.parametrize(
+    "extra, kept", [((), False), (("--ltri-host-payloads", "always"), True), (("--device", "cuda"), True)]
+)
+def test_the_store_needs_no_room_while_host_rows_hold_the_payloads(e2e, tmp_path, extra, kept):
+    """A row is refused for want of store space only when the payloads would go to the store while reading."""
+    settings = e2e.parse_args([*tiny_args(tmp_path), *extra])
+    assert e2e.keeps_host_rows(settings) == kept

@@ -13,7 +13,8 @@ values. The context is seeded random token ids. Methods, per context length:
 - ``full``: what users have today. Transformers' own sdpa attention and DynamicCache, chunked prefill
   (--full-chunk tokens per forward, logits of the last position only), then greedy decode one token at a time.
 - ``ltri``: the Session with its default config (policy ``ltri``) except --ltri-* overrides; the span store in
-  a new directory under --store-root (default /dev/shm), removed after the row. Prefill with
+  a new directory under --store-root (default /dev/shm), removed after the row; where ltri keeps host rows
+  (on CUDA by default) they are the payloads' only copy and the store stays empty. Prefill with
   ``Session.prefill`` (raw token ids, in chunks of ``LtriConfig.prefill_chunk``), then greedy decode as
   ``Session`` does it: the next token from the last logits, fed back through ``Session.prefill([token])`` (the
   same one-token forward as the session's own decode loop, without detokenizing).
@@ -475,7 +476,7 @@ def run_full(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
 def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -> dict:
     """The ltri Session: prefill of the ids, then greedy decode through Session.prefill([token])."""
     space = store_space(settings, ids.numel())
-    if space["store_free_gb"] < space["store_needed_gb"]:
+    if not keeps_host_rows(settings) and space["store_free_gb"] < space["store_needed_gb"]:
         return {"status": "no_space", **space}
     store = settings.store_root / f"ltri-e2e-{os.getpid()}-{ids.numel()}"
     session = None
@@ -562,8 +563,16 @@ def index_bytes(session: Session) -> int:
     return sum(index.vector_nbytes() for index in indexes if index is not None)
 
 
+def keeps_host_rows(settings: Settings) -> bool:
+    """Whether ltri keeps the stored tokens in host rows (MemoryConfig.host_payloads), their only copy while it
+    reads: the store then takes the payloads only if the host runs short (or at a save, which this script skips)."""
+    wanted = settings.ltri.memory.host_payloads
+    return wanted == "always" or (wanted == "cuda" and torch.device(settings.device).type == "cuda")
+
+
 def store_space(settings: Settings, n_tokens: int) -> dict:
-    """Free space at the store root against what the spans of n_tokens need (estimate)."""
+    """Free space at the store root against what the spans of n_tokens need there (estimate; with host rows,
+    what a save or a host running short would need)."""
     settings.store_root.mkdir(parents=True, exist_ok=True)
     memory = settings.ltri.memory
     stored_tokens = max(0, n_tokens - memory.n_sink - memory.n_window)
