@@ -42,6 +42,9 @@ from ltri.token_buffer import TokenBuffer
 from ltri.token_selection import TokenSelector, fit_basis
 
 HOST_FILL_SPANS = 4096  # spans read per batch when a reopened store's tokens go back into host rows
+# Spans written per batch when the host rows' spans go to the store: the store's writer queues up to 64 batches,
+# about 4 GB for a Llama-3-8B layer's spans of 15 tokens.
+STORE_BATCH_SPANS = 1024
 
 
 class SpanMemory(LayerMemory):
@@ -406,7 +409,7 @@ class SpanMemory(LayerMemory):
             return
         if rows.device.type == "cuda":
             torch.cuda.synchronize(rows.device)  # the rows are filled by copies the device may still run
-        for batch in torch.arange(self.n_in_store, in_rows).split(HOST_FILL_SPANS):
+        for batch in torch.arange(self.n_in_store, in_rows).split(STORE_BATCH_SPANS):
             lengths = self.span_lengths[batch]
             first, last = int(ends[batch[0]] - lengths[0]), int(ends[batch[-1]])
             block = rows.tokens[first:last]  # (n, 2, nheads_kv, headdim)

@@ -76,24 +76,28 @@ def test_span_token_rows_lists_each_chosen_spans_rows_in_order():
     assert int(count) == 5 and rows.tolist() == [0, 1, 2, 5, 6]
 
 
-def test_host_rows_hold_what_left_the_window_and_a_save_writes_it_to_the_store():
-    """The host rows are the stored tokens' only copy while reading; a save writes them to the span store."""
+def test_host_rows_hold_what_left_the_window_and_a_save_writes_it_to_the_store(monkeypatch):
+    """The host rows are the stored tokens' only copy while reading; a save writes them to the span store (in
+    batches of 7 spans here), and the span cache reads the same payloads from either."""
+    monkeypatch.setattr("ltri.span_memory.STORE_BATCH_SPANS", 7)
     session = session_for("always")
     session.prefill(TEXT)
     assert session.stats().store_bytes == 0
     session.save()
-    assert (
-        session.stats().store_bytes == sum(memory.tables.n_rows for memory in session.cache.memories()) * 2 * 2 * 16 * 4
-    )
+    n_rows = sum(memory.tables.n_rows for memory in session.cache.memories())
+    assert session.stats().store_bytes == n_rows * 2 * 2 * 16 * 4  # keys and values, 2 KV heads, head dim 16, f32
     for memory in session.cache.memories():
         rows = memory.host_payloads
         assert rows.length == memory.tables.n_rows == int(memory.span_lengths.sum())
-        assert memory.n_in_store == memory.n_spans
-        span = memory.n_spans // 2
-        start, length = int(memory.span_starts[span]), int(memory.span_lengths[span])
-        payload = memory.store.read_spans(memory.layer, [span], [(2, 2, length, 16)], torch.float32, "cpu")[0]
-        first = start - memory.sinks.length
-        assert torch.equal(rows.tokens[first : first + length].permute(1, 2, 0, 3), payload)
+        assert memory.n_in_store == memory.n_spans > 7
+        shapes = [(2, 2, int(length), 16) for length in memory.span_lengths]
+        ids = list(range(memory.n_spans))
+        stored = memory.store.read_spans(memory.layer, ids, shapes, torch.float32, "cpu")
+        from_rows = memory.read_spans(memory.layer, ids[::-1], shapes[::-1], torch.float32, "cpu")[::-1]
+        for span, payload, read in zip(ids, stored, from_rows, strict=True):
+            first = int(memory.span_starts[span]) - memory.sinks.length
+            expected = rows.tokens[first : first + payload.shape[2]].permute(1, 2, 0, 3)
+            assert torch.equal(payload, expected) and torch.equal(read, expected)
 
 
 def test_host_rows_need_no_copy_to_grow():
