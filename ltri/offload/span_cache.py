@@ -4,20 +4,28 @@ Eviction runs at the end of every get() and put_block() and never evicts the spa
 inserted. So a request larger than the budget is still served whole, and the cache then holds it,
 over budget, until a later call evicts it: those are the tensors the caller has just received, so
 keeping them costs no memory the caller does not already hold.
+
+Misses are read from the store given, anything with the span store's read_spans: the span store itself, or a
+layer's memory, which reads its host rows while it keeps them (``SpanMemory.read_spans``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from typing import Protocol
 
 import torch
 
-from ltri.offload.span_store import SpanStore
+
+class PayloadSource(Protocol):
+    def read_spans(
+        self, layer: int, span_ids: Sequence[int], shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device
+    ) -> list[torch.Tensor]: ...
 
 
 class SpanCache:
-    def __init__(self, store: SpanStore, layer: int, byte_budget: int, device: torch.device | str) -> None:
+    def __init__(self, store: PayloadSource, layer: int, byte_budget: int, device: torch.device | str) -> None:
         if byte_budget < 0:
             raise ValueError(f"byte_budget must be >= 0, got {byte_budget}")
         self.store = store
