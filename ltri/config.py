@@ -30,10 +30,11 @@ class MemoryConfig:
     n_window: most recent tokens kept (the local window). 512 by default: with 512 retrieved tokens the
         bundled 135M model reads about 1.1K resident tokens, and answers the needle benchmark far better
         than with 2048 of each (benchmarks/needle/README.md); larger models may want more.
-    host_payloads: where the ``ltri`` policy also keeps its stored tokens in pinned host memory, which the GPU
+    host_payloads: where the ``ltri`` policy keeps its stored tokens in pinned host memory, which the GPU
         reads in place, so that a whole decode step runs as one CUDA graph (``ltri.captured_decode``):
-        ``cuda`` on CUDA devices, ``always`` (on a CPU too: the same code runs eagerly), ``never``. The copy
-        is dropped, and decode steps go back to the span cache, when host memory runs short.
+        ``cuda`` on CUDA devices, ``always`` (on a CPU too: the same code runs eagerly), ``never``. These rows
+        are the tokens' only copy until a save writes them to the span store; when host memory runs short they
+        are written there and dropped, and decode steps go back to the span cache.
     """
 
     policy: str = "ltri"
@@ -50,6 +51,11 @@ class MemoryConfig:
             raise LtriError(f"n_window must be at least 1 token, got {self.n_window}.")
         if self.host_payloads not in HOST_PAYLOADS:
             raise LtriError(f"Unknown host_payloads {self.host_payloads!r}: choose one of {', '.join(HOST_PAYLOADS)}.")
+
+    def keeps_host_rows(self, device) -> bool:
+        """Whether the ``ltri`` policy keeps its stored tokens in host rows on device (host_payloads); while it
+        does they are their only copy, and the span store gets them at a save."""
+        return self.host_payloads == "always" or (self.host_payloads == "cuda" and str(device).startswith("cuda"))
 
 
 @dataclass(frozen=True)

@@ -20,3 +20,10 @@ def repeat_by_counts(values: torch.Tensor | None, counts: torch.Tensor, total: i
     if counts.device.type == "cpu":
         return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
     return torch.repeat_interleave(values, counts, output_size=total)
+
+
+def concatenated_ranges(starts: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """starts, counts (n,) int64 on the CPU, counts summing to total -> (total,): the ranges
+    [starts[i], starts[i] + counts[i]) one after another."""
+    firsts = torch.cumsum(counts, 0) - counts  # where each range begins in the output
+    return repeat_by_counts(starts - firsts, counts, total) + torch.arange(total)

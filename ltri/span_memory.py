@@ -32,7 +32,7 @@ from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
 from ltri.positions import Layout
-from ltri.repeat import repeat_by_counts
+from ltri.repeat import concatenated_ranges, repeat_by_counts
 from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
 from ltri.shared_votes import SharedVotes
 from ltri.span_tables import SpanTables
@@ -374,8 +374,7 @@ class SpanMemory(LayerMemory):
 
     def _new_host_payloads(self, device) -> HostPayloads | None:
         """Pinned host rows for the stored tokens, where MemoryConfig.host_payloads asks for them (a new memory's)."""
-        wanted = self.memory_config.host_payloads
-        if not self.host_rows.on or wanted == "never" or (wanted == "cuda" and torch.device(device).type != "cuda"):
+        if not self.host_rows.on or not self.memory_config.keeps_host_rows(device):
             return None
         nheads_kv, headdim = self.kv_shape
         return HostPayloads(nheads_kv, headdim, self.dtype, device)
@@ -403,7 +402,7 @@ class SpanMemory(LayerMemory):
         rows = self.host_payloads
         if rows is None:
             return
-        ends = torch.cumsum(self.span_lengths, 0)  # (n_spans,) each span's end row
+        ends = self.span_starts - self.sinks.length + self.span_lengths  # (n_spans,) each span's end row
         in_rows = int(torch.searchsorted(ends, rows.length, right=True))
         if in_rows <= self.n_in_store:
             return
@@ -427,9 +426,7 @@ class SpanMemory(LayerMemory):
             return self.store.read_spans(layer, span_ids, shapes, dtype, device)
         ids = torch.as_tensor(span_ids, dtype=torch.long)
         lengths = self.span_lengths[ids]
-        first_rows = (torch.cumsum(self.span_lengths, 0) - self.span_lengths)[ids]
-        n = int(lengths.sum())
-        index = repeat_by_counts(first_rows - (torch.cumsum(lengths, 0) - lengths), lengths, n) + torch.arange(n)
+        index = concatenated_ranges(self.span_starts[ids] - self.sinks.length, lengths, int(lengths.sum()))
         view = rows.device_view()
         gathered = view.index_select(0, index.to(view.device, non_blocking=True))  # (n, 2, nheads_kv, headdim)
         pieces = span_payloads(gathered[:, 0].transpose(0, 1), gathered[:, 1].transpose(0, 1), lengths)
@@ -501,9 +498,7 @@ class SpanMemory(LayerMemory):
             return empty, empty, torch.empty(0, dtype=torch.long, device=device)
         shapes = [(2, nheads_kv, int(length), headdim) for length in lengths]
         payload = torch.cat(self.cache.get(span_ids.tolist(), shapes, self.dtype), dim=2)
-        n_tokens = int(lengths.sum())
-        starts = repeat_by_counts(self.span_starts[span_ids] - (torch.cumsum(lengths, 0) - lengths), lengths, n_tokens)
-        positions = starts + torch.arange(n_tokens)
+        positions = concatenated_ranges(self.span_starts[span_ids], lengths, int(lengths.sum()))
         if positions.device != torch.device(device):
             positions = positions.pin_memory().to(device, non_blocking=True)  # no wait for the device's queue
         return payload[0][None], payload[1][None], positions
@@ -583,8 +578,7 @@ def span_payloads(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
     piece_starts = torch.arange(rows).repeat(lengths.numel()) * n + (
         torch.cumsum(lengths, 0) - lengths
     ).repeat_interleave(rows)
-    first = torch.cumsum(piece_lengths, 0) - piece_lengths
-    index = repeat_by_counts(piece_starts - first, piece_lengths, rows * n) + torch.arange(rows * n)
+    index = concatenated_ranges(piece_starts, piece_lengths, rows * n)
     block = stacked.index_select(0, index.to(keys.device, non_blocking=True))  # (rows * n, headdim) span-major
     sizes = (lengths * rows).tolist()
     return [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ltri import LtriConfig, LtriError
+from ltri import LtriConfig, LtriError, MemoryConfig
 
 
 def test_the_prefill_chunk_is_2048_on_cuda_and_512_elsewhere_unless_given():
@@ -20,3 +20,17 @@ def test_the_other_fields_are_still_checked():
         LtriConfig(position_mode="sideways")
     with pytest.raises(LtriError, match="dtype"):
         LtriConfig(dtype="int8")
+
+
+@pytest.mark.parametrize(
+    "host_payloads, device, kept",
+    [
+        ("cuda", "cuda", True),
+        ("cuda", "cuda:1", True),
+        ("cuda", "cpu", False),
+        ("always", "cpu", True),
+        ("never", "cuda", False),
+    ],
+)
+def test_host_rows_are_kept_where_host_payloads_says(host_payloads, device, kept):
+    assert MemoryConfig(host_payloads=host_payloads).keeps_host_rows(device) is kept

@@ -566,8 +566,7 @@ def index_bytes(session: Session) -> int:
 def keeps_host_rows(settings: Settings) -> bool:
     """Whether ltri keeps the stored tokens in host rows (MemoryConfig.host_payloads), their only copy while it
     reads: the store then takes the payloads only if the host runs short (or at a save, which this script skips)."""
-    wanted = settings.ltri.memory.host_payloads
-    return wanted == "always" or (wanted == "cuda" and torch.device(settings.device).type == "cuda")
+    return settings.ltri.memory.keeps_host_rows(settings.device)
 
 
 def store_space(settings: Settings, n_tokens: int) -> dict:

@@ -2,8 +2,9 @@
 
 Decode steps gather their retrieved tokens from here inside a CUDA graph: a CUDA tensor that aliases
 pinned host memory (CUDA's unified virtual addressing) is read by ordinary kernels over PCIe, so a step
-needs no host decision, no cache lookup and no copy enqueued by the host. The span store (LMDB) stays
-the durable copy; this one lives as long as the session.
+needs no host decision, no cache lookup and no copy enqueued by the host. While a layer keeps its rows they
+are its stored tokens' only copy: the span store (LMDB) gets them at a save, or before the rows are dropped when
+the host runs short (``SpanMemory.store_deferred``).
 
 Layout, token-major so that one token's keys and values are one contiguous 4 KB read for a
 Llama-3-8B layer (8 KV heads, head dim 128, bf16):
