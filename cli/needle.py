@@ -41,6 +41,10 @@ def needle(
     ] = _RETRIEVAL.refresh_every,
     vote: Annotated[str, typer.Option("--vote", help=HELP["vote"])] = _RETRIEVAL.vote,
     reread: Annotated[bool, typer.Option("--reread", help=HELP["reread"])] = _RETRIEVAL.reread,
+    reread_evidence: Annotated[
+        int, typer.Option("--reread-evidence", help=HELP["reread_evidence"])
+    ] = _RETRIEVAL.reread_evidence,
+    draft_tokens: Annotated[int, typer.Option("--draft-tokens", help=HELP["draft_tokens"])] = _RETRIEVAL.draft_tokens,
 ) -> None:
     """Hide a sentence at depths of long texts, ask for it with each method, write cells, summary.csv and heatmaps."""
     from ltri.needle.command import make_run, run_benchmark
@@ -48,7 +52,7 @@ def needle(
     options = dict(task=task, seed=seed, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     options |= dict(budget=budget, window=window, sink=sink, chunk_size=chunk_size)
     options |= dict(index_vectors=index_vectors, query_dims=query_dims, refresh_every=refresh_every, vote=vote)
-    options |= dict(reread=reread)
+    options |= dict(reread=reread, reread_evidence=reread_evidence, draft_tokens=draft_tokens)
     try:
         run = make_run(lengths, depths, methods, out, haystack, **options)
     except ValueError as error:

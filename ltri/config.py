@@ -134,6 +134,10 @@ class RetrievalConfig:
     reread_evidence: with reread, also read again this many stored tokens, those most layers' question retrieval
         agreed on, before the window in the same chunk; each layer keeps them resident for the answer
         (``ltri.evidence``). 0: the window only.
+    draft_tokens: with reread_evidence, choose the evidence by a greedy draft answer of up to this many tokens
+        (``ltri.draft``): the stored tokens the question's and the draft's retrieval held most often, counted over
+        layers and steps; the draft is then forgotten and the answer decodes from the reread. 0: the question's
+        retrieval alone chooses. Costs that many decode steps per question.
     """
 
     budget: int = 512
@@ -153,12 +157,20 @@ class RetrievalConfig:
     refresh_every: int = 1
     reread: bool = False
     reread_evidence: int = 0
+    draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.budget < 0:
             raise LtriError(f"The retrieval budget must be 0 or more tokens, got {self.budget}.")
         if self.reread_evidence < 0:
             raise LtriError(f"reread_evidence must be 0 or more tokens, got {self.reread_evidence}.")
+        if self.draft_tokens < 0:
+            raise LtriError(f"draft_tokens must be 0 or more tokens, got {self.draft_tokens}.")
+        if self.draft_tokens and not (self.reread and self.reread_evidence):
+            raise LtriError(
+                "draft_tokens chooses the evidence a question's reread encodes, so it needs reread on "
+                "and reread_evidence above 0."
+            )
         if self.search_k < 1:
             raise LtriError(f"search_k must be at least 1, got {self.search_k}.")
         if self.backend not in INDEX_BACKENDS:

@@ -60,9 +60,17 @@ def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor
         ends = (memory.span_starts[chosen] + memory.span_lengths[chosen]).clamp(max=before)
         edges.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
         edges.index_add_(0, ends, torch.full_like(ends, -1, dtype=torch.int32))
-    counts = edges.cumsum(0, dtype=torch.int32)[:before]
+    return most_held_positions(edges.cumsum(0, dtype=torch.int32)[:before], n_tokens)
+
+
+def most_held_positions(counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The (at most) n_tokens positions with the highest counts (n_positions,) above 0, ascending (CPU).
+
+    Ties go to the later position (nearer the question)."""
+    counts = torch.as_tensor(counts).cpu()
+    n_positions = counts.numel()
     held = int((counts > 0).sum())
-    if held == 0:
+    if n_tokens <= 0 or held == 0:
         return torch.empty(0, dtype=torch.long)
-    order = torch.argsort(counts.double() + torch.arange(before, dtype=torch.double) / (before + 1), descending=True)
-    return order[: min(n_tokens, held)].sort().values
+    rank = counts.double() + torch.arange(n_positions, dtype=torch.double) / (n_positions + 1)
+    return torch.argsort(rank, descending=True)[: min(n_tokens, held)].sort().values

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ltri.evidence import agreed_positions
+from ltri.evidence import agreed_positions, most_held_positions
 from ltri.span_memory import SpanMemory
 
 
@@ -38,15 +38,19 @@ def reread_start(memories: list) -> int | None:
     return None if any(start is None for start in starts) else min(starts)
 
 
-def reread_window(session, logits: torch.Tensor, n_evidence: int = 0) -> torch.Tensor:
-    """Read every layer's window again with the question's spans, after n_evidence stored tokens the layers'
-    question retrieval agreed on (``ltri.evidence``); the reread last position's logits (vocab,), or logits
-    unchanged where rereading cannot help."""
+def reread_window(session, logits: torch.Tensor, n_evidence: int = 0, coverage=None) -> torch.Tensor:
+    """Read every layer's window again with the question's spans, after n_evidence stored tokens: those the layers'
+    question retrieval agreed on (``ltri.evidence``), or with coverage (n_positions,) counts per text position (a
+    draft's, ``ltri.draft``) the most counted; the reread last position's logits (vocab,), or logits unchanged where
+    rereading cannot help."""
     memories = session.cache.memories()
     start = reread_start(memories)
     if start is None or len(session.token_ids) < session.cache.tokens_seen:  # a store saved without its token ids
         return logits
-    evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
+    if coverage is None:
+        evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
+    else:
+        evidence = most_held_positions(torch.as_tensor(coverage[:start]), n_evidence)
     ids = [session.token_ids[position] for position in evidence.tolist()] + list(session.token_ids[start:])
     chunk = torch.tensor(ids, dtype=torch.long, device=session.device)
     positions = torch.cat([evidence, torch.arange(start, session.cache.tokens_seen)]).to(session.device)

@@ -141,6 +141,11 @@ class Persistence:
         """Room for n_spans votes on device (a new buffer only when it moves or grows)."""
         self.buffer = with_room(self.buffer, n_spans, device)
 
+    def restore(self, remembered: torch.Tensor) -> None:
+        """Bring back votes (n,) remembered earlier (a copy of buffer[:n]), in place; later entries become 0."""
+        self.buffer.zero_()
+        self.buffer[: remembered.numel()] = remembered
+
     def state(self) -> dict:
         return {"remembered": self.buffer.cpu()}
 

@@ -41,13 +41,21 @@ class RetrievalLog:
             lengths = memory.span_lengths[span_ids].tolist()
             self._hits.update(zip(starts, lengths, strict=True))
 
+    def coverage(self, n_positions: int | None = None) -> np.ndarray:
+        """(n_positions,) float64: for each text position, the (layer, step) pairs that retrieved a span holding
+        it; n_positions defaults to the end of the last span counted (later spans are cut off)."""
+        if n_positions is None:
+            n_positions = max((start + length for start, length in self._hits), default=0)
+        coverage = np.zeros(n_positions, dtype=np.float64)
+        for (start, length), hits in self._hits.items():
+            coverage[start : start + length] += hits
+        return coverage
+
     def top(self, limit: int, text_of: Callable[[int, int], str]) -> list[RetrievedSpan]:
         """Up to limit spans that do not overlap, best covered first (earlier text first among equals)."""
         if not self._hits:
             return []
-        coverage = np.zeros(max(start + length for start, length in self._hits), dtype=np.float64)
-        for (start, length), hits in self._hits.items():
-            coverage[start : start + length] += hits
+        coverage = self.coverage()
         means = {span: float(coverage[span[0] : span[0] + span[1]].mean()) for span in self._hits}
         taken = np.zeros(coverage.size, dtype=bool)
         chosen = []

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ltri import attention
@@ -32,6 +34,7 @@ from ltri.chat_format import ChatFormat
 from ltri.config import LtriConfig, SamplingConfig
 from ltri.decode_step import DecodeStep
 from ltri.detokenize import IncrementalDetokenizer
+from ltri.draft import draft_coverage
 from ltri.errors import LtriError
 from ltri.fingerprint import model_fingerprint, tokenizer_fingerprint
 from ltri.host_threads import one_host_thread
@@ -129,6 +132,7 @@ class Session:
     def close(self) -> None:
         """Release the span store (a temporary one is deleted). Reading again needs reset()."""
         self._captured = None
+        self._eager_steps = False  # set while a draft decodes (ltri.draft)
         self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
         if finalizer is not None:
@@ -367,8 +371,10 @@ class Session:
         self._retrieval_log.clear()
         forget_evidence(self.cache.memories())
         logits = self.prefill(self.question_tokens(question), progress=lambda done, total: self._record_retrieval())
-        if self.config.retrieval.reread:
-            logits = reread_window(self, logits, self.config.retrieval.reread_evidence)
+        retrieval = self.config.retrieval
+        if retrieval.reread:
+            coverage = draft_coverage(self, logits, retrieval.draft_tokens) if retrieval.draft_tokens else None
+            logits = reread_window(self, logits, retrieval.reread_evidence, coverage)
         self._phase = "answered"
         yield from self._decode(logits, config)
 
@@ -396,18 +402,47 @@ class Session:
             self.last_answer_tokens.append(token)
             piece = detokenizer.push(token)
             # The answer joins the context: every token, the last one too, goes through the model.
-            logits = self._forward(torch.tensor([token], device=self.device))[-1]
-            self._record_retrieval()
+            logits = self.forward_token(token)
             if piece:
                 yield piece
         rest = detokenizer.finish()
         if rest:
             yield rest
 
+    def forward_token(self, token: int) -> torch.Tensor:
+        """One decode step: the token joins the context; the logits (vocab,) of what follows it."""
+        logits = self._forward(torch.tensor([token], device=self.device))[-1]
+        self._record_retrieval()
+        return logits
+
+    def forget_last(self, n_tokens: int) -> None:
+        """Forget the last n_tokens read, as if never fed (a draft answer's, ``ltri.draft``): every layer must hold
+        them as the unsegmented tail of its window (``SpanMemory.forgettable_tokens``)."""
+        if n_tokens <= 0:
+            return
+        for memory in self.cache.memories():
+            memory.forget_last(n_tokens)
+        self.cache.tokens_seen -= n_tokens
+        del self.token_ids[-n_tokens:]
+
+    @contextlib.contextmanager
+    def eager_steps(self) -> Iterator[None]:
+        """Decode steps inside run eagerly, never as captured steps (``ltri.captured_decode``)."""
+        self._eager_steps = True
+        try:
+            yield
+        finally:
+            self._eager_steps = False
+
     def retrieved_spans(self, limit: int = 10) -> list[RetrievedSpan]:
-        """The stored spans the last answer attended to (its question and its steps, all layers), most
-        retrieved first, each with its text: the evidence the answer came from."""
+        """The stored spans the last answer attended to (its question, its draft if any, and its steps, all layers),
+        most retrieved first, each with its text: the evidence the answer came from."""
         return self._retrieval_log.top(limit, self._text_at)
+
+    def retrieval_coverage(self, n_positions: int) -> np.ndarray:
+        """(n_positions,) for each text position, the (layer, step) pairs of the last answer so far whose retrieval
+        held it (``RetrievalLog.coverage``)."""
+        return self._retrieval_log.coverage(n_positions)
 
     def _record_retrieval(self) -> None:
         self._retrieval_log.record(self.cache.memories())
@@ -453,7 +488,8 @@ class Session:
         """The captured decode steps of the current memories; None where the settings rule them out (another
         policy or position mode, a retrieval frame): then every decode step is eager."""
         eligible = (
-            self.config.memory.policy == "ltri"
+            not self._eager_steps
+            and self.config.memory.policy == "ltri"
             and self.config.position_mode == "compact"
             and self._retrieval_frame is None
         )

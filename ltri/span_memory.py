@@ -197,6 +197,28 @@ class SpanMemory(LayerMemory):
         layout = Layout(self.sinks.length, n_retrieved, self.window.length)
         return ResidentSet(tuple(keys), tuple(values), torch.cat(positions), layout)
 
+    def retrieval_state(self) -> tuple:
+        """What the last retrieval left for the steps that follow (loaded spans, spans it chose among, votes):
+        ``restore_retrieval_state`` brings it back after a draft (``ltri.draft``)."""
+        votes = self.persistence.buffer.clone()
+        return self._loaded, self.spans_at_retrieval, self.last_retrieved, votes, self.steps_since_retrieval
+
+    def restore_retrieval_state(self, state: tuple) -> None:
+        self._loaded, self.spans_at_retrieval, self.last_retrieved, votes, self.steps_since_retrieval = state
+        self.persistence.restore(votes)
+
+    def forgettable_tokens(self) -> int:
+        """How many more tokens this layer can take and still forget (``forget_last``): until it would cut its
+        window's unsegmented tail into spans."""
+        return max(0, self.span_config.max_len - 1 - self.n_unsegmented)
+
+    def forget_last(self, n_tokens: int) -> None:
+        """Drop the last n_tokens appended, which must be the window's unsegmented tail (a draft's, ``ltri.draft``)."""
+        if n_tokens > self.n_unsegmented:
+            raise ValueError(f"only the {self.n_unsegmented} unsegmented tokens can be forgotten, not {n_tokens}")
+        self.window.drop_last(n_tokens)
+        self.n_unsegmented -= n_tokens
+
     def unseen_by_retrieval(self) -> int | None:
         """Text position of the first token that is neither a sink nor in a span the last retrieval could choose
         (the window's start, or an earlier one if spans left the window since); None before any retrieval."""

@@ -68,6 +68,12 @@ class TokenBuffer:
             return torch.empty(0, dtype=torch.long)
         return self._positions[: self.length]
 
+    def drop_last(self, n: int) -> None:
+        """Forget the last n held tokens (their slots are written again by what is appended next)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} of {self.length} held tokens")
+        self.length -= n
+
     def keep(self, n_head: int, n_tail: int) -> None:
         """Keep the first n_head and the last n_tail tokens, dropping the middle (in place)."""
         if self.length <= n_head + n_tail:

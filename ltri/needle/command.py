@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
     add("vote", default=RetrievalConfig().vote, choices=VOTES)
     add("reread", action="store_true")
+    add("reread_evidence", type=int, default=RetrievalConfig().reread_evidence)
+    add("draft_tokens", type=int, default=RetrievalConfig().draft_tokens)
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -27,6 +27,8 @@ CELL_SETTINGS = (
     "refresh_every",
     "vote",
     "reread",
+    "reread_evidence",
+    "draft_tokens",
 )
 
 
@@ -54,6 +56,8 @@ class NeedleRun:
     refresh_every: int = RetrievalConfig().refresh_every  # likewise (infllm and quest keep the default)
     vote: str = RetrievalConfig().vote  # likewise
     reread: bool = RetrievalConfig().reread  # likewise
+    reread_evidence: int = RetrievalConfig().reread_evidence  # likewise
+    draft_tokens: int = RetrievalConfig().draft_tokens  # likewise
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -79,6 +83,8 @@ class NeedleRun:
                 refresh_every=self.refresh_every,
                 vote=self.vote,
                 reread=self.reread,
+                reread_evidence=self.reread_evidence,
+                draft_tokens=self.draft_tokens,
             ),
             chunk_size=self.chunk_size,
             device=self.device,
@@ -143,4 +149,8 @@ HELP = {
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
     "vote": "how the queries' weights over spans pool into one vote per span: mean or max",
     "reread": "the ltri method reads the window again with the question's spans before answering",
+    "reread_evidence": "with --reread, stored tokens read again with the window: those the question's retrieval "
+    "(or the draft's) held most",
+    "draft_tokens": "with --reread-evidence, a greedy draft answer of up to this many tokens chooses the evidence, "
+    "then is forgotten",
 }
