@@ -64,6 +64,22 @@ class ReadingOptions:
             f"(default: {'on' if _RETRIEVAL.reread else 'off'}).",
         ),
     ] = None
+    reread_evidence: Annotated[
+        int | None,
+        typer.Option(
+            "--reread-evidence",
+            help="With --reread, stored tokens read again with the window: those the question's retrieval, or "
+            f"the draft's, held most (default: {_RETRIEVAL.reread_evidence}).",
+        ),
+    ] = None
+    draft_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--draft-tokens",
+            help="With --reread-evidence, a greedy draft answer of up to this many tokens chooses the evidence, "
+            f"then is forgotten (default: {_RETRIEVAL.draft_tokens}).",
+        ),
+    ] = None
     chunk: Annotated[
         int | None, typer.Option("--chunk", help="Tokens per prefill step (default: 2048 on a GPU, 512 on the CPU).")
     ] = None
@@ -86,6 +102,8 @@ class ReadingOptions:
             selector=self.selector,
             refresh_every=self.refresh_every,
             reread=self.reread,
+            reread_evidence=self.reread_evidence,
+            draft_tokens=self.draft_tokens,
         )
         return _given(
             base,

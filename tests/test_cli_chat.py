@@ -277,8 +277,11 @@ def test_chat_takes_the_text_from_a_pipe_and_the_questions_from_the_terminal(cac
 def test_the_cache_key_follows_what_shapes_a_store(tiny_model):
     base = ReadingOptions(window=64)
     key = store_key("text", str(tiny_model), base.config(), None)
-    answer_time = ReadingOptions(window=64, budget=10, chunk=7, reread=True).config()
+    answer_time = ReadingOptions(
+        window=64, budget=10, chunk=7, reread=True, reread_evidence=32, draft_tokens=8
+    ).config()
     assert answer_time.retrieval.reread and not base.config().retrieval.reread
+    assert (answer_time.retrieval.reread_evidence, answer_time.retrieval.draft_tokens) == (32, 8)
     assert key == store_key("text", str(tiny_model), answer_time, None)
     others = [
         store_key("other text", str(tiny_model), base.config(), None),
