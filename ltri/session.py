@@ -112,6 +112,7 @@ class Session:
         self._cache_kwarg = cache_argument_name(self.model)
         self._decode_step = DecodeStep.for_model(self.model, use_graphs=config.cuda_graphs)
         self._captured: CapturedDecode | None = None  # bound to self.cache's memories (_captured_decode)
+        self._eager_steps = False  # set while a draft decodes (ltri.draft)
         self.store = None
         self.store_path: Path | None = None
 
@@ -132,7 +133,6 @@ class Session:
     def close(self) -> None:
         """Release the span store (a temporary one is deleted). Reading again needs reset()."""
         self._captured = None
-        self._eager_steps = False  # set while a draft decodes (ltri.draft)
         self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
         if finalizer is not None:
