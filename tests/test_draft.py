@@ -145,3 +145,15 @@ def test_a_draft_without_evidence_to_choose_is_refused_in_one_sentence(fields, m
     with pytest.raises(LtriError, match=message):
         RetrievalConfig(**fields)
     assert dataclasses.replace(RetrievalConfig(), reread=True, reread_evidence=1, draft_tokens=8).draft_tokens == 8
+
+
+def test_a_reopened_store_answers_with_a_draft(tmp_path):
+    model = tiny_llama(seed=5)
+    with Session(model, config(budget=48), tokenizer=byte_tokenizer(), store=tmp_path / "store") as reader:
+        reader.prefill(TEXT_IDS)
+        reader.save()
+    with Session.open(tmp_path / "store", model=model, tokenizer=byte_tokenizer(), config=config(48, draft=8)) as s:
+        n_read = len(TEXT_IDS) + len(s.question_tokens(QUESTION))
+        s.ask(QUESTION, max_new_tokens=3)
+        assert s.cache.tokens_seen == n_read + len(s.last_answer_tokens)
+        assert all(m.evidence.length == 40 for m in s.cache.memories())
