@@ -40,6 +40,9 @@ def needle(
         int, typer.Option("--refresh-every", help=HELP["refresh_every"])
     ] = _RETRIEVAL.refresh_every,
     vote: Annotated[str, typer.Option("--vote", help=HELP["vote"])] = _RETRIEVAL.vote,
+    reading_vote: Annotated[
+        str | None, typer.Option("--reading-vote", help=HELP["reading_vote"])
+    ] = _RETRIEVAL.reading_vote,
     reread: Annotated[bool, typer.Option("--reread", help=HELP["reread"])] = _RETRIEVAL.reread,
     reread_evidence: Annotated[
         int, typer.Option("--reread-evidence", help=HELP["reread_evidence"])
@@ -52,7 +55,9 @@ def needle(
     options = dict(task=task, seed=seed, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     options |= dict(budget=budget, window=window, sink=sink, chunk_size=chunk_size)
     options |= dict(index_vectors=index_vectors, query_dims=query_dims, refresh_every=refresh_every, vote=vote)
-    options |= dict(reread=reread, reread_evidence=reread_evidence, draft_tokens=draft_tokens)
+    options |= dict(
+        reading_vote=reading_vote, reread=reread, reread_evidence=reread_evidence, draft_tokens=draft_tokens
+    )
     try:
         run = make_run(lengths, depths, methods, out, haystack, **options)
     except ValueError as error:

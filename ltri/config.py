@@ -108,7 +108,10 @@ class RetrievalConfig:
     backend: span index backend, ``torch`` (exact matmul), ``faiss``, or ``auto`` (torch on CUDA,
         faiss on CPU).
     vote: how the queries' softmax weights over the spans they found become one vote per span: ``mean``
-        (what most queries lean towards) or ``max`` (what any one query is sure of).
+        (what most queries lean towards) or ``max`` (what any one query is sure of), where every query votes
+        (chunks of at most max_voting_queries tokens: a question, a decode step).
+    reading_vote: the same for longer chunks, which vote with each head's mean query (the text being read);
+        None: as ``vote``.
     persistence: how much of a span's vote carries over to the next step (effective vote = max(vote,
         persistence * last effective vote)), so evidence is not dropped one token later; 0 disables.
     collaboration: weight of the votes borrowed from other layers (0: each layer alone).
@@ -146,6 +149,7 @@ class RetrievalConfig:
     voting_window: int = 0
     backend: str = "auto"
     vote: str = "mean"
+    reading_vote: str | None = None
     persistence: float = 0.8
     collaboration: float = 1.0
     query_dims: str = "all"
@@ -179,8 +183,9 @@ class RetrievalConfig:
             raise LtriError(f"voting_window must be 0 or more queries, got {self.voting_window}.")
         if self.max_voting_queries < 1:
             raise LtriError(f"max_voting_queries must be at least 1, got {self.max_voting_queries}.")
-        if self.vote not in VOTES:
-            raise LtriError(f"Unknown vote {self.vote!r}: choose one of {', '.join(VOTES)}.")
+        for name, vote in (("vote", self.vote), ("reading_vote", self.reading_vote or self.vote)):
+            if vote not in VOTES:
+                raise LtriError(f"Unknown {name} {vote!r}: choose one of {', '.join(VOTES)}.")
         if not 0 <= self.persistence < 1:
             raise LtriError(f"persistence must be in [0, 1), got {self.persistence}.")
         if self.query_dims not in QUERY_DIMS:

@@ -463,7 +463,8 @@ class SpanMemory(LayerMemory):
         scores, span_ids = self.index.search(self.search_queries(queries), min(config.search_k, self.n_spans))
         if self.shares_votes:
             self.shared.begin_step(self.tokens_seen)
-        votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows)
+        reading = queries.shape[2] > config.max_voting_queries  # a long chunk votes with mean queries
+        votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows, reading)
         lengths = self.tables.lengths[: self.n_spans]
         chosen = choose_spans(votes, lengths, config.budget, self.tables.spans_fitting(config.budget))
         self.persistence.record(votes)
@@ -495,14 +496,18 @@ class SpanMemory(LayerMemory):
         search = retrieval_queries(queries, self.kv_shape[0], config.max_voting_queries, config.voting_window)
         return bound_query(search) if self.span_config.index_vectors == "bounds" else search
 
-    def votes(self, scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, n_rows: int) -> torch.Tensor:
+    def votes(
+        self, scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, n_rows: int, reading: bool = False
+    ) -> torch.Tensor:
         """Each span slot's vote (n_slots,) from the index's results: pooled, raised by what other layers published
         for its tokens, faded with the last steps' (the shared votes' step begun already; the caller records).
 
         n_slots: spans voted on (the stored ones, or a captured step's whole table); n_rows: stored rows of the
-        table the shared votes read and publish (the stored ones, or the whole table)."""
+        table the shared votes read and publish (the stored ones, or the whole table); reading: a long chunk's mean
+        queries asked (pooled by ``reading_vote``, else by ``vote``)."""
         config = self.retrieval_config
-        votes = pool_votes(scores, span_ids, n_slots, scale=self.kv_shape[1] ** -0.5, how=config.vote)
+        how = (config.reading_vote or config.vote) if reading else config.vote
+        votes = pool_votes(scores, span_ids, n_slots, scale=self.kv_shape[1] ** -0.5, how=how)
         if self.shares_votes:
             lengths, first_rows = self.tables.lengths[:n_slots], self.tables.first_rows[:n_slots]
             first = self.sinks.length  # stored rows start after the sinks

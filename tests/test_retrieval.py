@@ -117,3 +117,40 @@ def test_a_query_turned_by_the_score_distance_scores_keys_as_the_model_would_fro
     model_logit = (at(query, 1000) * at(key, 700)).sum()
     assert abs((frame(query) * key).sum().item() - model_logit.item()) < 1e-4  # float32 RoPE at position 1000
     assert RetrievalFrame.for_config(LtriConfig(), rotary, "cpu", torch.float32) is None
+
+
+@pytest.mark.parametrize("reading_vote, expected_reading", [(None, "max"), ("mean", "mean")])
+def test_the_texts_long_chunks_pool_by_reading_vote_and_questions_and_steps_by_vote(
+    monkeypatch, reading_vote, expected_reading
+):
+    from support import byte_tokenizer, tiny_llama
+
+    import ltri.span_memory
+    from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
+
+    pooled = []  # (q_len of the retrieving chunk, how)
+    original_votes = ltri.span_memory.SpanMemory.votes
+    original_pool = ltri.span_memory.pool_votes
+
+    def watched_pool(*args, how="mean", **kwargs):
+        pooled.append(how)
+        return original_pool(*args, how=how, **kwargs)
+
+    def watched_votes(memory, scores, span_ids, n_slots, n_rows, reading=False):
+        pooled.append("reading" if reading else "short")
+        return original_votes(memory, scores, span_ids, n_slots, n_rows, reading)
+
+    monkeypatch.setattr(ltri.span_memory, "pool_votes", watched_pool)
+    monkeypatch.setattr(ltri.span_memory.SpanMemory, "votes", watched_votes)
+    config = LtriConfig(
+        memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
+        spans=SpanConfig(min_len=4, max_len=24),
+        retrieval=RetrievalConfig(budget=48, max_voting_queries=16, vote="max", reading_vote=reading_vote),
+        chunk_size=100,
+    )
+    session = Session(tiny_llama(seed=5), config, tokenizer=byte_tokenizer())
+    session.prefill(torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(3)).tolist())
+    session.ask("Why?", max_new_tokens=2)
+    kinds = list(zip(pooled[::2], pooled[1::2], strict=True))
+    assert ("reading", expected_reading) in kinds and ("short", "max") in kinds
+    assert set(kinds) <= {("reading", expected_reading), ("short", "max")}

@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     add("query_dims", default=RetrievalConfig().query_dims)
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
     add("vote", default=RetrievalConfig().vote, choices=VOTES)
+    add("reading_vote", default=RetrievalConfig().reading_vote, choices=VOTES)
     add("reread", action="store_true")
     add("reread_evidence", type=int, default=RetrievalConfig().reread_evidence)
     add("draft_tokens", type=int, default=RetrievalConfig().draft_tokens)

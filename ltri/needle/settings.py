@@ -26,6 +26,7 @@ CELL_SETTINGS = (
     "query_dims",
     "refresh_every",
     "vote",
+    "reading_vote",
     "reread",
     "reread_evidence",
     "draft_tokens",
@@ -55,6 +56,7 @@ class NeedleRun:
     query_dims: str = RetrievalConfig().query_dims  # likewise
     refresh_every: int = RetrievalConfig().refresh_every  # likewise (infllm and quest keep the default)
     vote: str = RetrievalConfig().vote  # likewise
+    reading_vote: str | None = RetrievalConfig().reading_vote  # likewise
     reread: bool = RetrievalConfig().reread  # likewise
     reread_evidence: int = RetrievalConfig().reread_evidence  # likewise
     draft_tokens: int = RetrievalConfig().draft_tokens  # likewise
@@ -82,6 +84,7 @@ class NeedleRun:
                 query_dims=self.query_dims,
                 refresh_every=self.refresh_every,
                 vote=self.vote,
+                reading_vote=self.reading_vote,
                 reread=self.reread,
                 reread_evidence=self.reread_evidence,
                 draft_tokens=self.draft_tokens,
@@ -148,6 +151,7 @@ HELP = {
     "query_dims": "the ltri method's query dimensions: all or long_range",
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
     "vote": "how the queries' weights over spans pool into one vote per span: mean or max",
+    "reading_vote": "the same for the text's long chunks, which vote with mean queries (default: as --vote)",
     "reread": "the ltri method reads the window again with the question's spans before answering",
     "reread_evidence": "with --reread, stored tokens read again with the window: those the question's retrieval "
     "(or the draft's) held most",
