@@ -10,9 +10,10 @@ the evidence the reread encodes next to the question (``ltri.reread``, ``ltri.ev
 
 A draft's tokens can be forgotten while they are the window's unsegmented tail: no layer has cut them into spans.
 So a draft stops before any layer would cut (at most ``SpanConfig.max_len`` - 1 tokens after the question's own
-unsegmented ones). What the question's retrieval left (the spans it loaded, which the reread attends to, and the
-votes that persist into the answer's first step) is brought back too; only spans that left the window during the
-draft stay stored, their tokens unchanged. The draft's steps run eagerly (no captured decode).
+unsegmented ones). What the question's retrieval left (the spans it loaded, which the reread attends to, the votes
+that persist into the answer's first step, and the votes the layers shared) is brought back too; only spans that
+left the window during the draft stay stored, their tokens unchanged. The draft's steps run eagerly (no captured
+decode).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def draft_coverage(session, logits: torch.Tensor, n_tokens: int) -> np.ndarray |
     n_tokens = min(n_tokens, forgettable_tokens(memories))
     n_positions = session.cache.tokens_seen
     retrieval_states = [memory.retrieval_state() for memory in memories]
+    shared = memories[0].shared  # one for all layers, or None
+    shared_votes = None if shared is None else shared.snapshot()
     drafted = 0
     with session.eager_steps():
         for _ in range(n_tokens):
@@ -46,6 +49,8 @@ def draft_coverage(session, logits: torch.Tensor, n_tokens: int) -> np.ndarray |
     session.forget_last(drafted)
     for memory, state in zip(memories, retrieval_states, strict=True):
         memory.restore_retrieval_state(state)
+    if shared is not None:
+        shared.restore(shared_votes)
     return coverage
 
 

@@ -58,6 +58,17 @@ class SharedVotes:
         self.previous.copy_(self.current)
         self.current.zero_()
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Copies of both buffers and the step's token count, for ``restore`` (after a draft, ``ltri.draft``)."""
+        return self.previous.clone(), self.current.clone(), self.step_tokens
+
+    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        """Back to a snapshot, in place (positions published since hold 0 again)."""
+        previous, current, self.step_tokens = snapshot
+        for buffer, saved in ((self.previous, previous), (self.current, current)):
+            buffer.zero_()
+            buffer[: saved.numel()] = saved
+
     def reserve(self, n_positions: int, device) -> None:
         """Room for n_positions on device (new buffers only when they move or grow)."""
         self.previous = with_room(self.previous, n_positions, device)

@@ -72,6 +72,25 @@ def test_a_draft_gives_back_the_questions_retrieval_state():
         assert memory.n_unsegmented == n
 
 
+def test_with_a_small_budget_the_answer_goes_on_as_if_no_draft_had_run():
+    """No span leaves the window during a 3-token draft here, so the answer's steps retrieve among the same spans,
+    from the same votes (own, persisted and shared), as a session that never drafted."""
+    model = tiny_llama(seed=5)
+    plain, logits = after_question(model, config(budget=48))
+    drafted, logits2 = after_question(model, config(budget=48))
+    n_spans = [memory.n_spans for memory in drafted.cache.memories()]
+    draft_coverage(drafted, logits2, 3)
+    assert [memory.n_spans for memory in drafted.cache.memories()] == n_spans
+    for token in (int(torch.argmax(logits)), 65, 66):
+        step, step2 = plain.forward_token(token), drafted.forward_token(token)
+        assert (step - step2).abs().max().item() < 1e-5
+        for memory, memory2 in zip(plain.cache.memories(), drafted.cache.memories(), strict=True):
+            assert torch.equal(memory.last_retrieved, memory2.last_retrieved)
+            assert torch.equal(memory.persistence.buffer, memory2.persistence.buffer)
+        shared, shared2 = plain.cache.memories()[0].shared, drafted.cache.memories()[0].shared
+        assert torch.equal(shared.previous, shared2.previous) and torch.equal(shared.current, shared2.current)
+
+
 def test_a_draft_stops_before_any_layer_would_cut_it():
     model = tiny_llama(seed=5)
     session, logits = after_question(model, config(budget=48, max_len=24))
