@@ -63,8 +63,9 @@ def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor
     return most_held_positions(edges.cumsum(0, dtype=torch.int32)[:before], n_tokens)
 
 
-def most_held_positions(counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """The (at most) n_tokens positions with the highest counts (n_positions,) above 0, ascending (CPU).
+def most_held_positions(counts, n_tokens: int) -> torch.Tensor:
+    """The (at most) n_tokens positions with the highest counts (n_positions,) above 0 (a tensor or an array),
+    ascending (CPU).
 
     Ties go to the later position (nearer the question)."""
     counts = torch.as_tensor(counts).cpu()

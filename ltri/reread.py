@@ -50,7 +50,7 @@ def reread_window(session, logits: torch.Tensor, n_evidence: int = 0, coverage=N
     if coverage is None:
         evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
     else:
-        evidence = most_held_positions(torch.as_tensor(coverage[:start]), n_evidence)
+        evidence = most_held_positions(coverage[:start], n_evidence)
     ids = [session.token_ids[position] for position in evidence.tolist()] + list(session.token_ids[start:])
     chunk = torch.tensor(ids, dtype=torch.long, device=session.device)
     positions = torch.cat([evidence, torch.arange(start, session.cache.tokens_seen)]).to(session.device)
