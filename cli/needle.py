@@ -48,6 +48,7 @@ def needle(
         int, typer.Option("--reread-evidence", help=HELP["reread_evidence"])
     ] = _RETRIEVAL.reread_evidence,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", help=HELP["draft_tokens"])] = _RETRIEVAL.draft_tokens,
+    echo_tokens: Annotated[int, typer.Option("--echo-tokens", help=HELP["echo_tokens"])] = _RETRIEVAL.echo_tokens,
 ) -> None:
     """Hide a sentence at depths of long texts, ask for it with each method, write cells, summary.csv and heatmaps."""
     from ltri.needle.command import make_run, run_benchmark
@@ -58,6 +59,7 @@ def needle(
     options |= dict(
         reading_vote=reading_vote, reread=reread, reread_evidence=reread_evidence, draft_tokens=draft_tokens
     )
+    options |= dict(echo_tokens=echo_tokens)
     try:
         run = make_run(lengths, depths, methods, out, haystack, **options)
     except ValueError as error:

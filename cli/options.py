@@ -80,6 +80,14 @@ class ReadingOptions:
             f"then is forgotten (default: {_RETRIEVAL.draft_tokens}).",
         ),
     ] = None
+    echo_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--echo-tokens",
+            help="Of the --reread-evidence, up to this many stored tokens around where the question's own words "
+            f"recur in the text (default: {_RETRIEVAL.echo_tokens}).",
+        ),
+    ] = None
     chunk: Annotated[
         int | None, typer.Option("--chunk", help="Tokens per prefill step (default: 2048 on a GPU, 512 on the CPU).")
     ] = None
@@ -104,6 +112,7 @@ class ReadingOptions:
             reread=self.reread,
             reread_evidence=self.reread_evidence,
             draft_tokens=self.draft_tokens,
+            echo_tokens=self.echo_tokens,
         )
         return _given(
             base,

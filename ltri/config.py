@@ -141,6 +141,9 @@ class RetrievalConfig:
         (``ltri.draft``): the stored tokens the question's and the draft's retrieval held most often, counted over
         layers and steps; the draft is then forgotten and the answer decodes from the reread. 0: the question's
         retrieval alone chooses. Costs that many decode steps per question.
+    echo_tokens: of the reread_evidence, up to this many stored tokens around where the question's own words recur
+        in the text, its rarest runs of consecutive tokens first (``ltri.echo``: token ids alone, no model step);
+        the rest is chosen as above. 0: none.
     """
 
     budget: int = 512
@@ -162,6 +165,7 @@ class RetrievalConfig:
     reread: bool = False
     reread_evidence: int = 0
     draft_tokens: int = 0
+    echo_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.budget < 0:
@@ -174,6 +178,11 @@ class RetrievalConfig:
             raise LtriError(
                 "draft_tokens chooses the evidence a question's reread encodes, so it needs reread on "
                 "and reread_evidence above 0."
+            )
+        if not 0 <= self.echo_tokens <= (self.reread_evidence if self.reread else 0):
+            raise LtriError(
+                f"echo_tokens ({self.echo_tokens}) is a part of the evidence a question's reread encodes, so it must "
+                f"be 0 or more and at most reread_evidence ({self.reread_evidence}), with reread on."
             )
         if self.search_k < 1:
             raise LtriError(f"search_k must be at least 1, got {self.search_k}.")

@@ -52,6 +52,11 @@ def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor
     Ties go to the later position (nearer the question)."""
     if n_tokens <= 0:
         return torch.empty(0, dtype=torch.long)
+    return most_held_positions(agreed_counts(memories, before), n_tokens)
+
+
+def agreed_counts(memories: list, before: int) -> torch.Tensor:
+    """How many layers' last retrieval holds each text position before ``before`` (before,) int32 (CPU)."""
     # Each retrieved span adds 1 over [start, end): +1 at its start and -1 at its end, summed along the text.
     edges = torch.zeros(before + 1, dtype=torch.int32)
     for memory in memories:
@@ -60,7 +65,7 @@ def agreed_positions(memories: list, before: int, n_tokens: int) -> torch.Tensor
         ends = (memory.span_starts[chosen] + memory.span_lengths[chosen]).clamp(max=before)
         edges.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
         edges.index_add_(0, ends, torch.full_like(ends, -1, dtype=torch.int32))
-    return most_held_positions(edges.cumsum(0, dtype=torch.int32)[:before], n_tokens)
+    return edges.cumsum(0, dtype=torch.int32)[:before]
 
 
 def most_held_positions(counts, n_tokens: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ltri.evidence import agreed_positions, most_held_positions
+from ltri.echo import echo_positions
+from ltri.evidence import agreed_counts, most_held_positions
 from ltri.span_memory import SpanMemory
 
 
@@ -38,19 +39,19 @@ def reread_start(memories: list) -> int | None:
     return None if any(start is None for start in starts) else min(starts)
 
 
-def reread_window(session, logits: torch.Tensor, n_evidence: int = 0, coverage=None) -> torch.Tensor:
-    """Read every layer's window again with the question's spans, after n_evidence stored tokens: those the layers'
-    question retrieval agreed on (``ltri.evidence``), or with coverage (n_positions,) counts per text position (a
-    draft's, ``ltri.draft``) the most counted; the reread last position's logits (vocab,), or logits unchanged where
+def reread_window(
+    session, logits: torch.Tensor, n_evidence: int = 0, coverage=None, question_ids=(), n_echo: int = 0
+) -> torch.Tensor:
+    """Read every layer's window again with the question's spans, after n_evidence stored tokens: up to n_echo around
+    where the question's tokens question_ids (q,) recur (``ltri.echo``), then those the layers' question retrieval
+    agreed on (``ltri.evidence``), or with coverage (n_positions,) counts per text position (a draft's,
+    ``ltri.draft``) the most counted; the reread last position's logits (vocab,), or logits unchanged where
     rereading cannot help."""
     memories = session.cache.memories()
     start = reread_start(memories)
     if start is None or len(session.token_ids) < session.cache.tokens_seen:  # a store saved without its token ids
         return logits
-    if coverage is None:
-        evidence = agreed_positions(memories, start, n_evidence)  # (n,) CPU, ascending
-    else:
-        evidence = most_held_positions(coverage[:start], n_evidence)
+    evidence = evidence_positions(session, memories, start, n_evidence, coverage, question_ids, n_echo)
     ids = [session.token_ids[position] for position in evidence.tolist()] + list(session.token_ids[start:])
     chunk = torch.tensor(ids, dtype=torch.long, device=session.device)
     positions = torch.cat([evidence, torch.arange(start, session.cache.tokens_seen)]).to(session.device)
@@ -61,6 +62,16 @@ def reread_window(session, logits: torch.Tensor, n_evidence: int = 0, coverage=N
     finally:
         for memory in memories:
             memory.rereading_from = memory.rereading_evidence = None
+
+
+def evidence_positions(session, memories, start: int, n_evidence: int, coverage, question_ids, n_echo: int):
+    """The stored positions (n,) before start that a reread encodes as evidence, ascending (CPU): the echo's first,
+    then the retrieval's (the draft's coverage, or the layers' agreement) up to n_evidence in all."""
+    echo = echo_positions(session.token_ids[:start], question_ids, min(n_echo, n_evidence))
+    counts = agreed_counts(memories, start) if coverage is None else torch.as_tensor(coverage[:start]).clone()
+    counts[echo] = 0
+    retrieved = most_held_positions(counts, n_evidence - echo.numel())
+    return torch.cat([echo, retrieved]).sort().values
 
 
 def forget_evidence(memories: list) -> None:

@@ -374,7 +374,10 @@ class Session:
         retrieval = self.config.retrieval
         if retrieval.reread:
             coverage = draft_coverage(self, logits, retrieval.draft_tokens) if retrieval.draft_tokens else None
-            logits = reread_window(self, logits, retrieval.reread_evidence, coverage)
+            question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+            logits = reread_window(
+                self, logits, retrieval.reread_evidence, coverage, question_ids, retrieval.echo_tokens
+            )
         self._phase = "answered"
         yield from self._decode(logits, config)
 

@@ -109,9 +109,9 @@ def test_the_drafts_most_held_tokens_are_the_evidence(monkeypatch):
     model = tiny_llama(seed=5)
     calls = []
 
-    def watched(session, logits, n_evidence, coverage=None):
+    def watched(session, logits, n_evidence, coverage=None, *echo):
         calls.append((coverage, reread_start(session.cache.memories()), n_evidence))
-        return original(session, logits, n_evidence, coverage)
+        return original(session, logits, n_evidence, coverage, *echo)
 
     original = ltri.session.reread_window
     monkeypatch.setattr(ltri.session, "reread_window", watched)

@@ -267,11 +267,12 @@ def test_every_retrieval_option_reaches_the_ltri_config(tmp_path):
     from ltri.needle.command import make_run
 
     options = dict(budget=300, window=200, sink=8, query_dims="long_range", refresh_every=3, vote="max", reread=True)
-    options |= dict(reading_vote="mean", reread_evidence=64, draft_tokens=12)
+    options |= dict(reading_vote="mean", reread_evidence=64, draft_tokens=12, echo_tokens=32)
     run = make_run("1k", "2", "ltri", tmp_path, None, **options)
     config = run.ltri_config("ltri")
     assert (config.retrieval.budget, config.memory.n_window, config.memory.n_sink) == (300, 200, 8)
     retrieval = config.retrieval
     assert (retrieval.query_dims, retrieval.refresh_every, retrieval.vote) == ("long_range", 3, "max")
-    assert retrieval.reread and (retrieval.reread_evidence, retrieval.draft_tokens) == (64, 12)
+    assert retrieval.reread and retrieval.echo_tokens == 32
+    assert (retrieval.reread_evidence, retrieval.draft_tokens) == (64, 12)
     assert retrieval.reading_vote == "mean"

@@ -76,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     add("reread", action="store_true")
     add("reread_evidence", type=int, default=RetrievalConfig().reread_evidence)
     add("draft_tokens", type=int, default=RetrievalConfig().draft_tokens)
+    add("echo_tokens", type=int, default=RetrievalConfig().echo_tokens)
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -30,6 +30,7 @@ CELL_SETTINGS = (
     "reread",
     "reread_evidence",
     "draft_tokens",
+    "echo_tokens",
 )
 
 
@@ -60,6 +61,7 @@ class NeedleRun:
     reread: bool = RetrievalConfig().reread  # likewise
     reread_evidence: int = RetrievalConfig().reread_evidence  # likewise
     draft_tokens: int = RetrievalConfig().draft_tokens  # likewise
+    echo_tokens: int = RetrievalConfig().echo_tokens  # likewise
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -88,6 +90,7 @@ class NeedleRun:
                 reread=self.reread,
                 reread_evidence=self.reread_evidence,
                 draft_tokens=self.draft_tokens,
+                echo_tokens=self.echo_tokens,
             ),
             chunk_size=self.chunk_size,
             device=self.device,
@@ -157,4 +160,6 @@ HELP = {
     "(or the draft's) held most",
     "draft_tokens": "with --reread-evidence, a greedy draft answer of up to this many tokens chooses the evidence, "
     "then is forgotten",
+    "echo_tokens": "of the --reread-evidence, up to this many stored tokens around where the question's own words "
+    "recur in the text",
 }
