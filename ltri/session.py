@@ -374,7 +374,8 @@ class Session:
         retrieval = self.config.retrieval
         if retrieval.reread:
             coverage = draft_coverage(self, logits, retrieval.draft_tokens) if retrieval.draft_tokens else None
-            question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+            echo = retrieval.echo_tokens
+            question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] if echo else ()
             logits = reread_window(
                 self, logits, retrieval.reread_evidence, coverage, question_ids, retrieval.echo_tokens
             )
