@@ -39,13 +39,19 @@ _LOG2E = 1.4426950408889634
 
 
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, n_valid_ptr, o_part_ptr, lse_part_ptr,
-    stride_qh, stride_ql, stride_kh, stride_kn, stride_vh, stride_vn,
+    q_ptr, k_ptr, v_ptr, n_valid_ptr, o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr,
+    stride_qh, stride_ql, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_ol,
     q_len, n_keys, n_splits, split_n, qk_scale,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_N_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n)."""
+    """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n).
+
+    With FUSED_MERGE the last program of a row block to finish (counted in tickets_ptr, one int32 per row block,
+    zero between launches) merges the block's partial results into out and lse, then sets its ticket back to 0:
+    one launch instead of two.
+    """
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -104,51 +110,81 @@ def _split_kernel(
     tl.store(o_part_ptr + part_row[:, None] * HEADDIM + dims[None, :], out, mask=row_ok[:, None])
     tl.store(lse_part_ptr + part_row, lse, mask=row_ok)
 
+    if FUSED_MERGE:
+        tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+        ticket = tickets_ptr + kv_head * tl.num_programs(2) + row_block
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == n_splits - 1:
+            first_row = row_block * BLOCK_M
+            block_rows = tl.minimum(BLOCK_M, GROUP * q_len - first_row)
+            for r0 in range(0, block_rows, MERGE_M):
+                merge_rows = first_row + r0 + tl.arange(0, MERGE_M)
+                _merge_rows(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits,
+                            kv_head * GROUP + merge_rows // q_len, merge_rows % q_len,
+                            r0 + tl.arange(0, MERGE_M) < block_rows, HEADDIM, MERGE_M, MERGE_S)  # fmt: skip
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
+
+
+def _merge_rows(
+    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits, head, pos, row_ok,
+    HEADDIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Log-sum-exp merge of the n_splits partial results of ROWS rows (head, pos), each (ROWS,); row_ok masks.
+
+    Reads partials that other programs wrote through L2 (.cg), ROWS x BLOCK_S x HEADDIM at a time.
+    """
+    dims = tl.arange(0, HEADDIM)
+    part_base = (head * q_len + pos).to(tl.int64) * n_splits  # (ROWS,) first partial row of each row
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        ok = row_ok[:, None] & (splits < n_splits)[None, :]
+        lse_parts = tl.load(lse_part_ptr + part_base[:, None] + splits[None, :], mask=ok, other=float("-inf"),
+                            cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, tl.max(lse_parts, 1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+
+    total = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEADDIM], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        ok = row_ok[:, None] & (splits < n_splits)[None, :]
+        part_rows = part_base[:, None] + splits[None, :]  # (ROWS, BLOCK_S)
+        w = tl.exp(tl.load(lse_part_ptr + part_rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                   - m_safe[:, None])  # fmt: skip
+        o = tl.load(o_part_ptr + part_rows[:, :, None] * HEADDIM + dims[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")  # (ROWS, BLOCK_S, HEADDIM)  # fmt: skip
+        total += tl.sum(w, 1)
+        acc += tl.sum(w[:, :, None] * o, 1)
+    seen = total > 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    out_off = head.to(tl.int64)[:, None] * stride_oh + pos[:, None] * stride_ol + dims[None, :]
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + head * q_len + pos, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf")),
+             mask=row_ok)  # fmt: skip
+
+
+_MERGE_ROWS = _merge_rows  # the plain function; _triton_kernels binds _merge_rows to its JIT wrapper
+
 
 def _merge_kernel(
-    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits,
-    HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, n_rows, q_len, n_splits,
+    HEADDIM: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """Log-sum-exp merge of the n_splits partial results of one (query head, position) row."""
-    row = tl.program_id(0)  # head * q_len + pos
-    head = row // q_len
-    pos = row % q_len
-    dims = tl.arange(0, HEADDIM)
-    lse_base = lse_part_ptr + row.to(tl.int64) * n_splits
-    o_base = o_part_ptr + row.to(tl.int64) * n_splits * HEADDIM
-
-    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        m = tl.maximum(m, tl.load(lse_base + splits, mask=splits < n_splits, other=float("-inf")))
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-
-    denom = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_S, HEADDIM], dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        ok = splits < n_splits
-        w = tl.exp(tl.load(lse_base + splits, mask=ok, other=float("-inf")) - m_safe)
-        o = tl.load(o_base + splits[:, None] * HEADDIM + dims[None, :], mask=ok[:, None], other=0.0)
-        denom += w
-        acc += w[:, None] * o
-    total = tl.sum(denom, 0)
-    seen = total > 0.0
-    out = tl.sum(acc, 0) / tl.where(seen, total, 1.0)
-    out_off = head.to(tl.int64) * stride_oh + pos * stride_ol + dims
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
+    """The second launch when the merge is not fused: MERGE_M (query head, position) rows per program."""
+    rows = tl.program_id(0) * MERGE_M + tl.arange(0, MERGE_M)  # row = head * q_len + pos
+    _merge_rows(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits,
+                rows // q_len, rows % q_len, rows < n_rows, HEADDIM, MERGE_M, MERGE_S)  # fmt: skip
 
 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl
+    global tl, _merge_rows
     import triton
     import triton.language
 
     tl = triton.language
+    _merge_rows = triton.jit(_MERGE_ROWS)  # the kernels call the helper by this global name
     return triton.jit(_split_kernel), triton.jit(_merge_kernel)
 
 
@@ -195,21 +231,56 @@ def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
                              f"call .contiguous() first.")  # fmt: skip
 
 
-class _Tiles(NamedTuple):
+class Tiles(NamedTuple):
+    """Launch shape of the split kernel (benchmarks/speed/attention.py sweeps it)."""
+
     block_m: int  # packed query rows per program
     block_n: int  # keys per inner step
     num_warps: int
+    num_stages: int = 2
 
 
-def _tiles(rows: int, dtype: torch.dtype) -> _Tiles:
+def default_tiles(rows: int, dtype: torch.dtype) -> Tiles:
     """Tile sizes: a small GQA group's rows in one program (tl.dot needs at least 16 rows).
 
     float32 uses 16 x 32 tiles on 8 warps: its exact (non-tensor-core) dot spills registers on sm_90 with larger
     ones (ptxas, Triton 3.6 and 3.9); fp16/bf16 use up to 64 x 64 on 4 warps (no spills).
     """
     if dtype == torch.float32:
-        return _Tiles(16, 32, 8)
-    return _Tiles(16 if rows <= 16 else 32 if rows <= 32 else 64, 64, 4)
+        return Tiles(16, 32, 8)
+    return Tiles(16 if rows <= 16 else 32 if rows <= 32 else 64, 64, 4)
+
+
+_MERGE_ELEMENTS = 8192  # a merge step's ROWS x BLOCK_S x HEADDIM tile: 64 fp32 registers a thread on 4 warps
+
+
+def _merge_shape(rows: int, block_m: int, n_splits: int, headdim: int) -> tuple[int, int]:
+    """(MERGE_M, MERGE_S): rows and splits merged per step, powers of 2 (at least 2 rows)."""
+    merge_m = max(2, min(block_m, _next_pow2(rows)))
+    merge_s = max(1, min(_next_pow2(n_splits), _MERGE_ELEMENTS // (merge_m * headdim)))
+    return merge_m, merge_s
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKET_COUNT = 65536  # row blocks a fused launch may have (a 2048-token chunk of 8 KV heads has 8 x 128)
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
+    """The fused merge's zeroed int32 counters, one per row block: one buffer per device, made once and never freed
+    (a captured CUDA graph keeps its address), each launch leaving its counters at 0.
+
+    None (the caller merges in a second launch) for more than _TICKET_COUNT row blocks, or when the buffer would be
+    made during CUDA graph capture (it would be zeroed only at replay). Launches on one device must not run at the
+    same time (one stream).
+    """
+    if n > _TICKET_COUNT:
+        return None
+    tickets = _TICKETS.get(device)
+    if tickets is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        tickets = _TICKETS[device] = torch.zeros(_TICKET_COUNT, dtype=torch.int32, device=device)
+    return tickets
 
 
 @functools.cache
@@ -246,8 +317,14 @@ def sparse_attention_triton(
     causal: bool = False,
     scale: float | None = None,
     split_size: int | None = None,
+    tiles: Tiles | None = None,
+    fused_merge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the split and merge kernels; same contract as sparse_attention (split_size: keys per split)."""
+    """Launch the kernel(s); same contract as sparse_attention.
+
+    split_size: keys per split (default: _split_size's choice); tiles: default_tiles' unless given; fused_merge:
+    the split kernel's last program of each row block merges (one launch), else a second kernel does.
+    """
     _check_inputs(q, k, v, n_valid)
     _check_kernel_inputs(q, k, v)
     nheads, q_len, headdim = q.shape
@@ -261,29 +338,34 @@ def sparse_attention_triton(
     if n_keys == 0:
         return out.zero_(), lse.fill_(float("-inf"))
 
-    tiles = _tiles(group * q_len, q.dtype)
+    tiles = tiles or default_tiles(group * q_len, q.dtype)
     row_blocks = _cdiv(group * q_len, tiles.block_m)
     split_n = _split_size(n_keys, nheads_kv * row_blocks, tiles.block_n, q.device, split_size)
     n_splits = _cdiv(n_keys, split_n)
     o_part = torch.empty(nheads * q_len, n_splits, headdim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(nheads * q_len, n_splits, dtype=torch.float32, device=q.device)
+    tickets = _tickets(q.device, nheads_kv * row_blocks) if fused_merge else None
+    merge_m, merge_s = _merge_shape(group * q_len, tiles.block_m, n_splits, headdim)
 
     interpret = interpreting()
     split_kernel, merge_kernel = _triton_kernels(interpret)
     split_kernel[(nheads_kv, n_splits, row_blocks)](
-        q, k, v, n_valid if n_valid is not None else q, o_part, lse_part,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k, v, n_valid if n_valid is not None else q, o_part, lse_part, out, lse,
+        tickets if tickets is not None else lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         q_len, n_keys, n_splits, split_n, scale * _LOG2E,
         GROUP=group, HEADDIM=headdim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         CAUSAL=bool(causal), HAS_N_VALID=n_valid is not None,
         UPCAST=interpret or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
-        num_warps=tiles.num_warps, num_stages=2,
+        FUSED_MERGE=tickets is not None, MERGE_M=merge_m, MERGE_S=merge_s,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    merge_kernel[(nheads * q_len,)](
-        o_part, lse_part, out, lse, out.stride(0), out.stride(1), q_len, n_splits,
-        HEADDIM=headdim, BLOCK_S=min(16, _next_pow2(n_splits)), num_warps=4,
-    )  # fmt: skip
+    if tickets is None:
+        merge_kernel[(_cdiv(nheads * q_len, merge_m),)](
+            o_part, lse_part, out, lse, out.stride(0), out.stride(1), nheads * q_len, q_len, n_splits,
+            HEADDIM=headdim, MERGE_M=merge_m, MERGE_S=merge_s, num_warps=4,
+        )  # fmt: skip
     return out, lse
 
 

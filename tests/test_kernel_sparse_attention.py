@@ -22,6 +22,8 @@ if importlib.util.find_spec("triton") is None:
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.sparse_attention import (  # noqa: E402
+    Tiles,
+    _tickets,
     merge_partial,
     sparse_attention,
     sparse_attention_reference,
@@ -93,13 +95,14 @@ def test_matches_float64_reference(case, dtype):
     assert_close_to_reference(lse, plain_lse, ref_lse.double(), 1e-4, "lse")
 
 
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["fused", "two-launches"])
 @pytest.mark.parametrize(("split_size", "q_len"), [(64, 1), (192, 1), (128, 37)])
-def test_many_splits_merge_exactly(split_size, q_len):
+def test_many_splits_merge_exactly(split_size, q_len, fused_merge):
     """Split-K with many splits (some entirely past n_valid) gives the reference answer, decode and causal."""
     causal = q_len > 1
     q, k, v, n_valid = make_inputs(3, 4, q_len, 1025, 64, True, torch.float32, seed=1)
     n_valid[0] = 130  # most splits of head 0 see no key
-    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size, fused_merge=fused_merge)
     ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), n_valid, causal)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
@@ -133,9 +136,9 @@ def test_head_without_valid_keys_gives_zero_and_minus_inf():
     torch.testing.assert_close(lse, ref_lse)
 
 
-def check_against_reference(q, k, v, n_valid, causal, split_size):
-    """sparse_attention_triton with split_size against the float64 reference (float32 inputs)."""
-    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+def check_against_reference(q, k, v, n_valid, causal, split_size, **launch):
+    """sparse_attention_triton with split_size (and launch's options) against the float64 reference (float32)."""
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size, **launch)
     ref_out, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), n_valid, causal)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
@@ -157,6 +160,16 @@ def test_consecutive_launches_with_other_shapes_and_split_counts(first, second):
         nheads_kv, group, q_len, n_keys, headdim, causal, split_size = LAUNCHES[index]
         q, k, v, n_valid = make_inputs(nheads_kv, group, q_len, n_keys, headdim, True, torch.float32, seed=index)
         check_against_reference(q, k, v, n_valid, causal, split_size)
+    assert not _tickets(q.device, 1).any(), "every fused merge leaves its ticket at 0 for the next launch"
+
+
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["fused", "two-launches"])
+@pytest.mark.parametrize("tiles", [Tiles(16, 32, 4, 3), Tiles(32, 128, 8, 1), Tiles(16, 16, 2, 4)], ids=str)
+def test_other_tiles_and_both_merges(tiles, fused_merge):
+    """Launch shapes a sweep may pick: other key blocks, warps and stages; rows over several row blocks."""
+    for q_len, causal in ((1, False), (21, True)):
+        q, k, v, n_valid = make_inputs(3, 4, q_len, 300, 64, True, torch.float32, seed=7)
+        check_against_reference(q, k, v, n_valid, causal, 64, tiles=tiles, fused_merge=fused_merge)
 
 
 @pytest.mark.parametrize("headdim", [64, 256])

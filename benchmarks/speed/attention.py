@@ -34,8 +34,10 @@ bytes of a large tensor .copy_ per second). The device's copy of the tree has no
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import platform
 import statistics
@@ -363,8 +365,21 @@ def measure_context(context_len: int, shape: Shape, methods: list[str], timer: T
     return rows
 
 
-def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes) -> list[dict]:
-    """The sparse attention kernel alone over n_keys keys with several split sizes, and SDPA on the same keys."""
+def parse_tiles(text: str, kernels) -> list | None:
+    """'64x4x2,128x8x3' (keys per block x warps x stages) -> Tiles with 16 packed rows; 'auto' -> None (default)."""
+    tiles = []
+    for item in text.split(","):
+        if item == "auto":
+            tiles.append(None)
+            continue
+        block_n, warps, stages = (int(x) for x in item.split("x"))
+        tiles.append(kernels.sparse_attention.Tiles(16, block_n, warps, stages))
+    return tiles
+
+
+def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes, tiles) -> list[dict]:
+    """The sparse attention kernel alone over n_keys keys: split sizes x tiles x merge (fused in the split kernel,
+    or a second launch), and SDPA on the same keys."""
     device = timer.device
     element = torch.empty((), dtype=dtype).element_size()
     launch = kernels.sparse_attention.sparse_attention_triton
@@ -376,10 +391,19 @@ def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_co
         n_bytes = kv_bytes(n_keys, shape, element)
         timing = timer(lambda q=q, k=k, v=v: sdpa_full(q[:, 0], k, v))
         rows.append(row(n_keys, "sdpa", timing, n_bytes, copy, n_keys=n_keys, split_size=None))
-        for split in split_sizes:
-            timing = timer(lambda q=q, k=k, v=v, split=split: launch(q, k, v, split_size=split))
-            rows.append(row(n_keys, "sparse_attention_kernel", timing, n_bytes, copy, n_keys=n_keys, split_size=split))
+        for split, tile, fused in itertools.product(split_sizes, tiles, (True, False)):
+            call = functools.partial(launch, q, k, v, split_size=split, tiles=tile, fused_merge=fused)
+            graph, error = graph_ms(timer, call)
+            rows.append(row(n_keys, "sparse_attention_kernel", timer(call), n_bytes, copy, n_keys=n_keys,
+                            split_size=split, tiles=None if tile is None else list(tile), fused_merge=fused,
+                            graph_ms=graph, graph_error=error))  # fmt: skip
     return rows
+
+
+def one_launch_ms(timer: Timer) -> tuple[float, float | None]:
+    """(ms, graph_ms) of one tiny kernel (a 1-element add) under the same timer: what any launch costs at least."""
+    x = torch.zeros(1, device=timer.device)
+    return timer(lambda: x.add_(1))[0], graph_ms(timer, lambda: x.add_(1))[0]
 
 
 def check_kernels(shape: Shape, device, dtype, kernels) -> dict:
@@ -446,13 +470,17 @@ def environment(device: torch.device) -> dict:
 
 def print_rows(rows: list[dict], copy: float) -> None:
     columns = ("ms", "graph ms", "wall ms", "MB read")
-    print(f"{'context':>8} {'method':>28} " + " ".join(f"{c:>9}" for c in columns) + f" {'GB/s':>8} {'% copy':>7}")
+    print(f"{'context':>8} {'method':>44} " + " ".join(f"{c:>9}" for c in columns) + f" {'GB/s':>8} {'% copy':>7}")
     for r in rows:
         share = f"{100 * r['gbps'] / copy:6.1f}%" if copy else "      -"
         label = r["method"] + (f"[{r['split_size']}]" if r.get("split_size") else "")
+        if r.get("tiles"):
+            label += "[{}x{}x{}]".format(*r["tiles"][1:])
+        if r.get("fused_merge") is False:
+            label += "[2 launches]"
         graph = f"{r['graph_ms']:9.4f}" if r.get("graph_ms") is not None else f"{'-':>9}"
         print(
-            f"{r['context_len']:>8} {label:>28} {r['ms']:9.4f} {graph} {r['wall_ms']:9.4f} "
+            f"{r['context_len']:>8} {label:>44} {r['ms']:9.4f} {graph} {r['wall_ms']:9.4f} "
             f"{r['bytes'] / 1e6:9.2f} {r['gbps']:8.1f} {share}"
         )
 
@@ -466,8 +494,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=32, help="SparQ components / Loki rank")
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--window", type=int, default=2048)
-    parser.add_argument("--sweep-keys", default="2k,4k,8k,16k", help="kernel_sweep key counts ('' to skip)")
-    parser.add_argument("--sweep-splits", default="auto,64,128,256,512,1024")
+    parser.add_argument("--sweep-keys", default="3136,16k", help="kernel_sweep key counts ('' to skip)")
+    parser.add_argument("--sweep-splits", default="auto,128,256,512")
+    parser.add_argument(
+        "--sweep-tiles",
+        default="auto,32x4x2,64x4x3,64x8x2,128x8x2",
+        help="kernel_sweep launch shapes: keys per block x warps x stages, or auto (the default's)",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
@@ -504,6 +537,8 @@ def main() -> None:
     print("kernel checks (max abs difference against the references):", json.dumps(checks))
 
     timer = Timer(device, args.warmup, args.reps)
+    launch_ms, launch_graph_ms = one_launch_ms(timer) if device.type == "cuda" else (None, None)
+    print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     for context_len in contexts:
         rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels)
@@ -514,7 +549,8 @@ def main() -> None:
     if args.sweep_keys:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
         splits = [None if s == "auto" else int(s) for s in args.sweep_splits.split(",")]
-        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits)
+        tiles = parse_tiles(args.sweep_tiles, kernels)
+        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits, tiles)
         print("kernel sweep (context = keys):")
         print_rows(sweep, copy)
 
@@ -522,6 +558,8 @@ def main() -> None:
         "env": environment(device),
         "config": {**asdict(shape), "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps, "l2_flush": "read"},
         "copy_gbps": copy,
+        "one_launch_ms": launch_ms,
+        "one_launch_graph_ms": launch_graph_ms,
         "checks": checks,
         "rows": rows,
         "kernel_sweep": sweep,
