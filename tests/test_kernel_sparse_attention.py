@@ -248,3 +248,21 @@ def test_padding_past_n_valid_may_hold_anything(implementation):
     k[0, 40:], v[0, 40:] = float("nan"), float("inf")
     dirty, _ = implementation(q, k, v, n_valid=n_valid)
     assert torch.equal(clean, dirty)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["fused", "two-launches"])
+def test_replays_of_a_captured_launch_match_eager_calls(fused_merge):
+    """A captured decode step replays the launch many times: the fused merge's tickets must be back at 0 each time."""
+    q, k, v, n_valid = make_inputs(8, 4, 1, 1025, 128, True, torch.bfloat16, seed=8)
+    expected = sparse_attention_triton(q, k, v, n_valid, split_size=64, fused_merge=fused_merge)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sparse_attention_triton(q, k, v, n_valid, split_size=64, fused_merge=fused_merge)
+    for _ in range(5):
+        captured[0].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured[0], expected[0], atol=0, rtol=0)
+        torch.testing.assert_close(captured[1], expected[1], atol=0, rtol=0)
+    assert not _tickets(q.device, 1).any()
