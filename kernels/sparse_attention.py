@@ -14,7 +14,8 @@ q_len positions of the valid keys: query i sees keys j <= n_valid - q_len + i.
 The Triton path (flash-decoding): one program per (KV head, block of packed query rows, block of keys). The
 rows of a program are every (query head of the GQA group, query position) pair, so each K/V tile is read
 once for the whole group. Each program writes a partial output and its lse; a second kernel merges the
-splits with a log-sum-exp reduction. fp16/bf16/fp32 inputs, fp32 accumulation. Triton is imported only when
+splits with a log-sum-exp reduction, or (``fused_merge``) the last program of each row block to finish does, counted
+by an atomic ticket: one launch instead of two. fp16/bf16/fp32 inputs, fp32 accumulation. Triton is imported only when
 a kernel is launched: CUDA tensors run the kernel, CPU tensors the torch reference, unless TRITON_INTERPRET=1
 (then the kernel runs in Triton's interpreter, which is how the tests check it on a CPU).
 """
@@ -261,6 +262,11 @@ def _merge_shape(rows: int, block_m: int, n_splits: int, headdim: int) -> tuple[
     return merge_m, merge_s
 
 
+# Off until the fused merge has run on a GPU: the interpreter runs programs one after another, so only a GPU shows
+# whether the tickets' ordering (barrier, acq_rel atomic, .cg loads) holds; benchmarks/speed/attention.py measures
+# both and tests/test_kernel_sparse_attention.py checks both (with CUDA, replays of a captured launch too).
+FUSED_MERGE_DEFAULT = False
+
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 _TICKET_COUNT = 65536  # row blocks a fused launch may have (a 2048-token chunk of 8 KV heads has 8 x 128)
 
@@ -318,7 +324,7 @@ def sparse_attention_triton(
     scale: float | None = None,
     split_size: int | None = None,
     tiles: Tiles | None = None,
-    fused_merge: bool = True,
+    fused_merge: bool = FUSED_MERGE_DEFAULT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel(s); same contract as sparse_attention.
 

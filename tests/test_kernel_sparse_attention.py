@@ -153,13 +153,14 @@ LAUNCHES = [
 ]
 
 
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["fused", "two-launches"])
 @pytest.mark.parametrize(("first", "second"), [(0, 1), (1, 2), (2, 3), (3, 0)], ids=lambda i: f"launch{i}")
-def test_consecutive_launches_with_other_shapes_and_split_counts(first, second):
+def test_consecutive_launches_with_other_shapes_and_split_counts(first, second, fused_merge):
     """Launches with other shapes and split counts one after another (compiled variants and buffers do not leak)."""
     for index in (first, second, first):
         nheads_kv, group, q_len, n_keys, headdim, causal, split_size = LAUNCHES[index]
         q, k, v, n_valid = make_inputs(nheads_kv, group, q_len, n_keys, headdim, True, torch.float32, seed=index)
-        check_against_reference(q, k, v, n_valid, causal, split_size)
+        check_against_reference(q, k, v, n_valid, causal, split_size, fused_merge=fused_merge)
     assert not _tickets(q.device, 1).any(), "every fused merge leaves its ticket at 0 for the next launch"
 
 
@@ -181,21 +182,22 @@ def test_smallest_splits_and_a_single_split(split_size, q_len, headdim):
     check_against_reference(q, k, v, n_valid, q_len > 1, split_size)
 
 
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["fused", "two-launches"])
 @pytest.mark.parametrize("causal", [False, True], ids=["decode", "causal"])
 @pytest.mark.parametrize("split_size", [32, 2048], ids=["splits", "one-split"])
-def test_rows_without_keys_give_zero_and_minus_inf(split_size, causal):
+def test_rows_without_keys_give_zero_and_minus_inf(split_size, causal, fused_merge):
     """A KV head with no valid key (all its rows), and causal rows before the first valid key."""
     q_len = 5 if causal else 1
     q, k, v, _ = make_inputs(3, 2, q_len, 200, 64, False, torch.float32, seed=6)
     n_valid = torch.tensor([0, 200, 3], device=DEVICE)  # KV head 2, causal: positions 0 and 1 see no key
-    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size)
+    out, lse = sparse_attention_triton(q, k, v, n_valid, causal=causal, split_size=split_size, fused_merge=fused_merge)
     empty = torch.zeros(q.shape[:2], dtype=torch.bool, device=DEVICE)
     empty[:2] = True
     if causal:
         empty[4:, :2] = True
     assert torch.all(out[empty] == 0) and torch.all(lse[empty] == float("-inf"))
     assert torch.all(torch.isfinite(lse[~empty]))
-    check_against_reference(q, k, v, n_valid, causal, split_size)
+    check_against_reference(q, k, v, n_valid, causal, split_size, fused_merge=fused_merge)
 
 
 def test_strided_keys_and_explicit_scale():
