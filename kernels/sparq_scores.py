@@ -145,7 +145,7 @@ def sparq_query(q: torch.Tensor, nheads_kv: int, r: int) -> tuple[torch.Tensor, 
     compute = torch.promote_types(q.dtype, torch.float32)
     magnitude = q.to(compute).abs()  # (nheads, headdim)
     group_magnitude = magnitude.reshape(nheads_kv, -1, headdim).sum(dim=1)  # (nheads_kv, headdim)
-    idx = torch.topk(group_magnitude, r, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = topk_tokens(group_magnitude, r)
     idx_heads = idx.repeat_interleave(nheads // nheads_kv, dim=0)  # (nheads, r)
     kept = magnitude.gather(1, idx_heads).sum(dim=1)
     total = magnitude.sum(dim=1)

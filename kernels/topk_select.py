@@ -1,15 +1,112 @@
-"""Top-k token selection from per-KV-head scores, respecting the number of valid keys of each head.
+"""Top-k selection per row, the chosen indices in ascending order, respecting each row's number of valid entries.
 
-    scores  (nheads_kv, n_keys) float      higher is better
-    n_valid (nheads_kv,) int               keys [0, n_valid[h]) of head h are real, the rest padding
-    indices (nheads_kv, k) int64           ascending (document order)
+    scores  (n_rows, n_keys) float          higher is better (float32, float16 or bfloat16)
+    n_valid (n_rows,) int                   entries [0, n_valid[r]) of row r are real, the rest padding
+    indices (n_rows, k) int64               ascending (document order)
 
-torch.topk is fast enough here (one launch over nheads_kv * n_keys floats); no Triton kernel.
+Rows are KV heads choosing tokens (token selection), one row of span votes (the attention benchmark), or a GQA
+group's |q| components (SparQ). torch.topk then torch.sort cost a decode step four to six launches and, for a row
+of a few thousand entries, about 75 us of device time on the H100 (the top-k's gather kernel 48 us, the sort 25 us:
+``benchmarks/speed/results/e2e_h100_profile_131072.txt``) where the scores themselves are a few kilobytes.
+
+The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
+(the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a binary search on
+the 2^32 possible keys (32 counts of the keys >= a candidate, over a row that stays in L1), then writes the
+entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
+prefix sum gives them: the output comes out ascending without a sort. Ties at the k-th value go to the lowest
+indices, as in the reference (a stable descending sort); torch.topk leaves that order unspecified.
+
+CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from . import interpreting, use_triton
+
+tl = None  # triton.language, bound by _triton_kernels() on first launch
+
+_MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
+_KEY_BITS = 32  # a binary search over int32 keys halves 2^32 candidates this many times
+
+
+def _topk_select_kernel(
+    scores_ptr, n_valid_ptr, out_ptr, n_keys, k, stride_row,
+    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, KEY_BITS: tl.constexpr,
+):  # fmt: skip
+    """One row: the k-th largest key by binary search, then the chosen indices in ascending order."""
+    row = tl.program_id(0).to(tl.int64)
+    row_scores = scores_ptr + row * stride_row
+    valid = n_keys
+    if HAS_VALID:
+        valid = tl.minimum(tl.load(n_valid_ptr + row).to(tl.int32), n_keys)
+    lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(KEY_BITS):
+        mid = (lo + hi + 1) >> 1
+        at_least = tl.zeros((), dtype=tl.int32)
+        for chunk in range(N_CHUNKS):
+            keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+            at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
+        enough = at_least >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    threshold = lo
+    above = tl.zeros((), dtype=tl.int32)
+    for chunk in range(N_CHUNKS):
+        keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+        above += tl.sum((in_row & (keys > threshold)).to(tl.int32), axis=0)
+    ties_wanted = k - above  # entries with key == threshold to take, the lowest indices first
+    written = tl.zeros((), dtype=tl.int32)
+    ties_seen = tl.zeros((), dtype=tl.int32)
+    for chunk in range(N_CHUNKS):
+        keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+        tie = in_row & (keys == threshold)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1 for the row's first tie
+        take = (in_row & (keys > threshold)) | (tie & (tie_rank <= ties_wanted))
+        slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row * k + slot, index.to(tl.int64), mask=take)
+        written += tl.sum(take.to(tl.int32), axis=0)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+
+
+def _row_keys(row_scores, start, n_keys, valid, BLOCK: tl.constexpr):
+    """Keys (BLOCK,) int32 of entries [start, start + BLOCK): order-preserving images of the float scores, padding
+    (index >= valid) at -inf's key; in_row: index < n_keys; index: the entries' positions in the row."""
+    index = start + tl.arange(0, BLOCK)
+    in_row = index < n_keys
+    scores = tl.load(row_scores + index, mask=in_row, other=0.0).to(tl.float32)
+    scores = tl.where(index < valid, scores, float("-inf"))
+    bits = scores.to(tl.int32, bitcast=True)
+    keys = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+    return keys, in_row, index
+
+
+_ROW_KEYS = _row_keys  # the plain function; _triton_kernels binds _row_keys to its JIT wrapper
+
+
+@functools.cache
+def _triton_kernels(interpret: bool):
+    """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
+    global tl, _row_keys
+    import triton
+    import triton.language
+
+    tl = triton.language
+    _row_keys = triton.jit(_ROW_KEYS)  # the kernel calls the helper by this global name
+    return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row"])
+
+
+def _check_inputs(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (nheads_kv, n_keys), got {tuple(scores.shape)}.")
+    if not 0 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be between 0 and n_keys ({scores.shape[1]}), got {k}.")
+    if n_valid is not None and n_valid.shape != (scores.shape[0],):
+        raise ValueError(f"n_valid must have shape (nheads_kv,) = ({scores.shape[0]},), got {tuple(n_valid.shape)}.")
 
 
 def mask_invalid(scores: torch.Tensor, n_valid: torch.Tensor | None) -> torch.Tensor:
@@ -20,18 +117,41 @@ def mask_invalid(scores: torch.Tensor, n_valid: torch.Tensor | None) -> torch.Te
     return scores.masked_fill(keys[None, :] >= n_valid.to(scores.device)[:, None], float("-inf"))
 
 
+def topk_tokens_reference(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch: a stable descending sort (ties: lowest index first), its first k, sorted ascending."""
+    _check_inputs(scores, k, n_valid)
+    order = torch.sort(mask_invalid(scores, n_valid), dim=1, descending=True, stable=True).indices
+    return torch.sort(order[:, :k], dim=1).values
+
+
+def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's launch; same contract as topk_tokens."""
+    _check_inputs(scores, k, n_valid)
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    n_rows, n_keys = scores.shape
+    out = torch.empty(n_rows, k, dtype=torch.long, device=scores.device)
+    if k == 0 or n_rows == 0:
+        return out
+    block = min(_MAX_BLOCK, max(16, 1 << (n_keys - 1).bit_length()))
+    valid = n_valid.to(device=scores.device) if n_valid is not None else out  # out: a placeholder, never read
+    _triton_kernels(interpreting())[(n_rows,)](
+        scores, valid, out, n_keys, k, scores.stride(0),
+        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-n_keys // block), KEY_BITS=_KEY_BITS,
+        num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return out
+
+
 def topk_tokens(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the k best keys per KV head, sorted ascending -> (nheads_kv, k) int64.
 
     Keys at or beyond n_valid[h] rank below every valid key. When k > n_valid[h], the last k - n_valid[h]
     indices of that row point at padding; because they are sorted, the first min(k, n_valid[h]) are the valid
-    ones, so pass ``n_valid.clamp(max=k)`` on to sparse_attention with the gathered keys.
+    ones, so pass ``n_valid.clamp(max=k)`` on to sparse_attention with the gathered keys. Ties go to the lowest
+    indices. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise and for
+    float64 scores (the kernel's keys are float32's).
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (nheads_kv, n_keys), got {tuple(scores.shape)}.")
-    if not 0 <= k <= scores.shape[1]:
-        raise ValueError(f"k must be between 0 and n_keys ({scores.shape[1]}), got {k}.")
-    if n_valid is not None and n_valid.shape != (scores.shape[0],):
-        raise ValueError(f"n_valid must have shape (nheads_kv,) = ({scores.shape[0]},), got {tuple(n_valid.shape)}.")
-    top = torch.topk(mask_invalid(scores, n_valid), k, dim=1, sorted=False).indices
-    return torch.sort(top, dim=1).values
+    if scores.dtype != torch.float64 and use_triton(scores):
+        return topk_tokens_triton(scores, k, n_valid)
+    return topk_tokens_reference(scores, k, n_valid)

@@ -1,0 +1,101 @@
+"""Top-k selection kernel against its torch reference (a stable sort) and against torch.topk's values.
+
+Without CUDA the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1 for this module, see
+kernel_support); with CUDA it runs compiled, bf16 included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
+from ltri.kernels.topk_select import (  # noqa: E402
+    _MAX_BLOCK,
+    topk_tokens,
+    topk_tokens_reference,
+    topk_tokens_triton,
+)
+
+# (n_rows, n_keys, k): awkward lengths, k of 1 to all, one row longer than a chunk (the kernel reads it in parts)
+CASES = [(1, 97, 5), (3, 123, 123), (8, 1025, 64), (1, 4032, 63), (2, _MAX_BLOCK + 904, 1000), (8, 128, 32), (4, 16, 1)]
+
+
+def random_scores(n_rows, n_keys, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n_rows, n_keys, generator=generator).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_the_reference_and_torch_topk(case, dtype):
+    n_rows, n_keys, k = case
+    scores = random_scores(n_rows, n_keys, dtype)
+    indices = topk_tokens_triton(scores, k)
+    assert indices.dtype == torch.long and indices.shape == (n_rows, k)
+    assert torch.equal(indices, topk_tokens_reference(scores, k))
+    assert torch.all(indices[:, 1:] > indices[:, :-1]), "indices must be strictly ascending"
+    best = torch.topk(scores.float(), k, dim=1).values.sort(dim=1).values
+    assert torch.equal(scores.float().gather(1, indices).sort(dim=1).values, best)
+
+
+@pytest.mark.parametrize("n_valid", [[0, 10, 300], [300, 300, 300], [1, 299, 57]])
+def test_padding_ranks_below_every_valid_key(n_valid):
+    scores = random_scores(3, 300, torch.float32, seed=1)
+    scores[:, 250:] = 100.0  # padding with the best scores must still lose
+    valid = torch.tensor(n_valid, device=DEVICE)
+    indices = topk_tokens_triton(scores, 120, valid)
+    assert torch.equal(indices, topk_tokens_reference(scores, 120, valid))
+    for row, count in enumerate(n_valid):
+        kept = min(count, 120)
+        assert torch.all(indices[row, :kept] < count) and torch.all(indices[row, kept:] >= count)
+
+
+def test_ties_go_to_the_lowest_indices():
+    scores = torch.zeros(2, 200, device=DEVICE)
+    scores[0, 150:] = 1.0  # 50 clear winners, then 30 of the 150 tied zeros: indices 0..29
+    indices = topk_tokens_triton(scores, 80)
+    expected = torch.cat([torch.arange(30), torch.arange(150, 200)]).to(DEVICE)
+    assert torch.equal(indices[0], expected)
+    assert torch.equal(indices[1], torch.arange(80, device=DEVICE))
+
+
+def test_infinities_and_signed_values_keep_their_order():
+    values = [float("-inf"), -3.5, -1e-30, -0.0, 0.5, 1e30, float("inf")]
+    scores = torch.tensor([values[::-1] + values], device=DEVICE)  # each value twice, descending then ascending
+    for k in range(1, scores.shape[1] + 1):
+        assert torch.equal(topk_tokens_triton(scores, k), topk_tokens_reference(scores, k)), k
+
+
+def test_strided_rows_and_empty_selections():
+    scores = random_scores(6, 300, torch.float32, seed=2)[::2, ::1]  # rows 600 apart: not contiguous
+    assert torch.equal(topk_tokens_triton(scores, 17), topk_tokens_reference(scores, 17))
+    assert topk_tokens_triton(scores, 0).shape == (3, 0)
+    column_major = random_scores(40, 5, torch.float32, seed=3).t()  # stride(1) != 1: copied first
+    assert torch.equal(topk_tokens_triton(column_major, 7), topk_tokens_reference(column_major, 7))
+
+
+def test_dispatch_takes_the_reference_for_float64():
+    scores = torch.zeros(1, 50, dtype=torch.float64, device=DEVICE)
+    scores[0, :3] = torch.tensor([1.0, 1.0 + 1e-12, 1.0 + 2e-12], dtype=torch.float64)  # tied in float32
+    assert topk_tokens(scores, 2).tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    "scores, k, n_valid, message",
+    [
+        (torch.zeros(4), 1, None, "must be \\(nheads_kv, n_keys\\)"),
+        (torch.zeros(2, 5), 6, None, "k must be between 0 and n_keys"),
+        (torch.zeros(2, 5), -1, None, "k must be between 0 and n_keys"),
+        (torch.zeros(2, 5), 2, torch.tensor([1, 2, 3]), "n_valid must have shape"),
+    ],
+)
+def test_bad_inputs_get_one_sentence(scores, k, n_valid, message):
+    for select in (topk_tokens_triton, topk_tokens_reference):
+        with pytest.raises(ValueError, match=message):
+            select(scores.to(DEVICE), k, n_valid)
