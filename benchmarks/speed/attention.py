@@ -17,6 +17,9 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   4. RoPE of the selected keys (compact positions) into the resident buffer, between the sinks and the window;
   5. sparse attention over sinks + selected + window.
 - sparse_attention_kernel: step 5 alone, with its bandwidth on the K/V bytes it reads.
+- stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
+  torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch stages:
+  what the kernel replaced, measured in the same run).
 - kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
   same keys, to tune the split heuristic.
 
@@ -181,13 +184,22 @@ def make_layer(context_len: int, shape: Shape, device, dtype, with_loki: bool, k
 # --------------------------------------------------------------------------------------------- one decode step
 
 
-def vote_spans(q: torch.Tensor, bounds: torch.Tensor, n_kept: int) -> torch.Tensor:
-    """Top spans of the heads' vote -> (n_kept,) int64 ascending. q (nheads, headdim)."""
+def span_votes(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The heads' vote for each span -> (n_spans,) float32. q (nheads, headdim)."""
     nheads_kv, two_headdim, _ = bounds.shape
     q_bound = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1).view(nheads_kv, -1, two_headdim)
     upper = torch.bmm(q_bound, bounds).float()  # (nheads_kv, group, n_spans): Quest's upper bound
-    votes = torch.softmax(upper * (2.0 / two_headdim) ** 0.5, dim=-1).sum(dim=(0, 1))  # (n_spans,)
-    return torch.topk(votes, n_kept, sorted=False).indices.sort().values
+    return torch.softmax(upper * (2.0 / two_headdim) ** 0.5, dim=-1).sum(dim=(0, 1))
+
+
+def vote_spans(q: torch.Tensor, bounds: torch.Tensor, n_kept: int, kernels) -> torch.Tensor:
+    """Top spans of the heads' vote -> (n_kept,) int64 ascending. q (nheads, headdim)."""
+    return kernels.topk_select.topk_tokens(span_votes(q, bounds)[None], n_kept)[0]
+
+
+def torch_topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """What the top-k selection kernel replaces: torch.topk, then torch.sort of the indices (stage timings)."""
+    return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def gather_spans(layer: Layer, span_ids: torch.Tensor, shape: Shape, with_loki: bool):
@@ -218,13 +230,51 @@ def place_selected(layer: Layer, k_cand, v_cand, idx: torch.Tensor, shape: Shape
 
 def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels, rotate_keys: bool = True) -> torch.Tensor:
     """One decode step of one layer, q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
-    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len)
+    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
     k_cand, v_cand, k_low_cand = gather_spans(layer, span_ids, shape, selector == "loki")
     idx = select_tokens(q, k_cand, k_low_cand, layer, shape, selector, kernels)
     place_selected(layer, k_cand, v_cand, idx, shape, rotate_keys)
     q_rot = rotate(q, layer.q_cos, layer.q_sin) if rotate_keys else q
     out, _ = kernels.sparse_attention.sparse_attention(q_rot[:, None], layer.k_res, layer.v_res)
     return out
+
+
+def step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
+    """ltri_step cut into its stages, each a call on the previous stages' outputs (computed once here), and the
+    torch top-k + sort each top-k kernel replaces: name -> call, for a per-stage timing."""
+    topk = kernels.topk_select.topk_tokens
+    votes = span_votes(q, layer.bounds)
+    n_kept = shape.budget // shape.span_len
+    span_ids = topk(votes[None], n_kept)[0]
+    k_cand, v_cand, k_low_cand = gather_spans(layer, span_ids, shape, selector == "loki")
+    if selector == "sparq":
+        score = functools.partial(kernels.sparq_scores.sparq_scores, q, k_cand, shape.rank)
+    else:
+        score = functools.partial(kernels.lowrank_scores.lowrank_scores, q, k_low_cand, layer.basis, shape.rank)
+    scores = score()
+    idx = topk(scores, shape.n_select)
+    q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
+    return {
+        "votes": functools.partial(span_votes, q, layer.bounds),
+        "span_topk": functools.partial(topk, votes[None], n_kept),
+        "span_topk_torch": functools.partial(torch_topk_ascending, votes, n_kept),
+        "gather": functools.partial(gather_spans, layer, span_ids, shape, selector == "loki"),
+        "token_scores": score,
+        "token_topk": functools.partial(topk, scores, shape.n_select),
+        "token_topk_torch": functools.partial(torch_topk_ascending, scores, shape.n_select),
+        "place": functools.partial(place_selected, layer, k_cand, v_cand, idx, shape, True),
+        "rotate_query": functools.partial(rotate, q, layer.q_cos, layer.q_sin),
+        "attention": functools.partial(kernels.sparse_attention.sparse_attention, q_rot, layer.k_res, layer.v_res),
+    }
+
+
+def stage_ms(timer, stages: dict) -> dict:
+    """name -> graph_ms of each stage (ms where a graph cannot hold it, or on the CPU)."""
+    timings = {}
+    for name, call in stages.items():
+        graphed = graph_ms(timer, call)[0] if timer.device.type == "cuda" else None
+        timings[name] = graphed if graphed is not None else timer(call)[0]
+    return timings
 
 
 def sdpa_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -353,8 +403,9 @@ def measure_context(context_len: int, shape: Shape, methods: list[str], timer: T
             step = lambda selector=selector: ltri_step(q, layer, shape, selector, kernels)  # noqa: E731
             n_bytes = ltri_bytes(layer, shape, selector, element)
             graph, error = graph_ms(timer, step)
+            stages = stage_ms(timer, step_stages(q, layer, shape, selector, kernels))
             rows.append(row(context_len, method, timer(step), n_bytes, copy, selector=selector, graph_ms=graph,
-                            graph_error=error))  # fmt: skip
+                            graph_error=error, stages_ms=stages))  # fmt: skip
     if "sparse_attention_kernel" in methods:
         q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
         step = lambda: kernels.sparse_attention.sparse_attention(q_rot, layer.k_res, layer.v_res)  # noqa: E731
@@ -483,6 +534,8 @@ def print_rows(rows: list[dict], copy: float) -> None:
             f"{r['context_len']:>8} {label:>44} {r['ms']:9.4f} {graph} {r['wall_ms']:9.4f} "
             f"{r['bytes'] / 1e6:9.2f} {r['gbps']:8.1f} {share}"
         )
+        if r.get("stages_ms"):
+            print(f"{'':>8} {'stages (graph ms):':>44} " + ", ".join(f"{k} {v:.4f}" for k, v in r["stages_ms"].items()))
 
 
 def parse_args() -> argparse.Namespace:
