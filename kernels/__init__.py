@@ -3,7 +3,8 @@
     ltri.kernels.sparse_attention   sparse_attention, merge_partial
     ltri.kernels.lowrank_scores     pca_basis, project_keys, lowrank_scores (Loki)
     ltri.kernels.sparq_scores       sparq_scores, selected_mass, mean_value_reallocation (SparQ)
-    ltri.kernels.topk_select        topk_tokens
+    ltri.kernels.topk_select        topk_tokens (one row's top k, ascending, without a sort)
+    ltri.kernels.pack_rotate        pack_rotate (a captured step's sinks, retrieved rows and window, keys rotated)
     ltri.kernels.vector_scores      vector_scores (the span index's scores of every vector)
     ltri.kernels.span_scores        span_scores (each span's best vector score, vectors kept together)
     ltri.kernels.span_max           span_max (the shared votes' read: each span's largest vote)

@@ -32,6 +32,7 @@ from collections import Counter
 import torch
 
 from ltri.decode_step import DecodeStep
+from ltri.kernels.pack_rotate import pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import RopeTable, Rotary
 from ltri.retrieval import chosen_spans_padded, span_token_rows
@@ -84,33 +85,33 @@ class CapturedLayer:
         window_keys.index_copy_(2, window_length, key)
         window_values.index_copy_(2, window_length, value)
         window_positions.index_copy_(0, window_length, self.counts[2:3])
-        retrieved, n_retrieved = self.retrieve(query)
-        keys = self.packed(0, retrieved[:, 0], n_retrieved)
-        values = self.packed(1, retrieved[:, 1], n_retrieved)
+        rows, n_retrieved = self.retrieve(query)
+        keys, values = self.packed(rows, n_retrieved)
         n_valid = self.n_sink + n_retrieved + window_length + 1  # (1,) the token itself is the last valid key
         at = n_valid - 1
         query_table = RopeTable(self.table.cos.index_select(2, at), self.table.sin.index_select(2, at))
-        rotated_keys = self.table.rotate(keys[None])[0]
         n_valid_per_head = n_valid.expand(keys.shape[0]).contiguous()
         output, _ = sparse_attention(
-            query_table.rotate(query)[0], rotated_keys, values, n_valid=n_valid_per_head, scale=scaling
+            query_table.rotate(query)[0], keys, values, n_valid=n_valid_per_head, scale=scaling
         )
         return output[None]
 
-    def packed(self, part: int, retrieved: torch.Tensor, n_retrieved: torch.Tensor) -> torch.Tensor:
-        """Sinks, the n_retrieved valid retrieved tokens, then the window, packed: (nheads_kv, P, headdim).
-
-        part: 0 keys, 1 values; retrieved (B, nheads_kv, headdim) of that part."""
-        window = self.memory.window.buffers()[part][0]
+    def packed(self, rows: torch.Tensor, n_retrieved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks, the n_retrieved valid retrieved tokens (read from the host rows), then the window, packed at
+        compact positions: keys rotated, values (nheads_kv, P, headdim), in one kernel on CUDA."""
+        window_keys, window_values, _ = self.memory.window.buffers()
         sinks = self.memory.sinks
-        sinks = window[:, :0] if sinks.length == 0 else (sinks.keys() if part == 0 else sinks.values())[0]
-        sources = torch.cat([sinks, retrieved.transpose(0, 1), window], dim=1)  # (nheads_kv, P, headdim)
-        place = torch.arange(self.n_packed, device=sources.device)
-        source = torch.where(place < self.n_sink + n_retrieved, place, place - n_retrieved + self.budget)
-        return sources.index_select(1, source.clamp(max=self.n_packed - 1))
+        sink_keys, sink_values = (
+            (window_keys[0, :, :0], window_values[0, :, :0]) if sinks.length == 0
+            else (sinks.keys()[0], sinks.values()[0])
+        )  # fmt: skip
+        return pack_rotate(
+            sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
+            window_keys[0], window_values[0], self.table.cos[0, 0], self.table.sin[0, 0],
+        )  # fmt: skip
 
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The budget's tokens for query: (B, 2, nheads_kv, headdim) rows (0 past the count) and their count."""
+        """The budget's tokens for query: their rows in the host rows (B,) int64 (0 past the count), their count."""
         memory = self.memory
         search = memory.search_queries(query)
         scores, slots = memory.index.search_captured(
@@ -123,8 +124,7 @@ class CapturedLayer:
         chosen = chosen_spans_padded(votes, tables.lengths, self.budget, self.n_chosen)
         memory.persistence.record(votes)
         self.chosen.copy_(chosen, non_blocking=True)
-        rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
-        return memory.host_payloads.device_view().index_select(0, rows), count
+        return span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
 
 
 class CapturedDecode:
