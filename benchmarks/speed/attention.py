@@ -20,6 +20,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
   torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch stages:
   what the kernel replaced, measured in the same run).
+- pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
+  and rotates the keys, against the torch ops it replaced, in the same run.
 - kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
   same keys, to tune the split heuristic.
 
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
-KERNEL_MODULES = ("sparse_attention", "sparq_scores", "lowrank_scores", "topk_select")
+KERNEL_MODULES = ("sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate")
 
 
 def load_kernels() -> SimpleNamespace:
@@ -451,6 +453,36 @@ def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_co
     return rows
 
 
+def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_rows: int = 1 << 16) -> list[dict]:
+    """A captured decode step's packing of one layer (sinks, budget rows, window with 256 slots of headroom; keys
+    rotated): the pack_rotate kernel against the torch ops it replaced (its reference), rows in device memory.
+    bytes: what the kernel must read (packed K/V, cos, sin) and write (packed K/V), as copy_gbps counts both."""
+    device = timer.device
+    window = shape.n_window + 256
+    n_packed = shape.n_sink + shape.budget + window
+
+    def randn(*size):
+        return torch.randn(*size, device=device).to(dtype)
+
+    cos, sin = (t.to(dtype) for t in rope_table(torch.arange(n_packed, device=device), shape))
+    inputs = (
+        randn(shape.nheads_kv, shape.n_sink, shape.headdim), randn(shape.nheads_kv, shape.n_sink, shape.headdim),
+        randn(n_rows, 2, shape.nheads_kv, shape.headdim), torch.randint(0, n_rows, (shape.budget,), device=device),
+        torch.tensor(shape.budget - 7, device=device), randn(shape.nheads_kv, window, shape.headdim),
+        randn(shape.nheads_kv, window, shape.headdim), cos.contiguous(), sin.contiguous(),
+    )  # fmt: skip
+    element = torch.empty((), dtype=dtype).element_size()
+    n_bytes = 2 * kv_bytes(n_packed, shape, element) + 2 * n_packed * shape.headdim * element
+    rows = []
+    for method, call in (("pack_rotate_kernel", kernels.pack_rotate.pack_rotate),  # the reference on a CPU
+                         ("pack_rotate_torch", kernels.pack_rotate.pack_rotate_reference)):  # fmt: skip
+        step = functools.partial(call, *inputs)
+        graph, error = graph_ms(timer, step) if device.type == "cuda" else (None, None)
+        rows.append(row(n_packed, method, timer(step), n_bytes, copy, n_keys=n_packed, graph_ms=graph,
+                        graph_error=error))  # fmt: skip
+    return rows
+
+
 def one_launch_ms(timer: Timer) -> tuple[float, float | None]:
     """(ms, graph_ms) of one tiny kernel (a 1-element add) under the same timer: what any launch costs at least."""
     x = torch.zeros(1, device=timer.device)
@@ -598,6 +630,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
+    packing = pack_rotate_rows(shape, timer, copy, dtype, kernels)
+    print("packing a captured step's key set (context = packed keys):")
+    print_rows(packing, copy)
     sweep = []
     if args.sweep_keys:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
@@ -616,6 +651,7 @@ def main() -> None:
         "checks": checks,
         "rows": rows,
         "kernel_sweep": sweep,
+        "pack_rotate": packing,
     }
     out = args.out if args.out or args.smoke else DEFAULT_OUT
     if out:
