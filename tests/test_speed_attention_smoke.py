@@ -1,0 +1,32 @@
+"""benchmarks/speed/attention.py --smoke: the whole script on the CPU (torch references, small sizes) writes the
+rows, stages and packing comparison the GPU run writes, and its kernel checks hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"votes", "span_topk", "span_topk_torch", "gather", "token_scores", "token_topk", "token_topk_torch",
+          "place", "rotate_query", "attention"}  # fmt: skip
+
+
+def test_smoke_run_writes_every_method_and_stage(tmp_path):
+    out = tmp_path / "attention.json"
+    script = ROOT / "benchmarks" / "speed" / "attention.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert all(abs(value) < 1e-4 for value in result["checks"].values()), result["checks"]
+    methods = {(row["context_len"], row["method"]) for row in result["rows"]}
+    contexts = {context for context, _ in methods}
+    assert len(contexts) == 2
+    for context in contexts:
+        assert {m for c, m in methods if c == context} == {"sdpa_full", "ltri", "ltri_loki", "sparse_attention_kernel"}
+    for row in result["rows"]:
+        assert row["ms"] > 0 and row["bytes"] > 0
+        if row["method"].startswith("ltri"):
+            assert set(row["stages_ms"]) == STAGES and all(ms > 0 for ms in row["stages_ms"].values())
+    assert [row["method"] for row in result["pack_rotate"]] == ["pack_rotate_kernel", "pack_rotate_torch"]
