@@ -11,10 +11,11 @@ of a few thousand entries, about 75 us of device time on the H100 (the top-k's g
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
 (the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a binary search on
-the 2^32 possible keys (32 counts of the keys >= a candidate, over a row that stays in L1), then writes the
-entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
-prefix sum gives them: the output comes out ascending without a sort. Ties at the k-th value go to the lowest
-indices, as in the reference (a stable descending sort); torch.topk leaves that order unspecified.
+the 2^32 possible keys (32 counts of the keys >= a candidate; a row's first 4096 entries stay in registers, the
+rest are reread from L1/L2), then writes the entries with key > T and the first (by index) entries with key == T,
+enough to make k, at the positions a running prefix sum gives them: the output comes out ascending without a sort.
+Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
+that order unspecified.
 
 CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
@@ -43,34 +44,40 @@ def _topk_select_kernel(
     valid = n_keys
     if HAS_VALID:
         valid = tl.minimum(tl.load(n_valid_ptr + row).to(tl.int32), n_keys)
+    keys0, in_row0, index0 = _row_keys(row_scores, 0, n_keys, valid, BLOCK)  # the first chunk stays in registers
     lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
     hi = tl.full((), 2147483647, tl.int64)
     for _ in range(KEY_BITS):
         mid = (lo + hi + 1) >> 1
-        at_least = tl.zeros((), dtype=tl.int32)
-        for chunk in range(N_CHUNKS):
+        at_least = tl.sum((in_row0 & (keys0 >= mid)).to(tl.int32), axis=0)
+        for chunk in range(1, N_CHUNKS):
             keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
             at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
         enough = at_least >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
     threshold = lo
-    above = tl.zeros((), dtype=tl.int32)
-    for chunk in range(N_CHUNKS):
+    above = tl.sum((in_row0 & (keys0 > threshold)).to(tl.int32), axis=0)
+    for chunk in range(1, N_CHUNKS):
         keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
         above += tl.sum((in_row & (keys > threshold)).to(tl.int32), axis=0)
     ties_wanted = k - above  # entries with key == threshold to take, the lowest indices first
-    written = tl.zeros((), dtype=tl.int32)
-    ties_seen = tl.zeros((), dtype=tl.int32)
-    for chunk in range(N_CHUNKS):
+    out_row = out_ptr + row * k
+    written, ties_seen = _write_taken(keys0, in_row0, index0, threshold, ties_wanted, 0, 0, out_row)
+    for chunk in range(1, N_CHUNKS):
         keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
-        tie = in_row & (keys == threshold)
-        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1 for the row's first tie
-        take = (in_row & (keys > threshold)) | (tie & (tie_rank <= ties_wanted))
-        slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + row * k + slot, index.to(tl.int64), mask=take)
-        written += tl.sum(take.to(tl.int32), axis=0)
-        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+        written, ties_seen = _write_taken(keys, in_row, index, threshold, ties_wanted, written, ties_seen, out_row)
+
+
+def _write_taken(keys, in_row, index, threshold, ties_wanted, written, ties_seen, out_row):
+    """Writes one chunk's chosen indices after the `written` ones: keys above the threshold, and ties while fewer
+    than ties_wanted were taken (ties_seen in earlier chunks). Returns the updated (written, ties_seen)."""
+    tie = in_row & (keys == threshold)
+    tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1 for the row's first tie
+    take = (in_row & (keys > threshold)) | (tie & (tie_rank <= ties_wanted))
+    slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_row + slot, index.to(tl.int64), mask=take)
+    return written + tl.sum(take.to(tl.int32), axis=0), ties_seen + tl.sum(tie.to(tl.int32), axis=0)
 
 
 def _row_keys(row_scores, start, n_keys, valid, BLOCK: tl.constexpr):
@@ -85,18 +92,18 @@ def _row_keys(row_scores, start, n_keys, valid, BLOCK: tl.constexpr):
     return keys, in_row, index
 
 
-_ROW_KEYS = _row_keys  # the plain function; _triton_kernels binds _row_keys to its JIT wrapper
+_ROW_KEYS, _WRITE_TAKEN = _row_keys, _write_taken  # plain functions; _triton_kernels binds their JIT wrappers
 
 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _row_keys
+    global tl, _row_keys, _write_taken
     import triton
     import triton.language
 
     tl = triton.language
-    _row_keys = triton.jit(_ROW_KEYS)  # the kernel calls the helper by this global name
+    _row_keys, _write_taken = triton.jit(_ROW_KEYS), triton.jit(_WRITE_TAKEN)  # the kernel calls them by name
     return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row"])
 
 
