@@ -1,5 +1,9 @@
-"""A captured decode step's key set: sinks, retrieved tokens and window packed at compact positions, keys rotated.
+"""A captured decode step's key set and query: sinks, retrieved tokens and window packed at compact positions, keys
+and the query rotated.
 
+    query                       (nheads, headdim)              the step's query, pre-RoPE
+    window_length               (1,) int64 on the device       the window's tokens before this step's: the step's
+                                                               own key sits at window slot window_length
     sink_keys, sink_values      (nheads_kv, S, headdim)        the sinks (S may be 0)
     rows_source                 (n_rows, 2, nheads_kv, headdim) stored tokens: part 0 keys, part 1 values (on
                                 CUDA the pinned host rows' device alias: reads cross PCIe, nothing is copied)
@@ -7,17 +11,22 @@
     n_retrieved                 () or (1,) int64 on the device how many of them are valid (<= B)
     window_keys, window_values  (nheads_kv, W, headdim)        the window's buffers, whole capacity
     cos, sin                    (P, headdim)                   RoPE of positions 0..P-1, P = S + B + W
-    keys, values                (nheads_kv, P, headdim)        out: place p holds sink p (p < S), retrieved token
+  returns
+    query_rotated               (nheads, 1, headdim)           the query rotated to the step's place,
+                                                               n_valid - 1 = S + n_retrieved + window_length
+    keys, values                (nheads_kv, P, headdim)        place p holds sink p (p < S), retrieved token
                                                                p - S (p < S + n), else window slot p - S - n
                                                                (clamped to the last slot); keys rotated to p
+    n_valid                     (nheads_kv,) int64             the valid keys of each KV head (the same for all)
 
 Packing the way the step did it in torch (a gather of the rows, a concatenation of sinks, rows and window, a
-gather of places, for keys and values, then RoPE as x * cos + rotate_half(x) * sin) launches about a dozen
-kernels a layer and moves the packed set through memory six times or so. The kernel reads each source element
-once (its rotation partner from L1) and writes the packed keys and values once.
+gather of places, for keys and values, then RoPE as x * cos + rotate_half(x) * sin, and the same for the query at
+a place computed on the device) launches about twenty kernels a layer and moves the packed set through memory six
+times or so. The kernel reads each source element once (its rotation partner from L1) and writes the packed keys
+and values once; the first program of each KV head also rotates the head's query group.
 
-Keys are rotated in float32 and rounded once; the reference rotates in the inputs' dtype, as RopeTable.rotate
-does, so half-precision results differ by its rounding. headdim must be a power of two.
+Keys and the query are rotated in float32 and rounded once; the reference rotates in the inputs' dtype, as
+RopeTable.rotate does, so half-precision results differ by its rounding. headdim must be a power of two.
 
 CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
@@ -25,6 +34,8 @@ CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -36,19 +47,33 @@ _BLOCK_P = 32  # packed places per program
 
 
 def _pack_rotate_kernel(
-    sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr, window_k_ptr, window_v_ptr, cos_ptr, sin_ptr,
-    keys_ptr, values_ptr,
-    n_sink, budget, window_capacity, n_packed,
-    stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_window_h, stride_window_t,
+    query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
+    window_k_ptr, window_v_ptr, cos_ptr, sin_ptr, query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
+    n_sink, budget, window_capacity, n_packed, group,
+    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
-    HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place."""
+    """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
+    of the head also rotates its query group and writes its valid count."""
     head = tl.program_id(1).to(tl.int64)
     place = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     dim = tl.arange(0, HEADDIM)
     partner = (dim + HEADDIM // 2) % HEADDIM  # rotate_half's source column
+    sign = tl.where(dim < HEADDIM // 2, -1.0, 1.0)
     n_retrieved = tl.load(n_retrieved_ptr)
+    if tl.program_id(0) == 0:
+        at = n_sink + n_retrieved + tl.load(window_length_ptr)  # the step's own place
+        heads = head * group + tl.arange(0, GROUP_BLOCK)
+        in_group = (tl.arange(0, GROUP_BLOCK) < group)[:, None]
+        q = tl.load(query_ptr + heads[:, None] * stride_q_h + dim[None, :], mask=in_group, other=0.0)
+        q_partner = tl.load(query_ptr + heads[:, None] * stride_q_h + partner[None, :], mask=in_group, other=0.0)
+        cos_q = tl.load(cos_ptr + at * stride_table + dim).to(tl.float32)
+        sin_q = tl.load(sin_ptr + at * stride_table + dim).to(tl.float32)
+        q_rotated = q.to(tl.float32) * cos_q[None, :] + sign[None, :] * q_partner.to(tl.float32) * sin_q[None, :]
+        q_out = query_out_ptr + heads[:, None] * HEADDIM + dim[None, :]
+        tl.store(q_out, q_rotated.to(query_out_ptr.dtype.element_ty), mask=in_group)
+        tl.store(n_valid_ptr + head, at + 1)
     in_packed = place < n_packed
     is_sink = in_packed & (place < n_sink)
     is_retrieved = in_packed & (place >= n_sink) & (place < n_sink + n_retrieved)
@@ -68,7 +93,6 @@ def _pack_rotate_kernel(
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]
     cos = tl.load(cos_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
-    sign = tl.where(dim < HEADDIM // 2, -1.0, 1.0)
     rotated = key * cos + sign[None, :] * key_partner * sin
     out = head * stride_out_h + place.to(tl.int64)[:, None] * stride_out_t + dim[None, :]
     tl.store(keys_ptr + out, rotated.to(keys_ptr.dtype.element_ty), mask=in_packed[:, None])
@@ -98,71 +122,110 @@ def _triton_kernels(interpret: bool):
     return triton.jit(_pack_rotate_kernel)
 
 
-def _check_inputs(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin):
-    nheads_kv, window_capacity, headdim = window_keys.shape
-    n_packed = sink_keys.shape[1] + rows.numel() + window_capacity
-    if window_values.shape != window_keys.shape or sink_values.shape != sink_keys.shape:
+@dataclass(frozen=True)
+class StepSources:
+    """What a captured step's attention reads; shapes in the module's docstring."""
+
+    query: torch.Tensor
+    window_length: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    rows_source: torch.Tensor
+    rows: torch.Tensor
+    n_retrieved: torch.Tensor
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+class PackedStep(NamedTuple):
+    query: torch.Tensor  # (nheads, 1, headdim) rotated
+    keys: torch.Tensor  # (nheads_kv, P, headdim) rotated
+    values: torch.Tensor  # (nheads_kv, P, headdim)
+    n_valid: torch.Tensor  # (nheads_kv,) int64
+
+
+def _check_inputs(s: StepSources) -> None:
+    nheads_kv, window_capacity, headdim = s.window_keys.shape
+    n_packed = s.sink_keys.shape[1] + s.rows.numel() + window_capacity
+    if s.window_values.shape != s.window_keys.shape or s.sink_values.shape != s.sink_keys.shape:
         raise ValueError("pack_rotate wants keys and values of the same shape for the sinks and for the window.")
-    if sink_keys.shape[::2] != (nheads_kv, headdim) or rows_source.shape[1:] != (2, nheads_kv, headdim):
+    if s.sink_keys.shape[::2] != (nheads_kv, headdim) or s.rows_source.shape[1:] != (2, nheads_kv, headdim):
         raise ValueError(
             f"pack_rotate wants sinks (nheads_kv, S, headdim) and rows (n, 2, nheads_kv, headdim) like the window "
-            f"{tuple(window_keys.shape)}, got {tuple(sink_keys.shape)} and {tuple(rows_source.shape)}."
+            f"{tuple(s.window_keys.shape)}, got {tuple(s.sink_keys.shape)} and {tuple(s.rows_source.shape)}."
         )
-    if rows.dim() != 1 or rows.dtype != torch.long or n_retrieved.numel() != 1:
-        raise ValueError("pack_rotate wants rows (B,) int64 and one n_retrieved.")
-    if cos.shape != (n_packed, headdim) or sin.shape != cos.shape:
-        raise ValueError(f"cos and sin must be (P, headdim) = ({n_packed}, {headdim}), got {tuple(cos.shape)}.")
+    if s.query.dim() != 2 or s.query.shape[1] != headdim or s.query.shape[0] % nheads_kv:
+        raise ValueError(f"pack_rotate wants the query (nheads, {headdim}) in groups of {nheads_kv} KV heads, "
+                         f"got {tuple(s.query.shape)}.")  # fmt: skip
+    if s.rows.dim() != 1 or s.rows.dtype != torch.long or s.n_retrieved.numel() != 1 or s.window_length.numel() != 1:
+        raise ValueError("pack_rotate wants rows (B,) int64, one n_retrieved and one window_length.")
+    if s.cos.shape != (n_packed, headdim) or s.sin.shape != s.cos.shape:
+        raise ValueError(f"cos and sin must be (P, headdim) = ({n_packed}, {headdim}), got {tuple(s.cos.shape)}.")
     if window_capacity == 0 or headdim & (headdim - 1):
-        raise ValueError(f"pack_rotate needs a window and a power-of-two headdim, got {tuple(window_keys.shape)}.")
+        raise ValueError(f"pack_rotate needs a window and a power-of-two headdim, got {tuple(s.window_keys.shape)}.")
 
 
-def pack_rotate_reference(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin):
-    """Plain torch: the rows gathered, sources concatenated, places gathered, keys rotated in their dtype."""
-    _check_inputs(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin)
-    retrieved = rows_source.index_select(0, rows)  # (B, 2, nheads_kv, headdim)
-    n_sink, budget = sink_keys.shape[1], rows.numel()
-    n_packed = cos.shape[0]
-    place = torch.arange(n_packed, device=window_keys.device)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def pack_rotate_reference(s: StepSources) -> PackedStep:
+    """Plain torch: the rows gathered, sources concatenated, places gathered, keys and query rotated in their dtype."""
+    _check_inputs(s)
+    retrieved = s.rows_source.index_select(0, s.rows)  # (B, 2, nheads_kv, headdim)
+    n_sink, budget, n_packed = s.sink_keys.shape[1], s.rows.numel(), s.cos.shape[0]
+    n_retrieved = s.n_retrieved.reshape(1)
+    place = torch.arange(n_packed, device=s.window_keys.device)
     source = torch.where(place < n_sink + n_retrieved, place, place - n_retrieved + budget).clamp(max=n_packed - 1)
 
     def packed(sinks: torch.Tensor, part: int, window: torch.Tensor) -> torch.Tensor:
         sources = torch.cat([sinks, retrieved[:, part].transpose(0, 1), window], dim=1)  # (nheads_kv, P, headdim)
         return sources.index_select(1, source)
 
-    keys = packed(sink_keys, 0, window_keys)
-    half = keys.shape[-1] // 2
-    rotated = keys * cos + torch.cat([-keys[..., half:], keys[..., :half]], dim=-1) * sin
-    return rotated, packed(sink_values, 1, window_values)
+    at = n_sink + n_retrieved + s.window_length.reshape(1)  # (1,) the step's own place
+    query = _rotate(s.query, s.cos.index_select(0, at), s.sin.index_select(0, at))[:, None]
+    keys = _rotate(packed(s.sink_keys, 0, s.window_keys), s.cos, s.sin)
+    n_valid = (at + 1).expand(keys.shape[0]).contiguous()
+    return PackedStep(query, keys, packed(s.sink_values, 1, s.window_values), n_valid)
 
 
-def pack_rotate_triton(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin):
+def pack_rotate_triton(s: StepSources) -> PackedStep:
     """The kernel's launch; same contract as pack_rotate."""
-    _check_inputs(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin)
-    nheads_kv, window_capacity, headdim = window_keys.shape
-    n_packed = cos.shape[0]
-    keys = torch.empty(nheads_kv, n_packed, headdim, dtype=window_keys.dtype, device=window_keys.device)
+    _check_inputs(s)
+    nheads_kv, window_capacity, headdim = s.window_keys.shape
+    n_packed = s.cos.shape[0]
+    keys = torch.empty(nheads_kv, n_packed, headdim, dtype=s.window_keys.dtype, device=s.window_keys.device)
     values = torch.empty_like(keys)
-    tensors = (sink_keys, sink_values, rows_source, window_keys, window_values, cos, sin)
-    if any(t.stride(-1) != 1 for t in tensors) or sink_keys.stride() != sink_values.stride():
+    query = torch.empty(s.query.shape[0], 1, headdim, dtype=s.query.dtype, device=s.query.device)
+    n_valid = torch.empty(nheads_kv, dtype=torch.long, device=keys.device)
+    if any(t.stride(-1) != 1 for t in s.tensors() if t.dim() > 1) or s.sink_keys.stride() != s.sink_values.stride():
         raise ValueError("pack_rotate wants the last dimension contiguous and sink keys and values laid out alike.")
-    if window_keys.stride() != window_values.stride() or cos.stride() != sin.stride():
+    if s.window_keys.stride() != s.window_values.stride() or s.cos.stride() != s.sin.stride():
         raise ValueError("pack_rotate wants the window's keys and values, and cos and sin, laid out alike.")
-    sinks = (sink_keys, sink_values) if sink_keys.shape[1] else (window_keys, window_values)  # never read if empty
+    sinks = (s.sink_keys, s.sink_values) if s.sink_keys.shape[1] else (s.window_keys, s.window_values)  # unread
+    group = s.query.shape[0] // nheads_kv
     grid = (-(-n_packed // _BLOCK_P), nheads_kv)
     _triton_kernels(interpreting())[grid](
-        *sinks, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin, keys, values,
-        sink_keys.shape[1], rows.numel(), window_capacity, n_packed,
-        sinks[0].stride(0), sinks[0].stride(1), rows_source.stride(0), rows_source.stride(1), rows_source.stride(2),
-        window_keys.stride(0), window_keys.stride(1), cos.stride(0), keys.stride(0), keys.stride(1),
-        HEADDIM=headdim, BLOCK_P=_BLOCK_P,
+        s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, s.window_keys, s.window_values,
+        s.cos, s.sin, query, keys, values, n_valid,
+        s.sink_keys.shape[1], s.rows.numel(), window_capacity, n_packed, group,
+        s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
+        s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
+        s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
+        HEADDIM=headdim, BLOCK_P=_BLOCK_P, GROUP_BLOCK=1 << (group - 1).bit_length(),
     )  # fmt: skip
-    return keys, values
+    return PackedStep(query, keys, values, n_valid)
 
 
-def pack_rotate(sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin):
-    """Packed keys (rotated to their places) and values (nheads_kv, P, headdim): see the module's docstring.
-    The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
-    args = (sink_keys, sink_values, rows_source, rows, n_retrieved, window_keys, window_values, cos, sin)
-    if use_triton(*(t for t in args if t.numel())):
-        return pack_rotate_triton(*args)
-    return pack_rotate_reference(*args)
+def pack_rotate(sources: StepSources) -> PackedStep:
+    """The step's rotated query, packed keys (rotated to their places) and values, and valid counts: see the
+    module's docstring. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
+    if use_triton(*(t for t in sources.tensors() if t.numel())):
+        return pack_rotate_triton(sources)
+    return pack_rotate_reference(sources)

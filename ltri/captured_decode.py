@@ -32,9 +32,9 @@ from collections import Counter
 import torch
 
 from ltri.decode_step import DecodeStep
-from ltri.kernels.pack_rotate import pack_rotate
+from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
-from ltri.positions import RopeTable, Rotary
+from ltri.positions import Rotary
 from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
 
@@ -86,27 +86,21 @@ class CapturedLayer:
         window_values.index_copy_(2, window_length, value)
         window_positions.index_copy_(0, window_length, self.counts[2:3])
         rows, n_retrieved = self.retrieve(query)
-        keys, values = self.packed(rows, n_retrieved)
-        n_valid = self.n_sink + n_retrieved + window_length + 1  # (1,) the token itself is the last valid key
-        at = n_valid - 1
-        query_table = RopeTable(self.table.cos.index_select(2, at), self.table.sin.index_select(2, at))
-        n_valid_per_head = n_valid.expand(keys.shape[0]).contiguous()
-        output, _ = sparse_attention(
-            query_table.rotate(query)[0], keys, values, n_valid=n_valid_per_head, scale=scaling
-        )
+        step = pack_rotate(self.sources(query[0, :, 0], window_length, rows, n_retrieved))
+        output, _ = sparse_attention(step.query, step.keys, step.values, n_valid=step.n_valid, scale=scaling)
         return output[None]
 
-    def packed(self, rows: torch.Tensor, n_retrieved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks, the n_retrieved valid retrieved tokens (read from the host rows), then the window, packed at
-        compact positions: keys rotated, values (nheads_kv, P, headdim), in one kernel on CUDA."""
+    def sources(self, query: torch.Tensor, window_length, rows: torch.Tensor, n_retrieved) -> StepSources:
+        """What the step attends to: sinks, the retrieved tokens' rows in the host rows, the window; query
+        (nheads, headdim) pre-RoPE. pack_rotate packs them at compact positions (one kernel on CUDA)."""
         window_keys, window_values, _ = self.memory.window.buffers()
         sinks = self.memory.sinks
         sink_keys, sink_values = (
             (window_keys[0, :, :0], window_values[0, :, :0]) if sinks.length == 0
             else (sinks.keys()[0], sinks.values()[0])
         )  # fmt: skip
-        return pack_rotate(
-            sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
+        return StepSources(
+            query, window_length, sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
             window_keys[0], window_values[0], self.table.cos[0, 0], self.table.sin[0, 0],
         )  # fmt: skip
 

@@ -6,6 +6,7 @@ kernel_support); with CUDA it runs compiled, bf16 included.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -15,14 +16,23 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
-from ltri.kernels.pack_rotate import pack_rotate, pack_rotate_reference, pack_rotate_triton  # noqa: E402
+from ltri.kernels.pack_rotate import (  # noqa: E402
+    StepSources,
+    pack_rotate,
+    pack_rotate_reference,
+    pack_rotate_triton,
+)
 
-# (n_sink, budget, window capacity, nheads_kv, headdim, n_retrieved): no sinks, none or all retrieved, awkward sizes
-CASES = [(4, 37, 23, 3, 64, 20), (0, 16, 9, 1, 128, 16), (4, 97, 123, 8, 64, 0), (64, 123, 50, 2, 128, 97)]
+# (n_sink, budget, window capacity, nheads_kv, group, headdim, n_retrieved, window length): no sinks, none or all
+# retrieved, GQA groups 1, 3 and 4, awkward sizes, the step's own key at the window's first and last slot
+CASES = [
+    (4, 37, 23, 3, 3, 64, 20, 10), (0, 16, 9, 1, 1, 128, 16, 0), (4, 97, 123, 8, 4, 64, 0, 122),
+    (64, 123, 50, 2, 4, 128, 97, 49),
+]  # fmt: skip
 N_ROWS = 500
 
 
-def make_inputs(n_sink, budget, window, nheads_kv, headdim, n_retrieved, dtype, seed=0):
+def make_inputs(n_sink, budget, window, nheads_kv, group, headdim, n_retrieved, window_length, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -32,7 +42,8 @@ def make_inputs(n_sink, budget, window, nheads_kv, headdim, n_retrieved, dtype, 
     angles = torch.arange(n_packed)[:, None] * torch.rand(headdim // 2, generator=generator)[None, :]
     angles = torch.cat([angles, angles], dim=1)
     rows = torch.randint(0, N_ROWS, (budget,), generator=generator).to(DEVICE)
-    return (
+    return StepSources(
+        randn(nheads_kv * group, headdim), torch.tensor([window_length], device=DEVICE),
         randn(nheads_kv, n_sink, headdim), randn(nheads_kv, n_sink, headdim), randn(N_ROWS, 2, nheads_kv, headdim),
         rows, torch.tensor(n_retrieved, device=DEVICE), randn(nheads_kv, window, headdim),
         randn(nheads_kv, window, headdim), angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE),
@@ -40,53 +51,70 @@ def make_inputs(n_sink, budget, window, nheads_kv, headdim, n_retrieved, dtype, 
 
 
 def in_float64(inputs):
-    return tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    return StepSources(*(t.double() if t.is_floating_point() else t for t in inputs.tensors()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_the_float64_reference(case, dtype):
     inputs = make_inputs(*case, dtype)
-    keys, values = pack_rotate_triton(*inputs)
-    exact_keys, exact_values = pack_rotate_reference(*in_float64(inputs))
-    torch_keys, torch_values = pack_rotate_reference(*inputs)
-    assert keys.dtype == dtype and keys.shape == exact_keys.shape
-    assert torch.equal(values, torch_values) and torch.equal(values.double(), exact_values)  # values only move
-    kernel_error = (keys.double() - exact_keys).abs().max().item()
-    torch_error = (torch_keys.double() - exact_keys).abs().max().item()
-    assert kernel_error <= 2 * torch_error + 1e-6
+    got = pack_rotate_triton(inputs)
+    exact = pack_rotate_reference(in_float64(inputs))
+    plain = pack_rotate_reference(inputs)
+    assert got.keys.dtype == dtype and got.keys.shape == exact.keys.shape and got.query.shape == exact.query.shape
+    assert torch.equal(got.values, plain.values) and torch.equal(got.values.double(), exact.values)  # only moved
+    assert torch.equal(got.n_valid, plain.n_valid)
+    for part in ("keys", "query"):
+        kernel_error = (getattr(got, part).double() - getattr(exact, part)).abs().max().item()
+        torch_error = (getattr(plain, part).double() - getattr(exact, part)).abs().max().item()
+        assert kernel_error <= 2 * torch_error + 1e-6, part
 
 
 def test_places_hold_sinks_then_retrieved_rows_then_the_window():
-    n_sink, budget, window, nheads_kv, headdim, n_retrieved = 3, 8, 6, 2, 64, 5
-    inputs = list(make_inputs(n_sink, budget, window, nheads_kv, headdim, n_retrieved, torch.float32))
+    n_sink, budget, window, nheads_kv, n_retrieved, window_length = 3, 8, 6, 2, 5, 4
+    inputs = make_inputs(n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, torch.float32)
     n_packed = n_sink + budget + window
-    inputs[7] = torch.ones(n_packed, headdim, device=DEVICE)  # cos 1, sin 0: no rotation
-    inputs[8] = torch.zeros(n_packed, headdim, device=DEVICE)
-    sink_keys, _, rows_source, rows, _, window_keys, _, _, _ = inputs
-    keys, _ = pack_rotate_triton(*inputs)
-    assert torch.equal(keys[:, :n_sink], sink_keys)
-    assert torch.equal(keys[:, n_sink : n_sink + n_retrieved], rows_source[rows[:n_retrieved], 0].transpose(0, 1))
-    assert torch.equal(keys[:, n_sink + n_retrieved : n_sink + n_retrieved + window], window_keys)
-    assert torch.all(keys[:, n_sink + n_retrieved + window :] == window_keys[:, -1:])  # past the window: its last slot
+    cos, sin = torch.ones(n_packed, 64, device=DEVICE), torch.zeros(n_packed, 64, device=DEVICE)  # no rotation
+    inputs = StepSources(*inputs.tensors()[:-2], cos, sin)
+    got = pack_rotate_triton(inputs)
+    keys, rows = got.keys, inputs.rows
+    assert torch.equal(keys[:, :n_sink], inputs.sink_keys)
+    assert torch.equal(
+        keys[:, n_sink : n_sink + n_retrieved], inputs.rows_source[rows[:n_retrieved], 0].transpose(0, 1)
+    )
+    assert torch.equal(keys[:, n_sink + n_retrieved : n_sink + n_retrieved + window], inputs.window_keys)
+    assert torch.all(keys[:, n_sink + n_retrieved + window :] == inputs.window_keys[:, -1:])  # past it: the last slot
+    assert got.n_valid.tolist() == [n_sink + n_retrieved + window_length + 1] * nheads_kv
+    assert torch.equal(got.query[:, 0], inputs.query)
+
+
+def test_the_query_turns_with_the_steps_own_place():
+    inputs = make_inputs(*CASES[0], torch.float32)
+    place = int(pack_rotate_triton(inputs).n_valid[0]) - 1
+    half = inputs.query.shape[1] // 2
+    turned = (
+        inputs.query * inputs.cos[place]
+        + torch.cat([-inputs.query[:, half:], inputs.query[:, :half]], 1) * inputs.sin[place]
+    )
+    assert torch.allclose(pack_rotate_triton(inputs).query[:, 0], turned, atol=1e-6)
 
 
 def test_dispatch_runs_the_kernel_here():
     inputs = make_inputs(*CASES[0], torch.float32)
-    for got, expected in zip(pack_rotate(*inputs), pack_rotate_triton(*inputs), strict=True):
+    for got, expected in zip(pack_rotate(inputs), pack_rotate_triton(inputs), strict=True):
         assert torch.equal(got, expected)
 
 
 def test_bad_inputs_get_one_sentence():
-    inputs = list(make_inputs(*CASES[0], torch.float32))
-    for at, bad, message in [
-        (7, inputs[7][:-1], "cos and sin must be"),
-        (3, inputs[3].int(), "rows \\(B,\\) int64"),
-        (2, inputs[2][:, :, :1], "sinks \\(nheads_kv, S, headdim\\)"),
-        (6, inputs[6][:, :-1], "same shape"),
+    inputs = make_inputs(*CASES[0], torch.float32)
+    for name, bad, message in [
+        ("cos", inputs.cos[:-1], "cos and sin must be"),
+        ("rows", inputs.rows.int(), "rows \\(B,\\) int64"),
+        ("rows_source", inputs.rows_source[:, :, :1], "sinks \\(nheads_kv, S, headdim\\)"),
+        ("window_values", inputs.window_values[:, :-1], "same shape"),
+        ("query", inputs.query[:-1], "in groups of 3 KV heads"),
     ]:
-        broken = list(inputs)
-        broken[at] = bad
+        broken = dataclasses.replace(inputs, **{name: bad})
         for pack in (pack_rotate_triton, pack_rotate_reference):
             with pytest.raises(ValueError, match=message):
-                pack(*broken)
+                pack(broken)

@@ -454,8 +454,8 @@ def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_co
 
 
 def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_rows: int = 1 << 16) -> list[dict]:
-    """A captured decode step's packing of one layer (sinks, budget rows, window with 256 slots of headroom; keys
-    rotated): the pack_rotate kernel against the torch ops it replaced (its reference), rows in device memory.
+    """A captured decode step's packing of one layer (sinks, budget rows, window with 256 slots of headroom; keys and
+    query rotated): the pack_rotate kernel against the torch ops it replaced (its reference), rows in device memory.
     bytes: what the kernel must read (packed K/V, cos, sin) and write (packed K/V), as copy_gbps counts both."""
     device = timer.device
     window = shape.n_window + 256
@@ -465,7 +465,8 @@ def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_
         return torch.randn(*size, device=device).to(dtype)
 
     cos, sin = (t.to(dtype) for t in rope_table(torch.arange(n_packed, device=device), shape))
-    inputs = (
+    sources = kernels.pack_rotate.StepSources(
+        randn(shape.nheads, shape.headdim), torch.tensor([window - 1], device=device),
         randn(shape.nheads_kv, shape.n_sink, shape.headdim), randn(shape.nheads_kv, shape.n_sink, shape.headdim),
         randn(n_rows, 2, shape.nheads_kv, shape.headdim), torch.randint(0, n_rows, (shape.budget,), device=device),
         torch.tensor(shape.budget - 7, device=device), randn(shape.nheads_kv, window, shape.headdim),
@@ -476,7 +477,7 @@ def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_
     rows = []
     for method, call in (("pack_rotate_kernel", kernels.pack_rotate.pack_rotate),  # the reference on a CPU
                          ("pack_rotate_torch", kernels.pack_rotate.pack_rotate_reference)):  # fmt: skip
-        step = functools.partial(call, *inputs)
+        step = functools.partial(call, sources)
         graph, error = graph_ms(timer, step) if device.type == "cuda" else (None, None)
         rows.append(row(n_packed, method, timer(step), n_bytes, copy, n_keys=n_packed, graph_ms=graph,
                         graph_error=error))  # fmt: skip
