@@ -21,9 +21,10 @@ and the query rotated.
 
 Packing the way the step did it in torch (a gather of the rows, a concatenation of sinks, rows and window, a
 gather of places, for keys and values, then RoPE as x * cos + rotate_half(x) * sin, and the same for the query at
-a place computed on the device) launches about twenty kernels a layer and moves the packed set through memory six
-times or so. The kernel reads each source element once (its rotation partner from L1) and writes the packed keys
-and values once; the first program of each KV head also rotates the head's query group.
+a place computed on the device) took about twenty kernels a layer (counted in the code it replaced) and moved the
+packed set through memory several times. The kernel reads each source element once (its rotation partner from L1)
+and writes the packed keys and values once; the first program of each KV head also rotates the head's query
+group. Its speed against those ops is timed by ``benchmarks/speed/attention.py`` (``pack_rotate``), not yet run.
 
 Keys and the query are rotated in float32 and rounded once; the reference rotates in the inputs' dtype, as
 RopeTable.rotate does, so half-precision results differ by its rounding. headdim must be a power of two.
@@ -49,7 +50,7 @@ _BLOCK_P = 32  # packed places per program
 def _pack_rotate_kernel(
     query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
     window_k_ptr, window_v_ptr, cos_ptr, sin_ptr, query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
-    n_sink, budget, window_capacity, n_packed, group,
+    n_sink, window_capacity, n_packed, group,
     stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr,
@@ -214,7 +215,7 @@ def pack_rotate_triton(s: StepSources) -> PackedStep:
     _triton_kernels(interpreting())[grid](
         s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, s.window_keys, s.window_values,
         s.cos, s.sin, query, keys, values, n_valid,
-        s.sink_keys.shape[1], s.rows.numel(), window_capacity, n_packed, group,
+        s.sink_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),

@@ -5,9 +5,10 @@
     indices (n_rows, k) int64               ascending (document order)
 
 Rows are KV heads choosing tokens (token selection), one row of span votes (the attention benchmark), or a GQA
-group's |q| components (SparQ). torch.topk then torch.sort cost a decode step four to six launches and, for a row
-of a few thousand entries, about 75 us of device time on the H100 (the top-k's gather kernel 48 us, the sort 25 us:
-``benchmarks/speed/results/e2e_h100_profile_131072.txt``) where the scores themselves are a few kilobytes.
+group's |q| components (SparQ). torch.topk then torch.sort are several launches; in an older decode profile on
+the H100 their kernels averaged 48 us (top-k's gather) and 25 us (sort) a call
+(``benchmarks/speed/results/e2e_h100_profile_131072.txt``, retrieval's rows there, not these). Whether this kernel
+is faster has not been measured on a GPU yet (``benchmarks/speed/attention.py`` times both, ``stages_ms``).
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
 (the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a binary search on

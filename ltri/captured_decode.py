@@ -8,10 +8,11 @@ shapes do not change from one step to the next:
     window      the token is written at the window's length (a device count) in the window's buffer
     retrieval   the index scores its whole buffer (vectors past the count left out), votes pool over every
                 span slot, shared votes and persistence are updated in place, the budget is filled on the
-                device (``retrieval.chosen_spans_padded``), and the chosen spans' tokens are gathered from
-                the pinned host rows (``offload.host_payloads``) straight over PCIe
-    attention   sinks, retrieved tokens and window packed at compact positions into one padded key set,
-                rotated, and attended with the sparse attention kernel up to the valid count
+                device (``retrieval.chosen_spans_padded``), and the chosen spans' rows in the pinned host
+                rows (``offload.host_payloads``) are listed
+    attention   sinks, those rows (read straight over PCIe) and window packed at compact positions into one
+                padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel on CUDA), and
+                attended with the sparse attention kernel up to the valid count
 
 so the dense segments and every layer's attention are captured together and replayed with one launch.
 The host writes three counts per layer before a step (window length, index vectors, text position) and
