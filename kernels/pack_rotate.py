@@ -26,8 +26,10 @@ packed set through memory several times. The kernel reads each source element on
 and writes the packed keys and values once; the first program of each KV head also rotates the head's query
 group. Its speed against those ops is timed by ``benchmarks/speed/attention.py`` (``pack_rotate``), not yet run.
 
-Keys and the query are rotated in float32 and rounded once; the reference rotates in the inputs' dtype, as
-RopeTable.rotate does, so half-precision results differ by its rounding. headdim must be a power of two.
+Keys and the query are rotated as RopeTable.rotate (the eager step) rotates them in the inputs' dtype: each product
+rounded to it, then the sum. Rounding once in float32 instead moved half-precision keys by an ulp now and then, and
+on the H100 a bf16 model's captured steps then chose other spans than its eager steps in 9 of 40 steps
+(``tests/test_captured_decode.py``, run at 9cb8722). headdim must be a power of two.
 
 CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
@@ -71,9 +73,11 @@ def _pack_rotate_kernel(
         q_partner = tl.load(query_ptr + heads[:, None] * stride_q_h + partner[None, :], mask=in_group, other=0.0)
         cos_q = tl.load(cos_ptr + at * stride_table + dim).to(tl.float32)
         sin_q = tl.load(sin_ptr + at * stride_table + dim).to(tl.float32)
-        q_rotated = q.to(tl.float32) * cos_q[None, :] + sign[None, :] * q_partner.to(tl.float32) * sin_q[None, :]
+        q_type = query_out_ptr.dtype.element_ty
+        signed_sin_q = sign[None, :] * sin_q[None, :]
+        q_rotated = _rope(q.to(tl.float32), q_partner.to(tl.float32), cos_q[None, :], signed_sin_q, q_type)
         q_out = query_out_ptr + heads[:, None] * HEADDIM + dim[None, :]
-        tl.store(q_out, q_rotated.to(query_out_ptr.dtype.element_ty), mask=in_group)
+        tl.store(q_out, q_rotated, mask=in_group)
         tl.store(n_valid_ptr + head, at + 1)
     in_packed = place < n_packed
     is_sink = in_packed & (place < n_sink)
@@ -94,10 +98,18 @@ def _pack_rotate_kernel(
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]
     cos = tl.load(cos_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
-    rotated = key * cos + sign[None, :] * key_partner * sin
+    rotated = _rope(key, key_partner, cos, sign[None, :] * sin, keys_ptr.dtype.element_ty)
     out = head * stride_out_h + place.to(tl.int64)[:, None] * stride_out_t + dim[None, :]
-    tl.store(keys_ptr + out, rotated.to(keys_ptr.dtype.element_ty), mask=in_packed[:, None])
+    tl.store(keys_ptr + out, rotated, mask=in_packed[:, None])
     tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=in_packed[:, None])
+
+
+def _rope(x, partner, cos, signed_sin, out_type):
+    """x * cos + rotate_half(x) * sin in out_type, rounded where torch rounds it: each product, then the sum (float32
+    operands; signed_sin carries rotate_half's sign). The captured step's keys then equal the eager step's."""
+    first = (x * cos).to(out_type).to(tl.float32)
+    second = (partner * signed_sin).to(out_type).to(tl.float32)
+    return (first + second).to(out_type)
 
 
 def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_window):
@@ -108,18 +120,18 @@ def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is
     return sink + row + window
 
 
-_PACKED = _packed  # the plain function; _triton_kernels binds _packed to its JIT wrapper
+_PACKED, _ROPE = _packed, _rope  # plain functions; _triton_kernels binds their JIT wrappers
 
 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _packed
+    global tl, _packed, _rope
     import triton
     import triton.language
 
     tl = triton.language
-    _packed = triton.jit(_PACKED)  # the kernel calls the helper by this global name
+    _packed, _rope = triton.jit(_PACKED), triton.jit(_ROPE)  # the kernel calls the helpers by these global names
     return triton.jit(_pack_rotate_kernel)
 
 

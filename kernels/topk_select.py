@@ -48,11 +48,11 @@ def _topk_select_kernel(
     keys0, in_row0, index0 = _row_keys(row_scores, 0, n_keys, valid, BLOCK)  # the first chunk stays in registers
     lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
     hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(KEY_BITS):
+    for step in range(KEY_BITS):  # noqa: B007 (a named loop variable: triton carries `_` across loops)
         mid = (lo + hi + 1) >> 1
         at_least = tl.sum((in_row0 & (keys0 >= mid)).to(tl.int32), axis=0)
         for chunk in range(1, N_CHUNKS):
-            keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+            keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
             at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
         enough = at_least >= k
         lo = tl.where(enough, mid, lo)
@@ -60,7 +60,7 @@ def _topk_select_kernel(
     threshold = lo
     above = tl.sum((in_row0 & (keys0 > threshold)).to(tl.int32), axis=0)
     for chunk in range(1, N_CHUNKS):
-        keys, in_row, _ = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+        keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
         above += tl.sum((in_row & (keys > threshold)).to(tl.int32), axis=0)
     ties_wanted = k - above  # entries with key == threshold to take, the lowest indices first
     out_row = out_ptr + row * k
