@@ -29,7 +29,9 @@ group. Its speed against those ops is timed by ``benchmarks/speed/attention.py``
 Keys and the query are rotated as RopeTable.rotate (the eager step) rotates them in the inputs' dtype: each product
 rounded to it, then the sum. Rounding once in float32 instead moved half-precision keys by an ulp now and then, and
 on the H100 a bf16 model's captured steps then chose other spans than its eager steps in 9 of 40 steps
-(``tests/test_captured_decode.py``, run at 9cb8722). headdim must be a power of two.
+(``tests/test_captured_decode.py``, run at 9cb8722). float16 products below float16's normal range (6e-5) are
+rounded at float16's normal precision, then again by the final cast: a rare double rounding. headdim must be a power
+of two.
 
 CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
@@ -55,7 +57,7 @@ def _pack_rotate_kernel(
     n_sink, window_capacity, n_packed, group,
     stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
-    HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
     of the head also rotates its query group and writes its valid count."""
@@ -73,9 +75,9 @@ def _pack_rotate_kernel(
         q_partner = tl.load(query_ptr + heads[:, None] * stride_q_h + partner[None, :], mask=in_group, other=0.0)
         cos_q = tl.load(cos_ptr + at * stride_table + dim).to(tl.float32)
         sin_q = tl.load(sin_ptr + at * stride_table + dim).to(tl.float32)
-        q_type = query_out_ptr.dtype.element_ty
         signed_sin_q = sign[None, :] * sin_q[None, :]
-        q_rotated = _rope(q.to(tl.float32), q_partner.to(tl.float32), cos_q[None, :], signed_sin_q, q_type)
+        q_rotated = _rope(q.to(tl.float32), q_partner.to(tl.float32), cos_q[None, :], signed_sin_q, DROP_BITS)
+        q_rotated = q_rotated.to(query_out_ptr.dtype.element_ty)
         q_out = query_out_ptr + heads[:, None] * HEADDIM + dim[None, :]
         tl.store(q_out, q_rotated, mask=in_group)
         tl.store(n_valid_ptr + head, at + 1)
@@ -98,18 +100,28 @@ def _pack_rotate_kernel(
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]
     cos = tl.load(cos_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
-    rotated = _rope(key, key_partner, cos, sign[None, :] * sin, keys_ptr.dtype.element_ty)
+    rotated = _rope(key, key_partner, cos, sign[None, :] * sin, DROP_BITS).to(keys_ptr.dtype.element_ty)
     out = head * stride_out_h + place.to(tl.int64)[:, None] * stride_out_t + dim[None, :]
     tl.store(keys_ptr + out, rotated, mask=in_packed[:, None])
     tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=in_packed[:, None])
 
 
-def _rope(x, partner, cos, signed_sin, out_type):
-    """x * cos + rotate_half(x) * sin in out_type, rounded where torch rounds it: each product, then the sum (float32
-    operands; signed_sin carries rotate_half's sign). The captured step's keys then equal the eager step's."""
-    first = (x * cos).to(out_type).to(tl.float32)
-    second = (partner * signed_sin).to(out_type).to(tl.float32)
-    return (first + second).to(out_type)
+def _rope(x, partner, cos, signed_sin, DROP_BITS: tl.constexpr):
+    """x * cos + rotate_half(x) * sin (float32 operands; signed_sin carries rotate_half's sign), each product rounded
+    to the output dtype as torch rounds it, the sum left for the caller's cast to round."""
+    return _round_mantissa(x * cos, DROP_BITS) + _round_mantissa(partner * signed_sin, DROP_BITS)
+
+
+def _round_mantissa(x, DROP_BITS: tl.constexpr):
+    """float32 x rounded to nearest even at DROP_BITS fewer mantissa bits (16: bfloat16's, 13: float16's, 0: as is).
+    Integer operations on the bits, not a cast there and back: on the H100 the compiler removed such a round trip
+    after a product of two upcast half values and fused the product into the sum (measured at 7e52b02)."""
+    if DROP_BITS == 0:
+        return x
+    bits = x.to(tl.int32, bitcast=True)
+    ties_to_even = (bits >> DROP_BITS) & 1
+    bits = (bits + ((1 << (DROP_BITS - 1)) - 1) + ties_to_even) & ~((1 << DROP_BITS) - 1)
+    return bits.to(tl.float32, bitcast=True)
 
 
 def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_window):
@@ -120,18 +132,19 @@ def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is
     return sink + row + window
 
 
-_PACKED, _ROPE = _packed, _rope  # plain functions; _triton_kernels binds their JIT wrappers
+# plain functions; _triton_kernels binds their JIT wrappers
+_PACKED, _ROPE, _ROUND_MANTISSA = _packed, _rope, _round_mantissa
 
 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _packed, _rope
+    global tl, _packed, _rope, _round_mantissa
     import triton
     import triton.language
 
     tl = triton.language
-    _packed, _rope = triton.jit(_PACKED), triton.jit(_ROPE)  # the kernel calls the helpers by these global names
+    _packed, _rope, _round_mantissa = triton.jit(_PACKED), triton.jit(_ROPE), triton.jit(_ROUND_MANTISSA)
     return triton.jit(_pack_rotate_kernel)
 
 
@@ -162,6 +175,9 @@ class PackedStep(NamedTuple):
     n_valid: torch.Tensor  # (nheads_kv,) int64
 
 
+_DROP_BITS = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}  # float32's mantissa bits less the dtype's
+
+
 def _check_inputs(s: StepSources) -> None:
     nheads_kv, window_capacity, headdim = s.window_keys.shape
     n_packed = s.sink_keys.shape[1] + s.rows.numel() + window_capacity
@@ -179,6 +195,9 @@ def _check_inputs(s: StepSources) -> None:
         raise ValueError("pack_rotate wants rows (B,) int64, one n_retrieved and one window_length.")
     if s.cos.shape != (n_packed, headdim) or s.sin.shape != s.cos.shape:
         raise ValueError(f"cos and sin must be (P, headdim) = ({n_packed}, {headdim}), got {tuple(s.cos.shape)}.")
+    dtypes = {t.dtype for t in (s.query, s.sink_keys, s.rows_source, s.window_keys, s.cos, s.sin)}
+    if len(dtypes) != 1 or not s.query.dtype.is_floating_point:
+        raise ValueError(f"pack_rotate wants one float dtype for the query, keys, rows and RoPE table, got {dtypes}.")
     if window_capacity == 0 or headdim & (headdim - 1):
         raise ValueError(f"pack_rotate needs a window and a power-of-two headdim, got {tuple(s.window_keys.shape)}.")
 
@@ -211,6 +230,8 @@ def pack_rotate_reference(s: StepSources) -> PackedStep:
 def pack_rotate_triton(s: StepSources) -> PackedStep:
     """The kernel's launch; same contract as pack_rotate."""
     _check_inputs(s)
+    if s.query.dtype not in _DROP_BITS:
+        raise ValueError(f"the pack_rotate kernel takes float32, float16 or bfloat16, got {s.query.dtype}.")
     nheads_kv, window_capacity, headdim = s.window_keys.shape
     n_packed = s.cos.shape[0]
     keys = torch.empty(nheads_kv, n_packed, headdim, dtype=s.window_keys.dtype, device=s.window_keys.device)
@@ -231,14 +252,15 @@ def pack_rotate_triton(s: StepSources) -> PackedStep:
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
-        HEADDIM=headdim, BLOCK_P=_BLOCK_P, GROUP_BLOCK=1 << (group - 1).bit_length(),
+        HEADDIM=headdim, BLOCK_P=_BLOCK_P, GROUP_BLOCK=1 << (group - 1).bit_length(), DROP_BITS=_DROP_BITS[keys.dtype],
     )  # fmt: skip
     return PackedStep(query, keys, values, n_valid)
 
 
 def pack_rotate(sources: StepSources) -> PackedStep:
     """The step's rotated query, packed keys (rotated to their places) and values, and valid counts: see the
-    module's docstring. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
-    if use_triton(*(t for t in sources.tensors() if t.numel())):
+    module's docstring. The Triton kernel on CUDA (or under TRITON_INTERPRET=1) for float32, float16 and bfloat16,
+    the torch reference otherwise."""
+    if sources.query.dtype in _DROP_BITS and use_triton(*(t for t in sources.tensors() if t.numel())):
         return pack_rotate_triton(sources)
     return pack_rotate_reference(sources)

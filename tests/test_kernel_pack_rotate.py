@@ -115,6 +115,7 @@ def test_bad_inputs_get_one_sentence():
         ("rows_source", inputs.rows_source[:, :, :1], "sinks \\(nheads_kv, S, headdim\\)"),
         ("window_values", inputs.window_values[:, :-1], "same shape"),
         ("query", inputs.query[:-1], "in groups of 3 KV heads"),
+        ("cos", inputs.cos.half(), "one float dtype"),
     ]:
         broken = dataclasses.replace(inputs, **{name: bad})
         for pack in (pack_rotate_triton, pack_rotate_reference):
