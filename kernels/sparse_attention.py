@@ -245,11 +245,13 @@ def default_tiles(rows: int, dtype: torch.dtype) -> Tiles:
     """Tile sizes: a small GQA group's rows in one program (tl.dot needs at least 16 rows).
 
     float32 uses 16 x 32 tiles on 8 warps: its exact (non-tensor-core) dot spills registers on sm_90 with larger
-    ones (ptxas, Triton 3.6 and 3.9); fp16/bf16 use up to 64 x 64 on 4 warps (no spills).
+    ones (ptxas, Triton 3.6 and 3.9); fp16/bf16 use up to 64 x 64 on 4 warps (no spills) and 3 pipeline stages: on
+    the H100 a bf16 decode step over 3136 keys took 0.0162 ms with 3 stages, 0.0172 ms with 2 (graph replays,
+    ``benchmarks/speed/results/attention_h100.json``, sweep at 7e52b02).
     """
     if dtype == torch.float32:
         return Tiles(16, 32, 8)
-    return Tiles(16 if rows <= 16 else 32 if rows <= 32 else 64, 64, 4)
+    return Tiles(16 if rows <= 16 else 32 if rows <= 32 else 64, 64, 4, 3)
 
 
 _MERGE_ELEMENTS = 8192  # a merge step's ROWS x BLOCK_S x HEADDIM tile: 64 fp32 registers a thread on 4 warps
@@ -262,10 +264,11 @@ def _merge_shape(rows: int, block_m: int, n_splits: int, headdim: int) -> tuple[
     return merge_m, merge_s
 
 
-# Off until the fused merge has run on a GPU: the interpreter runs programs one after another, so only a GPU shows
-# whether the tickets' ordering (barrier, acq_rel atomic, .cg loads) holds; benchmarks/speed/attention.py measures
-# both and tests/test_kernel_sparse_attention.py checks both (with CUDA, replays of a captured launch too).
-FUSED_MERGE_DEFAULT = False
+# On since it ran on the H100 (9cb8722/7e52b02): tests/test_kernel_sparse_attention.py passed there (the tickets'
+# ordering, replays of a captured launch), and the attention benchmark's sweep over 3136 keys had one launch at or
+# below two in three of its four launch shapes (graph replays 0.0144 against 0.0150 ms at the default one now; the
+# fourth, the old default, 0.0172 against 0.0169), and well below without graphs (0.0133 against 0.0156 ms).
+FUSED_MERGE_DEFAULT = True
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 _TICKET_COUNT = 65536  # row blocks a fused launch may have (a 2048-token chunk of 8 KV heads has 8 x 128)
@@ -297,16 +300,21 @@ def _program_target(device_index: int | None) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# On the H100 a bf16 decode step over 3136 keys (8 KV heads, 4 query heads each) took 0.0144 ms in 256-key splits
+# (4 blocks) against 0.0162 in the 128-key splits that 2 blocks gave (graph replays, sweep at 7e52b02).
+_MIN_SPLIT_BLOCKS = 4
+
+
 def _split_size(n_keys: int, other_programs: int, block_n: int, device: torch.device, split_size: int | None) -> int:
     """Keys per split, a multiple of the key block.
 
-    By default: enough splits for about 4 programs per SM, but at least 2 key blocks per split (so that the loads
-    of one block overlap the math of the other, and the partial results stay small next to the keys read).
-    Untuned: benchmarks/speed/attention.py sweeps split sizes on the GPU.
+    By default: enough splits for about 4 programs per SM, but at least _MIN_SPLIT_BLOCKS key blocks per split (so
+    that loads overlap math, and the partial results stay small next to the keys read). benchmarks/speed/attention.py
+    sweeps split sizes on the GPU.
     """
     if split_size is None:
         target = _program_target(device.index if device.type == "cuda" and not interpreting() else None)
-        n_splits = max(1, min(_cdiv(n_keys, 2 * block_n), _cdiv(target, other_programs)))
+        n_splits = max(1, min(_cdiv(n_keys, _MIN_SPLIT_BLOCKS * block_n), _cdiv(target, other_programs)))
         split_size = _cdiv(n_keys, n_splits)
     return max(block_n, _cdiv(split_size, block_n) * block_n)
 
