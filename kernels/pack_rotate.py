@@ -116,12 +116,14 @@ def _round_mantissa(x, DROP_BITS: tl.constexpr):
     """float32 x rounded to nearest even at DROP_BITS fewer mantissa bits (16: bfloat16's, 13: float16's, 0: as is).
     Integer operations on the bits, not a cast there and back: on the H100 the compiler removed such a round trip
     after a product of two upcast half values and fused the product into the sum (measured at 7e52b02)."""
-    if DROP_BITS == 0:
-        return x
-    bits = x.to(tl.int32, bitcast=True)
-    ties_to_even = (bits >> DROP_BITS) & 1
-    bits = (bits + ((1 << (DROP_BITS - 1)) - 1) + ties_to_even) & ~((1 << DROP_BITS) - 1)
-    return bits.to(tl.float32, bitcast=True)
+    if DROP_BITS == 0:  # if/else, not an early return: the compiler also builds the code after a return
+        rounded = x
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        ties_to_even = (bits >> DROP_BITS) & 1
+        bits = (bits + ((1 << (DROP_BITS - 1)) - 1) + ties_to_even) & ~((1 << DROP_BITS) - 1)
+        rounded = bits.to(tl.float32, bitcast=True)
+    return rounded
 
 
 def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_window):
