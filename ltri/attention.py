@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ltri.kernels.chunk_attention_map import chunk_attention_map
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import Layout, RopeTable, key_positions
 
@@ -159,16 +160,11 @@ def chunk_self_attention(query, chunk_keys, scaling: float | None) -> torch.Tens
 
     query (1, nheads, q_len, headdim) and chunk_keys (1, nheads_kv, q_len, headdim), rotated.
     Returns (nheads_kv, q_len, q_len) float32: row i is query i's softmax over keys j <= i of the chunk
-    (renormalised within the chunk), zeros above the diagonal. Span segmentation reads it.
+    (renormalised within the chunk), zeros above the diagonal. Span segmentation reads it
+    (``kernels/chunk_attention_map.py``: a Triton kernel on CUDA).
     """
-    nheads, q_len, headdim = query.shape[1], query.shape[2], query.shape[3]
-    nheads_kv = chunk_keys.shape[1]
-    scale = scaling if scaling is not None else headdim**-0.5
-    grouped = query[0].float().view(nheads_kv, nheads // nheads_kv, q_len, headdim)
-    scores = torch.einsum("hgqd,hkd->hgqk", grouped, chunk_keys[0].float()) * scale
-    future = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu(1)
-    scores.masked_fill_(future, float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=1)
+    scale = scaling if scaling is not None else query.shape[3] ** -0.5
+    return chunk_attention_map(query[0], chunk_keys[0], scale)
 
 
 def ltri_mask(*args, **kwargs):

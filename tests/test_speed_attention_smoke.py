@@ -30,3 +30,5 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
         if row["method"].startswith("ltri"):
             assert set(row["stages_ms"]) == STAGES and all(ms > 0 for ms in row["stages_ms"].values())
     assert [row["method"] for row in result["pack_rotate"]] == ["pack_rotate_kernel", "pack_rotate_torch"]
+    assert [row["method"] for row in result["chunk_attention_map"]] == ["chunk_map_kernel", "chunk_map_torch"]
+    assert all(row["ms"] > 0 and row["context_len"] == 256 for row in result["chunk_attention_map"])

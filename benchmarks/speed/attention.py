@@ -57,7 +57,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
-KERNEL_MODULES = ("sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate")
+KERNEL_MODULES = (
+    "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
+)  # fmt: skip
 
 
 def load_kernels() -> SimpleNamespace:
@@ -484,6 +486,23 @@ def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_
     return rows
 
 
+def chunk_map_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, chunk: int) -> list[dict]:
+    """One layer's input to span segmentation during prefill: a chunk's causal attention map among its own tokens,
+    averaged over each KV head's query heads. The chunk_attention_map kernel against its torch reference (what
+    prefill ran before it). bytes: the rotated queries and keys read and the float32 map written."""
+    device = timer.device
+    query = torch.randn(shape.nheads, chunk, shape.headdim, device=device).to(dtype)
+    keys = torch.randn(shape.nheads_kv, chunk, shape.headdim, device=device).to(dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    n_bytes = (shape.nheads + shape.nheads_kv) * chunk * shape.headdim * element + shape.nheads_kv * chunk * chunk * 4
+    rows = []
+    for method, call in (("chunk_map_kernel", kernels.chunk_attention_map.chunk_attention_map),  # reference on a CPU
+                         ("chunk_map_torch", kernels.chunk_attention_map.chunk_attention_map_reference)):  # fmt: skip
+        step = functools.partial(call, query, keys, shape.headdim**-0.5)
+        rows.append(row(chunk, method, timer(step), n_bytes, copy, n_keys=chunk))
+    return rows
+
+
 def one_launch_ms(timer: Timer) -> tuple[float, float | None]:
     """(ms, graph_ms) of one tiny kernel (a 1-element add) under the same timer: what any launch costs at least."""
     x = torch.zeros(1, device=timer.device)
@@ -513,6 +532,11 @@ def check_kernels(shape: Shape, device, dtype, kernels) -> dict:
     ref = lr.lowrank_scores_reference(q[:, 0], k_low, basis, shape.rank, n_valid)
     error = (scores - ref).nan_to_num(posinf=0, neginf=0).abs().max()
     checks["lowrank_scores_rel"] = (error / ref[ref.isfinite()].abs().max()).item()
+    chunk_map = kernels.chunk_attention_map
+    scale = shape.headdim**-0.5
+    got = chunk_map.chunk_attention_map(q, k[:, :37], scale)
+    ref = chunk_map.chunk_attention_map_reference(q, k[:, :37], scale)
+    checks["chunk_attention_map"] = (got - ref).abs().max().item()
     return checks
 
 
@@ -587,6 +611,7 @@ def parse_args() -> argparse.Namespace:
         default="auto,32x4x2,64x4x3,64x8x2,128x8x2",
         help="kernel_sweep launch shapes: keys per block x warps x stages, or auto (the default's)",
     )
+    parser.add_argument("--chunk", type=int, default=2048, help="chunk_attention_map rows' chunk (0: none)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
@@ -597,7 +622,7 @@ def parse_args() -> argparse.Namespace:
 def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[int]]:
     """Small sizes for a CPU run of the whole script."""
     shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
-    args.warmup, args.reps, args.sweep_keys = 1, 2, ""
+    args.warmup, args.reps, args.sweep_keys, args.chunk = 1, 2, "", min(args.chunk, 256)
     return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
 
 
@@ -634,6 +659,10 @@ def main() -> None:
     packing = pack_rotate_rows(shape, timer, copy, dtype, kernels)
     print("packing a captured step's key set (context = packed keys):")
     print_rows(packing, copy)
+    chunk_map = chunk_map_rows(shape, timer, copy, dtype, kernels, args.chunk) if args.chunk else []
+    if chunk_map:
+        print("a prefill chunk's attention map for span segmentation (context = chunk tokens):")
+        print_rows(chunk_map, copy)
     sweep = []
     if args.sweep_keys:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
@@ -653,6 +682,7 @@ def main() -> None:
         "rows": rows,
         "kernel_sweep": sweep,
         "pack_rotate": packing,
+        "chunk_attention_map": chunk_map,
     }
     out = args.out if args.out or args.smoke else DEFAULT_OUT
     if out:
