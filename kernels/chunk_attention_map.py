@@ -16,7 +16,9 @@ dot serves the whole group), and makes two passes over the keys up to the block'
 row's running maximum and normaliser, the second writes the group's mean probabilities. Scores stay in registers;
 the map is written once, its zeros above the diagonal included. Half-precision inputs go to the tensor cores with
 float32 accumulation (their products are exact in float32, as in the reference); float32 inputs use exact float32
-dots. Not yet run on a GPU when written (see the issue notes).
+dots. On the H100 (bf16, 32 query heads over 8 KV heads, headdim 128, 2048-token chunk) the kernel took 0.49 ms
+a layer against 2.34 ms for the reference (``benchmarks/speed/results/attention_chunk_map_h100.json``): 10.5% of
+the copy bandwidth for the map it writes, so far from its floor (about 0.05 ms); the tiles are untuned.
 
 CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
