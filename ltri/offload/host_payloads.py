@@ -20,8 +20,10 @@ while the layer stores more. Rows past ``length`` must not be read.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,7 +85,13 @@ class HostPayloads:
         self._bytes = torch.frombuffer(self._region, dtype=torch.uint8)  # (max_tokens * row_bytes,)
         self.tokens = self._bytes.view(dtype).view(self.max_tokens, *self.row_shape)
         self.length = 0
-        self._locked = _LockedPrefix(self.tokens.data_ptr()) if self.device.type == "cuda" else None
+        self._locked = None
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            registration = _CudaRegistration(index)
+            self._locked = _LockedPrefix(
+                self.tokens.data_ptr(), registration.register, registration.unregister, _registration_thread()
+            )
         self._device_view: torch.Tensor | None = None
 
     @property
@@ -134,29 +142,79 @@ class HostPayloads:
 
 
 class _LockedPrefix:
-    """The first bytes of a reserved range, page-locked and registered with CUDA in pieces as they are needed."""
+    """The first bytes of a reserved range, page-locked and registered with CUDA in pieces as they are needed.
 
-    def __init__(self, address: int) -> None:
+    Registering a piece is slow: 74.6 ms a call in a 128K prefill profile on the H100 (about 256 MB a piece, 36% of
+    the host's time in those chunks: ``benchmarks/speed/results/e2e_h100_7e52b02_profile_prefill_profile_131072.txt``),
+    and every layer's rows reach the end of a piece in the same chunk. So once the rows come within half a piece of
+    the end, the next piece is registered on a background thread (torch's binding releases the GIL); the append that
+    needs it waits only if it is not done yet. A background registration that fails is dropped and the append
+    registers synchronously, which decides whether the host is short.
+
+    register(address, size) -> CUDA error code (0: done) and unregister(address) default to the CUDA runtime's on
+    the current device; executor: where background registrations run (None: none, everything synchronous).
+    """
+
+    def __init__(self, address: int, register=None, unregister=None, executor=None) -> None:
         self.address = address
         self.pieces: list[tuple[int, int]] = []  # (address, bytes) registered
         self.nbytes = 0
+        self._register = register or _CudaRegistration(None).register
+        self._unregister = unregister or _CudaRegistration(None).unregister
+        self._executor = executor
+        self._pending: tuple[int, int, Future] | None = None  # (address, bytes, its registration) under way
 
     def extend(self, needed: int) -> None:
-        if needed <= self.nbytes:
-            return
-        page = _HUGE_PAGE  # pieces end on (huge) page boundaries: two registrations cannot share a page
-        step = -(-max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4) // page) * page
-        available = available_host_bytes()
-        if available is not None and available - step < HOST_MARGIN_BYTES:
+        """Registers at least the first needed bytes (HostMemoryShort when the host cannot spare them), then starts
+        the next piece's registration in the background when the end is near."""
+        while needed > self.nbytes:
+            if self._pending is not None:
+                self._settle()
+            else:
+                self._lock(self._step(needed))
+        self._prefetch(needed)
+
+    def _step(self, needed: int) -> int:
+        """Bytes of the next piece: what is needed, at least _LOCK_STEP_BYTES and a quarter of what is locked,
+        ending on a (huge) page boundary so that two registrations never share a page."""
+        size = max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4)
+        return -(-size // _HUGE_PAGE) * _HUGE_PAGE
+
+    def _lock(self, size: int) -> None:
+        if not _host_can_spare(size):
             raise HostMemoryShort(
-                f"locking {step / 2**30:.1f} GiB more would leave the host under {HOST_MARGIN_BYTES >> 30} GiB"
+                f"locking {size / 2**30:.1f} GiB more would leave the host under {HOST_MARGIN_BYTES >> 30} GiB"
             )
         address = self.address + self.nbytes
-        error = torch.cuda.cudart().cudaHostRegister(address, step, _REGISTER_MAPPED)
-        if int(error) != 0:
-            raise HostMemoryShort(f"cudaHostRegister failed with CUDA error {int(error)}")
-        self.pieces.append((address, step))
-        self.nbytes += step
+        error = self._register(address, size)
+        if error != 0:
+            raise HostMemoryShort(f"cudaHostRegister failed with CUDA error {error}")
+        self._add(address, size)
+
+    def _add(self, address: int, size: int) -> None:
+        self.pieces.append((address, size))
+        self.nbytes += size
+
+    def _prefetch(self, used: int) -> None:
+        """Start registering the next piece in the background when less than half a piece is left."""
+        if self._executor is None or self._pending is not None:
+            return
+        size = self._step(self.nbytes)
+        if self.nbytes - used >= size // 2 or not _host_can_spare(size):
+            return
+        address = self.address + self.nbytes
+        self._pending = (address, size, self._executor.submit(self._register, address, size))
+
+    def _settle(self) -> None:
+        """Wait for the background registration; keep its piece if it succeeded."""
+        address, size, registration = self._pending
+        self._pending = None
+        try:
+            error = registration.result()
+        except Exception:  # noqa: BLE001 (any failure: the synchronous path decides)
+            error = -1
+        if error == 0:
+            self._add(address, size)
 
     def split(self, start: int, stop: int) -> list[tuple[int, int]]:
         """Byte range [start, stop) (offsets from the start, registered) cut where one registration ends."""
@@ -169,10 +227,39 @@ class _LockedPrefix:
         return cuts
 
     def release(self) -> None:
+        if self._pending is not None:
+            self._settle()
         for address, _ in self.pieces:
-            torch.cuda.cudart().cudaHostUnregister(address)
+            self._unregister(address)
         self.pieces.clear()
         self.nbytes = 0
+
+
+def _host_can_spare(size: int) -> bool:
+    available = available_host_bytes()
+    return available is None or available - size >= HOST_MARGIN_BYTES
+
+
+class _CudaRegistration:
+    """cudaHostRegister (mapped) and cudaHostUnregister with device_index current (None: the thread's current
+    device), so that a background thread registers for the rows' device."""
+
+    def __init__(self, device_index: int | None) -> None:
+        self.device_index = device_index
+
+    def register(self, address: int, size: int) -> int:
+        with torch.cuda.device(self.device_index):
+            return int(torch.cuda.cudart().cudaHostRegister(address, size, _REGISTER_MAPPED))
+
+    def unregister(self, address: int) -> None:
+        with torch.cuda.device(self.device_index):
+            torch.cuda.cudart().cudaHostUnregister(address)
+
+
+@functools.cache
+def _registration_thread() -> ThreadPoolExecutor:
+    """The one background thread that registers host rows, shared by every layer (made on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltri-host-rows")
 
 
 class _CudaArray:

@@ -1,0 +1,178 @@
+"""Builds every Triton kernel for an H100 (sm_90) on a machine without a GPU: python3 tests/kernel_build.py.
+
+Triton's interpreter runs the kernels' arithmetic but not their compilation, so a kernel can pass every CPU test
+and still fail to build on the GPU (a loop variable named `_` reassigned with another type, code after a constexpr
+`return`: both happened, see benchmarks/speed/NOTES.md step 12). This script calls each kernel's launcher on CPU
+tensors, in float32, float16 and bfloat16, with the launch itself recorded instead of run, and compiles each
+recorded launch (its argument types, constexprs, warps and stages) for sm_90 down to a cubin with Triton's own
+compiler and ptxas. It must run without TRITON_INTERPRET=1 (the interpreter replaces the language's functions);
+tests/test_kernels_build_for_cuda.py runs it in a subprocess. Exit status 1 and one line per failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_POINTER_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64", torch.int64: "i64",
+    torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}  # fmt: skip
+
+
+class Recorder:
+    """Stands for a JIT kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return functools.partial(self._record, grid)
+
+    def _record(self, grid, *args, **kwargs) -> None:
+        self.launches.append((self.kernel, args, kwargs))
+
+
+def record_launches(module, launch) -> list:
+    """The launches the call launch() makes through module._triton_kernels (restored afterwards)."""
+    launches: list = []
+    original = module._triton_kernels
+    kernels = original(False)  # also binds the module's helper functions to their JIT wrappers
+    if isinstance(kernels, tuple):
+        stand_in = tuple(Recorder(kernel, launches) for kernel in kernels)
+    else:
+        stand_in = Recorder(kernels, launches)
+    module._triton_kernels = lambda interpret: stand_in
+    try:
+        launch()
+    finally:
+        module._triton_kernels = original
+    return launches
+
+
+def argument_type(value) -> str | None:
+    """Triton's signature type of a runtime argument; None: a constexpr (None values are)."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return None
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict) -> None:
+    """Compiles one recorded launch for sm_90 (raises what Triton raises)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    values = dict(zip(kernel.arg_names, args, strict=False))
+    values.update({name: value for name, value in kwargs.items() if name in kernel.arg_names})
+    options = {name: value for name, value in kwargs.items() if name not in kernel.arg_names}
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values.get(param.name, param.default)
+        if value is inspect.Parameter.empty:
+            raise TypeError(f"{kernel.__name__}: no value for {param.name}")
+        kind = None if param.is_constexpr else argument_type(value)
+        signature[param.name] = kind or "constexpr"
+        if kind is None:
+            constexprs[param.name] = value
+    source = ASTSource(kernel, signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """Launches that compile to the same binary share a key (tensor contents and sizes do not matter)."""
+    described = [argument_type(a) or repr(a) for a in args]
+    return (kernel.__name__, tuple(described), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+
+
+def launchers(dtype: torch.dtype):
+    """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use."""
+    import test_kernel_chunk_attention_map as chunk_map
+    import test_kernel_lowrank_scores as lowrank
+    import test_kernel_pack_rotate as pack
+    import test_kernel_span_max as span_max
+    import test_kernel_span_scores as span_scores
+    import test_kernel_sparq_scores as sparq
+    import test_kernel_sparse_attention as attention
+    import test_kernel_topk_select as topk
+    import test_kernel_vector_scores as vectors
+    from ltri.kernels import chunk_attention_map as m_chunk_map
+    from ltri.kernels import lowrank_scores as m_lowrank
+    from ltri.kernels import pack_rotate as m_pack
+    from ltri.kernels import span_max as m_span_max
+    from ltri.kernels import span_scores as m_span_scores
+    from ltri.kernels import sparq_scores as m_sparq
+    from ltri.kernels import sparse_attention as m_attention
+    from ltri.kernels import topk_select as m_topk
+    from ltri.kernels import vector_scores as m_vectors
+
+    for nheads_kv, group, q_len, n_keys, headdim, causal, ragged in attention.CASES:
+        q, k, v, n_valid = attention.make_inputs(nheads_kv, group, q_len, n_keys, headdim, ragged, dtype)
+        for fused in (False, True):
+            yield m_attention, functools.partial(m_attention.sparse_attention_triton, q, k, v, n_valid,
+                                                 causal=causal, fused_merge=fused)  # fmt: skip
+    for case in sparq.CASES:
+        q, k, n_valid = sparq.make_inputs(*case[:4], case[5], dtype)
+        yield m_sparq, functools.partial(m_sparq.sparq_scores_triton, q, k, case[4], n_valid)
+    for case in lowrank.CASES:
+        q, keys_lowrank, basis, n_valid = lowrank.make_inputs(*case, dtype)
+        yield m_lowrank, functools.partial(m_lowrank.lowrank_scores_triton, q, keys_lowrank, basis, case[4], n_valid)
+    for n_rows, n_keys, k in topk.CASES:
+        scores = torch.randn(n_rows, n_keys).to(dtype)
+        for n_valid in (None, torch.full((n_rows,), n_keys)):
+            yield m_topk, functools.partial(m_topk.topk_tokens_triton, scores, k, n_valid)
+    for case in pack.CASES:
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.make_inputs(*case, dtype))
+    for case in chunk_map.CASES:
+        query, keys = chunk_map.make_inputs(*case, dtype)
+        yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.125)
+    for case in vectors.CASES:
+        queries, index_vectors = vectors.make_inputs(*case, dtype)
+        yield m_vectors, functools.partial(m_vectors.vector_scores_triton, queries, index_vectors)
+    for case in span_scores.CASES:
+        queries, index_vectors, first, count, n_valid = span_scores.make_index(*case, dtype)
+        yield m_span_scores, functools.partial(m_span_scores.span_scores_triton, queries, index_vectors, first, count,
+                                               n_valid, first.numel() + 3, case[4])  # fmt: skip
+    if dtype == torch.float32:  # span_max reads float32 votes only
+        for case in span_max.CASES:
+            a, b, first_rows, lengths = span_max.make_spans(*case)
+            yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("kernel_build.py compiles for the GPU: run it without TRITON_INTERPRET=1.")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    seen, failures = set(), []
+    for dtype in DTYPES:
+        for module, launch in launchers(dtype):
+            for kernel, args, kwargs in record_launches(module, launch):
+                key = launch_key(kernel, args, kwargs)
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    compile_launch(kernel, args, kwargs)
+                except Exception as error:  # noqa: BLE001 (every kind of build failure is reported the same way)
+                    first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                    failures.append(f"{kernel.__name__} {dtype}: {type(error).__name__}: {first_line}")
+    for failure in failures:
+        print("FAILED", failure)
+    print(f"built {len(seen) - len(failures)} of {len(seen)} kernel launches for sm_90")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Host rows are page-locked piece by piece (ltri.offload.host_payloads._LockedPrefix): each byte once, in
+contiguous pieces; the next piece registered on a background thread when the rows near the end of the locked
+part; a failed background registration redone synchronously; a host short of memory refused in one sentence.
+
+The CUDA calls are replaced by recorders here (the GPU test in test_captured_decode.py reads rows back through
+real registrations); the threads are real."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ltri.offload import host_payloads
+from ltri.offload.host_payloads import HostMemoryShort, _LockedPrefix
+
+STEP, PAGE = 1000, 100
+
+
+class Recorder:
+    """Registrations as (address, size, thread name); fails the calls whose numbers are in failing."""
+
+    def __init__(self, failing=(), gate: threading.Event | None = None):
+        self.calls, self.unregistered, self.failing, self.gate = [], [], set(failing), gate
+
+    def register(self, address, size):
+        if self.gate is not None and threading.current_thread() is not threading.main_thread():
+            self.gate.wait(5)
+        self.calls.append((address, size, threading.current_thread().name))
+        return 1 if len(self.calls) in self.failing else 0
+
+    def unregister(self, address):
+        self.unregistered.append(address)
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(host_payloads, "_LOCK_STEP_BYTES", STEP)
+    monkeypatch.setattr(host_payloads, "_HUGE_PAGE", PAGE)
+    monkeypatch.setattr(host_payloads, "available_host_bytes", lambda: None)
+
+
+def assert_contiguous(locked: _LockedPrefix, base: int):
+    offset = 0
+    for address, size in locked.pieces:
+        assert address == base + offset and size % PAGE == 0
+        offset += size
+    assert offset == locked.nbytes
+
+
+def test_without_a_thread_pieces_are_registered_when_needed():
+    recorder = Recorder()
+    locked = _LockedPrefix(5000, recorder.register, recorder.unregister, executor=None)
+    for needed in (10, 990, 1001, 2500, 2500, 7000):
+        locked.extend(needed)
+        assert locked.nbytes >= needed
+    assert_contiguous(locked, 5000)
+    assert [size for _, size, _ in recorder.calls] == [1000, 1000, 1000, 4000]  # at least STEP and a quarter
+    assert all(name == threading.main_thread().name for _, _, name in recorder.calls)
+
+
+def test_the_next_piece_is_registered_in_the_background_before_it_is_needed():
+    recorder = Recorder()
+    with ThreadPoolExecutor(1, thread_name_prefix="rows") as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.extend(100)  # synchronous: nothing was locked
+        assert locked._pending is None  # 900 bytes left: more than half a piece
+        locked.extend(600)  # 400 left: the next piece starts in the background
+        assert locked._pending is not None
+        locked._pending[2].result()
+        locked.extend(1500)  # needs the background piece: kept, nothing registered twice
+        locked.extend(1900)
+    assert [(address, size) for address, size, _ in recorder.calls] == [(0, 1000), (1000, 1000), (2000, 1000)]
+    assert [name.startswith("rows") for _, _, name in recorder.calls] == [False, True, True]
+    assert locked.nbytes == 2000 and locked._pending is not None  # the third piece is under way
+    locked.release()
+    assert recorder.unregistered == [0, 1000, 2000] and locked.nbytes == 0 and locked.pieces == []
+
+
+def test_an_append_waits_for_a_background_registration_it_needs():
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.extend(700)
+        assert locked._pending is not None and len(recorder.calls) == 1  # held at the gate
+        threading.Timer(0.05, gate.set).start()
+        locked.extend(1200)
+    assert locked.nbytes == 2000 and [size for _, size, _ in recorder.calls] == [1000, 1000]
+    assert_contiguous(locked, 0)
+
+
+def test_a_failed_background_registration_is_redone_synchronously():
+    recorder = Recorder(failing={2})  # the background call fails
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.extend(700)
+        locked._pending[2].result()
+        locked.extend(1100)
+    assert [(address, size) for address, size, _ in recorder.calls[:3]] == [(0, 1000), (1000, 1000), (1000, 1000)]
+    assert locked.pieces[:2] == [(0, 1000), (1000, 1000)]
+    assert_contiguous(locked, 0)
+
+
+def test_a_host_short_of_memory_gets_no_background_piece_and_one_sentence(monkeypatch):
+    recorder = Recorder()
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.extend(700)
+        locked._pending[2].result()
+        monkeypatch.setattr(host_payloads, "available_host_bytes", lambda: host_payloads.HOST_MARGIN_BYTES + 10)
+        locked.extend(1600)  # the background piece is there: no new one (the host cannot spare it)
+        assert locked._pending is None
+        with pytest.raises(HostMemoryShort, match="would leave the host under"):
+            locked.extend(2500)
+    assert locked.nbytes == 2000 and len(recorder.calls) == 2
+
+
+def test_a_failed_synchronous_registration_is_host_memory_short():
+    recorder = Recorder(failing={1})
+    locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor=None)
+    with pytest.raises(HostMemoryShort, match="CUDA error 1"):
+        locked.extend(10)
+    assert locked.nbytes == 0 and locked.pieces == []
