@@ -270,3 +270,35 @@ def test_device_and_dtype(device, dtype):
     check_cover(Segmentation(*(t.cpu() for t in (seg.starts, seg.ends, seg.scores, seg.from_triangles))), 256)
     if dtype == torch.float32:
         assert torch.equal(seg.starts.cpu(), reference.starts)
+
+
+def random_picks(n_blocks: int, n_rounds: int, n: int, disjoint: bool, seed: int) -> torch.Tensor:
+    """(n_blocks, n_rounds, 2) picks (start, end), some (-1, -1): disjoint ones cut from a random partition."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.full((n_blocks, n_rounds, 2), -1, dtype=torch.long)
+    for block in range(n_blocks):
+        if disjoint:
+            cuts = torch.randperm(n - 1, generator=generator)[: 2 * n_rounds].add(1).sort().values
+            pairs = cuts.view(-1, 2)[torch.randperm(cuts.numel() // 2, generator=generator)]
+        else:
+            starts = torch.randint(0, n - 1, (n_rounds,), generator=generator)
+            lengths = torch.randint(1, 40, (n_rounds,), generator=generator)
+            pairs = torch.stack([starts, (starts + lengths).clamp(max=n)], 1)
+        kept = int(torch.randint(0, n_rounds + 1, (1,), generator=generator))
+        picks[block, :kept] = pairs[:kept]
+    return picks
+
+
+@pytest.mark.parametrize("disjoint", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_first_owner_of_disjoint_picks_equals_the_dense_cover(disjoint, seed):
+    from ltri.spans import _first_owner, _owner_by_cover, _owner_of_disjoint
+
+    picks = random_picks(5, 12, 300, disjoint, seed)
+    expected = _owner_by_cover(picks, 300)
+    assert torch.equal(_first_owner(picks, 300), expected)
+    fast = _owner_of_disjoint(picks, 300)
+    if disjoint:
+        assert fast is not None and torch.equal(fast, expected)
+    elif bool((expected >= 0).sum() < (picks[..., 1] - picks[..., 0]).clamp(min=0).sum()):  # some overlap
+        assert fast is None

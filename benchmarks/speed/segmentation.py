@@ -9,9 +9,13 @@ with distance (25%), a sink at token 0 (15%), log-normal noise. One JSON line pe
 - segment_loop: ``ltri.spans.segment`` on each block in turn;
 - segment_many: ``ltri.span_batch.segment_many`` as it runs by default (batched off the CPU, one block after
   the other on the CPU);
-- segment_many_batched: segment_many forced to one batched pass (what it does on a GPU).
+- segment_many_batched: segment_many forced to one batched pass (what it does on a GPU);
+- first_owner_dense, first_owner: the host's part of claiming tokens (each token's best kept span) on the kept
+  spans of the batched pass, by the dense cover of every span and token, and as ``claim_tokens`` does it now
+  (running sums, for disjoint spans).
 ms_per_chunk: median over --repeats calls after one warm-up, the device synchronised before and after each;
-same_as_loop: whether the method cut every block exactly as segment_loop did.
+same_as_loop: whether the method cut every block exactly as segment_loop did (for the first_owner rows: whether
+both give the same owners). --methods picks some.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from ltri.span_batch import segment_many
-from ltri.spans import Segmentation, segment
+from ltri.spans import Segmentation, _first_owner, _owner_by_cover, candidate_grid, greedy_nms, segment, triangle_scores
 from ltri.timing import synchronize
 
 
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="tokens per block (the chunk size)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="segment_loop,segment_many,segment_many_batched,first_owner")
     args = parser.parse_args()
     device = torch.device(args.device)
     attention = planted_blocks(args.blocks, args.n, args.seed).to(device)
@@ -83,8 +88,12 @@ def main() -> None:
         "segment_many": lambda: segment_many(attention),
         "segment_many_batched": lambda: segment_many(attention, batched=True),
     }
-    reference = methods["segment_loop"]()
+    wanted = args.methods.split(",")
+    if any(method.startswith("segment") for method in wanted):
+        reference = methods["segment_loop"]()
     for method, run in methods.items():
+        if method not in wanted:
+            continue
         row = {
             "method": method,
             "device": str(device),
@@ -94,6 +103,20 @@ def main() -> None:
             "ms_per_chunk": round(median_ms(run, device, args.repeats), 2),
             "same_as_loop": same_cuts(run(), reference),
         }
+        print(json.dumps(row), flush=True)
+    if "first_owner" in wanted:
+        owner_rows(attention, args)
+
+
+def owner_rows(attention: torch.Tensor, args: argparse.Namespace) -> None:
+    """The kept spans' owners of every token, dense against running sums, on the host as in claim_tokens."""
+    scores = triangle_scores(attention, None, 128)
+    picks = greedy_nms(candidate_grid(scores, args.n, 8, 128), 0.0).cpu()  # segment's defaults
+    dense = _owner_by_cover(picks, args.n)
+    for method, run in (("first_owner_dense", _owner_by_cover), ("first_owner", _first_owner)):
+        row = {"method": method, "device": "cpu", "blocks": args.blocks, "n": args.n, "kept_per_block": picks.shape[1]}
+        row["ms_per_chunk"] = round(median_ms(lambda run=run: run(picks, args.n), torch.device("cpu"), args.repeats), 2)
+        row["same_as_loop"] = torch.equal(run(picks, args.n), dense)
         print(json.dumps(row), flush=True)
 
 
