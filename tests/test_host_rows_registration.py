@@ -37,6 +37,7 @@ class Recorder:
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch):
     monkeypatch.setattr(host_payloads, "_LOCK_STEP_BYTES", STEP)
+    monkeypatch.setattr(host_payloads, "_FIRST_LOCK_BYTES", STEP)
     monkeypatch.setattr(host_payloads, "_HUGE_PAGE", PAGE)
     monkeypatch.setattr(host_payloads, "available_host_bytes", lambda: None)
 
@@ -115,6 +116,18 @@ def test_a_host_short_of_memory_gets_no_background_piece_and_one_sentence(monkey
         with pytest.raises(HostMemoryShort, match="would leave the host under"):
             locked.extend(2500)
     assert locked.nbytes == 2000 and len(recorder.calls) == 2
+
+
+def test_the_first_piece_is_small_and_the_next_one_starts_at_once(monkeypatch):
+    monkeypatch.setattr(host_payloads, "_FIRST_LOCK_BYTES", 300)
+    recorder = Recorder()
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.extend(10)
+        locked._pending[2].result()
+        locked.extend(1300)  # the background piece is all that is needed (and the next one starts)
+    assert [(address, size) for address, size, _ in recorder.calls[:2]] == [(0, 300), (300, 1000)]
+    assert locked.nbytes == 1300
 
 
 def test_a_failed_synchronous_registration_is_host_memory_short():

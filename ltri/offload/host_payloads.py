@@ -32,7 +32,8 @@ import torch
 HOST_MARGIN_BYTES = 16 * 2**30
 _MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
 _REGISTER_MAPPED = 2  # cudaHostRegisterMapped
-_LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time
+_LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time, after the first piece
+_FIRST_LOCK_BYTES = 32 * 2**20  # the first piece, locked while the first append waits: small (about 10 ms)
 _HUGE_PAGE = 2 * 2**20
 
 
@@ -148,8 +149,9 @@ class _LockedPrefix:
     the host's time in those chunks: ``benchmarks/speed/results/e2e_h100_7e52b02_profile_prefill_profile_131072.txt``),
     and every layer's rows reach the end of a piece in the same chunk. So once the rows come within half a piece of
     the end, the next piece is registered on a background thread (torch's binding releases the GIL); the append that
-    needs it waits only if it is not done yet. A background registration that fails is dropped and the append
-    registers synchronously, which decides whether the host is short.
+    needs it waits only if it is not done yet; the first piece, which nothing hides, is small. A background
+    registration that fails is dropped and the append registers synchronously, which decides whether the host is
+    short.
 
     register(address, size) -> CUDA error code (0: done) and unregister(address) default to the CUDA runtime's on
     the current device; executor: where background registrations run (None: none, everything synchronous).
@@ -175,9 +177,11 @@ class _LockedPrefix:
         self._prefetch(needed)
 
     def _step(self, needed: int) -> int:
-        """Bytes of the next piece: what is needed, at least _LOCK_STEP_BYTES and a quarter of what is locked,
-        ending on a (huge) page boundary so that two registrations never share a page."""
-        size = max(needed - self.nbytes, _LOCK_STEP_BYTES, self.nbytes // 4)
+        """Bytes of the next piece: what is needed, at least _LOCK_STEP_BYTES (_FIRST_LOCK_BYTES for the first,
+        whose registration nothing hides) and a quarter of what is locked, ending on a (huge) page boundary so
+        that two registrations never share a page."""
+        least = _FIRST_LOCK_BYTES if self.nbytes == 0 else _LOCK_STEP_BYTES
+        size = max(needed - self.nbytes, least, self.nbytes // 4)
         return -(-size // _HUGE_PAGE) * _HUGE_PAGE
 
     def _lock(self, size: int) -> None:
