@@ -10,7 +10,7 @@ the H100 their kernels averaged 48 us (top-k's gather) and 25 us (sort) a call
 (``benchmarks/speed/results/e2e_h100_profile_131072.txt``, retrieval's rows there, not these). On the H100
 (``stages_ms`` in ``benchmarks/speed/results/attention_h100.json``, 7e52b02) this kernel took 0.015 ms to choose
 1024 of 2048 tokens for each of 8 KV heads, against 0.054 ms for torch.topk and sort; but on one long row it is
-slower: 0.146 ms against 0.075 ms for 1024 of 16K span votes (512K tokens), where one program rereads the row 32
+slower: 0.146 ms against 0.075 ms for 64 of 16K span votes (512K tokens), where one program rereads the row 32
 times (0.021 against 0.041 ms at 4K votes, 0.041 against 0.059 at 8K).
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
