@@ -69,14 +69,20 @@ def argument_type(value) -> str | None:
     return None
 
 
-def compile_launch(kernel, args: tuple, kwargs: dict) -> None:
-    """Compiles one recorded launch for sm_90 (raises what Triton raises)."""
+def launch_values(kernel, args: tuple, kwargs: dict) -> dict:
+    """The kernel's parameters by name, as the launch passed them (options such as num_warps left out)."""
+    values = dict(zip(kernel.arg_names, args, strict=False))
+    values.update({name: value for name, value in kwargs.items() if name in kernel.arg_names})
+    return values
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict):
+    """Compiles one recorded launch for sm_90 (raises what Triton raises); returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    values = dict(zip(kernel.arg_names, args, strict=False))
-    values.update({name: value for name, value in kwargs.items() if name in kernel.arg_names})
+    values = launch_values(kernel, args, kwargs)
     options = {name: value for name, value in kwargs.items() if name not in kernel.arg_names}
     signature, constexprs = {}, {}
     for param in kernel.params:
@@ -88,7 +94,7 @@ def compile_launch(kernel, args: tuple, kwargs: dict) -> None:
         if kind is None:
             constexprs[param.name] = value
     source = ASTSource(kernel, signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
@@ -151,26 +157,33 @@ def launchers(dtype: torch.dtype):
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])
 
 
-def main() -> int:
+def distinct_launches():
+    """(dtype, kernel, args, kwargs) of every distinct launch of every launcher, in each dtype."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("kernel_build.py compiles for the GPU: run it without TRITON_INTERPRET=1.")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    seen, failures = set(), []
+    seen = set()
     for dtype in DTYPES:
         for module, launch in launchers(dtype):
             for kernel, args, kwargs in record_launches(module, launch):
                 key = launch_key(kernel, args, kwargs)
-                if key in seen:
-                    continue
-                seen.add(key)
-                try:
-                    compile_launch(kernel, args, kwargs)
-                except Exception as error:  # noqa: BLE001 (every kind of build failure is reported the same way)
-                    first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                    failures.append(f"{kernel.__name__} {dtype}: {type(error).__name__}: {first_line}")
+                if key not in seen:
+                    seen.add(key)
+                    yield dtype, kernel, args, kwargs
+
+
+def main() -> int:
+    seen, failures = 0, []
+    for dtype, kernel, args, kwargs in distinct_launches():
+        seen += 1
+        try:
+            compile_launch(kernel, args, kwargs)
+        except Exception as error:  # noqa: BLE001 (every kind of build failure is reported the same way)
+            first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            failures.append(f"{kernel.__name__} {dtype}: {type(error).__name__}: {first_line}")
     for failure in failures:
         print("FAILED", failure)
-    print(f"built {len(seen) - len(failures)} of {len(seen)} kernel launches for sm_90")
+    print(f"built {seen - len(failures)} of {seen} kernel launches for sm_90")
     return 1 if failures else 0
 
 
