@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -120,15 +121,29 @@ def chunk_attention_map_reference(query: torch.Tensor, keys: torch.Tensor, scale
     return scores.softmax(dim=-1).mean(dim=1)
 
 
-def _tile_shape(group: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, GROUP_BLOCK, num_warps): about 128 stacked rows (64 in float32), at least 16 per head."""
-    group_block = 1 << (group - 1).bit_length()
+class MapTiles(NamedTuple):
+    """Launch shape of the kernel (benchmarks/speed/attention.py sweeps it)."""
+
+    block_m: int  # query rows per head in a program (the tile stacks the group's heads: GROUP_BLOCK x block_m)
+    block_n: int  # keys per step
+    num_warps: int
+
+
+def default_tiles(group: int, dtype: torch.dtype) -> MapTiles:
+    """About 128 stacked rows (64 in float32), at least 16 per head, on 8 warps: 150 registers a thread for a bf16
+    Llama-3-8B layer, no spills (``benchmarks/speed/kernel_resources.py``); not tuned by timing yet."""
     rows = 64 if dtype == torch.float32 else 128
-    return max(16, rows // group_block), 32 if dtype == torch.float32 else 64, group_block, 8
+    return MapTiles(max(16, rows // _group_block(group)), 32 if dtype == torch.float32 else 64, 8)
 
 
-def chunk_attention_map_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel's launch; same contract as chunk_attention_map."""
+def _group_block(group: int) -> int:
+    return 1 << (group - 1).bit_length()
+
+
+def chunk_attention_map_triton(
+    query: torch.Tensor, keys: torch.Tensor, scale: float, tiles: MapTiles | None = None
+) -> torch.Tensor:
+    """The kernel's launch; same contract as chunk_attention_map. tiles: default_tiles' unless given."""
     _check_inputs(query, keys)
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16) or keys.dtype != query.dtype:
         raise ValueError(f"The chunk attention map kernel takes one of float32, float16 or bfloat16, got "
@@ -140,13 +155,13 @@ def chunk_attention_map_triton(query: torch.Tensor, keys: torch.Tensor, scale: f
     if query.stride(2) != 1 or keys.stride(2) != 1:
         query, keys = query.contiguous(), keys.contiguous()
     group = nheads // nheads_kv
-    block_m, block_n, group_block, warps = _tile_shape(group, query.dtype)
+    block_m, block_n, warps = tiles or default_tiles(group, query.dtype)
     out = torch.empty(nheads_kv, q_len, q_len, dtype=torch.float32, device=query.device)
     exact = query.dtype == torch.float32 or interpreting()
     _triton_kernels(interpreting())[(-(-q_len // block_m), nheads_kv)](
         query, keys, out, q_len, group, scale * math.log2(math.e),
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
-        HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_BLOCK=group_block,
+        HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_BLOCK=_group_block(group),
         DOT_PRECISION="ieee" if exact else "tf32", num_warps=warps,
     )  # fmt: skip
     return out
@@ -160,4 +175,4 @@ def chunk_attention_map(query: torch.Tensor, keys: torch.Tensor, scale: float) -
     return chunk_attention_map_reference(query, keys, scale)
 
 
-__all__ = ["chunk_attention_map", "chunk_attention_map_reference", "chunk_attention_map_triton"]
+__all__ = ["chunk_attention_map", "chunk_attention_map_reference", "chunk_attention_map_triton", "MapTiles"]

@@ -49,8 +49,6 @@ from . import interpreting, use_triton
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
-_BLOCK_P = 32  # packed places per program
-
 
 def _pack_rotate_kernel(
     query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
@@ -230,7 +228,19 @@ def pack_rotate_reference(s: StepSources) -> PackedStep:
     return PackedStep(query, keys, packed(s.sink_values, 1, s.window_values), n_valid)
 
 
-def pack_rotate_triton(s: StepSources) -> PackedStep:
+class PackLaunch(NamedTuple):
+    """Launch shape of the kernel (benchmarks/speed/attention.py sweeps it)."""
+
+    block_p: int  # packed places per program
+    num_warps: int
+
+
+# Measured on the H100 (0.0179 ms a Llama-3-8B layer); ptxas reports 848 bytes of spills for headdim 128 in half
+# precision (benchmarks/speed/results/kernel_resources_sm90.jsonl), none on 8 warps: untimed.
+DEFAULT_LAUNCH = PackLaunch(32, 4)
+
+
+def pack_rotate_triton(s: StepSources, launch: PackLaunch = DEFAULT_LAUNCH) -> PackedStep:
     """The kernel's launch; same contract as pack_rotate."""
     _check_inputs(s)
     if s.query.dtype not in _DROP_BITS:
@@ -247,7 +257,7 @@ def pack_rotate_triton(s: StepSources) -> PackedStep:
         raise ValueError("pack_rotate wants the window's keys and values, and cos and sin, laid out alike.")
     sinks = (s.sink_keys, s.sink_values) if s.sink_keys.shape[1] else (s.window_keys, s.window_values)  # unread
     group = s.query.shape[0] // nheads_kv
-    grid = (-(-n_packed // _BLOCK_P), nheads_kv)
+    grid = (-(-n_packed // launch.block_p), nheads_kv)
     _triton_kernels(interpreting())[grid](
         s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, s.window_keys, s.window_values,
         s.cos, s.sin, query, keys, values, n_valid,
@@ -255,7 +265,8 @@ def pack_rotate_triton(s: StepSources) -> PackedStep:
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
-        HEADDIM=headdim, BLOCK_P=_BLOCK_P, GROUP_BLOCK=1 << (group - 1).bit_length(), DROP_BITS=_DROP_BITS[keys.dtype],
+        HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),
+        DROP_BITS=_DROP_BITS[keys.dtype], num_warps=launch.num_warps,
     )  # fmt: skip
     return PackedStep(query, keys, values, n_valid)
 

@@ -16,6 +16,7 @@ if importlib.util.find_spec("triton") is None:
 
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.chunk_attention_map import (  # noqa: E402
+    MapTiles,
     chunk_attention_map,
     chunk_attention_map_reference,
     chunk_attention_map_triton,
@@ -72,3 +73,10 @@ def test_bad_inputs_get_one_sentence():
     ]:
         with pytest.raises(ValueError, match=message):
             chunk_attention_map_triton(bad_query, bad_keys, 0.1)
+
+
+@pytest.mark.parametrize("tiles", [MapTiles(16, 32, 4), MapTiles(32, 64, 8), MapTiles(16, 128, 4)])
+def test_every_launch_shape_gives_the_same_map(tiles):
+    query, keys = make_inputs(2, 4, 130, 64, torch.float32)
+    expected = chunk_attention_map_reference(query, keys, 0.125)
+    assert torch.allclose(chunk_attention_map_triton(query, keys, 0.125, tiles), expected, atol=1e-6)

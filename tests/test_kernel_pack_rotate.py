@@ -17,6 +17,7 @@ if importlib.util.find_spec("triton") is None:
 
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.pack_rotate import (  # noqa: E402
+    PackLaunch,
     StepSources,
     pack_rotate,
     pack_rotate_reference,
@@ -121,3 +122,11 @@ def test_bad_inputs_get_one_sentence():
         for pack in (pack_rotate_triton, pack_rotate_reference):
             with pytest.raises(ValueError, match=message):
                 pack(broken)
+
+
+@pytest.mark.parametrize("launch", [PackLaunch(16, 4), PackLaunch(16, 8), PackLaunch(64, 8)])
+def test_every_launch_shape_packs_the_same(launch):
+    inputs = make_inputs(*CASES[3], torch.float16)
+    expected = pack_rotate_triton(inputs)
+    got = pack_rotate_triton(inputs, launch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

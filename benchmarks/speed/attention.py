@@ -420,16 +420,19 @@ def measure_context(context_len: int, shape: Shape, methods: list[str], timer: T
     return rows
 
 
-def parse_tiles(text: str, kernels) -> list | None:
+def parse_shapes(text: str, make) -> list:
+    """'64x4x2,auto' -> [make(64, 4, 2), None]: launch shapes as numbers joined by x; 'auto' -> None (default)."""
+    return [None if item == "auto" else make(*(int(x) for x in item.split("x"))) for item in text.split(",")]
+
+
+def parse_tiles(text: str, kernels) -> list:
     """'64x4x2,128x8x3' (keys per block x warps x stages) -> Tiles with 16 packed rows; 'auto' -> None (default)."""
-    tiles = []
-    for item in text.split(","):
-        if item == "auto":
-            tiles.append(None)
-            continue
-        block_n, warps, stages = (int(x) for x in item.split("x"))
-        tiles.append(kernels.sparse_attention.Tiles(16, block_n, warps, stages))
-    return tiles
+    return parse_shapes(text, lambda block_n, warps, stages: kernels.sparse_attention.Tiles(16, block_n, warps, stages))
+
+
+def shape_label(method: str, shape) -> str:
+    """method[16x64x8] for a launch shape, method for the default (None)."""
+    return method if shape is None else f"{method}[{'x'.join(str(x) for x in shape)}]"
 
 
 def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes, tiles) -> list[dict]:
@@ -455,9 +458,12 @@ def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_co
     return rows
 
 
-def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_rows: int = 1 << 16) -> list[dict]:
+def pack_rotate_rows(
+    shape: Shape, timer: Timer, copy: float, dtype, kernels, launches=(None,), n_rows: int = 1 << 16
+) -> list[dict]:
     """A captured decode step's packing of one layer (sinks, budget rows, window with 256 slots of headroom; keys and
-    query rotated): the pack_rotate kernel against the torch ops it replaced (its reference), rows in device memory.
+    query rotated): the pack_rotate kernel (in each launch shape: PackLaunch or None, the default) against the torch
+    ops it replaced (its reference), rows in device memory.
     bytes: what the kernel must read (packed K/V, cos, sin) and write (packed K/V), as copy_gbps counts both."""
     device = timer.device
     window = shape.n_window + 256
@@ -476,9 +482,11 @@ def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_
     )  # fmt: skip
     element = torch.empty((), dtype=dtype).element_size()
     n_bytes = 2 * kv_bytes(n_packed, shape, element) + 2 * n_packed * shape.headdim * element
+    pack = kernels.pack_rotate
+    calls = [(shape_label("pack_rotate_kernel", launch), pack.pack_rotate if launch is None  # reference on a CPU
+              else functools.partial(pack.pack_rotate_triton, launch=launch)) for launch in launches]  # fmt: skip
     rows = []
-    for method, call in (("pack_rotate_kernel", kernels.pack_rotate.pack_rotate),  # the reference on a CPU
-                         ("pack_rotate_torch", kernels.pack_rotate.pack_rotate_reference)):  # fmt: skip
+    for method, call in (*calls, ("pack_rotate_torch", pack.pack_rotate_reference)):
         step = functools.partial(call, sources)
         graph, error = graph_ms(timer, step) if device.type == "cuda" else (None, None)
         rows.append(row(n_packed, method, timer(step), n_bytes, copy, n_keys=n_packed, graph_ms=graph,
@@ -486,18 +494,21 @@ def pack_rotate_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, n_
     return rows
 
 
-def chunk_map_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, chunk: int) -> list[dict]:
+def chunk_map_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, chunk: int, tiles=(None,)) -> list[dict]:
     """One layer's input to span segmentation during prefill: a chunk's causal attention map among its own tokens,
-    averaged over each KV head's query heads. The chunk_attention_map kernel against its torch reference (what
-    prefill ran before it). bytes: the rotated queries and keys read and the float32 map written."""
+    averaged over each KV head's query heads. The chunk_attention_map kernel (in each launch shape: MapTiles or
+    None, the default) against its torch reference (what prefill ran before it). bytes: the rotated queries and keys
+    read and the float32 map written."""
     device = timer.device
     query = torch.randn(shape.nheads, chunk, shape.headdim, device=device).to(dtype)
     keys = torch.randn(shape.nheads_kv, chunk, shape.headdim, device=device).to(dtype)
     element = torch.empty((), dtype=dtype).element_size()
     n_bytes = (shape.nheads + shape.nheads_kv) * chunk * shape.headdim * element + shape.nheads_kv * chunk * chunk * 4
+    chunk_map = kernels.chunk_attention_map
+    calls = [(shape_label("chunk_map_kernel", tile), chunk_map.chunk_attention_map if tile is None  # reference on a CPU
+              else functools.partial(chunk_map.chunk_attention_map_triton, tiles=tile)) for tile in tiles]  # fmt: skip
     rows = []
-    for method, call in (("chunk_map_kernel", kernels.chunk_attention_map.chunk_attention_map),  # reference on a CPU
-                         ("chunk_map_torch", kernels.chunk_attention_map.chunk_attention_map_reference)):  # fmt: skip
+    for method, call in (*calls, ("chunk_map_torch", chunk_map.chunk_attention_map_reference)):
         step = functools.partial(call, query, keys, shape.headdim**-0.5)
         rows.append(row(chunk, method, timer(step), n_bytes, copy, n_keys=chunk))
     return rows
@@ -612,6 +623,12 @@ def parse_args() -> argparse.Namespace:
         help="kernel_sweep launch shapes: keys per block x warps x stages, or auto (the default's)",
     )
     parser.add_argument("--chunk", type=int, default=2048, help="chunk_attention_map rows' chunk (0: none)")
+    parser.add_argument("--sweep-pack", default="auto,16x4,16x8,32x8", help="pack_rotate launch shapes: places x warps")
+    parser.add_argument(
+        "--sweep-chunk-map",
+        default="auto,16x64x8,16x64x4,32x64x4,32x128x8",
+        help="chunk_attention_map launch shapes: rows per head x keys per step x warps",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
@@ -623,6 +640,7 @@ def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[
     """Small sizes for a CPU run of the whole script."""
     shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
     args.warmup, args.reps, args.sweep_keys, args.chunk = 1, 2, "", min(args.chunk, 256)
+    args.sweep_pack = args.sweep_chunk_map = "auto"  # launch shapes are the kernels': on the CPU the references run
     return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
 
 
@@ -656,10 +674,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
-    packing = pack_rotate_rows(shape, timer, copy, dtype, kernels)
+    launches = parse_shapes(args.sweep_pack, kernels.pack_rotate.PackLaunch)
+    packing = pack_rotate_rows(shape, timer, copy, dtype, kernels, launches)
     print("packing a captured step's key set (context = packed keys):")
     print_rows(packing, copy)
-    chunk_map = chunk_map_rows(shape, timer, copy, dtype, kernels, args.chunk) if args.chunk else []
+    map_tiles = parse_shapes(args.sweep_chunk_map, kernels.chunk_attention_map.MapTiles)
+    chunk_map = chunk_map_rows(shape, timer, copy, dtype, kernels, args.chunk, map_tiles) if args.chunk else []
     if chunk_map:
         print("a prefill chunk's attention map for span segmentation (context = chunk tokens):")
         print_rows(chunk_map, copy)
