@@ -103,8 +103,24 @@ def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
     return (kernel.__name__, tuple(described), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
 
 
+def sweep_shapes():
+    """The launch shapes benchmarks/speed/attention.py sweeps by default: (sparse attention Tiles, PackLaunch,
+    MapTiles) lists, without the defaults (None)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
+    import attention as benchmark
+    from ltri.kernels.chunk_attention_map import MapTiles
+    from ltri.kernels.pack_rotate import PackLaunch
+
+    kernels = benchmark.load_kernels()
+    tiles = [tile for tile in benchmark.parse_tiles(benchmark.SWEEP_TILES, kernels) if tile is not None]
+    packs = [shape for shape in benchmark.parse_shapes(benchmark.SWEEP_PACK, PackLaunch) if shape is not None]
+    maps = [shape for shape in benchmark.parse_shapes(benchmark.SWEEP_CHUNK_MAP, MapTiles) if shape is not None]
+    return tiles, packs, maps
+
+
 def launchers(dtype: torch.dtype):
-    """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use."""
+    """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use, and in half
+    precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
     import test_kernel_chunk_attention_map as chunk_map
     import test_kernel_lowrank_scores as lowrank
     import test_kernel_pack_rotate as pack
@@ -151,6 +167,8 @@ def launchers(dtype: torch.dtype):
         queries, index_vectors, first, count, n_valid = span_scores.make_index(*case, dtype)
         yield m_span_scores, functools.partial(m_span_scores.span_scores_triton, queries, index_vectors, first, count,
                                                n_valid, first.numel() + 3, case[4])  # fmt: skip
+    if dtype != torch.float32:
+        yield from swept_launches(dtype)
     if dtype == torch.float32:  # span_max reads float32 votes only
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
@@ -172,15 +190,44 @@ def distinct_launches():
                     yield dtype, kernel, args, kwargs
 
 
+def swept_launches(dtype: torch.dtype):
+    """The benchmark's swept launch shapes: decode attention over 3136 keys (32 query heads, 8 KV heads, headdim
+    128), a captured step's packing, a 256-token chunk map."""
+    import test_kernel_pack_rotate as pack
+    from ltri.kernels import chunk_attention_map as m_chunk_map
+    from ltri.kernels import pack_rotate as m_pack
+    from ltri.kernels import sparse_attention as m_attention
+
+    tiles, packs, maps = sweep_shapes()
+    q, k = torch.randn(32, 1, 128).to(dtype), torch.randn(8, 3136, 128).to(dtype)
+    n_valid = torch.full((8,), 3136)
+    for tile in tiles:
+        for split_size in (None, 256):
+            yield m_attention, functools.partial(m_attention.sparse_attention_triton, q, k, k, n_valid,
+                                                 split_size=split_size, tiles=tile)  # fmt: skip
+    sources = pack.make_inputs(64, 123, 50, 8, 4, 128, 97, 49, dtype)
+    for launch in packs:
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources, launch)
+    query, keys = torch.randn(32, 256, 128).to(dtype), torch.randn(8, 256, 128).to(dtype)
+    for shape in maps:
+        yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.1, shape)
+
+
+SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KB)
+
+
 def main() -> int:
     seen, failures = 0, []
     for dtype, kernel, args, kwargs in distinct_launches():
         seen += 1
         try:
-            compile_launch(kernel, args, kwargs)
+            shared = compile_launch(kernel, args, kwargs).metadata.shared
         except Exception as error:  # noqa: BLE001 (every kind of build failure is reported the same way)
             first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             failures.append(f"{kernel.__name__} {dtype}: {type(error).__name__}: {first_line}")
+            continue
+        if shared > SHARED_MEMORY_LIMIT:
+            failures.append(f"{kernel.__name__} {dtype} {kwargs}: {shared} bytes of shared memory, over the H100's")
     for failure in failures:
         print("FAILED", failure)
     print(f"built {seen - len(failures)} of {seen} kernel launches for sm_90")

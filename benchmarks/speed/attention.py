@@ -57,6 +57,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
+# Launch shapes the sweeps time by default (tests/kernel_build.py builds them all for sm_90 on a CPU).
+SWEEP_TILES = "auto,32x4x2,64x4x3,64x8x2,128x8x2"  # sparse attention: keys per block x warps x stages
+SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
+SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
 )  # fmt: skip
@@ -619,14 +623,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-splits", default="auto,128,256,512")
     parser.add_argument(
         "--sweep-tiles",
-        default="auto,32x4x2,64x4x3,64x8x2,128x8x2",
+        default=SWEEP_TILES,
         help="kernel_sweep launch shapes: keys per block x warps x stages, or auto (the default's)",
     )
     parser.add_argument("--chunk", type=int, default=2048, help="chunk_attention_map rows' chunk (0: none)")
-    parser.add_argument("--sweep-pack", default="auto,16x4,16x8,32x8", help="pack_rotate launch shapes: places x warps")
+    parser.add_argument("--sweep-pack", default=SWEEP_PACK, help="pack_rotate launch shapes: places x warps")
     parser.add_argument(
         "--sweep-chunk-map",
-        default="auto,16x64x8,16x64x4,32x64x4,32x128x8",
+        default=SWEEP_CHUNK_MAP,
         help="chunk_attention_map launch shapes: rows per head x keys per step x warps",
     )
     parser.add_argument("--warmup", type=int, default=5)

@@ -5,8 +5,9 @@
 Each kernel launcher runs on CPU tensors with its launches recorded (tests/kernel_build.py: the kernel tests'
 shapes, float32, float16 and bfloat16); each distinct launch is compiled for sm_90 by Triton and its PTX assembled
 again by the ptxas that comes with Triton, verbosely: one JSON line per launch with the kernel, dtype, warps,
-stages, registers per thread, spill stores and loads (bytes) and the stack frame. A static view: registers set
-how many warps an SM holds (65,536 registers), spills go through local memory; neither is a timing.
+stages, shared memory (bytes), registers per thread, spill stores and loads (bytes) and the stack frame. A static
+view: registers set how many warps an SM holds (65,536 registers), spills go through local memory; none is a
+timing.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
                     value := kernel_build.launch_values(kernel, launch_args, kwargs).get(param.name), (int, bool, str)
                 )  # fmt: skip
             },
+            "shared_bytes": compiled.metadata.shared,
             **resources(compiled.asm["ptx"], ptxas),
         }
         rows.append(row)
