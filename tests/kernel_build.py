@@ -5,7 +5,9 @@ and still fail to build on the GPU (a loop variable named `_` reassigned with an
 `return`: both happened, see benchmarks/speed/NOTES.md step 12). This script calls each kernel's launcher on CPU
 tensors, in float32, float16 and bfloat16, with the launch itself recorded instead of run, and compiles each
 recorded launch (its argument types, constexprs, warps and stages) for sm_90 down to a cubin with Triton's own
-compiler and ptxas. It must run without TRITON_INTERPRET=1 (the interpreter replaces the language's functions);
+compiler and ptxas, and refuses a launch that needs more shared memory than an H100 block has. In half precision
+it also builds the launch shapes benchmarks/speed/attention.py sweeps by default, so that a device call does not
+find a broken one. It must run without TRITON_INTERPRET=1 (the interpreter replaces the language's functions);
 tests/test_kernels_build_for_cuda.py runs it in a subprocess. Exit status 1 and one line per failure.
 """
 
