@@ -114,7 +114,8 @@ def _rope(x, partner, cos, signed_sin, DROP_BITS: tl.constexpr):
 def _round_mantissa(x, DROP_BITS: tl.constexpr):
     """float32 x rounded to nearest even at DROP_BITS fewer mantissa bits (16: bfloat16's, 13: float16's, 0: as is).
     Integer operations on the bits, not a cast there and back: on the H100 the compiler removed such a round trip
-    after a product of two upcast half values and fused the product into the sum (measured at 7e52b02)."""
+    after a product of two upcast half values and fused the product into the sum (seen at 7e52b02: the query test
+    in tests/test_kernel_pack_rotate.py failed on the H100 with casts and passed with this, at db0b48a)."""
     if DROP_BITS == 0:  # if/else, not an early return: the compiler also builds the code after a return
         rounded = x
     else:
@@ -240,8 +241,9 @@ class PackLaunch(NamedTuple):
 DEFAULT_LAUNCH = PackLaunch(32, 4)
 
 
-def pack_rotate_triton(s: StepSources, launch: PackLaunch = DEFAULT_LAUNCH) -> PackedStep:
-    """The kernel's launch; same contract as pack_rotate."""
+def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> PackedStep:
+    """The kernel's launch; same contract as pack_rotate. launch: DEFAULT_LAUNCH unless given."""
+    launch = launch or DEFAULT_LAUNCH
     _check_inputs(s)
     if s.query.dtype not in _DROP_BITS:
         raise ValueError(f"the pack_rotate kernel takes float32, float16 or bfloat16, got {s.query.dtype}.")

@@ -105,18 +105,22 @@ def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
     return (kernel.__name__, tuple(described), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
 
 
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed")
+
+
 def sweep_shapes():
     """The launch shapes benchmarks/speed/attention.py sweeps by default: (sparse attention Tiles, PackLaunch,
-    MapTiles) lists, without the defaults (None)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
+    MapTiles) lists, None standing for the kernel's default shape."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
     import attention as benchmark
     from ltri.kernels.chunk_attention_map import MapTiles
     from ltri.kernels.pack_rotate import PackLaunch
 
     kernels = benchmark.load_kernels()
-    tiles = [tile for tile in benchmark.parse_tiles(benchmark.SWEEP_TILES, kernels) if tile is not None]
-    packs = [shape for shape in benchmark.parse_shapes(benchmark.SWEEP_PACK, PackLaunch) if shape is not None]
-    maps = [shape for shape in benchmark.parse_shapes(benchmark.SWEEP_CHUNK_MAP, MapTiles) if shape is not None]
+    tiles = benchmark.parse_tiles(benchmark.SWEEP_TILES, kernels)
+    packs = benchmark.parse_shapes(benchmark.SWEEP_PACK, PackLaunch)
+    maps = benchmark.parse_shapes(benchmark.SWEEP_CHUNK_MAP, MapTiles)
     return tiles, packs, maps
 
 
@@ -193,8 +197,8 @@ def distinct_launches():
 
 
 def swept_launches(dtype: torch.dtype):
-    """The benchmark's swept launch shapes: decode attention over 3136 keys (32 query heads, 8 KV heads, headdim
-    128), a captured step's packing, a 256-token chunk map."""
+    """The benchmark's swept launch shapes, the defaults included, on a Llama-3-8B layer's shape: decode attention
+    over 3136 keys (32 query heads, 8 KV heads, headdim 128), a captured step's packing, a 256-token chunk map."""
     import test_kernel_pack_rotate as pack
     from ltri.kernels import chunk_attention_map as m_chunk_map
     from ltri.kernels import pack_rotate as m_pack

@@ -27,3 +27,8 @@ def interpret_without_cuda():
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = before
+
+
+def environment_without_interpreter() -> dict[str, str]:
+    """This process's environment less TRITON_INTERPRET: for a subprocess that compiles kernels for the GPU."""
+    return {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}

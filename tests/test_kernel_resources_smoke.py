@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,13 @@ import pytest
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from kernel_support import environment_without_interpreter  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_launches_report_registers_and_spills():
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env = environment_without_interpreter()
     script = ROOT / "benchmarks" / "speed" / "kernel_resources.py"
     done = subprocess.run([sys.executable, str(script), "--limit", "2"], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip

@@ -5,7 +5,6 @@ must not see Triton's interpreter, which the kernel tests switch on)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,13 @@ import pytest
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from kernel_support import environment_without_interpreter  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_kernel_launch_builds_for_sm90():
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env = environment_without_interpreter()
     script = ROOT / "tests" / "kernel_build.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -5,7 +5,16 @@ import itertools
 import pytest
 import torch
 
-from ltri.spans import Segmentation, default_theta, segment, sink_columns, triangle_scores
+from ltri.spans import (
+    Segmentation,
+    _first_owner,
+    _owner_by_cover,
+    _owner_of_disjoint,
+    default_theta,
+    segment,
+    sink_columns,
+    triangle_scores,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -292,8 +301,6 @@ def random_picks(n_blocks: int, n_rounds: int, n: int, disjoint: bool, seed: int
 @pytest.mark.parametrize("disjoint", [True, False])
 @pytest.mark.parametrize("seed", range(4))
 def test_first_owner_of_disjoint_picks_equals_the_dense_cover(disjoint, seed):
-    from ltri.spans import _first_owner, _owner_by_cover, _owner_of_disjoint
-
     picks = random_picks(5, 12, 300, disjoint, seed)
     expected = _owner_by_cover(picks, 300)
     assert torch.equal(_first_owner(picks, 300), expected)

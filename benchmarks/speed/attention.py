@@ -439,6 +439,13 @@ def shape_label(method: str, shape) -> str:
     return method if shape is None else f"{method}[{'x'.join(str(x) for x in shape)}]"
 
 
+def calls_by_shape(method: str, dispatch, launcher, keyword: str, shapes) -> list[tuple[str, object]]:
+    """(label, call) for each launch shape: the public dispatch for the default (None; the reference on a CPU), the
+    kernel's launcher with keyword=shape otherwise."""
+    return [(shape_label(method, shape), dispatch if shape is None else functools.partial(launcher, **{keyword: shape}))
+            for shape in shapes]  # fmt: skip
+
+
 def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes, tiles) -> list[dict]:
     """The sparse attention kernel alone over n_keys keys: split sizes x tiles x merge (fused in the split kernel,
     or a second launch), and SDPA on the same keys."""
@@ -487,8 +494,7 @@ def pack_rotate_rows(
     element = torch.empty((), dtype=dtype).element_size()
     n_bytes = 2 * kv_bytes(n_packed, shape, element) + 2 * n_packed * shape.headdim * element
     pack = kernels.pack_rotate
-    calls = [(shape_label("pack_rotate_kernel", launch), pack.pack_rotate if launch is None  # reference on a CPU
-              else functools.partial(pack.pack_rotate_triton, launch=launch)) for launch in launches]  # fmt: skip
+    calls = calls_by_shape("pack_rotate_kernel", pack.pack_rotate, pack.pack_rotate_triton, "launch", launches)
     rows = []
     for method, call in (*calls, ("pack_rotate_torch", pack.pack_rotate_reference)):
         step = functools.partial(call, sources)
@@ -509,8 +515,8 @@ def chunk_map_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, chun
     element = torch.empty((), dtype=dtype).element_size()
     n_bytes = (shape.nheads + shape.nheads_kv) * chunk * shape.headdim * element + shape.nheads_kv * chunk * chunk * 4
     chunk_map = kernels.chunk_attention_map
-    calls = [(shape_label("chunk_map_kernel", tile), chunk_map.chunk_attention_map if tile is None  # reference on a CPU
-              else functools.partial(chunk_map.chunk_attention_map_triton, tiles=tile)) for tile in tiles]  # fmt: skip
+    calls = calls_by_shape("chunk_map_kernel", chunk_map.chunk_attention_map, chunk_map.chunk_attention_map_triton,
+                           "tiles", tiles)  # fmt: skip
     rows = []
     for method, call in (*calls, ("chunk_map_torch", chunk_map.chunk_attention_map_reference)):
         step = functools.partial(call, query, keys, shape.headdim**-0.5)

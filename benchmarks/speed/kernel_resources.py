@@ -68,18 +68,16 @@ def main() -> None:
         if args.limit and index >= args.limit:
             break
         compiled = kernel_build.compile_launch(kernel, launch_args, kwargs)
+        values = kernel_build.launch_values(kernel, launch_args, kwargs)
         row = {
             "kernel": kernel.__name__,
             "dtype": str(dtype).removeprefix("torch."),
             "num_warps": compiled.metadata.num_warps,
             "num_stages": compiled.metadata.num_stages,
             "constexprs": {
-                param.name: value
+                param.name: values[param.name]
                 for param in kernel.params
-                if param.is_constexpr
-                and isinstance(
-                    value := kernel_build.launch_values(kernel, launch_args, kwargs).get(param.name), (int, bool, str)
-                )  # fmt: skip
+                if param.is_constexpr and isinstance(values.get(param.name), (int, bool, str))
             },
             "shared_bytes": compiled.metadata.shared,
             **resources(compiled.asm["ptx"], ptxas),

@@ -33,7 +33,7 @@ HOST_MARGIN_BYTES = 16 * 2**30
 _MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
 _REGISTER_MAPPED = 2  # cudaHostRegisterMapped
 _LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time, after the first piece
-_FIRST_LOCK_BYTES = 32 * 2**20  # the first piece, locked while the first append waits: small (about 10 ms)
+_FIRST_LOCK_BYTES = 32 * 2**20  # the first piece, locked while the first append waits: an eighth of a full one
 _HUGE_PAGE = 2 * 2**20
 
 
