@@ -1,5 +1,5 @@
-"""A captured decode step's key set and query: sinks, retrieved tokens and window packed at compact positions, keys
-and the query rotated.
+"""A captured decode step's key set and query: sinks, retrieved tokens, evidence and window packed at compact
+positions, keys and the query rotated.
 
     query                       (nheads, headdim)              the step's query, pre-RoPE
     window_length               (1,) int64 on the device       the window's tokens before this step's: the step's
@@ -9,13 +9,16 @@ and the query rotated.
                                 CUDA the pinned host rows' device alias: reads cross PCIe, nothing is copied)
     rows                        (B,) int64                     the retrieved tokens' rows in rows_source
     n_retrieved                 () or (1,) int64 on the device how many of them are valid (<= B)
+    evidence_keys, _values      (nheads_kv, E, headdim)        stored tokens a question's reread encoded anew
+                                                               (``ltri.evidence``; E may be 0)
     window_keys, window_values  (nheads_kv, W, headdim)        the window's buffers, whole capacity
-    cos, sin                    (P, headdim)                   RoPE of positions 0..P-1, P = S + B + W
+    cos, sin                    (P, headdim)                   RoPE of positions 0..P-1, P = S + B + E + W
   returns
     query_rotated               (nheads, 1, headdim)           the query rotated to the step's place,
-                                                               n_valid - 1 = S + n_retrieved + window_length
+                                                               n_valid - 1 = S + n_retrieved + E + window_length
     keys, values                (nheads_kv, P, headdim)        place p holds sink p (p < S), retrieved token
-                                                               p - S (p < S + n), else window slot p - S - n
+                                                               p - S (p < S + n), evidence token p - S - n
+                                                               (p < S + n + E), else window slot p - S - n - E
                                                                (clamped to the last slot); keys rotated to p
     n_valid                     (nheads_kv,) int64             the valid keys of each KV head (the same for all)
 
@@ -52,9 +55,11 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 def _pack_rotate_kernel(
     query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
-    window_k_ptr, window_v_ptr, cos_ptr, sin_ptr, query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
-    n_sink, window_capacity, n_packed, group,
-    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_window_h, stride_window_t,
+    evidence_k_ptr, evidence_v_ptr, window_k_ptr, window_v_ptr, cos_ptr, sin_ptr,
+    query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
+    n_sink, n_evidence, window_capacity, n_packed, group,
+    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h,
+    stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
 ):  # fmt: skip
@@ -66,8 +71,9 @@ def _pack_rotate_kernel(
     partner = (dim + HEADDIM // 2) % HEADDIM  # rotate_half's source column
     sign = tl.where(dim < HEADDIM // 2, -1.0, 1.0)
     n_retrieved = tl.load(n_retrieved_ptr)
+    window_start = n_sink + n_retrieved + n_evidence
     if tl.program_id(0) == 0:
-        at = n_sink + n_retrieved + tl.load(window_length_ptr)  # the step's own place
+        at = window_start + tl.load(window_length_ptr)  # the step's own place
         heads = head * group + tl.arange(0, GROUP_BLOCK)
         in_group = (tl.arange(0, GROUP_BLOCK) < group)[:, None]
         q = tl.load(query_ptr + heads[:, None] * stride_q_h + dim[None, :], mask=in_group, other=0.0)
@@ -83,19 +89,22 @@ def _pack_rotate_kernel(
     in_packed = place < n_packed
     is_sink = in_packed & (place < n_sink)
     is_retrieved = in_packed & (place >= n_sink) & (place < n_sink + n_retrieved)
-    is_window = in_packed & (place >= n_sink + n_retrieved)
+    is_evidence = in_packed & (place >= n_sink + n_retrieved) & (place < window_start)
+    is_window = in_packed & (place >= window_start)
     sink_at = tl.where(is_sink, place, 0).to(tl.int64)
     row_at = tl.load(rows_ptr + tl.where(is_retrieved, place - n_sink, 0), mask=is_retrieved, other=0)
-    window_at = tl.minimum(tl.where(is_window, place - n_sink - n_retrieved, 0), window_capacity - 1).to(tl.int64)
+    evidence_at = tl.where(is_evidence, place - n_sink - n_retrieved, 0).to(tl.int64)
+    window_at = tl.minimum(tl.where(is_window, place - window_start, 0), window_capacity - 1).to(tl.int64)
     sink_off = head * stride_sink_h + sink_at[:, None] * stride_sink_t
     row_off = row_at[:, None] * stride_row + head * stride_row_h
+    evidence_off = head * stride_evidence_h + evidence_at[:, None] * stride_evidence_t
     window_off = head * stride_window_h + window_at[:, None] * stride_window_t
-    key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, window_k_ptr + window_off, dim,
-                  is_sink, is_retrieved, is_window)  # fmt: skip
-    key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, window_k_ptr + window_off, partner,
-                          is_sink, is_retrieved, is_window)  # fmt: skip
-    value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off, window_v_ptr + window_off, dim,
-                    is_sink, is_retrieved, is_window)  # fmt: skip
+    key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
+                  window_k_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
+    key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
+                          window_k_ptr + window_off, partner, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
+    value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off, evidence_v_ptr + evidence_off,
+                    window_v_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]
     cos = tl.load(cos_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
@@ -126,12 +135,13 @@ def _round_mantissa(x, DROP_BITS: tl.constexpr):
     return rounded
 
 
-def _packed(sink_ptrs, row_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_window):
-    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row or window slot)."""
+def _packed(sink_ptrs, row_ptrs, evidence_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_evidence, is_window):
+    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row, evidence or window slot)."""
     sink = tl.load(sink_ptrs + columns[None, :], mask=is_sink[:, None], other=0.0).to(tl.float32)
     row = tl.load(row_ptrs + columns[None, :], mask=is_retrieved[:, None], other=0.0).to(tl.float32)
+    evidence = tl.load(evidence_ptrs + columns[None, :], mask=is_evidence[:, None], other=0.0).to(tl.float32)
     window = tl.load(window_ptrs + columns[None, :], mask=is_window[:, None], other=0.0).to(tl.float32)
-    return sink + row + window
+    return sink + row + evidence + window
 
 
 # plain functions; _triton_kernels binds their JIT wrappers
@@ -161,6 +171,8 @@ class StepSources:
     rows_source: torch.Tensor
     rows: torch.Tensor
     n_retrieved: torch.Tensor
+    evidence_keys: torch.Tensor
+    evidence_values: torch.Tensor
     window_keys: torch.Tensor
     window_values: torch.Tensor
     cos: torch.Tensor
@@ -182,14 +194,17 @@ _DROP_BITS = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}  # float3
 
 def _check_inputs(s: StepSources) -> None:
     nheads_kv, window_capacity, headdim = s.window_keys.shape
-    n_packed = s.sink_keys.shape[1] + s.rows.numel() + window_capacity
-    if s.window_values.shape != s.window_keys.shape or s.sink_values.shape != s.sink_keys.shape:
-        raise ValueError("pack_rotate wants keys and values of the same shape for the sinks and for the window.")
-    if s.sink_keys.shape[::2] != (nheads_kv, headdim) or s.rows_source.shape[1:] != (2, nheads_kv, headdim):
+    n_packed = s.sink_keys.shape[1] + s.rows.numel() + s.evidence_keys.shape[1] + window_capacity
+    pairs = ((s.sink_keys, s.sink_values), (s.evidence_keys, s.evidence_values), (s.window_keys, s.window_values))
+    segments_fit = all(keys.dim() == 3 and keys.shape[::2] == (nheads_kv, headdim) for keys, _ in pairs)
+    if not segments_fit or s.rows_source.shape[1:] != (2, nheads_kv, headdim):
         raise ValueError(
-            f"pack_rotate wants sinks (nheads_kv, S, headdim) and rows (n, 2, nheads_kv, headdim) like the window "
-            f"{tuple(s.window_keys.shape)}, got {tuple(s.sink_keys.shape)} and {tuple(s.rows_source.shape)}."
+            f"pack_rotate wants sinks and evidence (nheads_kv, n, headdim) and rows (n, 2, nheads_kv, headdim) like "
+            f"the window {tuple(s.window_keys.shape)}, got {tuple(s.sink_keys.shape)}, "
+            f"{tuple(s.evidence_keys.shape)} and {tuple(s.rows_source.shape)}."
         )
+    if any(keys.shape != values.shape for keys, values in pairs):
+        raise ValueError("pack_rotate wants keys and values of the same shape for the sinks, evidence and window.")
     if s.query.dim() != 2 or s.query.shape[1] != headdim or s.query.shape[0] % nheads_kv:
         raise ValueError(f"pack_rotate wants the query (nheads, {headdim}) in groups of {nheads_kv} KV heads, "
                          f"got {tuple(s.query.shape)}.")  # fmt: skip
@@ -197,7 +212,7 @@ def _check_inputs(s: StepSources) -> None:
         raise ValueError("pack_rotate wants rows (B,) int64, one n_retrieved and one window_length.")
     if s.cos.shape != (n_packed, headdim) or s.sin.shape != s.cos.shape:
         raise ValueError(f"cos and sin must be (P, headdim) = ({n_packed}, {headdim}), got {tuple(s.cos.shape)}.")
-    dtypes = {t.dtype for t in (s.query, s.sink_keys, s.rows_source, s.window_keys, s.cos, s.sin)}
+    dtypes = {t.dtype for t in (s.query, s.sink_keys, s.rows_source, s.evidence_keys, s.window_keys, s.cos, s.sin)}
     if len(dtypes) != 1 or not s.query.dtype.is_floating_point:
         raise ValueError(f"pack_rotate wants one float dtype for the query, keys, rows and RoPE table, got {dtypes}.")
     if window_capacity == 0 or headdim & (headdim - 1):
@@ -216,17 +231,19 @@ def pack_rotate_reference(s: StepSources) -> PackedStep:
     n_sink, budget, n_packed = s.sink_keys.shape[1], s.rows.numel(), s.cos.shape[0]
     n_retrieved = s.n_retrieved.reshape(1)
     place = torch.arange(n_packed, device=s.window_keys.device)
+    # the sources concatenated hold sinks, B rows, evidence, window: past the valid rows a place reads B - n later
     source = torch.where(place < n_sink + n_retrieved, place, place - n_retrieved + budget).clamp(max=n_packed - 1)
 
-    def packed(sinks: torch.Tensor, part: int, window: torch.Tensor) -> torch.Tensor:
-        sources = torch.cat([sinks, retrieved[:, part].transpose(0, 1), window], dim=1)  # (nheads_kv, P, headdim)
+    def packed(sinks: torch.Tensor, part: int, evidence: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        rows = retrieved[:, part].transpose(0, 1)
+        sources = torch.cat([sinks, rows, evidence, window], dim=1)  # (nheads_kv, P, headdim)
         return sources.index_select(1, source)
 
-    at = n_sink + n_retrieved + s.window_length.reshape(1)  # (1,) the step's own place
+    at = n_sink + n_retrieved + s.evidence_keys.shape[1] + s.window_length.reshape(1)  # (1,) the step's own place
     query = _rotate(s.query, s.cos.index_select(0, at), s.sin.index_select(0, at))[:, None]
-    keys = _rotate(packed(s.sink_keys, 0, s.window_keys), s.cos, s.sin)
+    keys = _rotate(packed(s.sink_keys, 0, s.evidence_keys, s.window_keys), s.cos, s.sin)
     n_valid = (at + 1).expand(keys.shape[0]).contiguous()
-    return PackedStep(query, keys, packed(s.sink_values, 1, s.window_values), n_valid)
+    return PackedStep(query, keys, packed(s.sink_values, 1, s.evidence_values, s.window_values), n_valid)
 
 
 class PackLaunch(NamedTuple):
@@ -257,15 +274,20 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
         raise ValueError("pack_rotate wants the last dimension contiguous and sink keys and values laid out alike.")
     if s.window_keys.stride() != s.window_values.stride() or s.cos.stride() != s.sin.stride():
         raise ValueError("pack_rotate wants the window's keys and values, and cos and sin, laid out alike.")
-    sinks = (s.sink_keys, s.sink_values) if s.sink_keys.shape[1] else (s.window_keys, s.window_values)  # unread
+    if s.evidence_keys.stride() != s.evidence_values.stride():
+        raise ValueError("pack_rotate wants the evidence's keys and values laid out alike.")
+    window = (s.window_keys, s.window_values)
+    sinks = (s.sink_keys, s.sink_values) if s.sink_keys.shape[1] else window  # unread when empty
+    evidence = (s.evidence_keys, s.evidence_values) if s.evidence_keys.shape[1] else window
     group = s.query.shape[0] // nheads_kv
     grid = (-(-n_packed // launch.block_p), nheads_kv)
     _triton_kernels(interpreting())[grid](
-        s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, s.window_keys, s.window_values,
+        s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, *evidence, *window,
         s.cos, s.sin, query, keys, values, n_valid,
-        s.sink_keys.shape[1], window_capacity, n_packed, group,
+        s.sink_keys.shape[1], s.evidence_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
+        evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
         HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),
         DROP_BITS=_DROP_BITS[keys.dtype], num_warps=launch.num_warps,

@@ -9,10 +9,11 @@ shapes do not change from one step to the next:
     retrieval   the index scores its whole buffer (vectors past the count left out), votes pool over every
                 span slot, shared votes and persistence are updated in place, the budget is filled on the
                 device (``retrieval.chosen_spans_padded``), and the chosen spans' rows in the pinned host
-                rows (``offload.host_payloads``) are listed
-    attention   sinks, those rows (read straight over PCIe) and window packed at compact positions into one
-                padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel on CUDA), and
-                attended with the sparse attention kernel up to the valid count
+                rows (``offload.host_payloads``) are listed, less those the evidence holds
+    attention   sinks, those rows (read straight over PCIe), the evidence a question's reread left resident for
+                its answer (``ltri.evidence``, fixed while the answer decodes) and window packed at compact
+                positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
+                on CUDA), and attended with the sparse attention kernel up to the valid count
 
 so the dense segments and every layer's attention are captured together and replayed with one launch.
 The host writes three counts per layer before a step (window length, index vectors, text position) and
@@ -23,7 +24,7 @@ the span tables, the votes) the next step runs the same code eagerly, and the on
 anew. On a CPU, or with graphs off, every step runs the same code eagerly.
 
 Shapes: query (1, nheads, 1, headdim), key, value (1, nheads_kv, 1, headdim) pre-RoPE; budget B retrieved
-tokens; the packed key set P = n_sink + B + window capacity.
+tokens; E evidence tokens; the packed key set P = n_sink + B + E + window capacity.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections import Counter
 import torch
 
 from ltri.decode_step import DecodeStep
+from ltri.evidence import rows_not_held
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import Rotary
@@ -51,7 +53,7 @@ BUFFER_NAMES = (
     "window keys", "window values", "window positions", "index vectors", "index slot firsts", "index slot counts",
     "span lengths", "span first rows", "row owners", "persistence", "shared votes previous", "shared votes current",
 )  # fmt: skip
-SHAPE_NAMES = ("vectors per span", "budget candidates")
+SHAPE_NAMES = ("vectors per span", "budget candidates", "evidence")
 
 
 def candidates(memory: SpanMemory) -> int:
@@ -76,7 +78,9 @@ class CapturedLayer:
         self.n_slots = memory.tables.span_capacity + 1  # the last slot is the empty span
         self.n_chosen = min(self.n_slots, self.budget, candidates(memory))
         self.chosen = torch.empty(self.n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
-        self.n_packed = self.n_sink + self.budget + memory.window.capacity
+        evidence = memory.evidence
+        self.held_rows = evidence.held_rows(self.n_sink, memory.tables.owner.numel()) if evidence.length else None
+        self.n_packed = self.n_sink + self.budget + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -95,18 +99,17 @@ class CapturedLayer:
         """What the step attends to: sinks, the retrieved tokens' rows in the host rows, the window; query
         (nheads, headdim) pre-RoPE. pack_rotate packs them at compact positions (one kernel on CUDA)."""
         window_keys, window_values, _ = self.memory.window.buffers()
-        sinks = self.memory.sinks
-        sink_keys, sink_values = (
-            (window_keys[0, :, :0], window_values[0, :, :0]) if sinks.length == 0
-            else (sinks.keys()[0], sinks.values()[0])
-        )  # fmt: skip
+        sink_keys, sink_values = _keys_values(self.memory.sinks, window_keys)
+        evidence_keys, evidence_values = _keys_values(self.memory.evidence.tokens, window_keys)
         return StepSources(
             query, window_length, sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
-            window_keys[0], window_values[0], self.table.cos[0, 0], self.table.sin[0, 0],
+            evidence_keys, evidence_values, window_keys[0], window_values[0], self.table.cos[0, 0],
+            self.table.sin[0, 0],
         )  # fmt: skip
 
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The budget's tokens for query: their rows in the host rows (B,) int64 (0 past the count), their count."""
+        """The budget's tokens for query: their rows in the host rows (B,) int64 (0 past the count), their count; those
+        the evidence holds left out, as the eager step leaves them out (``Evidence.leave_out``)."""
         memory = self.memory
         search = memory.search_queries(query)
         scores, slots = memory.index.search_captured(
@@ -119,7 +122,17 @@ class CapturedLayer:
         chosen = chosen_spans_padded(votes, tables.lengths, self.budget, self.n_chosen)
         memory.persistence.record(votes)
         self.chosen.copy_(chosen, non_blocking=True)
-        return span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
+        rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
+        return (rows, count) if self.held_rows is None else rows_not_held(rows, count, self.held_rows)
+
+
+def _keys_values(buffer, window_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token buffer's keys and values (nheads_kv, n, headdim) for pack_rotate; empty ones shaped like the window's
+    when it holds nothing (a buffer that never held a token has no shape)."""
+    if buffer.length == 0:
+        empty = window_keys[0, :, :0]
+        return empty, empty
+    return buffer.keys()[0], buffer.values()[0]
 
 
 class CapturedDecode:
@@ -253,8 +266,9 @@ class CapturedDecode:
             if memory.shared is not None:
                 tensors += (memory.shared.previous, memory.shared.current)
             buffers = tuple((tensor.data_ptr(), tensor.numel()) for tensor in tensors)
-            # a span with more vectors: a new kernel tile; a shorter span: more spans may fit the budget
-            shapes = (memory.index.per_span_rows, candidates(memory))
+            # a span with more vectors: a new kernel tile; a shorter span: more spans may fit the budget; other
+            # evidence (a new question's): another segment and other rows left out
+            shapes = (memory.index.per_span_rows, candidates(memory), memory.evidence.generation)
             pointers.append((*buffers, *shapes))
         return tuple(pointers)
 

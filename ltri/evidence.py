@@ -17,6 +17,7 @@ from ltri.token_buffer import TokenBuffer
 class Evidence:
     def __init__(self) -> None:
         self.tokens = TokenBuffer()
+        self.generation = 0  # counts replacements: a captured decode step bound to one evidence knows it is stale
 
     @property
     def length(self) -> int:
@@ -24,6 +25,7 @@ class Evidence:
 
     def clear(self) -> None:
         self.tokens = TokenBuffer()
+        self.generation += 1
 
     def keep(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace the evidence with these tokens."""
@@ -31,11 +33,30 @@ class Evidence:
         if positions.numel():
             self.tokens.append(keys, values, positions)
 
+    def held_rows(self, n_sink: int, n_rows: int) -> torch.Tensor:
+        """Which of n_rows stored rows (row = text position - n_sink, ``ltri.span_tables``) the evidence holds:
+        (n_rows,) bool on the evidence's device (a captured decode step leaves them out of what it retrieves)."""
+        positions = self.tokens.positions()
+        held = torch.zeros(n_rows, dtype=torch.bool, device=positions.device)
+        rows = positions - n_sink
+        held[rows[(rows >= 0) & (rows < n_rows)]] = True
+        return held
+
     def leave_out(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         """Retrieved tokens (keys, values, positions) without those the evidence holds (one device read)."""
         if self.length == 0:
             return keys, values, positions
         return without_positions(keys, values, positions, self.tokens.positions())
+
+
+def rows_not_held(rows: torch.Tensor, count: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retrieved stored rows (B,) int64 (their first count valid, 0 past them) without those held (Evidence.held_rows),
+    in the same form and order, with their count (0-dim int64): fixed shapes, no host sync (a captured step's)."""
+    budget = rows.numel()
+    kept = (torch.arange(budget, device=rows.device) < count) & ~held[rows]
+    places = torch.where(kept, torch.cumsum(kept, 0) - 1, budget)  # dropped rows land in a last, discarded slot
+    packed = torch.zeros(budget + 1, dtype=rows.dtype, device=rows.device).scatter_(0, places, rows)
+    return packed[:budget], kept.sum()
 
 
 def without_positions(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, excluded: torch.Tensor):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
-from ltri.topk import chunked_topk
+from ltri.topk import topk_ties_to_first
 
 
 def retrieval_queries(
@@ -83,10 +83,10 @@ def chosen_spans_padded(
     m = min(n_spans, budget, max_spans) (every span holds at least one token, so at most budget spans fit).
 
     Only the m best votes can be chosen, so a top-m replaces a sort of every span; the candidates are then
-    ordered by vote, ties by id. (Ties straddling the m-th place are cut by topk, not by id.)"""
+    ordered by vote, ties by id (also where they straddle the m-th place)."""
     n_spans = votes.numel()
     m = min(n_spans, budget) if max_spans is None else min(n_spans, budget, max_spans)
-    candidates = chunked_topk(votes, m)[1].sort().values  # ascending ids
+    candidates = topk_ties_to_first(votes, m)[1].sort().values  # ascending ids
     order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
     return torch.sort(torch.where(fits, order, n_spans)).values

@@ -256,7 +256,8 @@ class SpanMemory(LayerMemory):
     # ---- captured decode steps (ltri.captured_decode) ------------------------------------------
     def captured_ready(self) -> bool:
         """Whether a decode step of this layer can run in fixed shapes: stored spans with every token in host
-        rows, sinks full, the torch index, no reread under way, and a retrieval with no per-step host choices."""
+        rows, sinks full, the torch index, no reread under way, and a retrieval with no per-step host choices (the
+        evidence a reread left resident is fine: the step packs it between retrieved tokens and window)."""
         config = self.retrieval_config
         return (
             self.n_spans > 0
@@ -268,7 +269,6 @@ class SpanMemory(LayerMemory):
             and self.host_payloads.length == self.tables.n_rows
             and self.sinks.length == self.memory_config.n_sink
             and self.rereading_from is None
-            and self.evidence.length == 0
             and not self._waiting_cut
             and hasattr(self.index, "search_captured")
             and self.index.n_spans == self.n_spans

@@ -5,6 +5,9 @@ GQA groups) and fills the budget from one row of votes, rows that grow with ever
 than one chunk is cut into chunks of CHUNK entries, each chunk gives its best k (one block per row and chunk), and
 the best k of those (with the entries of a last partial chunk) are the row's. Same values as one top-k; ties may
 come out in another order.
+
+``topk_ties_to_first`` orders ties too, by place: the same entries whatever the row's width or its chunks, so that
+a captured decode step, which scores a padded table of span slots, finds the spans the eager step finds.
 """
 
 from __future__ import annotations
@@ -36,3 +39,14 @@ def chunked_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     candidates = torch.cat([best.flatten(-2), values[..., whole:]], dim=-1)
     top, which = candidates.topk(k, dim=-1)
     return top, torch.cat([places, tail], dim=-1).gather(-1, which)
+
+
+def topk_ties_to_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunked_topk(values, k) for float32 values (..., n), ties going to the earlier place: the k largest of the
+    int64 keys (value's order-preserving int32 bits, then the place reversed), one per entry and all distinct."""
+    bits = (values + 0.0).view(torch.int32).long()  # + 0.0 makes -0.0 equal to 0.0 (and a new contiguous tensor)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: their magnitude bits reversed
+    places = torch.arange(values.shape[-1], device=values.device)
+    keys = ordered * (1 << 32) + ((1 << 32) - 1 - places)
+    places = chunked_topk(keys, k)[1]
+    return values.gather(-1, places), places

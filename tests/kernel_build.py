@@ -211,7 +211,7 @@ def swept_launches(dtype: torch.dtype):
         for split_size in (None, 256):
             yield m_attention, functools.partial(m_attention.sparse_attention_triton, q, k, k, n_valid,
                                                  split_size=split_size, tiles=tile)  # fmt: skip
-    sources = pack.make_inputs(64, 123, 50, 8, 4, 128, 97, 49, dtype)
+    sources = pack.make_inputs(64, 123, 50, 8, 4, 128, 97, 49, 0, dtype)
     for launch in packs:
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources, launch)
     query, keys = torch.randn(32, 256, 128).to(dtype), torch.randn(8, 256, 128).to(dtype)

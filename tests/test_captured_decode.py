@@ -14,6 +14,7 @@ from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
 from ltri.captured_decode import WINDOW_HEADROOM, CapturedDecode
+from ltri.evidence import Evidence, rows_not_held
 from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
@@ -282,3 +283,44 @@ def test_a_binding_leaves_room_for_the_steps_that_follow(monkeypatch):
         token = int(session.prefill([token])[-1].argmax())
     grown = {"span lengths", "span first rows", "row owners", "index vectors", "index slot firsts", "persistence"}
     assert session._captured.steps["declined"] == 0 and not grown & set(session._captured.rebinds)
+
+
+def answer_steps(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
+    """Logits and retrieved spans of n_steps greedy steps after a question whose reread left evidence."""
+    session.prefill(TEXT)
+    session.ask("What came before?", max_new_tokens=1)
+    assert all(memory.evidence.length > 0 for memory in session.cache.memories())
+    logits, steps, retrieved = session.forward_token(65), [], []
+    for _ in range(n_steps):
+        logits = session.forward_token(int(logits.argmax()))
+        steps.append(logits)
+        retrieved.append([memory.last_retrieved.tolist() for memory in session.cache.memories()])
+    return torch.stack(steps), retrieved
+
+
+@pytest.mark.parametrize("echo_tokens", [0, 24])
+def test_answers_with_evidence_take_captured_steps_equal_to_eager_steps(echo_tokens):
+    """A question's reread leaves evidence resident for its answer (ltri.evidence): the captured step packs it between
+    the retrieved tokens and the window and leaves the rows it holds out of what it retrieves, as the eager step does."""
+    options = {"reread": True, "reread_evidence": 40, "echo_tokens": echo_tokens}
+    eager = session_for("never", **options)
+    captured = session_for("always", **options)
+    expected, expected_spans = answer_steps(eager, 20)
+    got, got_spans = answer_steps(captured, 20)
+    steps = captured._captured.steps
+    assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == 22  # the answer's first step is captured too
+    assert got_spans == expected_spans
+    assert (got - expected).abs().max().item() < 1e-4
+    captured.ask("And then?", max_new_tokens=3)  # other evidence: the bound step is stale
+    assert captured._captured.rebinds["evidence"] >= 1
+
+
+def test_rows_the_evidence_holds_are_left_out_in_order():
+    evidence = Evidence()
+    positions = torch.tensor([2, 9, 10, 14])  # text positions; with 4 sinks, position 2 is a sink, not a row
+    evidence.keep(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), positions)
+    held = evidence.held_rows(n_sink=4, n_rows=12)
+    assert held.nonzero().flatten().tolist() == [5, 6, 10]
+    rows, count = torch.tensor([3, 5, 6, 7, 10, 11, 0, 0]), torch.tensor(6)
+    kept, kept_count = rows_not_held(rows, count, held)
+    assert int(kept_count) == 3 and kept.tolist() == [3, 7, 11, 0, 0, 0, 0, 0]

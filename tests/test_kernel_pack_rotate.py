@@ -24,29 +24,33 @@ from ltri.kernels.pack_rotate import (  # noqa: E402
     pack_rotate_triton,
 )
 
-# (n_sink, budget, window capacity, nheads_kv, group, headdim, n_retrieved, window length): no sinks, none or all
-# retrieved, GQA groups 1, 3 and 4, awkward sizes, the step's own key at the window's first and last slot
+# (n_sink, budget, window capacity, nheads_kv, group, headdim, n_retrieved, window length, evidence): no sinks, none
+# or all retrieved, with and without evidence, GQA groups 1, 3 and 4, awkward sizes, the step's own key at the
+# window's first and last slot
 CASES = [
-    (4, 37, 23, 3, 3, 64, 20, 10), (0, 16, 9, 1, 1, 128, 16, 0), (4, 97, 123, 8, 4, 64, 0, 122),
-    (64, 123, 50, 2, 4, 128, 97, 49),
+    (4, 37, 23, 3, 3, 64, 20, 10, 0), (0, 16, 9, 1, 1, 128, 16, 0, 7), (4, 97, 123, 8, 4, 64, 0, 122, 33),
+    (64, 123, 50, 2, 4, 128, 97, 49, 0), (4, 37, 23, 3, 3, 64, 20, 10, 19),
 ]  # fmt: skip
 N_ROWS = 500
 
 
-def make_inputs(n_sink, budget, window, nheads_kv, group, headdim, n_retrieved, window_length, dtype, seed=0):
+def make_inputs(
+    n_sink, budget, window, nheads_kv, group, headdim, n_retrieved, window_length, n_evidence, dtype, seed=0
+):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
 
-    n_packed = n_sink + budget + window
+    n_packed = n_sink + budget + n_evidence + window
     angles = torch.arange(n_packed)[:, None] * torch.rand(headdim // 2, generator=generator)[None, :]
     angles = torch.cat([angles, angles], dim=1)
     rows = torch.randint(0, N_ROWS, (budget,), generator=generator).to(DEVICE)
     return StepSources(
         randn(nheads_kv * group, headdim), torch.tensor([window_length], device=DEVICE),
         randn(nheads_kv, n_sink, headdim), randn(nheads_kv, n_sink, headdim), randn(N_ROWS, 2, nheads_kv, headdim),
-        rows, torch.tensor(n_retrieved, device=DEVICE), randn(nheads_kv, window, headdim),
+        rows, torch.tensor(n_retrieved, device=DEVICE), randn(nheads_kv, n_evidence, headdim),
+        randn(nheads_kv, n_evidence, headdim), randn(nheads_kv, window, headdim),
         randn(nheads_kv, window, headdim), angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE),
     )  # fmt: skip
 
@@ -73,21 +77,25 @@ def test_matches_the_float64_reference(case, dtype):
             assert torch.equal(getattr(got, part), getattr(plain, part)), part
 
 
-def test_places_hold_sinks_then_retrieved_rows_then_the_window():
+@pytest.mark.parametrize("n_evidence", [0, 5])
+def test_places_hold_sinks_then_retrieved_rows_then_evidence_then_the_window(n_evidence):
     n_sink, budget, window, nheads_kv, n_retrieved, window_length = 3, 8, 6, 2, 5, 4
-    inputs = make_inputs(n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, torch.float32)
-    n_packed = n_sink + budget + window
+    inputs = make_inputs(n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, n_evidence, torch.float32)
+    n_packed = n_sink + budget + n_evidence + window
     cos, sin = torch.ones(n_packed, 64, device=DEVICE), torch.zeros(n_packed, 64, device=DEVICE)  # no rotation
-    inputs = StepSources(*inputs.tensors()[:-2], cos, sin)
+    inputs = dataclasses.replace(inputs, cos=cos, sin=sin)
     got = pack_rotate_triton(inputs)
-    keys, rows = got.keys, inputs.rows
+    keys, values, rows = got.keys, got.values, inputs.rows
     assert torch.equal(keys[:, :n_sink], inputs.sink_keys)
     assert torch.equal(
         keys[:, n_sink : n_sink + n_retrieved], inputs.rows_source[rows[:n_retrieved], 0].transpose(0, 1)
     )
-    assert torch.equal(keys[:, n_sink + n_retrieved : n_sink + n_retrieved + window], inputs.window_keys)
-    assert torch.all(keys[:, n_sink + n_retrieved + window :] == inputs.window_keys[:, -1:])  # past it: the last slot
-    assert got.n_valid.tolist() == [n_sink + n_retrieved + window_length + 1] * nheads_kv
+    evidence_end = n_sink + n_retrieved + n_evidence
+    assert torch.equal(keys[:, n_sink + n_retrieved : evidence_end], inputs.evidence_keys)
+    assert torch.equal(values[:, n_sink + n_retrieved : evidence_end], inputs.evidence_values)
+    assert torch.equal(keys[:, evidence_end : evidence_end + window], inputs.window_keys)
+    assert torch.all(keys[:, evidence_end + window :] == inputs.window_keys[:, -1:])  # past it: the last slot
+    assert got.n_valid.tolist() == [evidence_end + window_length + 1] * nheads_kv
     assert torch.equal(got.query[:, 0], inputs.query)
 
 
@@ -113,8 +121,9 @@ def test_bad_inputs_get_one_sentence():
     for name, bad, message in [
         ("cos", inputs.cos[:-1], "cos and sin must be"),
         ("rows", inputs.rows.int(), "rows \\(B,\\) int64"),
-        ("rows_source", inputs.rows_source[:, :, :1], "sinks \\(nheads_kv, S, headdim\\)"),
+        ("rows_source", inputs.rows_source[:, :, :1], "sinks and evidence \\(nheads_kv, n, headdim\\)"),
         ("window_values", inputs.window_values[:, :-1], "same shape"),
+        ("evidence_keys", inputs.evidence_keys[:1], "sinks and evidence \\(nheads_kv, n, headdim\\)"),
         ("query", inputs.query[:-1], "in groups of 3 KV heads"),
         ("cos", inputs.cos.half(), "one float dtype"),
     ]:

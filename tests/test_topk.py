@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltri.topk import CHUNK, chunked_topk, padded_width
+from ltri.topk import CHUNK, chunked_topk, padded_width, topk_ties_to_first
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 3 * CHUNK), (2 * CHUNK + 77,), (5, CHUNK - 3), (2, 1, CHUNK + 1)])
@@ -31,3 +31,16 @@ def test_a_row_with_fewer_finite_entries_than_k_gives_distinct_places_inside_it(
     top, places = chunked_topk(values, 64)
     assert places[:4].tolist() == [900, n - 1, 1500, 3] and top[4:].eq(float("-inf")).all()
     assert places.unique().numel() == 64 and bool((places < n).all())
+
+
+@pytest.mark.parametrize("width", [40, CHUNK + 5, 3 * CHUNK])
+def test_ties_go_to_the_earlier_place_whatever_the_width(width):
+    """Layer 0's keys depend on the token alone, so a repeated token gives spans equal scores: the eager step's
+    search (a table as wide as the spans) and a captured step's (every slot, padded) must keep the same ones."""
+    values = torch.full((2, width), float("-inf"))
+    values[:, :30] = torch.tensor([0.5, -0.25, 0.5, 0.0, -0.0, 0.5, -1.5, -0.25] * 3 + [2.0] * 6)
+    top, places = topk_ties_to_first(values, 12)
+    assert places[0].tolist() == [24, 25, 26, 27, 28, 29, 0, 2, 5, 8, 10, 13]
+    assert torch.equal(top, values.topk(12, dim=-1).values) and torch.equal(places[0], places[1])
+    order = sorted(range(30), key=lambda place: (-float(values[0, place]), place))[:20]
+    assert topk_ties_to_first(values, 20)[1][0].tolist() == order

@@ -488,7 +488,8 @@ def pack_rotate_rows(
         randn(shape.nheads, shape.headdim), torch.tensor([window - 1], device=device),
         randn(shape.nheads_kv, shape.n_sink, shape.headdim), randn(shape.nheads_kv, shape.n_sink, shape.headdim),
         randn(n_rows, 2, shape.nheads_kv, shape.headdim), torch.randint(0, n_rows, (shape.budget,), device=device),
-        torch.tensor(shape.budget - 7, device=device), randn(shape.nheads_kv, window, shape.headdim),
+        torch.tensor(shape.budget - 7, device=device), randn(shape.nheads_kv, 0, shape.headdim),
+        randn(shape.nheads_kv, 0, shape.headdim), randn(shape.nheads_kv, window, shape.headdim),
         randn(shape.nheads_kv, window, shape.headdim), cos.contiguous(), sin.contiguous(),
     )  # fmt: skip
     element = torch.empty((), dtype=dtype).element_size()

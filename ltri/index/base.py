@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from ltri.errors import LtriError
-from ltri.topk import chunked_topk
+from ltri.topk import topk_ties_to_first
 
 STATE_KEYS = ("vectors", "span_ids")
 
@@ -100,8 +100,8 @@ def best_spans(
 def top_spans(span_scores: torch.Tensor, slot_span_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best spans per head and query from their scores (nheads_kv, n_queries, n_slots) float32, -inf for
     slots without a span; slot_span_ids (at least each slot with a span,) the span id of each slot. Returns as
-    best_spans does."""
-    top_scores, top_slots = chunked_topk(span_scores, k)  # (nheads_kv, n_queries, <=k)
+    best_spans does; of spans with equal scores the earlier slot comes first (whatever the width of the table)."""
+    top_scores, top_slots = topk_ties_to_first(span_scores, k)  # (nheads_kv, n_queries, <=k)
     top_slots = top_slots.clamp(max=slot_span_ids.numel() - 1)  # slots past the ids score -inf
     top_ids = slot_span_ids[top_slots].masked_fill(top_scores == float("-inf"), -1)
     return pad_results(top_scores, top_ids, k)
