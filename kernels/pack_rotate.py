@@ -102,7 +102,8 @@ def _pack_rotate_kernel(
     key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
                   window_k_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
     key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
-                          window_k_ptr + window_off, partner, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
+                          window_k_ptr + window_off, partner,
+                          is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
     value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off, evidence_v_ptr + evidence_off,
                     window_v_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]

@@ -300,8 +300,9 @@ def answer_steps(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
 
 @pytest.mark.parametrize("echo_tokens", [0, 24])
 def test_answers_with_evidence_take_captured_steps_equal_to_eager_steps(echo_tokens):
-    """A question's reread leaves evidence resident for its answer (ltri.evidence): the captured step packs it between
-    the retrieved tokens and the window and leaves the rows it holds out of what it retrieves, as the eager step does."""
+    """A question's reread leaves evidence resident for its answer (ltri.evidence): the captured step packs it
+    between the retrieved tokens and the window and leaves the rows it holds out of what it retrieves, as the eager
+    step does."""
     options = {"reread": True, "reread_evidence": 40, "echo_tokens": echo_tokens}
     eager = session_for("never", **options)
     captured = session_for("always", **options)

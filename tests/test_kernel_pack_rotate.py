@@ -80,7 +80,9 @@ def test_matches_the_float64_reference(case, dtype):
 @pytest.mark.parametrize("n_evidence", [0, 5])
 def test_places_hold_sinks_then_retrieved_rows_then_evidence_then_the_window(n_evidence):
     n_sink, budget, window, nheads_kv, n_retrieved, window_length = 3, 8, 6, 2, 5, 4
-    inputs = make_inputs(n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, n_evidence, torch.float32)
+    inputs = make_inputs(
+        n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, n_evidence, torch.float32
+    )
     n_packed = n_sink + budget + n_evidence + window
     cos, sin = torch.ones(n_packed, 64, device=DEVICE), torch.zeros(n_packed, 64, device=DEVICE)  # no rotation
     inputs = dataclasses.replace(inputs, cos=cos, sin=sin)
