@@ -43,7 +43,7 @@ def needle(
     reading_vote: Annotated[
         str | None, typer.Option("--reading-vote", help=HELP["reading_vote"])
     ] = _RETRIEVAL.reading_vote,
-    reread: Annotated[bool, typer.Option("--reread", help=HELP["reread"])] = _RETRIEVAL.reread,
+    reread: Annotated[bool, typer.Option("--reread/--no-reread", help=HELP["reread"])] = _RETRIEVAL.reread,
     reread_evidence: Annotated[
         int, typer.Option("--reread-evidence", help=HELP["reread_evidence"])
     ] = _RETRIEVAL.reread_evidence,

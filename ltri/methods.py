@@ -69,7 +69,8 @@ def method_config(method: str, base: LtriConfig | None = None) -> LtriConfig:
 
 def baseline_config(base: LtriConfig, spans: SpanConfig, position_mode: str) -> LtriConfig:
     """A published method on the ltri policy: its spans and positions, the base's resources and budget,
-    retrieval without persistence or collaboration (neither method has them) and otherwise the defaults."""
+    retrieval without persistence, collaboration, max votes or a reread at questions (neither method has them) and
+    otherwise the defaults."""
     memory = MemoryConfig(policy="ltri", n_sink=base.memory.n_sink, n_window=base.memory.n_window)
     given = base.retrieval
     search_k = max(RetrievalConfig().search_k, math.ceil(given.budget / spans.max_len))
@@ -80,6 +81,11 @@ def baseline_config(base: LtriConfig, spans: SpanConfig, position_mode: str) -> 
         search_k=search_k,
         persistence=0.0,
         collaboration=0.0,
+        vote="mean",  # neither method has ltri's answer-time reading: one vote, no reread, no evidence
+        reading_vote=None,
+        reread=False,
+        reread_evidence=0,
+        echo_tokens=0,
     )
     return LtriConfig(
         memory=memory,

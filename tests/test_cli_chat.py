@@ -280,7 +280,7 @@ def test_the_cache_key_follows_what_shapes_a_store(tiny_model):
     answer_time = ReadingOptions(
         window=64, budget=10, chunk=7, reread=True, reread_evidence=32, draft_tokens=8, echo_tokens=16
     ).config()
-    assert answer_time.retrieval.reread and not base.config().retrieval.reread
+    assert answer_time.retrieval != base.config().retrieval
     retrieval = answer_time.retrieval
     assert (retrieval.reread_evidence, retrieval.draft_tokens, retrieval.echo_tokens) == (32, 8, 16)
     assert key == store_key("text", str(tiny_model), answer_time, None)

@@ -109,18 +109,22 @@ def test_the_echo_comes_first_and_the_retrievals_agreement_fills_the_rest():
     assert torch.equal(evidence, torch.cat([echo, most_held_positions(counts, 50)]).sort().values)
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        dict(echo_tokens=8),
-        dict(echo_tokens=8, reread=True, reread_evidence=4),
-        dict(echo_tokens=-1, reread=True, reread_evidence=4),
-    ],
-)
-def test_an_echo_outside_the_evidence_is_refused_in_one_sentence(fields):
-    with pytest.raises(LtriError, match="echo_tokens .* at most reread_evidence"):
-        RetrievalConfig(**fields)
-    assert RetrievalConfig(reread=True, reread_evidence=8, echo_tokens=8).echo_tokens == 8
+def test_a_negative_echo_is_refused_in_one_sentence():
+    with pytest.raises(LtriError, match="echo_tokens must be 0 or more tokens"):
+        RetrievalConfig(echo_tokens=-1)
+    # without a reread, or past its evidence, the echo has no effect: no error (the defaults set it, a user who
+    # turns the reread off or shrinks its evidence need not also unset it)
+    assert RetrievalConfig(reread=False, reread_evidence=0, echo_tokens=8).echo_tokens == 8
+
+
+def test_the_echo_takes_no_more_than_the_evidence():
+    session = Session(tiny_llama(seed=5), config(evidence=20, echo=64), tokenizer=byte_tokenizer())
+    session.prefill(text_with_phrase(300))
+    session.prefill(session.question_tokens(QUESTION))
+    memories = session.cache.memories()
+    question_ids = session.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    evidence = evidence_positions(session, memories, reread_start(memories), 20, None, question_ids, 64)
+    assert evidence.numel() == 20 and set(range(300, 300 + len(PHRASE))) <= set(evidence.tolist())
 
 
 def test_the_needle_script_takes_the_echo():

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     add("refresh_every", type=int, default=RetrievalConfig().refresh_every)
     add("vote", default=RetrievalConfig().vote, choices=VOTES)
     add("reading_vote", default=RetrievalConfig().reading_vote, choices=VOTES)
-    add("reread", action="store_true")
+    add("reread", action=argparse.BooleanOptionalAction, default=RetrievalConfig().reread)
     add("reread_evidence", type=int, default=RetrievalConfig().reread_evidence)
     add("draft_tokens", type=int, default=RetrievalConfig().draft_tokens)
     add("echo_tokens", type=int, default=RetrievalConfig().echo_tokens)

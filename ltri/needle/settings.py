@@ -155,7 +155,7 @@ HELP = {
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
     "vote": "how the queries' weights over spans pool into one vote per span: mean or max",
     "reading_vote": "the same for the text's long chunks, which vote with mean queries (default: as --vote)",
-    "reread": "the ltri method reads the window again with the question's spans before answering",
+    "reread": "the ltri method reads the window again with the question's spans before answering (default: on)",
     "reread_evidence": "with --reread, stored tokens read again with the window: those the question's retrieval "
     "(or the draft's) held most",
     "draft_tokens": "with --reread-evidence, a greedy draft answer of up to this many tokens chooses the evidence, "
