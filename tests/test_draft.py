@@ -28,7 +28,12 @@ def config(budget: int, draft: int = 0, position_mode: str = "compact", max_len:
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
         spans=SpanConfig(min_len=4, max_len=max_len),
         retrieval=RetrievalConfig(
-            budget=budget, search_k=10**6, reread=bool(draft), reread_evidence=40 if draft else 0, draft_tokens=draft
+            budget=budget,
+            search_k=10**6,
+            reread=bool(draft),
+            reread_evidence=40 if draft else 0,
+            draft_tokens=draft,
+            echo_tokens=0,  # the draft alone chooses the evidence
         ),
         position_mode=position_mode,
         chunk_size=100,
@@ -156,8 +161,8 @@ def test_most_held_positions_take_the_highest_counts_later_first_among_equals():
     "fields, message",
     [
         (dict(draft_tokens=-1), "draft_tokens must be 0 or more"),
-        (dict(draft_tokens=8), "needs reread on and reread_evidence above 0"),
-        (dict(draft_tokens=8, reread=True), "needs reread on and reread_evidence above 0"),
+        (dict(draft_tokens=8, reread=False), "needs reread on and reread_evidence above 0"),
+        (dict(draft_tokens=8, reread_evidence=0), "needs reread on and reread_evidence above 0"),
     ],
 )
 def test_a_draft_without_evidence_to_choose_is_refused_in_one_sentence(fields, message):

@@ -23,7 +23,9 @@ def config(budget: int, reread: bool, position_mode: str = "true", evidence: int
     return LtriConfig(
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
         spans=SpanConfig(min_len=4, max_len=24),
-        retrieval=RetrievalConfig(budget=budget, search_k=10**6, reread=reread, reread_evidence=evidence),
+        retrieval=RetrievalConfig(
+            budget=budget, search_k=10**6, reread=reread, reread_evidence=evidence, echo_tokens=0
+        ),  # the question's retrieval alone chooses the evidence (tests/test_echo.py: with the echo)
         position_mode=position_mode,
         chunk_size=100,
     )
