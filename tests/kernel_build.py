@@ -5,7 +5,10 @@ and still fail to build on the GPU (a loop variable named `_` reassigned with an
 `return`: both happened, see benchmarks/speed/NOTES.md step 12). This script calls each kernel's launcher on CPU
 tensors, in float32, float16 and bfloat16, with the launch itself recorded instead of run, and compiles each
 recorded launch (its argument types, constexprs, warps and stages) for sm_90 down to a cubin with Triton's own
-compiler and ptxas, and refuses a launch that needs more shared memory than an H100 block has. In half precision
+compiler and ptxas, and refuses a launch that needs more shared memory than an H100 block has. Each launch is
+specialized as Triton's JIT specializes it on the GPU (``specialization``): pointers and integers divisible by 16
+say so, integers equal to 1 become constants. Without that (before 2026-12-05) no load was known to be aligned, so
+none was vectorized or pipelined, and the registers and spills this build reported were not the GPU's. In half precision
 it also builds the launch shapes benchmarks/speed/attention.py sweeps by default, so that a device call does not
 find a broken one. It must run without TRITON_INTERPRET=1 (the interpreter replaces the language's functions);
 tests/test_kernels_build_for_cuda.py runs it in a subprocess. Exit status 1 and one line per failure.
@@ -71,6 +74,46 @@ def argument_type(value) -> str | None:
     return None
 
 
+def specialization(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch as Triton's JIT builds them on the GPU: each runtime argument's
+    type and specialization by Triton's own rule (``native_specialize_impl``, honouring do_not_specialize), so that
+    a pointer or integer divisible by 16 carries tt.divisibility 16 and an integer equal to 1 becomes a constant."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    values = launch_values(kernel, args, kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values.get(param.name, param.default)
+        if value is inspect.Parameter.empty:
+            raise TypeError(f"{kernel.__name__}: no value for {param.name}")
+        if param.is_constexpr or argument_type(value) is None:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        if isinstance(value, torch.Tensor):  # the specialization reads only data_ptr (and a CPU tensor has one)
+            value = _Pointer(value.data_ptr(), value.dtype)
+        kind, spec = native_specialize_impl(
+            CUDABackend, value, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        if kind == "constexpr":
+            signature[param.name], constexprs[param.name] = "constexpr", spec
+            continue
+        signature[param.name] = kind
+        if spec:
+            attrs[(index,)] = CUDABackend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
+class _Pointer:
+    """What the JIT's specialization reads of a tensor argument: its address and dtype."""
+
+    def __init__(self, address: int, dtype: torch.dtype) -> None:
+        self.address, self.dtype = address, dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
 def launch_values(kernel, args: tuple, kwargs: dict) -> dict:
     """The kernel's parameters by name, as the launch passed them (options such as num_warps left out)."""
     values = dict(zip(kernel.arg_names, args, strict=False))
@@ -84,25 +127,18 @@ def compile_launch(kernel, args: tuple, kwargs: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    values = launch_values(kernel, args, kwargs)
     options = {name: value for name, value in kwargs.items() if name not in kernel.arg_names}
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = values.get(param.name, param.default)
-        if value is inspect.Parameter.empty:
-            raise TypeError(f"{kernel.__name__}: no value for {param.name}")
-        kind = None if param.is_constexpr else argument_type(value)
-        signature[param.name] = kind or "constexpr"
-        if kind is None:
-            constexprs[param.name] = value
-    source = ASTSource(kernel, signature, constexprs=constexprs)
+    signature, constexprs, attrs = specialization(kernel, args, kwargs)
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
     """Launches that compile to the same binary share a key (tensor contents and sizes do not matter)."""
-    described = [argument_type(a) or repr(a) for a in args]
-    return (kernel.__name__, tuple(described), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    signature, constexprs, attrs = specialization(kernel, args, kwargs)
+    options = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in kernel.arg_names))
+    described = tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items()))
+    return (kernel.__name__, described, options)
 
 
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed")
