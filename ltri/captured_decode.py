@@ -96,8 +96,9 @@ class CapturedLayer:
         return output[None]
 
     def sources(self, query: torch.Tensor, window_length, rows: torch.Tensor, n_retrieved) -> StepSources:
-        """What the step attends to: sinks, the retrieved tokens' rows in the host rows, the window; query
-        (nheads, headdim) pre-RoPE. pack_rotate packs them at compact positions (one kernel on CUDA)."""
+        """What the step attends to: sinks, the retrieved tokens' rows in the host rows, the evidence (empty but
+        after a question's reread), the window; query (nheads, headdim) pre-RoPE. pack_rotate packs them at compact
+        positions (one kernel on CUDA)."""
         window_keys, window_values, _ = self.memory.window.buffers()
         sink_keys, sink_values = _keys_values(self.memory.sinks, window_keys)
         evidence_keys, evidence_values = _keys_values(self.memory.evidence.tokens, window_keys)
