@@ -42,9 +42,9 @@ def chunked_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def topk_ties_to_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """chunked_topk(values, k) for float32 values (..., n), ties going to the earlier place: the k largest of the
-    int64 keys (value's order-preserving int32 bits, then the place reversed), one per entry and all distinct."""
-    bits = (values + 0.0).view(torch.int32).long()  # + 0.0 makes -0.0 equal to 0.0 (and a new contiguous tensor)
+    """chunked_topk(values, k) for float values (..., n), ties going to the earlier place: the k largest of the
+    int64 keys (the float32 value's order-preserving int32 bits, then the place reversed), all distinct."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 equals 0.0 (and a new contiguous tensor)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: their magnitude bits reversed
     places = torch.arange(values.shape[-1], device=values.device)
     keys = ordered * (1 << 32) + ((1 << 32) - 1 - places)
