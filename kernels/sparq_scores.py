@@ -21,9 +21,11 @@ across the group, whereas summed logits let a head with a flat distribution outv
 token. scores[g].sum() == group, so ``selected_mass`` (the mass on a selection / group) is SparQ's alpha for
 ``mean_value_reallocation``.
 
-Triton: kernel 1 gathers the r columns of a block of keys and writes the group's logits plus each block's
-log-sum-exp; torch reduces the block log-sum-exps per head (nheads * n_blocks floats); kernel 2 normalises and
-sums over the group. Choosing idx and tau is done in torch on (nheads, headdim) floats.
+Triton, two launches: kernel 1 chooses idx and tau from the group's query (every program anew: (group, headdim)
+floats), gathers the r columns of a block of keys and writes the group's logits plus each block's log-sum-exp;
+kernel 2 reduces the heads' block log-sum-exps (nheads * n_blocks floats), normalises and sums over the group.
+(Before, choosing idx and tau and reducing the block log-sum-exps were about fifteen torch launches around the two
+kernels.)
 """
 
 from __future__ import annotations
@@ -40,29 +42,28 @@ __all__ = ["sparq_scores", "sparq_scores_reference", "selected_mass", "mean_valu
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_N = 64
+_BLOCK_B = 64  # block log-sum-exps a probabilities program reduces at a time
 
 
 # --------------------------------------------------------------------------------------------- kernels
 
 
 def _logits_kernel(
-    q_sel_ptr, idx_ptr, k_ptr, n_valid_ptr, logits_ptr, block_lse_ptr,
-    stride_kh, stride_kn, n_keys, n_blocks, r,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_N_VALID: tl.constexpr,
+    q_ptr, k_ptr, n_valid_ptr, logits_ptr, block_lse_ptr,
+    stride_qh, stride_kh, stride_kn, n_keys, n_blocks, r,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
 ):  # fmt: skip
-    """logits[h, keys] = q_sel[h] . k[kv_head, keys, idx[kv_head]] for the group's heads h; block lse per head."""
+    """logits[h, keys] = q_sel[h] . k[kv_head, keys, idx[kv_head]] for the group's heads h; block lse per head.
+    Every program chooses its group's components and temperatures itself (``_group_query``: a few KB of q)."""
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
-    comps = tl.arange(0, BLOCK_R)
     heads = kv_head * GROUP + group
     head_ok = group < GROUP
-    comp_ok = comps < r
+    comp_ok = tl.arange(0, BLOCK_R) < r
 
-    idx = tl.load(idx_ptr + kv_head * r + comps, mask=comp_ok, other=0)  # (BLOCK_R,)
-    q_sel = tl.load(q_sel_ptr + heads[:, None] * r + comps[None, :], mask=head_ok[:, None] & comp_ok[None, :],
-                    other=0.0)  # (BLOCK_G, BLOCK_R) float32, already divided by tau  # fmt: skip
+    idx, q_sel = _group_query(q_ptr, stride_qh, heads, head_ok, r, HEADDIM, BLOCK_R)
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = keys < n_keys
     k_off = kv_head.to(tl.int64) * stride_kh + keys[:, None].to(tl.int64) * stride_kn + idx[None, :]
@@ -83,11 +84,35 @@ def _logits_kernel(
     tl.store(block_lse_ptr + heads * n_blocks + block, lse, mask=head_ok)
 
 
+def _group_query(q_ptr, stride_qh, heads, head_ok, r, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """sparq_query in one program: idx (BLOCK_R,) int32, the r components with the largest summed |q| of the heads
+    (BLOCK_G,) ascending (ties to the lower component, as topk_tokens), 0 past r; q_sel (BLOCK_G, BLOCK_R) float32,
+    q[h, idx] / tau_h, 0 past r and outside the group (head_ok)."""
+    dims = tl.arange(0, HEADDIM)
+    q = tl.load(q_ptr + heads[:, None].to(tl.int64) * stride_qh + dims[None, :], mask=head_ok[:, None], other=0.0)
+    q = q.to(tl.float32)
+    magnitude = tl.abs(q)  # (BLOCK_G, HEADDIM)
+    summed = tl.sum(magnitude, 0)  # (HEADDIM,)
+    tied_before = (summed[None, :] == summed[:, None]) & (dims[None, :] < dims[:, None])
+    ahead = (summed[None, :] > summed[:, None]) | tied_before  # (HEADDIM, HEADDIM): component j ranks before i
+    chosen = tl.sum(ahead.to(tl.int32), 1) < r  # (HEADDIM,): fewer than r components rank before it
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1  # its place in idx
+    picks = chosen[None, :] & (slot[None, :] == tl.arange(0, BLOCK_R)[:, None])  # (BLOCK_R, HEADDIM) one-hot rows
+    idx = tl.sum(tl.where(picks, dims[None, :], 0), 1)
+    kept = tl.sum(tl.where(chosen[None, :], magnitude, 0.0), 1)  # (BLOCK_G,)
+    total = tl.sum(magnitude, 1)
+    ratio = tl.where(total > 0.0, kept / tl.maximum(total, 1.1754943508222875e-38), 1.0)  # float32's tiny
+    tau = tl.sqrt(HEADDIM * tl.maximum(ratio, 1.1920928955078125e-07))  # float32's eps
+    q_sel = tl.sum(tl.where(picks[None, :, :], q[:, None, :], 0.0), 2)  # (BLOCK_G, BLOCK_R)
+    return idx, q_sel / tau[:, None]
+
+
 def _group_probs_kernel(
-    logits_ptr, lse_ptr, scores_ptr, n_keys,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    logits_ptr, block_lse_ptr, scores_ptr, n_keys, n_blocks,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """scores[kv_head, keys] = sum over the group's heads of exp(logits - lse); -inf where every logit is."""
+    """scores[kv_head, keys] = sum over the group's heads of exp(logits - lse); -inf where every logit is. Each
+    program reduces the heads' block log-sum-exps (n_blocks a head) to their lse itself."""
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -96,8 +121,17 @@ def _group_probs_kernel(
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = keys < n_keys
 
-    lse = tl.load(lse_ptr + heads, mask=head_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for b0 in range(0, n_blocks, BLOCK_B):  # online log-sum-exp over the blocks
+        at = b0 + tl.arange(0, BLOCK_B)
+        part = tl.load(block_lse_ptr + heads[:, None] * n_blocks + at[None, :],
+                       mask=head_ok[:, None] & (at < n_blocks)[None, :], other=float("-inf"))  # fmt: skip
+        m_new = tl.maximum(m, tl.max(part, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(part - m_safe[:, None]), 1)
+        m = m_new
+    lse = tl.where(total > 0.0, m + tl.log(tl.where(total > 0.0, total, 1.0)), 0.0)  # 0: every logit is -inf
     off = heads[:, None].to(tl.int64) * n_keys + keys[None, :]
     logits = tl.load(logits_ptr + off, mask=head_ok[:, None] & key_in[None, :], other=float("-inf"))
     scores = tl.sum(tl.exp(logits - lse[:, None]), 0)  # (BLOCK_N,)
@@ -105,14 +139,18 @@ def _group_probs_kernel(
     tl.store(scores_ptr + kv_head.to(tl.int64) * n_keys + keys, tl.where(valid, scores, float("-inf")), mask=key_in)
 
 
+_GROUP_QUERY = _group_query  # the plain function; _triton_kernels binds its JIT wrapper
+
+
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl
+    global tl, _group_query
     import triton
     import triton.language
 
     tl = triton.language
+    _group_query = triton.jit(_GROUP_QUERY)
     return triton.jit(_logits_kernel), triton.jit(_group_probs_kernel)
 
 
@@ -168,8 +206,9 @@ def sparq_scores_triton(q, k, r, n_valid=None) -> torch.Tensor:
     scores = torch.empty(nheads_kv, n_keys, dtype=torch.float32, device=q.device)
     if n_keys == 0:
         return scores
-    idx, q_sel = sparq_query(q.float(), nheads_kv, r)
-    idx, q_sel = idx.to(torch.int32).contiguous(), q_sel.contiguous()
+    headdim = q.shape[1]
+    if headdim & (headdim - 1) or q.stride(1) != 1:
+        raise ValueError(f"the SparQ kernels want a power-of-two headdim and q contiguous in it, got {tuple(q.shape)}.")
     n_blocks = -(-n_keys // _BLOCK_N)
     logits = torch.empty(nheads, n_keys, dtype=torch.float32, device=q.device)
     block_lse = torch.empty(nheads, n_blocks, dtype=torch.float32, device=q.device)
@@ -177,15 +216,15 @@ def sparq_scores_triton(q, k, r, n_valid=None) -> torch.Tensor:
 
     logits_kernel, probs_kernel = _triton_kernels(interpreting())
     logits_kernel[(nheads_kv, n_blocks)](
-        q_sel, idx, k, n_valid if n_valid is not None else idx, logits, block_lse,
-        k.stride(0), k.stride(1), n_keys, n_blocks, r,
-        GROUP=group, BLOCK_G=block_g, BLOCK_R=max(16, 1 << (r - 1).bit_length()), BLOCK_N=_BLOCK_N,
-        HAS_N_VALID=n_valid is not None, num_warps=4,
+        q, k, n_valid if n_valid is not None else k, logits, block_lse,
+        q.stride(0), k.stride(0), k.stride(1), n_keys, n_blocks, r,
+        GROUP=group, BLOCK_G=block_g, HEADDIM=headdim, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
+        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
     )  # fmt: skip
-    lse = torch.logsumexp(block_lse, dim=1)  # (nheads,)
     probs_kernel[(nheads_kv, n_blocks)](
-        logits, lse, scores, n_keys, GROUP=group, BLOCK_G=block_g, BLOCK_N=_BLOCK_N, num_warps=4
-    )
+        logits, block_lse, scores, n_keys, n_blocks, GROUP=group, BLOCK_G=block_g, BLOCK_N=_BLOCK_N,
+        BLOCK_B=_BLOCK_B, num_warps=4,
+    )  # fmt: skip
     return scores
 
 

@@ -142,3 +142,18 @@ def test_clear_errors():
         sparq_scores(q[:3], k, 8)
     with pytest.raises(ValueError, match="n_valid"):
         sparq_scores(q, k, 8, torch.tensor([3], device=DEVICE))
+
+
+@pytest.mark.parametrize("r", [5, 16, 64])
+def test_components_with_equal_magnitudes_go_to_the_lower_ones(r):
+    """The kernels choose the group's components themselves: of equal summed |q| the lower component first, as
+    topk_tokens (the reference's choice) does. With every |q| equal, the first r components."""
+    gen = torch.Generator().manual_seed(r)
+    q = torch.where(torch.rand(8, 64, generator=gen) < 0.5, -1.0, 1.0)  # 2 KV heads x group 4, all |q| = 1
+    k = torch.randn(2, 77, 64, generator=gen)
+    expected = sparq_scores_reference(q.double(), k.double(), r).float()
+    tau = math.sqrt(64 * r / 64)  # sqrt(headdim * kept |q| / all |q|)
+    by_hand = torch.stack([(k[g, :, :r] @ q[4 * g : 4 * g + 4, :r].T / tau).softmax(0).sum(1) for g in range(2)])
+    got = sparq_scores(q.to(DEVICE), k.to(DEVICE), r).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(expected, by_hand, atol=1e-6, rtol=1e-5)
