@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU runs one device session needs, by part, each within a device call's 10 minutes, results under $OUT:
+#
+#   bash scripts/device_session.sh stage       the carried wheels and model (.carry, see ../shared/GPU.md), then
+#                                             the project installed; every other part runs it first
+#   bash scripts/device_session.sh tests       the kernel and captured-decode tests on the GPU (bf16 included)
+#   bash scripts/device_session.sh e2e         ltri prefill and decode at 32K and 128K with profiles (issue 7)
+#   bash scripts/device_session.sh attention   one layer's attention at 128K with the launch-shape sweeps (issue 4)
+#   bash scripts/device_session.sh needle L    the needle grid at length L (e.g. 128k), 10 depths, ltri (issue 6)
+#
+# Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
+# into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
+set -uo pipefail
+part=${1:?which part: stage, tests, e2e, attention or needle LENGTH}
+out=${OUT:?set OUT to the folder whose files come back}
+sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export GIT_SHA=$sha PYTHONUNBUFFERED=1
+
+stage() {
+    bash .carry/s/stage.sh 2>&1 | tail -1
+    # shellcheck disable=SC1091
+    . /tmp/ltri-stage/env.sh 2>/dev/null || export PYTHONPATH=/tmp/ltri-stage/site
+    python3 -c "import ltri.kernels" 2>/dev/null \
+        || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
+    nvidia-smi --query-gpu=name --format=csv,noheader
+}
+
+log="$out/${part}_${sha}_gpu.log"
+{
+    stage
+    case "$part" in
+        stage) ;;
+        tests)
+            timeout 540 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_sparq_scores.py \
+                tests/test_kernel_sparse_attention.py tests/test_kernel_topk_select.py \
+                tests/test_kernel_chunk_attention_map.py tests/test_captured_decode.py tests/test_topk.py \
+                -k "not bundled" ;;
+        e2e)
+            timeout 560 python3 benchmarks/speed/e2e.py --contexts 32k,128k --only-methods ltri \
+                --store-root /tmp/ltri-e2e --profile --out "$out/e2e_${sha}_gpu_profile.json" ;;
+        attention)
+            timeout 560 python3 benchmarks/speed/attention.py --contexts 128k --sweep-keys '' \
+                --out "$out/attention_${sha}_gpu.json" ;;
+        needle)
+            length=${2:?needle needs a length, e.g. 128k}
+            mkdir -p .carry/haystack
+            timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods ltri \
+                --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/needle-$length"
+            tar czf "$out/needle_${length}_${sha}_gpu.tgz" -C /tmp "needle-$length" ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention or needle LENGTH"; exit 2 ;;
+    esac
+} 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
