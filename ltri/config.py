@@ -146,8 +146,8 @@ class RetrievalConfig:
         the rest is chosen as above. 0: none. (Without reread, or past reread_evidence, it has no effect.)
 
     The defaults (votes by max while asking and by mean while reading, reread with 512 tokens of evidence, 256 of
-    them the echo's) scored 1.00 in the needle test at 8K, 16K, 32K and 64K on an H200, where the earlier defaults
-    (mean votes, no reread) scored 0.80, 0.20, 0.35 and 0.30 (benchmarks/needle/README.md, ``h200-echo-pg``); a
+    them the echo's) scored 1.00 in the needle test at 8K, 16K, 32K and 64K on an H200 (code of 29996ea), where the
+    earlier defaults (mean votes, no reread) scored 0.80, 0.20, 0.35 and 0.30 (benchmarks/needle/README.md); a
     reread costs one forward over the window and the evidence at each question, and the answer's steps stay
     captured (``ltri.captured_decode``).
     """
