@@ -89,7 +89,7 @@ class ReadingOptions:
         ),
     ] = None
     chunk: Annotated[
-        int | None, typer.Option("--chunk", help="Tokens per prefill step (default: 2048 on a GPU, 512 on the CPU).")
+        int | None, typer.Option("--chunk", help="Tokens per prefill step (default: 2048 on a GPU, 1024 on the CPU).")
     ] = None
     positions: Annotated[
         str | None,

@@ -15,7 +15,7 @@ INDEX_BACKENDS = ("auto", "torch", "faiss")
 QUERY_DIMS = ("all", "long_range")
 VOTES = ("mean", "max")
 HOST_PAYLOADS = ("cuda", "always", "never")
-GPU_CHUNK, CPU_CHUNK = 2048, 512  # LtriConfig.prefill_chunk's defaults
+GPU_CHUNK, CPU_CHUNK = 2048, 1024  # LtriConfig.prefill_chunk's defaults
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class RetrievalConfig:
 class LtriConfig:
     """How a Session reads text.
 
-    chunk_size: tokens per prefill step (bounds the work and memory of one forward); None: 2048 on CUDA, 512
+    chunk_size: tokens per prefill step (bounds the work and memory of one forward); None: 2048 on CUDA, 1024
         elsewhere (``prefill_chunk``).
     position_mode: ``compact`` lays the resident tokens out contiguously (a short-context model never
         sees a position past what it holds); ``one_angle`` puts every retrieved token at one position,
@@ -261,7 +261,9 @@ class LtriConfig:
 
         On an H100, 2048-token chunks prefill an 8B model 1.7x faster than 512 for 8 GB more GPU memory
         (benchmarks/speed/NOTES.md step 9); on a CPU the chunk's self-attention, which segmentation reads, grows with
-        the square of its length and 2048 took twice as long as 512 (benchmarks/needle/README.md)."""
+        the square of its length: a 16K needle cell read in 50-65 s with 512, 60-105 s with 1024 and 120-155 s with
+        2048, and with the echo evidence reread at the question, 512-token chunks misread four hard 16K cells that
+        1024 and 2048 answered (benchmarks/needle/README.md, "The defaults since 2026-12-05")."""
         if self.chunk_size is not None:
             return self.chunk_size
         return GPU_CHUNK if str(device).startswith("cuda") else CPU_CHUNK

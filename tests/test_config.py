@@ -5,9 +5,9 @@ import pytest
 from ltri import LtriConfig, LtriError, MemoryConfig
 
 
-def test_the_prefill_chunk_is_2048_on_cuda_and_512_elsewhere_unless_given():
+def test_the_prefill_chunk_is_2048_on_cuda_and_1024_elsewhere_unless_given():
     assert LtriConfig().prefill_chunk("cuda") == 2048 and LtriConfig().prefill_chunk("cuda:1") == 2048
-    assert LtriConfig().prefill_chunk("cpu") == 512
+    assert LtriConfig().prefill_chunk("cpu") == 1024
     assert (
         LtriConfig(chunk_size=97).prefill_chunk("cuda") == 97 and LtriConfig(chunk_size=97).prefill_chunk("cpu") == 97
     )

@@ -149,7 +149,7 @@ HELP = {
     "budget": "retrieved tokens per layer and step (the sparse methods share it)",
     "window": "local window tokens",
     "sink": "attention-sink tokens",
-    "chunk_size": "tokens per prefill step (default: 2048 on a GPU, 512 on the CPU)",
+    "chunk_size": "tokens per prefill step (default: 2048 on a GPU, 1024 on the CPU)",
     "index_vectors": "the ltri method's index vectors: keys or bounds",
     "query_dims": "the ltri method's query dimensions: all or long_range",
     "refresh_every": "answer tokens per retrieval (0: the question's spans for the whole answer)",
