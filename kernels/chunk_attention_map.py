@@ -131,8 +131,8 @@ class MapTiles(NamedTuple):
 
 
 def default_tiles(group: int, dtype: torch.dtype) -> MapTiles:
-    """About 128 stacked rows (64 in float32), at least 16 per head, on 8 warps: 150 registers a thread for a bf16
-    Llama-3-8B layer, no spills (``benchmarks/speed/kernel_resources.py``); not tuned by timing yet."""
+    """About 128 stacked rows (64 in float32), at least 16 per head, on 8 warps: 107 registers a thread for a bf16
+    Llama-3-8B layer, no spills (``benchmarks/speed/results/kernel_resources_sm90.jsonl``); not tuned by timing."""
     rows = 64 if dtype == torch.float32 else 128
     return MapTiles(max(16, rows // _group_block(group)), 32 if dtype == torch.float32 else 64, 8)
 
