@@ -4,7 +4,8 @@
 #   bash scripts/device_session.sh stage       the carried wheels and model (.carry, see ../shared/GPU.md), then
 #                                             the project installed; every other part runs it first
 #   bash scripts/device_session.sh tests       the kernel and captured-decode tests on the GPU (bf16 included)
-#   bash scripts/device_session.sh e2e         ltri prefill and decode at 32K and 128K with profiles (issue 7)
+#   bash scripts/device_session.sh e2e [C]     ltri prefill and decode with profiles at contexts C (default 32k,128k;
+#                                             issue 7); it needs no model, so any call may carry a model part
 #   bash scripts/device_session.sh attention   one layer's attention at 128K with the launch-shape sweeps (issue 4)
 #   bash scripts/device_session.sh needle L    the needle grid at length L (e.g. 128k), 10 depths, ltri (issue 6)
 #
@@ -36,7 +37,7 @@ log="$out/${part}_${sha}_gpu.log"
                 tests/test_kernel_chunk_attention_map.py tests/test_captured_decode.py tests/test_topk.py \
                 -k "not bundled" ;;
         e2e)
-            timeout 560 python3 benchmarks/speed/e2e.py --contexts 32k,128k --only-methods ltri \
+            timeout 560 python3 benchmarks/speed/e2e.py --contexts "${2:-32k,128k}" --only-methods ltri \
                 --store-root /tmp/ltri-e2e --profile --out "$out/e2e_${sha}_gpu_profile.json" ;;
         attention)
             timeout 560 python3 benchmarks/speed/attention.py --contexts 128k --sweep-keys '' \
