@@ -143,6 +143,7 @@ def test_copies_into_host_rows_are_cut_where_a_registration_ends():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="registered host memory needs a GPU")
 def test_host_rows_across_many_registrations_read_back_on_the_gpu(monkeypatch):
     monkeypatch.setattr(host_payloads, "_LOCK_STEP_BYTES", 3 * 4096)
+    monkeypatch.setattr(host_payloads, "_FIRST_LOCK_BYTES", 3 * 4096)
     monkeypatch.setattr(host_payloads, "_HUGE_PAGE", 4096)
     rows = HostPayloads(2, 16, torch.bfloat16, "cuda", max_tokens=4096)  # 128 bytes a row
     keys = torch.randn(2, 1000, 16, device="cuda", dtype=torch.bfloat16)

@@ -136,3 +136,26 @@ def test_a_failed_synchronous_registration_is_host_memory_short():
     with pytest.raises(HostMemoryShort, match="CUDA error 1"):
         locked.extend(10)
     assert locked.nbytes == 0 and locked.pieces == []
+
+
+def test_pieces_stop_at_the_end_of_a_small_reserved_range():
+    """A range shorter than a piece is locked whole, never past its end (CUDA refuses unmapped addresses), and no
+    background piece starts once it is all locked."""
+    recorder = Recorder()
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor, capacity=2500)
+        locked.extend(10)
+        if locked._pending is not None:
+            locked._pending[2].result()
+        locked.extend(2500)
+        assert locked._pending is None
+    assert locked.nbytes == 2500
+    assert all(address + size <= 2500 for address, size, _ in recorder.calls)
+    assert_contiguous(locked, 0)
+
+
+def test_a_range_smaller_than_the_first_piece_is_one_registration():
+    recorder = Recorder()
+    locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor=None, capacity=640)
+    locked.extend(100)
+    assert [(address, size) for address, size, _ in recorder.calls] == [(0, 640)]

@@ -91,7 +91,11 @@ class HostPayloads:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             registration = _CudaRegistration(index)
             self._locked = _LockedPrefix(
-                self.tokens.data_ptr(), registration.register, registration.unregister, _registration_thread()
+                self.tokens.data_ptr(),
+                registration.register,
+                registration.unregister,
+                _registration_thread(),
+                capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
             )
         self._device_view: torch.Tensor | None = None
 
@@ -154,11 +158,16 @@ class _LockedPrefix:
     short.
 
     register(address, size) -> CUDA error code (0: done) and unregister(address) default to the CUDA runtime's on
-    the current device; executor: where background registrations run (None: none, everything synchronous).
+    the current device; executor: where background registrations run (None: none, everything synchronous);
+    capacity: bytes of the reserved range (None: unbounded), past which no piece reaches (CUDA refuses to register
+    addresses that are not mapped, so a small range is locked whole rather than a full piece).
     """
 
-    def __init__(self, address: int, register=None, unregister=None, executor=None) -> None:
+    def __init__(
+        self, address: int, register=None, unregister=None, executor=None, capacity: int | None = None
+    ) -> None:
         self.address = address
+        self.capacity = capacity
         self.pieces: list[tuple[int, int]] = []  # (address, bytes) registered
         self.nbytes = 0
         self._register = register or _CudaRegistration(None).register
@@ -182,7 +191,10 @@ class _LockedPrefix:
         that two registrations never share a page."""
         least = _FIRST_LOCK_BYTES if self.nbytes == 0 else _LOCK_STEP_BYTES
         size = max(needed - self.nbytes, least, self.nbytes // 4)
-        return -(-size // _HUGE_PAGE) * _HUGE_PAGE
+        size = -(-size // _HUGE_PAGE) * _HUGE_PAGE
+        if self.capacity is None:
+            return size
+        return min(size, max(self.capacity - self.nbytes, needed - self.nbytes))
 
     def _lock(self, size: int) -> None:
         if not _host_can_spare(size):
@@ -204,7 +216,7 @@ class _LockedPrefix:
         if self._executor is None or self._pending is not None:
             return
         size = self._step(self.nbytes)
-        if self.nbytes - used >= size // 2 or not _host_can_spare(size):
+        if size <= 0 or self.nbytes - used >= size // 2 or not _host_can_spare(size):
             return
         address = self.address + self.nbytes
         self._pending = (address, size, self._executor.submit(self._register, address, size))
