@@ -131,10 +131,13 @@ class MapTiles(NamedTuple):
 
 
 def default_tiles(group: int, dtype: torch.dtype) -> MapTiles:
-    """About 128 stacked rows (64 in float32), at least 16 per head, on 8 warps: 107 registers a thread for a bf16
-    Llama-3-8B layer, no spills (``benchmarks/speed/results/kernel_resources_sm90.jsonl``); not tuned by timing."""
-    rows = 64 if dtype == torch.float32 else 128
-    return MapTiles(max(16, rows // _group_block(group)), 32 if dtype == torch.float32 else 64, 8)
+    """About 128 stacked rows (64 in float32), at least 16 per head. Half precision with at most 32 rows a head (GQA
+    groups of 4 or more) on 4 warps: for a bf16 Llama-3-8B layer 0.317 ms against 0.485 ms on 8 warps (H100, 2048
+    tokens, ``benchmarks/speed/results/attention_h100_b97257e.json``), 142 registers a thread, no spills
+    (``kernel_resources_sm90.jsonl``); the other shapes on 8 warps, not tuned by timing."""
+    half = dtype != torch.float32
+    block_m = max(16, (128 if half else 64) // _group_block(group))
+    return MapTiles(block_m, 64 if half else 32, 4 if half and block_m <= 32 else 8)
 
 
 def _group_block(group: int) -> int:

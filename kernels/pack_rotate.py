@@ -254,9 +254,10 @@ class PackLaunch(NamedTuple):
     num_warps: int
 
 
-# Measured on the H100 (0.0179 ms a Llama-3-8B layer); ptxas: 148-150 registers a thread, no spills, at headdim 128
-# in half precision (benchmarks/speed/results/kernel_resources_sm90.jsonl); other shapes untimed.
-DEFAULT_LAUNCH = PackLaunch(32, 4)
+# Since the evidence segment, 16 places on 8 warps: 0.0173 ms a Llama-3-8B layer on the H100 against 0.0222 ms for
+# the earlier 32 on 4 (benchmarks/speed/results/attention_h100_b97257e.json, 4416 packed keys); ptxas: 50 registers
+# a thread, no spills, at headdim 128 in half precision (kernel_resources_sm90.jsonl); other shapes untimed.
+DEFAULT_LAUNCH = PackLaunch(16, 8)
 
 
 def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> PackedStep:

@@ -91,6 +91,7 @@ def _row_keys(row_scores, start, n_keys, valid, BLOCK: tl.constexpr):
     in_row = index < n_keys
     scores = tl.load(row_scores + index, mask=in_row, other=0.0).to(tl.float32)
     scores = tl.where(index < valid, scores, float("-inf"))
+    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ties with 0.0, as in the reference's sort
     bits = scores.to(tl.int32, bitcast=True)
     keys = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
     return keys, in_row, index

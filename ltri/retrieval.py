@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
-from ltri.topk import topk_ties_to_first
+from ltri.topk import first_k_places
 
 
 def retrieval_queries(
@@ -86,7 +86,7 @@ def chosen_spans_padded(
     ordered by vote, ties by id (also where they straddle the m-th place)."""
     n_spans = votes.numel()
     m = min(n_spans, budget) if max_spans is None else min(n_spans, budget, max_spans)
-    candidates = topk_ties_to_first(votes, m)[1].sort().values  # ascending ids
+    candidates = first_k_places(votes, m)  # ascending ids
     order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
     fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
     return torch.sort(torch.where(fits, order, n_spans)).values

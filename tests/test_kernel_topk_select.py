@@ -21,6 +21,7 @@ from ltri.kernels.topk_select import (  # noqa: E402
     topk_tokens_reference,
     topk_tokens_triton,
 )
+from ltri.topk import TIE_CHUNK, first_k_places, topk_ties_to_first  # noqa: E402
 
 # (n_rows, n_keys, k): awkward lengths, k of 1 to all, one row longer than a chunk (the kernel reads it in parts)
 CASES = [(1, 97, 5), (3, 123, 123), (8, 1025, 64), (1, 4032, 63), (2, _MAX_BLOCK + 904, 1000), (8, 128, 32), (4, 16, 1)]
@@ -99,3 +100,28 @@ def test_bad_inputs_get_one_sentence(scores, k, n_valid, message):
     for select in (topk_tokens_triton, topk_tokens_reference):
         with pytest.raises(ValueError, match=message):
             select(scores.to(DEVICE), k, n_valid)
+
+
+@pytest.mark.parametrize("width", [TIE_CHUNK + 1, 2 * TIE_CHUNK, 2 * TIE_CHUNK + 904])
+@pytest.mark.parametrize("k", [1, 64, TIE_CHUNK // 4])
+def test_first_k_places_in_two_rounds_are_the_places_of_one_stable_sort(width, k):
+    """Rows longer than a chunk (the span search's table, the votes of a long text) take two rounds on the GPU: the
+    same places as one stable descending sort, ties (repeated values, -0.0 and 0.0, -inf) to the earlier place."""
+    generator = torch.Generator().manual_seed(width + k)
+    values = torch.randint(-20, 20, (3, width), generator=generator).float() / 4  # many ties
+    values[0, : width // 2] = float("-inf")  # fewer finite entries than k in some chunks
+    values[1, ::7] = -0.0
+    values[2, TIE_CHUNK - 50 : TIE_CHUNK + 50] = 100.0  # ties straddling a chunk's end
+    values = values.to(DEVICE)
+    places = first_k_places(values, k)
+    assert torch.equal(places.cpu(), topk_tokens_reference(values.cpu() + 0.0, k))
+
+
+def test_ties_to_first_are_the_same_places_in_a_padded_table():
+    """A captured step scores every slot (-inf past the spans): the same spans as the eager step's narrower table."""
+    values = torch.full((2, TIE_CHUNK + 300), float("-inf"))
+    values[:, :40] = torch.tensor([0.5, -0.25, 0.5, 0.0, -0.0] * 8)
+    narrow = topk_ties_to_first(values[:, :40].to(DEVICE), 12)
+    padded = topk_ties_to_first(values.to(DEVICE), 12)
+    assert torch.equal(narrow[1], padded[1]) and torch.equal(narrow[0], padded[0])
+    assert narrow[1][0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
