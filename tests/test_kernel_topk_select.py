@@ -21,6 +21,7 @@ from ltri.kernels.topk_select import (  # noqa: E402
     topk_tokens_reference,
     topk_tokens_triton,
 )
+
 from ltri.topk import TIE_CHUNK, first_k_places, topk_ties_to_first  # noqa: E402
 
 # (n_rows, n_keys, k): awkward lengths, k of 1 to all, one row longer than a chunk (the kernel reads it in parts)
