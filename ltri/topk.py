@@ -1,14 +1,11 @@
-"""Top-k along the last dimension in two rounds, for few long rows.
+"""Top-k along the last dimension with ties to the earlier place, for few long rows.
 
-torch's top-k gives each row one thread block: a decode step asks for the best spans of 32 query rows (Llama-3-8B's
-GQA groups) and fills the budget from one row of votes, rows that grow with every stored span. Here a row longer
-than one chunk is cut into chunks of CHUNK entries, each chunk gives its best k (one block per row and chunk), and
-the best k of those (with the entries of a last partial chunk) are the row's. Same values as one top-k; ties may
-come out in another order.
-
-``first_k_places`` and ``topk_ties_to_first`` order ties too, by place: the same entries whatever the row's width or
-its chunks, so that a captured decode step, which scores a padded table of span slots, finds the spans the eager step
-finds.
+A decode step asks for the best spans of 32 query rows (Llama-3-8B's GQA groups) and fills the budget from one row
+of votes, rows that grow with every stored span. ``first_k_places`` and ``topk_ties_to_first`` order ties by place:
+the same entries whatever the row's width, so that a captured decode step, which scores a padded table of span
+slots, finds the spans the eager step finds. On CUDA the top-k kernel (``kernels/topk_select.py``) chooses them, a
+row longer than TIE_CHUNK in two rounds: each chunk of the row gives its best k (one program per row and chunk),
+and the best k of those are the row's.
 """
 
 from __future__ import annotations
@@ -17,57 +14,50 @@ import torch
 import torch.nn.functional as F
 
 from ltri.kernels import use_triton
-from ltri.kernels.topk_select import topk_tokens
+from ltri.kernels.topk_select import topk_tokens, topk_tokens_reference
 
-CHUNK = 1024  # entries per first-round top-k
+CHUNK = 1024  # the span scores kernel's rows are whole multiples of this past one chunk (padded_width)
 TIE_CHUNK = 4096  # entries per first-round program of first_k_places (the top-k kernel's register block)
 
 
 def padded_width(n: int) -> int:
     """A row width that splits into whole chunks (n itself when one chunk holds it): producers that can write -inf
-    past their entries at no cost (the span scores kernel) size their rows so, and chunked_topk concatenates no
-    partial chunk."""
+    past their entries at no cost (the span scores kernel) size their rows so."""
     return n if n <= CHUNK else -(-n // CHUNK) * CHUNK
-
-
-def chunked_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """values.topk(min(k, n), dim=-1) (sorted) for values (..., n), in two rounds when n is longer than a chunk and
-    k shorter than one: the best k of each whole chunk, and every entry of the last partial chunk, compete in the
-    second round."""
-    n = values.shape[-1]
-    if n <= CHUNK or k >= CHUNK:
-        return values.topk(min(k, n), dim=-1)
-    whole = n - n % CHUNK
-    chunks = values[..., :whole].unflatten(-1, (whole // CHUNK, CHUNK))  # (..., n_chunks, CHUNK)
-    best, places = chunks.topk(k, dim=-1, sorted=False)
-    places = (places + torch.arange(0, whole, CHUNK, device=values.device)[:, None]).flatten(-2)
-    tail = torch.arange(whole, n, device=values.device).expand(*values.shape[:-1], n - whole)
-    candidates = torch.cat([best.flatten(-2), values[..., whole:]], dim=-1)
-    top, which = candidates.topk(k, dim=-1)
-    return top, torch.cat([places, tail], dim=-1).gather(-1, which)
 
 
 def first_k_places(values: torch.Tensor, k: int) -> torch.Tensor:
     """The places of the min(k, n) largest of float values (..., n), ties going to the earlier place, in ascending
     order -> (..., min(k, n)) int64: the same places whatever the row's width past its last finite entry.
 
-    ``kernels.topk_select`` on CUDA (one program a row, no sort); a row longer than TIE_CHUNK on the GPU is cut into
-    chunks of TIE_CHUNK entries whose own first-k places compete in a second round, in place order, so ties still
-    go to the earlier place. The torch reference (a stable sort) elsewhere."""
+    On CUDA ``kernels.topk_select`` (one program a row, no sort), rows longer than TIE_CHUNK in two rounds
+    (places_in_rounds); elsewhere its torch reference (a stable sort), also under TRITON_INTERPRET=1, where the
+    interpreted kernel would slow every CPU decode step."""
     *lead, n = values.shape
     k = min(k, n)
     if k == 0:
         return torch.empty(*lead, 0, dtype=torch.long, device=values.device)
     rows = values.reshape(-1, n)
-    if not use_triton(rows) or n <= TIE_CHUNK or 4 * k > TIE_CHUNK:
-        return topk_tokens(rows, k).view(*lead, k)
+    if not (rows.is_cuda and use_triton(rows)):
+        return topk_tokens_reference(rows, k).view(*lead, k)
+    return places_in_rounds(rows, k, topk_tokens).view(*lead, k)
+
+
+def places_in_rounds(rows: torch.Tensor, k: int, select) -> torch.Tensor:
+    """first_k_places of rows (n_rows, n) by select(scores (r, m), k) -> (r, k) ascending places, ties to the earlier
+    (the top-k kernel): one round when a row fits TIE_CHUNK or k is large, else each chunk of TIE_CHUNK entries
+    gives its k best and the best k of those candidates, taken in place order so that ties still go to the earlier
+    place, are the row's."""
+    n = rows.shape[1]
+    if n <= TIE_CHUNK or 4 * k > TIE_CHUNK:
+        return select(rows, k)
     n_chunks = -(-n // TIE_CHUNK)
     if n_chunks * TIE_CHUNK != n:  # -inf past the row's end: after every real entry, so never before one
         rows = F.pad(rows, (0, n_chunks * TIE_CHUNK - n), value=float("-inf"))
-    local = topk_tokens(rows.view(-1, TIE_CHUNK), k).view(rows.shape[0], n_chunks, k)
+    local = select(rows.view(-1, TIE_CHUNK), k).view(rows.shape[0], n_chunks, k)
     candidates = (local + torch.arange(0, n_chunks * TIE_CHUNK, TIE_CHUNK, device=rows.device)[:, None]).flatten(1)
-    winners = topk_tokens(rows.gather(1, candidates), k)  # candidates ascend, so the earlier place wins a tie
-    return candidates.gather(1, winners).clamp(max=n - 1).view(*lead, k)  # clamp: -inf padding only past n
+    winners = select(rows.gather(1, candidates), k)  # candidates ascend, so the earlier place wins a tie
+    return candidates.gather(1, winners).clamp(max=n - 1)  # clamp: -inf padding only past n
 
 
 def topk_ties_to_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from ltri.kernels.topk_select import (  # noqa: E402
     topk_tokens_triton,
 )
 
-from ltri.topk import TIE_CHUNK, first_k_places, topk_ties_to_first  # noqa: E402
+from ltri.topk import TIE_CHUNK, places_in_rounds, topk_ties_to_first  # noqa: E402
 
 # (n_rows, n_keys, k): awkward lengths, k of 1 to all, one row longer than a chunk (the kernel reads it in parts)
 CASES = [(1, 97, 5), (3, 123, 123), (8, 1025, 64), (1, 4032, 63), (2, _MAX_BLOCK + 904, 1000), (8, 128, 32), (4, 16, 1)]
@@ -114,7 +114,7 @@ def test_first_k_places_in_two_rounds_are_the_places_of_one_stable_sort(width, k
     values[1, ::7] = -0.0
     values[2, TIE_CHUNK - 50 : TIE_CHUNK + 50] = 100.0  # ties straddling a chunk's end
     values = values.to(DEVICE)
-    places = first_k_places(values, k)
+    places = places_in_rounds(values, k, topk_tokens_triton)  # the kernel (interpreted without CUDA)
     assert torch.equal(places.cpu(), topk_tokens_reference(values.cpu() + 0.0, k))
 
 

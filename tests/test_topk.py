@@ -1,23 +1,11 @@
-"""Top-k in two rounds (ltri.topk) against one torch top-k."""
+"""Top-k with ties to the earlier place (ltri.topk); the two rounds on the GPU: tests/test_kernel_topk_select.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ltri.topk import CHUNK, chunked_topk, padded_width, topk_ties_to_first
-
-
-@pytest.mark.parametrize("shape", [(3, 4, 3 * CHUNK), (2 * CHUNK + 77,), (5, CHUNK - 3), (2, 1, CHUNK + 1)])
-@pytest.mark.parametrize("k", [1, 64, 300])
-def test_two_rounds_give_the_values_of_one_topk(shape, k):
-    values = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
-    values[..., CHUNK // 2 : CHUNK] += 2.0  # the best of one chunk crowd the others out
-    values[..., : shape[-1] // 3] = float("-inf")
-    top, places = chunked_topk(values, k)
-    expected = values.topk(min(k, shape[-1]), dim=-1).values
-    assert torch.equal(top, expected)
-    assert torch.equal(values.gather(-1, places), top) and bool((places < shape[-1]).all())
+from ltri.topk import CHUNK, first_k_places, padded_width, topk_ties_to_first
 
 
 def test_padded_widths_are_whole_chunks_past_one():
@@ -28,9 +16,9 @@ def test_a_row_with_fewer_finite_entries_than_k_gives_distinct_places_inside_it(
     n = 2 * CHUNK + 77
     values = torch.full((n,), float("-inf"))
     values[torch.tensor([3, 900, 1500, n - 1])] = torch.tensor([1.0, 4.0, 2.0, 3.0])
-    top, places = chunked_topk(values, 64)
+    top, places = topk_ties_to_first(values, 64)
     assert places[:4].tolist() == [900, n - 1, 1500, 3] and top[4:].eq(float("-inf")).all()
-    assert places.unique().numel() == 64 and bool((places < n).all())
+    assert places[4:].tolist() == [p for p in range(n) if p not in (3, 900, 1500, n - 1)][:60]  # -inf: earliest
 
 
 @pytest.mark.parametrize("width", [40, CHUNK + 5, 3 * CHUNK])
@@ -44,3 +32,9 @@ def test_ties_go_to_the_earlier_place_whatever_the_width(width):
     assert torch.equal(top, values.topk(12, dim=-1).values) and torch.equal(places[0], places[1])
     order = sorted(range(30), key=lambda place: (-float(values[0, place]), place))[:20]
     assert topk_ties_to_first(values, 20)[1][0].tolist() == order
+
+
+def test_first_places_ascend_and_an_empty_k_is_empty():
+    values = torch.tensor([[0.5, 2.0, 0.5, 3.0, 2.0]])
+    assert first_k_places(values, 3).tolist() == [[1, 3, 4]]
+    assert first_k_places(values, 0).shape == (1, 0) and first_k_places(values, 9).tolist() == [[0, 1, 2, 3, 4]]
