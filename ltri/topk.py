@@ -54,7 +54,7 @@ def places_in_rounds(rows: torch.Tensor, k: int, select) -> torch.Tensor:
     n_chunks = -(-n // TIE_CHUNK)
     if n_chunks * TIE_CHUNK != n:  # -inf past the row's end: after every real entry, so never before one
         rows = F.pad(rows, (0, n_chunks * TIE_CHUNK - n), value=float("-inf"))
-    local = select(rows.view(-1, TIE_CHUNK), k).view(rows.shape[0], n_chunks, k)
+    local = select(rows.reshape(-1, TIE_CHUNK), k).view(rows.shape[0], n_chunks, k)
     candidates = (local + torch.arange(0, n_chunks * TIE_CHUNK, TIE_CHUNK, device=rows.device)[:, None]).flatten(1)
     winners = select(rows.gather(1, candidates), k)  # candidates ascend, so the earlier place wins a tie
     return candidates.gather(1, winners).clamp(max=n - 1)  # clamp: -inf padding only past n
