@@ -9,6 +9,7 @@
     ltri.kernels.span_scores        span_scores (each span's best vector score, vectors kept together)
     ltri.kernels.span_max           span_max (the shared votes' read: each span's largest vote)
     ltri.kernels.chunk_attention_map  chunk_attention_map (a prefill chunk's causal attention map, group mean)
+    ltri.kernels.disjoint_nms       disjoint_nms (segmentation's greedy NMS without overlap, all rounds at once)
 
 Import the functions from their modules (this package does not re-export them: the modules share their
 names with their main function).

@@ -36,9 +36,9 @@ def segment_many(
     None (default_theta per block, window max_len) or a (n_blocks, n) per-row tensor. Returns one
     Segmentation per block, on the attention's device, the same as segment's (same spans, same scores).
     batched: one pass for all blocks (True) or one block after the other (False); None: batched on
-    any device but the CPU (see the module docstring). A batched pass syncs with the device once per
-    ``ltri.spans.NMS_ROUNDS_PER_CHECK`` NMS rounds, once for the kept spans and once for the gains
-    of gaps shorter than min_len (when any block has one), whatever n_blocks.
+    any device but the CPU (see the module docstring). A batched pass syncs with the device once for
+    the kept spans and once for the gains of gaps shorter than min_len (when any block has one), whatever
+    n_blocks; with nms_iou > 0 also once per ``ltri.spans.NMS_ROUNDS_PER_CHECK`` NMS rounds.
     """
     if attention.dim() != 3:
         raise ValueError(f"attention must be (n_blocks, n, n), got {tuple(attention.shape)}")

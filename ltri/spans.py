@@ -7,7 +7,8 @@ tokens with S > 0 go through greedy 1-D non-maximum suppression, the tokens betw
 filled with spans, and every token of the block ends up in exactly one span.
 Vocabulary: n tokens in the block, n_blocks blocks, n_spans spans, n_cand candidates, window = max_len.
 The thresholds, score tables, candidates and greedy NMS run on the attention's device, for many
-blocks of one size at once (leading block dimension; one NMS round serves every block). Claiming tokens
+blocks of one size at once (leading block dimension; one NMS round serves every block; without overlap,
+the default, all rounds of every block are one kernel launch: ltri.kernels.disjoint_nms). Claiming tokens
 among overlapping kept spans and filling the gaps between them run on the host, on small integer tensors,
 for all blocks together, with one short loop (one step per gap shorter than min_len).
 
@@ -51,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ltri.kernels.disjoint_nms import disjoint_nms
 
 TRIANGLE_C = 0.7
 TYPICAL_MASS = 0.6
@@ -537,11 +540,22 @@ def segment_blocks(
         empty = torch.zeros(0, dtype=torch.long, device=attention.device)
         return [Segmentation(empty, empty, empty.float(), empty.bool()) for _ in range(n_blocks)]
     scores = triangle_scores(attention, theta, max_len)  # (n_blocks, n + 1, n + 1) tables
-    candidates = candidate_grid(scores, n, min_len, max_len)
+    picks = kept_spans(candidate_grid(scores, n, min_len, max_len), n, min_len, nms_iou, dense)
+    return fill_gaps(scores, claim_tokens(picks, n, min_len), n, min_len, max_len)
+
+
+def kept_spans(candidates: Candidates, n: int, min_len: int, nms_iou: float, dense: bool) -> Tensor:
+    """Greedy NMS of the dense grid's candidates, on the host: picks (n_blocks, n_rounds, 2) int64, best first,
+    (-1, -1) for none (the kept spans' sync). Without overlap (nms_iou = 0) ``disjoint_nms``'s rounds of O(n);
+    otherwise greedy_nms's rounds over every candidate (only those positive in some block unless dense)."""
+    if nms_iou == 0:
+        grid = candidates.scores.view(candidates.scores.shape[0], n, -1)  # (n_blocks, n, n_lengths)
+        picks = disjoint_nms(grid, min_len).cpu()
+        rounds = (picks[..., 0] >= 0).sum(1)  # (n_blocks,) kept spans of each block
+        return picks[:, : int(rounds.max()) if rounds.numel() else 0]
     if not dense:
         candidates = positive_candidates(candidates)
-    picks = greedy_nms(candidates, nms_iou).cpu()  # (n_blocks, n_rounds, 2) best first: the kept spans' sync
-    return fill_gaps(scores, claim_tokens(picks, n, min_len), n, min_len, max_len)
+    return greedy_nms(candidates, nms_iou).cpu()
 
 
 def segment(

@@ -164,6 +164,7 @@ def launchers(dtype: torch.dtype):
     """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use, and in half
     precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
     import test_kernel_chunk_attention_map as chunk_map
+    import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
     import test_kernel_pack_rotate as pack
     import test_kernel_span_max as span_max
@@ -173,6 +174,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_topk_select as topk
     import test_kernel_vector_scores as vectors
     from ltri.kernels import chunk_attention_map as m_chunk_map
+    from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
     from ltri.kernels import pack_rotate as m_pack
     from ltri.kernels import span_max as m_span_max
@@ -215,6 +217,8 @@ def launchers(dtype: torch.dtype):
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])
+        for case in nms.CASES + [(32, 2048, 8, 128, False)]:  # float64 scores: once; the last, a 2048-token chunk
+            yield m_nms, functools.partial(m_nms.disjoint_nms_triton, nms.make_grid(*case), case[2])
 
 
 def distinct_launches():
