@@ -16,6 +16,7 @@ if importlib.util.find_spec("triton") is None:
 
 from kernel_support import DEVICE, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.disjoint_nms import disjoint_nms, disjoint_nms_reference, disjoint_nms_triton, prefix_best  # noqa: E402
+
 from ltri.spans import candidate_grid, greedy_nms, triangle_scores  # noqa: E402
 
 # (n_blocks, n, min_len, max_len, tied): scores drawn from few values when tied, so that ties decide often
