@@ -7,7 +7,8 @@
 #   bash scripts/device_session.sh e2e [C]     ltri prefill and decode with profiles at contexts C (default 32k,128k;
 #                                             issue 7); it needs no model, so any call may carry a model part
 #   bash scripts/device_session.sh attention   one layer's attention at 128K with the launch-shape sweeps (issue 4)
-#   bash scripts/device_session.sh needle L    the needle grid at length L (e.g. 128k), 10 depths, ltri (issue 6)
+#   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
+#                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
@@ -35,6 +36,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 540 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_sparq_scores.py \
                 tests/test_kernel_sparse_attention.py tests/test_kernel_topk_select.py \
                 tests/test_kernel_chunk_attention_map.py tests/test_captured_decode.py tests/test_topk.py \
+                tests/test_kernel_disjoint_nms.py tests/test_spans.py tests/test_span_batch.py \
                 -k "not bundled" ;;
         e2e)
             timeout 560 python3 benchmarks/speed/e2e.py --contexts "${2:-32k,128k}" --only-methods ltri \
@@ -44,10 +46,12 @@ log="$out/${part}_${sha}_gpu.log"
                 --out "$out/attention_${sha}_gpu.json" ;;
         needle)
             length=${2:?needle needs a length, e.g. 128k}
+            methods=${3:-ltri}
+            name="needle-${length//,/-}-${methods//,/-}"
             mkdir -p .carry/haystack
-            timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods ltri \
-                --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/needle-$length"
-            tar czf "$out/needle_${length}_${sha}_gpu.tgz" -C /tmp "needle-$length" ;;
+            timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
+                --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
+            tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
         *) echo "unknown part $part: stage, tests, e2e, attention or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
