@@ -369,14 +369,14 @@ class SpanMemory(LayerMemory):
         # The window holds consecutive text positions after the sinks and the stored spans: no device read.
         starts = self.window_start + torch.cumsum(lengths, dim=0) - lengths  # before the tables count them
         keys, values = self.window.keys()[0, :, :n_tokens], self.window.values()[0, :, :n_tokens]
-        pieces = span_payloads(keys, values, lengths)
-        self._ensure_index_and_cache(vectors, pieces[0].device)
-        self.cache.put_block(span_ids.tolist(), pieces)
+        self._ensure_index_and_cache(vectors, keys.device)
         self.index.add(vectors, span_ids[owner])  # host ids: the index keeps its slot tables on the host
         self.tables.extend(lengths)
         self.span_starts = torch.cat([self.span_starts, starts])
         self.span_lengths = torch.cat([self.span_lengths, lengths])
-        if not self._keep_on_host(keys, values):
+        if not self._keep_on_host(keys, values):  # retrieval reads the host rows while they are kept (_load)
+            pieces = span_payloads(keys, values, lengths)
+            self.cache.put_block(span_ids.tolist(), pieces)
             self.store.put_spans(self.layer, span_ids.tolist(), pieces)
             self.n_in_store = self.n_spans
         self.window.keep(0, self.window.length - n_tokens)
@@ -389,7 +389,7 @@ class SpanMemory(LayerMemory):
             dtype = vector_dtype(self.dtype, device)
             self.index = make_index(self.retrieval_config.backend, nheads_kv, dim, device, dtype)
         if self.cache is None:
-            self.cache = SpanCache(self, self.layer, self.cache_bytes, device)
+            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
         if self.tables is None:
             self.tables = SpanTables(device)
             self.host_payloads = self._new_host_payloads(device)
@@ -414,10 +414,14 @@ class SpanMemory(LayerMemory):
         except HostMemoryShort as short:
             warnings.warn(f"stored tokens no longer kept in host memory ({short})", stacklevel=2)
             self.host_rows.on = False
+        self.drop_host_rows()
+        return False
+
+    def drop_host_rows(self) -> None:
+        """Stop keeping the stored tokens in host rows, once the spans only they hold are in the store."""
         self.store_deferred()
         self.host_payloads.close()
         self.host_payloads = None
-        return False
 
     def store_deferred(self) -> None:
         """Write to the span store the spans only the host rows hold (a save needs every span there)."""
@@ -437,22 +441,6 @@ class SpanMemory(LayerMemory):
             pieces = span_payloads(block[:, 0].transpose(0, 1), block[:, 1].transpose(0, 1), lengths)
             self.store.put_spans(self.layer, batch.tolist(), pieces)
         self.n_in_store = in_rows
-
-    def read_spans(
-        self, layer: int, span_ids: list[int], shapes: list[tuple[int, ...]], dtype: torch.dtype, device
-    ) -> list[torch.Tensor]:
-        """Where the span cache reads the payloads it misses (the span store's signature): the host rows while
-        they are kept (they hold every stored span, some only there), else the store. One gather on the device."""
-        rows = self.host_payloads
-        if rows is None:
-            return self.store.read_spans(layer, span_ids, shapes, dtype, device)
-        ids = torch.as_tensor(span_ids, dtype=torch.long)
-        lengths = self.span_lengths[ids]
-        index = concatenated_ranges(self.span_starts[ids] - self.sinks.length, lengths, int(lengths.sum()))
-        view = rows.device_view()
-        gathered = view.index_select(0, index.to(view.device, non_blocking=True))  # (n, 2, nheads_kv, headdim)
-        pieces = span_payloads(gathered[:, 0].transpose(0, 1), gathered[:, 1].transpose(0, 1), lengths)
-        return [piece.to(device=device, dtype=dtype) for piece in pieces]
 
     # ---- retrieval ---------------------------------------------------------------------------
     def _retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -518,17 +506,26 @@ class SpanMemory(LayerMemory):
         return self.persistence.apply(votes)
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tokens of span_ids (CPU, ascending): keys, values (1, nheads_kv, n, headdim), positions (n,) on device.
+
+        From the host rows while the layer keeps them (every stored token is there: one gather on the device, read
+        over PCIe on CUDA, as a captured decode step reads them), else through the span cache (the store's spans)."""
         nheads_kv, headdim = self.kv_shape
         lengths = self.span_lengths[span_ids]
         if span_ids.numel() == 0:
             empty = torch.empty(1, nheads_kv, 0, headdim, dtype=self.dtype, device=device)
             return empty, empty, torch.empty(0, dtype=torch.long, device=device)
-        shapes = [(2, nheads_kv, int(length), headdim) for length in lengths]
-        payload = torch.cat(self.cache.get(span_ids.tolist(), shapes, self.dtype), dim=2)
         positions = concatenated_ranges(self.span_starts[span_ids], lengths, int(lengths.sum()))
         if positions.device != torch.device(device):
             positions = positions.pin_memory().to(device, non_blocking=True)  # no wait for the device's queue
-        return payload[0][None], payload[1][None], positions
+        if self.host_payloads is not None:
+            view = self.host_payloads.device_view()  # (max_tokens, 2, nheads_kv, headdim), row = position - n_sink
+            rows = view.index_select(0, (positions - self.sinks.length).to(view.device))
+            payload = rows.permute(1, 2, 0, 3).to(device=device, dtype=self.dtype).contiguous()
+        else:
+            shapes = [(2, nheads_kv, int(length), headdim) for length in lengths]
+            payload = torch.cat(self.cache.get(span_ids.tolist(), shapes, self.dtype), dim=2)
+        return payload[0][None], payload[1][None], positions  # payload (2, nheads_kv, n, headdim)
 
     # ---- persistence ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -566,7 +563,7 @@ class SpanMemory(LayerMemory):
         if state["index"] is not None:
             dtype = vector_dtype(self.dtype, device)
             self.index = index_from_state(self.retrieval_config.backend, state["index"], device, dtype)
-            self.cache = SpanCache(self, self.layer, self.cache_bytes, device)
+            self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
             self.tables = SpanTables(device)
             self.tables.extend(self.span_lengths)
             self.n_in_store = self.n_spans  # a saved store holds every span

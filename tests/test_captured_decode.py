@@ -43,7 +43,7 @@ def test_steps_fall_back_to_eager_while_a_layer_cannot_be_captured():
     session = session_for("always")
     session.prefill(TEXT)
     memory = session.cache.memories()[1]
-    memory.host_payloads = None  # as when the host ran short of memory
+    memory.drop_host_rows()  # as when the host ran short of memory
     reference = session_for("never")
     reference.prefill(TEXT)
     got = session.prefill([5])
@@ -79,7 +79,7 @@ def test_span_token_rows_lists_each_chosen_spans_rows_in_order():
 
 def test_host_rows_hold_what_left_the_window_and_a_save_writes_it_to_the_store(monkeypatch):
     """The host rows are the stored tokens' only copy while reading; a save writes them to the span store (in
-    batches of 7 spans here), and the span cache reads the same payloads from either."""
+    batches of 7 spans here), and retrieval reads the same payloads from the rows."""
     monkeypatch.setattr("ltri.span_memory.STORE_BATCH_SPANS", 7)
     session = session_for("always")
     session.prefill(TEXT)
@@ -94,11 +94,13 @@ def test_host_rows_hold_what_left_the_window_and_a_save_writes_it_to_the_store(m
         shapes = [(2, 2, int(length), 16) for length in memory.span_lengths]
         ids = list(range(memory.n_spans))
         stored = memory.store.read_spans(memory.layer, ids, shapes, torch.float32, "cpu")
-        from_rows = memory.read_spans(memory.layer, ids[::-1], shapes[::-1], torch.float32, "cpu")[::-1]
-        for span, payload, read in zip(ids, stored, from_rows, strict=True):
+        for span, payload in zip(ids, stored, strict=True):
             first = int(memory.span_starts[span]) - memory.sinks.length
             expected = rows.tokens[first : first + payload.shape[2]].permute(1, 2, 0, 3)
-            assert torch.equal(payload, expected) and torch.equal(read, expected)
+            assert torch.equal(payload, expected)
+        keys, values, positions = memory._load(torch.arange(memory.n_spans - 1, -1, -3).flip(0), "cpu")
+        expected = rows.tokens[positions - memory.sinks.length].permute(1, 2, 0, 3)  # (2, nheads_kv, n, headdim)
+        assert torch.equal(keys[0], expected[0]) and torch.equal(values[0], expected[1])
 
 
 def test_host_rows_need_no_copy_to_grow():
