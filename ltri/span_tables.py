@@ -47,10 +47,14 @@ class SpanTables:
         self.reserve(self.n_spans + n, self.n_rows + n_rows)
         first_rows = self.n_rows + torch.cumsum(lengths, 0) - lengths
         owner = repeat_by_counts(torch.arange(self.n_spans, self.n_spans + n), lengths, n_rows)
+        packed = torch.cat([lengths, first_rows, owner])  # one copy to the device for the three
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()
+        lengths, first_rows, owner = packed.to(self.device, non_blocking=True).split([n, n, n_rows])
         spans = slice(self.n_spans, self.n_spans + n)
-        self.lengths[spans] = lengths.to(self.device, non_blocking=True)
-        self.first_rows[spans] = first_rows.to(self.device, non_blocking=True)
-        self.owner[self.n_rows : self.n_rows + n_rows] = owner.to(self.device, non_blocking=True)
+        self.lengths[spans] = lengths
+        self.first_rows[spans] = first_rows
+        self.owner[self.n_rows : self.n_rows + n_rows] = owner
         self.n_spans += n
         self.n_rows += n_rows
 
