@@ -36,7 +36,7 @@ from ltri.repeat import concatenated_ranges, repeat_by_counts
 from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
 from ltri.shared_votes import SharedVotes
 from ltri.span_tables import SpanTables
-from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
+from ltri.span_vectors import IndexVectors, bound_query, key_bounds, top_attended_keys, vectors_per_span
 from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
 from ltri.token_selection import TokenSelector, fit_basis
@@ -321,22 +321,36 @@ class SpanMemory(LayerMemory):
             self._add_spans(keys, attention, cut)
         else:
             self._waiting_cut = True
-            self.deferred.add(attention.mean(dim=0), config, lambda cut: self._finish_cut(keys, attention, cut))
+            by_keys = config.index_vectors == "keys"  # then the index vectors of all layers are chosen together
+            self.deferred.add(
+                attention.mean(dim=0),
+                config,
+                lambda cut, made: self._finish_cut(keys, attention, cut, made),
+                keys if by_keys else None,
+                attention if by_keys else None,
+            )
 
-    def _finish_cut(self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation) -> None:
+    def _finish_cut(
+        self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation, made: IndexVectors | None
+    ) -> None:
         self._waiting_cut = False
-        self._add_spans(keys, attention, segmentation)
+        self._add_spans(keys, attention, segmentation, made)
 
-    def _add_spans(self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation) -> None:
-        """The chunk's spans, with their index vectors, join the pending ones; then the oldest may leave."""
+    def _add_spans(
+        self, keys: torch.Tensor, attention: torch.Tensor, segmentation: Segmentation, made: IndexVectors | None = None
+    ) -> None:
+        """The chunk's spans, with their index vectors (made already, or chosen here), join the pending ones; then
+        the oldest may leave."""
         config = self.span_config
-        if config.index_vectors == "bounds":
+        if made is not None:
+            self.pending.add(made.lengths, made.vectors, made.span_of_vector)
+        elif config.index_vectors == "bounds":
             vectors = key_bounds(keys, segmentation)
-            owner = torch.arange(vectors.shape[1])
+            self.pending.add(segmentation.lengths, vectors, torch.arange(vectors.shape[1]))
         else:
             counts = vectors_per_span(segmentation, config.max_vectors)
             vectors, owner = top_attended_keys(keys, attention, segmentation, counts)
-        self.pending.add(segmentation.ends - segmentation.starts, vectors, owner)
+            self.pending.add(segmentation.lengths, vectors, owner)
         self._evict()
 
     def _cut_unsegmented(self) -> None:

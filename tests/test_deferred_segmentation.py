@@ -52,7 +52,7 @@ def test_blocks_wait_until_flushed_and_come_back_in_order():
     blocks = [torch.tril(torch.rand(n, n, generator=torch.Generator().manual_seed(n))) for n in (30, 50, 30)]
     blocks = [block / block.sum(1, keepdim=True) for block in blocks]
     for number, block in enumerate(blocks):
-        deferred.add(block, spans, lambda cut, number=number: cuts.append((number, int(cut.lengths.sum()))))
+        deferred.add(block, spans, lambda cut, _, number=number: cuts.append((number, int(cut.lengths.sum()))))
     assert cuts == []
     deferred.flush()
     assert cuts == [(0, 30), (1, 50), (2, 30)]
@@ -63,7 +63,7 @@ def test_too_many_waiting_bytes_cut_at_once():
     cuts = []
     deferred = DeferredSegmentation(max_waiting_bytes=30 * 30 * 4)
     block = torch.tril(torch.ones(30, 30)) / torch.arange(1, 31)[:, None]
-    deferred.add(block, SpanConfig(min_len=4, max_len=24), lambda cut: cuts.append(cut))
+    deferred.add(block, SpanConfig(min_len=4, max_len=24), lambda cut, _: cuts.append(cut))
     assert cuts == []
-    deferred.add(block, SpanConfig(min_len=4, max_len=24), lambda cut: cuts.append(cut))
+    deferred.add(block, SpanConfig(min_len=4, max_len=24), lambda cut, _: cuts.append(cut))
     assert len(cuts) == 2

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from ltri.span_vectors import bound_query, key_bounds, top_attended_keys, vectors_per_span
+from ltri.span_vectors import (
+    SpanKeys,
+    astuple_fields,
+    bound_query,
+    key_bounds,
+    top_attended_keys,
+    top_attended_keys_of_blocks,
+    vectors_per_span,
+)
 from ltri.spans import Segmentation, segment
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -142,3 +150,29 @@ def test_key_bounds_are_the_elementwise_extremes():
     assert bounds.tolist() == [[[3.0, 0.5, 1.0, -2.0], [-1.0, 4.0, -1.0, 4.0]]]
     assert bound_query(torch.tensor([2.0, -3.0])).tolist() == [2.0, 0.0, 0.0, -3.0]
     assert key_bounds(keys.bfloat16(), spans([3])).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_at_once_equal_one_block_at_a_time(device):
+    """A chunk's layers in one pass (the deferred segmentation's): the same vectors, spans and counts as each
+    block alone, with the neighbours of vectors_per_span never reaching into the next block."""
+    nheads_kv, n, headdim = 2, 150, 8
+    generator = torch.Generator().manual_seed(5)
+    blocks = []
+    for layer in range(4):
+        logits = torch.randn(nheads_kv, n, n, generator=generator) * (1 + layer)
+        attention = torch.softmax(logits.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf")), dim=-1)
+        keys = torch.randn(nheads_kv, n, headdim, generator=generator)
+        seg = segment(attention.mean(0), min_len=4, max_len=16)
+        blocks.append(
+            SpanKeys(keys.to(device), attention.to(device), Segmentation(*(f.to(device) for f in astuple_fields(seg))))
+        )
+    made = top_attended_keys_of_blocks(blocks, 4)
+    assert len(made) == len(blocks)
+    for block, got in zip(blocks, made, strict=True):
+        counts = vectors_per_span(block.segmentation, 4)
+        vectors, span_of_vector = top_attended_keys(block.keys, block.attention, block.segmentation, counts)
+        assert torch.equal(got.vectors, vectors) and torch.equal(got.span_of_vector, span_of_vector.cpu())
+        assert torch.equal(got.lengths, block.segmentation.lengths.cpu())
+        assert got.span_of_vector.device.type == "cpu" and got.lengths.device.type == "cpu"
+    assert top_attended_keys_of_blocks([], 4) == []
