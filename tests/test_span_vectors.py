@@ -130,9 +130,10 @@ def test_bound_never_under_the_best_key(device):
         lengths = torch.randint(1, 20, (int(torch.randint(1, 10, (1,), generator=generator)),), generator=generator)
         n = int(lengths.sum())
         seg = spans(lengths)
+        on_device = Segmentation(*(field.to(device) for field in astuple_fields(seg)))  # as the keys' own
         keys = torch.randn(nheads_kv, n, headdim, generator=generator, dtype=torch.float64) * (trial % 3 + 1)
         queries = torch.randn(nheads_kv, 30, headdim, generator=generator, dtype=torch.float64)
-        bounds = key_bounds(keys.to(device), seg)  # (nheads_kv, n_spans, 2 * headdim)
+        bounds = key_bounds(keys.to(device), on_device)  # (nheads_kv, n_spans, 2 * headdim)
         assert bounds.shape == (nheads_kv, seg.n_spans, 2 * headdim)
         bound_scores = bound_query(queries.to(device)) @ bounds.transpose(1, 2)  # (nheads_kv, 30, n_spans)
         span = torch.repeat_interleave(torch.arange(seg.n_spans), lengths)
