@@ -94,18 +94,21 @@ def prefix_best(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best.contiguous(), arg.contiguous()
 
 
-def _empty_picks(grid: torch.Tensor, min_len: int) -> torch.Tensor:
-    return torch.full((grid.shape[0], grid.shape[1] // min_len, 2), -1, dtype=torch.long, device=grid.device)
+def _prepare(grid: torch.Tensor, min_len: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Checked inputs: picks all (-1, -1), and prefix_best(grid), or None when no round can keep a span."""
+    _check_inputs(grid, min_len)
+    picks = torch.full((grid.shape[0], grid.shape[1] // min_len, 2), -1, dtype=torch.long, device=grid.device)
+    if picks.numel() == 0 or grid.shape[2] == 0:
+        return picks, None
+    return picks, prefix_best(grid)
 
 
 def disjoint_nms_triton(grid: torch.Tensor, min_len: int) -> torch.Tensor:
     """The kernel's launch; same contract as disjoint_nms."""
-    _check_inputs(grid, min_len)
-    picks = _empty_picks(grid, min_len)
-    n_blocks, n, n_lengths = grid.shape
-    if picks.numel() == 0 or n_lengths == 0:
+    picks, prefix = _prepare(grid, min_len)
+    if prefix is None:
         return picks
-    best, arg = prefix_best(grid)
+    (best, arg), (n_blocks, n, n_lengths) = prefix, grid.shape
     block = max(16, _next_pow2(n))
     _triton_kernels(interpreting())[(n_blocks,)](
         best, arg, picks, n, n_lengths, picks.shape[1], min_len, min_len + n_lengths - 1,
@@ -121,12 +124,10 @@ def _next_pow2(n: int) -> int:
 def disjoint_nms_reference(grid: torch.Tensor, min_len: int) -> torch.Tensor:
     """Plain torch, the kernel's rounds for all blocks together (a look at whether any block has candidates left
     every ROUNDS_PER_CHECK rounds)."""
-    _check_inputs(grid, min_len)
-    picks = _empty_picks(grid, min_len)
-    n_blocks, n, n_lengths = grid.shape
-    if picks.numel() == 0 or n_lengths == 0:
+    picks, prefix = _prepare(grid, min_len)
+    if prefix is None:
         return picks
-    best, arg = prefix_best(grid)
+    (best, arg), (n_blocks, n, n_lengths) = prefix, grid.shape
     starts = torch.arange(n, device=grid.device).expand(n_blocks, n)
     alive = torch.ones(n_blocks, n, dtype=torch.bool, device=grid.device)
     limit = torch.full((n_blocks, n), n, dtype=torch.long, device=grid.device)
