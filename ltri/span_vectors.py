@@ -84,7 +84,7 @@ def joined(segmentations: list[Segmentation]) -> tuple[Segmentation, Tensor, Ten
     """The spans of several blocks one after another (starts within their own block), the block of each span
     (n_spans,) int64 and first_of_block (n_spans,) bool, on the first block's device."""
     device = segmentations[0].starts.device
-    fields = [torch.cat(parts) for parts in zip(*(astuple_fields(seg) for seg in segmentations), strict=True)]
+    fields = [torch.cat(parts) for parts in zip(*(segmentation_fields(seg) for seg in segmentations), strict=True)]
     counts = torch.tensor([seg.n_spans for seg in segmentations])
     block = repeat_by_counts(None, counts).to(device, non_blocking=True)
     first = torch.zeros(int(counts.sum()), dtype=torch.bool)
@@ -92,7 +92,7 @@ def joined(segmentations: list[Segmentation]) -> tuple[Segmentation, Tensor, Ten
     return Segmentation(*fields), block, first.to(device, non_blocking=True)
 
 
-def astuple_fields(segmentation: Segmentation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def segmentation_fields(segmentation: Segmentation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return segmentation.starts, segmentation.ends, segmentation.scores, segmentation.from_triangles
 
 

@@ -5,9 +5,9 @@ import torch
 
 from ltri.span_vectors import (
     SpanKeys,
-    astuple_fields,
     bound_query,
     key_bounds,
+    segmentation_fields,
     top_attended_keys,
     top_attended_keys_of_blocks,
     vectors_per_span,
@@ -130,7 +130,7 @@ def test_bound_never_under_the_best_key(device):
         lengths = torch.randint(1, 20, (int(torch.randint(1, 10, (1,), generator=generator)),), generator=generator)
         n = int(lengths.sum())
         seg = spans(lengths)
-        on_device = Segmentation(*(field.to(device) for field in astuple_fields(seg)))  # as the keys' own
+        on_device = Segmentation(*(field.to(device) for field in segmentation_fields(seg)))  # as the keys' own
         keys = torch.randn(nheads_kv, n, headdim, generator=generator, dtype=torch.float64) * (trial % 3 + 1)
         queries = torch.randn(nheads_kv, 30, headdim, generator=generator, dtype=torch.float64)
         bounds = key_bounds(keys.to(device), on_device)  # (nheads_kv, n_spans, 2 * headdim)
@@ -166,7 +166,9 @@ def test_blocks_at_once_equal_one_block_at_a_time(device):
         keys = torch.randn(nheads_kv, n, headdim, generator=generator)
         seg = segment(attention.mean(0), min_len=4, max_len=16)
         blocks.append(
-            SpanKeys(keys.to(device), attention.to(device), Segmentation(*(f.to(device) for f in astuple_fields(seg))))
+            SpanKeys(
+                keys.to(device), attention.to(device), Segmentation(*(f.to(device) for f in segmentation_fields(seg)))
+            )
         )
     made = top_attended_keys_of_blocks(blocks, 4)
     assert len(made) == len(blocks)
