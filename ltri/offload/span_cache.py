@@ -5,8 +5,9 @@ inserted. So a request larger than the budget is still served whole, and the cac
 over budget, until a later call evicts it: those are the tensors the caller has just received, so
 keeping them costs no memory the caller does not already hold.
 
-Misses are read from the store given, anything with the span store's read_spans: the span store itself, or a
-layer's memory, which reads its host rows while it keeps them (``SpanMemory.read_spans``).
+Misses are read from the store given, anything with the span store's read_spans (the span store itself). A layer
+that keeps its stored tokens in host rows reads them from there and does not use its cache
+(``SpanMemory._load``); the cache serves the spans read from the store.
 """
 
 from __future__ import annotations
