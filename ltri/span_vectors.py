@@ -108,16 +108,18 @@ def top_attended_keys_of_blocks(blocks: list[SpanKeys], max_vectors: int) -> lis
     lengths_host, counts_host = torch.cat([lengths, counts]).cpu().split([lengths.numel(), counts.numel()])
     received = torch.stack([in_span_attention(block.attention.float(), block.segmentation) for block in blocks])
     keys = torch.stack([block.keys for block in blocks])  # (n_blocks, nheads_kv, n, headdim)
-    vectors = _top_keys(keys, received, spans, block_of_span, lengths_host, counts_host)  # (nheads_kv, total, dim)
+    vectors, span_of_vector = _top_keys(keys, received, spans, block_of_span, lengths_host, counts_host)
     spans_per_block = [block.segmentation.n_spans for block in blocks]
-    out, first_vector = [], 0
-    pieces = zip(lengths_host.split(spans_per_block), counts_host.split(spans_per_block), strict=True)
-    for block_lengths, block_counts in pieces:
-        total = int(block_counts.sum())
-        span_of_vector = repeat_by_counts(None, block_counts, total)
-        out.append(IndexVectors(vectors[:, first_vector : first_vector + total], span_of_vector, block_lengths))
-        first_vector += total
-    return out
+    vectors_per_block = [int(block_counts.sum()) for block_counts in counts_host.split(spans_per_block)]
+    first_spans = torch.cumsum(torch.tensor(spans_per_block), 0) - torch.tensor(spans_per_block)
+    pieces = zip(
+        vectors.split(vectors_per_block, dim=1),
+        span_of_vector.split(vectors_per_block),
+        lengths_host.split(spans_per_block),
+        first_spans.tolist(),
+        strict=True,
+    )
+    return [IndexVectors(block_vectors, owner - first, lengths) for block_vectors, owner, lengths, first in pieces]
 
 
 def top_attended_keys(
@@ -142,9 +144,8 @@ def top_attended_keys(
         raise ValueError("counts must lie in 0..span length")
     received = in_span_attention(attention.float(), segmentation)[None]  # (1, nheads_kv, n)
     block_of_span = torch.zeros_like(lengths)
-    vectors = _top_keys(keys[None], received, segmentation, block_of_span, lengths_host, counts_host)
-    span_of_vector = repeat_by_counts(None, counts_host, int(counts_host.sum())).to(keys.device)
-    return vectors, span_of_vector
+    vectors, span_of_vector = _top_keys(keys[None], received, segmentation, block_of_span, lengths_host, counts_host)
+    return vectors, span_of_vector.to(keys.device)
 
 
 def _top_keys(
@@ -154,7 +155,8 @@ def _top_keys(
 
     keys (n_blocks, nheads_kv, n, headdim); received (n_blocks, nheads_kv, n) each token's in-span attention;
     spans: every block's spans one after another, starts within their block; block_of_span (n_spans,) on the
-    device; lengths, counts (n_spans,) int64 on the host."""
+    device; lengths, counts (n_spans,) int64 on the host. Returns the vectors and span_of_vector (total,) int64
+    on the host, each vector's span among all blocks' spans."""
     n_blocks, nheads_kv, n, headdim = keys.shape
     device = keys.device
     width = max(int(lengths.max()), 1) if lengths.numel() else 1
@@ -169,12 +171,11 @@ def _top_keys(
     best = torch.topk(padded, min(k, width), dim=1).indices  # (n_spans, k, nheads_kv) offsets, most attended first
     span_of_vector = repeat_by_counts(None, counts, total)  # (total,) host
     rank = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[span_of_vector]  # within its span, host
-    chosen = torch.stack([span_of_vector, rank]).to(device, non_blocking=True)
-    span_of_vector, rank = chosen[0], chosen[1]
-    picked = starts[span_of_vector, None] + best[span_of_vector, rank]  # (total, nheads_kv) token indices
+    span, rank = torch.stack([span_of_vector, rank]).to(device, non_blocking=True)
+    picked = starts[span, None] + best[span, rank]  # (total, nheads_kv) token indices
     heads = torch.arange(nheads_kv, device=device)
-    vectors = keys[block_of_span[span_of_vector, None], heads[None, :], picked]  # (total, nheads_kv, headdim)
-    return vectors.transpose(0, 1).contiguous()
+    vectors = keys[block_of_span[span, None], heads[None, :], picked]  # (total, nheads_kv, headdim)
+    return vectors.transpose(0, 1).contiguous(), span_of_vector
 
 
 def key_bounds(keys: Tensor, segmentation: Segmentation) -> Tensor:
