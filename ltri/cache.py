@@ -9,6 +9,7 @@ masks, the resident length with ``kv_offset`` = tokens no longer resident.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -22,8 +23,12 @@ class LtriCacheLayer(CacheLayerMixin):
     def __init__(self, memory: LayerMemory, cache: LtriCache) -> None:
         super().__init__()
         self.memory = memory
-        self.owner = cache
-        self.is_initialized = True
+        self._owner = weakref.ref(cache)  # a strong one would make a cycle: a closed session's memories would
+        self.is_initialized = True  # wait for the garbage collector, pinned host rows included
+
+    @property
+    def owner(self) -> LtriCache:
+        return self._owner()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         return None

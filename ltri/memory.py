@@ -57,6 +57,10 @@ class LayerMemory(ABC):
     def store_deferred(self) -> None:  # noqa: B027 - most policies store nothing
         """Write to the span store what only memory holds (a save needs it there)."""
 
+    def release(self) -> None:  # noqa: B027 - most policies hold nothing outside torch's allocators
+        """Give back at once what the memory holds outside torch's allocators (pinned host rows); the memory is not
+        read after this (its session is closed or reset)."""
+
     def wants_chunk_attention(self, q_len: int) -> bool:
         """Whether append needs the chunk's self-attention (span segmentation reads it)."""
         return False

@@ -131,13 +131,21 @@ class Session:
         self._retrieval_log.clear()
 
     def close(self) -> None:
-        """Release the span store (a temporary one is deleted). Reading again needs reset()."""
+        """Release the memories' host rows and the span store (a temporary one is deleted). Reading again needs
+        reset()."""
         self._captured = None
+        self._release_memories()
         self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
         if finalizer is not None:
             finalizer()
             self._remove_temporary = None
+
+    def _release_memories(self) -> None:
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            for memory in cache.memories():
+                memory.release()
 
     def _release_store(self) -> None:
         if self.store is not None:
@@ -245,6 +253,8 @@ class Session:
         state = read_state(directory, meta["state_sha256"])
         same_store = self.store_path is not None and directory.resolve() == self.store_path.resolve()
         if same_store:
+            self._captured = None
+            self._release_memories()
             self._release_store()  # a temporary store must outlive this: it is where the state comes from
         else:
             self.close()

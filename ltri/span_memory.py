@@ -434,8 +434,13 @@ class SpanMemory(LayerMemory):
     def drop_host_rows(self) -> None:
         """Stop keeping the stored tokens in host rows, once the spans only they hold are in the store."""
         self.store_deferred()
-        self.host_payloads.close()
-        self.host_payloads = None
+        self.release()
+
+    def release(self) -> None:
+        """The host rows given back without storing what only they hold (the session is done with this memory)."""
+        if self.host_payloads is not None:
+            self.host_payloads.close()
+            self.host_payloads = None
 
     def store_deferred(self) -> None:
         """Write to the span store the spans only the host rows hold (a save needs every span there)."""

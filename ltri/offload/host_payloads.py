@@ -136,11 +136,17 @@ class HostPayloads:
         return self._device_view
 
     def close(self) -> None:
-        """Unlock the rows (views of them must not be read after this)."""
+        """Unlock the rows and give their pages back to the host (views of them must not be read after this:
+        they read zeros). Copies into the rows still under way on the device are waited for first."""
         self._device_view = None
         if self._locked is not None:
+            torch.cuda.synchronize(self.device)
             self._locked.release()
             self._locked = None
+        if self.length:
+            used = -(-self.nbytes() // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._region.madvise(mmap.MADV_DONTNEED, 0, min(used, len(self._region)))
+            self.length = 0
 
     def __del__(self) -> None:
         self.close()
