@@ -7,13 +7,15 @@
 #   bash scripts/device_session.sh e2e [C]     ltri prefill and decode with profiles at contexts C (default 32k,128k;
 #                                             issue 7); it needs no model, so any call may carry a model part
 #   bash scripts/device_session.sh attention   one layer's attention at 128K with the launch-shape sweeps (issue 4)
+#   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
+#                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
 #                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, register or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -44,6 +46,10 @@ log="$out/${part}_${sha}_gpu.log"
         attention)
             timeout 560 python3 benchmarks/speed/attention.py --contexts 128k --sweep-keys '' \
                 --out "$out/attention_${sha}_gpu.json" ;;
+        register)
+            timeout 200 python3 benchmarks/speed/host_register.py --out "$out/host_register_${sha}_gpu.json"
+            timeout 340 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --store-root /tmp/ltri-e2e \
+                --out "$out/e2e_${sha}_gpu.json" ;;
         needle)
             length=${2:?needle needs a length, e.g. 128k}
             methods=${3:-ltri}
@@ -52,7 +58,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, register or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

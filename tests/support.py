@@ -1,6 +1,11 @@
-"""Real, small building blocks for tests: a tiny random Llama with GQA and a byte-level tokenizer."""
+"""Real, small building blocks for tests: a tiny random Llama with GQA, a byte-level tokenizer, benchmark scripts
+loaded as modules."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -46,3 +51,13 @@ def tiny_llama(
     model = LlamaForCausalLM(config).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+def load_script(relative_path: str, module_name: str):
+    """The repository's script at relative_path (e.g. benchmarks/speed/e2e.py) imported as module_name."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,18 @@
 """benchmarks/speed/e2e.py on a tiny Llama on the CPU: rows, stored spans, profile, resuming, oom rows."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "e2e.py"
 SPEED_FIELDS = ("prefill_tok_s", "prefill_s", "decode_tok_s", "decode_ms_per_token", "decode_ms_median")
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/speed/e2e.py", "e2e_benchmark")
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:

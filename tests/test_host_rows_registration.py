@@ -7,8 +7,11 @@ real registrations); the threads are real."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +162,43 @@ def test_a_range_smaller_than_the_first_piece_is_one_registration():
     locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor=None, capacity=640)
     locked.extend(100)
     assert [(address, size) for address, size, _ in recorder.calls] == [(0, 640)]
+
+
+def test_a_background_piece_is_faulted_in_before_it_is_registered(monkeypatch):
+    monkeypatch.setattr(host_payloads, "_FIRST_LOCK_BYTES", 300)
+    recorder, events = Recorder(), []
+
+    def prefault(address, size):
+        events.append(("prefault", address, size, threading.current_thread().name))
+
+    def register(address, size):
+        events.append(("register", address, size, threading.current_thread().name))
+        return recorder.register(address, size)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="rows") as executor:
+        locked = _LockedPrefix(0, register, recorder.unregister, executor, prefault=prefault)
+        locked.extend(10)  # the first piece, synchronous: nothing to hide it, so no separate fault-in
+        locked._pending[2].result()
+        locked.extend(1300)
+    first, background = events[0], events[1:3]
+    assert first[0] == "register" and first[3] == "MainThread"
+    assert [event[:3] for event in background] == [("prefault", 300, 1000), ("register", 300, 1000)]
+    assert all(event[3].startswith("rows") for event in background)
+
+
+@pytest.mark.parametrize("populate_advice", [host_payloads._MADV_POPULATE_WRITE, 9999])  # 9999: the memset path
+def test_prefaulted_pages_are_resident_zeros(monkeypatch, populate_advice):
+    monkeypatch.setattr(host_payloads, "_MADV_POPULATE_WRITE", populate_advice)
+    size = 32 * 2**20
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = (ctypes.c_char * size).from_buffer(region)
+    before = resident_bytes()
+    host_payloads.prefault_pages(ctypes.addressof(view), size)
+    assert resident_bytes() - before > size * 3 // 4
+    assert bytes(view[: 1 << 20]) == bytes(1 << 20) and bytes(view[-(1 << 20) :]) == bytes(1 << 20)
+    del view
+    region.close()
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE

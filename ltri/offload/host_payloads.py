@@ -20,6 +20,8 @@ while the layer stores more. Rows past ``length`` must not be read.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import mmap
 import os
@@ -35,6 +37,7 @@ _REGISTER_MAPPED = 2  # cudaHostRegisterMapped
 _LOCK_STEP_BYTES = 256 * 2**20  # rows are locked at least this much at a time, after the first piece
 _FIRST_LOCK_BYTES = 32 * 2**20  # the first piece, locked while the first append waits: an eighth of a full one
 _HUGE_PAGE = 2 * 2**20
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault the pages in, writable, without touching them from user space
 
 
 class HostMemoryShort(RuntimeError):
@@ -96,6 +99,7 @@ class HostPayloads:
                 registration.unregister,
                 _registration_thread(),
                 capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
+                prefault=prefault_pages,
             )
         self._device_view: torch.Tensor | None = None
 
@@ -163,14 +167,27 @@ class _LockedPrefix:
     registration that fails is dropped and the append registers synchronously, which decides whether the host is
     short.
 
+    Registration still slows the prefill while it runs: in every 128K prefill on the H100 the 16K-token slices in
+    which the layers' 256 MB pieces register ran at half the speed of the others (benchmarks/speed/NOTES.md step
+    17). A registration faults the piece's pages in (the kernel zeroes them) before it pins them, all inside the
+    CUDA call; so the background job first faults them in with prefault(address, size), outside CUDA, and the call
+    only pins present pages (whether that shortens the call, and the slowdown, is step 17's measurement).
+
     register(address, size) -> CUDA error code (0: done) and unregister(address) default to the CUDA runtime's on
     the current device; executor: where background registrations run (None: none, everything synchronous);
     capacity: bytes of the reserved range (None: unbounded), past which no piece reaches (CUDA refuses to register
-    addresses that are not mapped, so a small range is locked whole rather than a full piece).
+    addresses that are not mapped, so a small range is locked whole rather than a full piece); prefault: run on a
+    background piece before its registration (None: nothing).
     """
 
     def __init__(
-        self, address: int, register=None, unregister=None, executor=None, capacity: int | None = None
+        self,
+        address: int,
+        register=None,
+        unregister=None,
+        executor=None,
+        capacity: int | None = None,
+        prefault=None,
     ) -> None:
         self.address = address
         self.capacity = capacity
@@ -179,6 +196,7 @@ class _LockedPrefix:
         self._register = register or _CudaRegistration(None).register
         self._unregister = unregister or _CudaRegistration(None).unregister
         self._executor = executor
+        self._prefault = prefault
         self._pending: tuple[int, int, Future] | None = None  # (address, bytes, its registration) under way
 
     def extend(self, needed: int) -> None:
@@ -225,7 +243,12 @@ class _LockedPrefix:
         if size <= 0 or self.nbytes - used >= size // 2 or not _host_can_spare(size):
             return
         address = self.address + self.nbytes
-        self._pending = (address, size, self._executor.submit(self._register, address, size))
+        self._pending = (address, size, self._executor.submit(self._register_in_background, address, size))
+
+    def _register_in_background(self, address: int, size: int) -> int:
+        if self._prefault is not None:
+            self._prefault(address, size)
+        return self._register(address, size)
 
     def _settle(self) -> None:
         """Wait for the background registration; keep its piece if it succeeded."""
@@ -255,6 +278,19 @@ class _LockedPrefix:
             self._unregister(address)
         self.pieces.clear()
         self.nbytes = 0
+
+
+def prefault_pages(address: int, size: int) -> None:
+    """Fault in the pages of [address, address + size) of a private anonymous mapping, as zeros, without holding
+    the GIL: madvise(MADV_POPULATE_WRITE), or where the kernel lacks it, a memset (the range must hold nothing yet).
+    address: page-aligned."""
+    if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), _MADV_POPULATE_WRITE) != 0:
+        ctypes.memset(address, 0, size)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _host_can_spare(size: int) -> bool:
