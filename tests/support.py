@@ -4,6 +4,7 @@ loaded as modules."""
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import sys
 from pathlib import Path
 
@@ -61,3 +62,8 @@ def load_script(relative_path: str, module_name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def resident_bytes() -> int:
+    """This process's resident memory in bytes (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE

@@ -11,9 +11,9 @@ import ctypes
 import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from support import resident_bytes
 
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostMemoryShort, _LockedPrefix
@@ -78,7 +78,7 @@ def test_the_next_piece_is_registered_in_the_background_before_it_is_needed():
     assert [(address, size) for address, size, _ in recorder.calls] == [(0, 1000), (1000, 1000), (2000, 1000)]
     assert [name.startswith("rows") for _, _, name in recorder.calls] == [False, True, True]
     assert locked.nbytes == 2000 and locked._pending is not None  # the third piece is under way
-    locked.release()
+    assert locked.release() == 3000  # the piece under way included
     assert recorder.unregistered == [0, 1000, 2000] and locked.nbytes == 0 and locked.pieces == []
 
 
@@ -198,7 +198,3 @@ def test_prefaulted_pages_are_resident_zeros(monkeypatch, populate_advice):
     assert bytes(view[: 1 << 20]) == bytes(1 << 20) and bytes(view[-(1 << 20) :]) == bytes(1 << 20)
     del view
     region.close()
-
-
-def resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE

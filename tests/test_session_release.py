@@ -3,10 +3,9 @@ harness opens one a cell) must not wait for the garbage collector."""
 
 import gc
 import weakref
-from pathlib import Path
 
 import torch
-from support import byte_tokenizer, tiny_llama
+from support import byte_tokenizer, resident_bytes, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, Session, SpanConfig
 from ltri.offload.host_payloads import HostPayloads
@@ -17,11 +16,6 @@ ROWS_CONFIG = LtriConfig(
     position_mode="true",
     chunk_size=100,
 )
-
-
-def resident_bytes() -> int:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * 4096
 
 
 def test_a_closed_session_is_freed_without_the_garbage_collector():

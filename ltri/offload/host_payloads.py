@@ -143,14 +143,15 @@ class HostPayloads:
         """Unlock the rows and give their pages back to the host (views of them must not be read after this:
         they read zeros). Copies into the rows still under way on the device are waited for first."""
         self._device_view = None
+        touched = self.nbytes()  # the rows, and below the locked pieces, which may reach past them
         if self._locked is not None:
             torch.cuda.synchronize(self.device)
-            self._locked.release()
+            touched = max(touched, self._locked.release())
             self._locked = None
-        if self.length:
-            used = -(-self.nbytes() // mmap.PAGESIZE) * mmap.PAGESIZE
-            self._region.madvise(mmap.MADV_DONTNEED, 0, min(used, len(self._region)))
-            self.length = 0
+        if touched:
+            pages = -(-touched // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._region.madvise(mmap.MADV_DONTNEED, 0, min(pages, len(self._region)))
+        self.length = 0
 
     def __del__(self) -> None:
         self.close()
@@ -271,13 +272,15 @@ class _LockedPrefix:
             offset += size
         return cuts
 
-    def release(self) -> None:
+    def release(self) -> int:
+        """Unregister every piece (a background one once it is done); returns the bytes they held."""
         if self._pending is not None:
             self._settle()
         for address, _ in self.pieces:
             self._unregister(address)
+        released, self.nbytes = self.nbytes, 0
         self.pieces.clear()
-        self.nbytes = 0
+        return released
 
 
 def prefault_pages(address: int, size: int) -> None:
