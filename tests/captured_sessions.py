@@ -26,7 +26,11 @@ def session_for(
 
 def decode(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
     """Logits of n_steps greedy steps after the text, and each step's retrieved spans per layer."""
-    logits = session.prefill(TEXT)
+    return decode_after(session, session.prefill(TEXT), n_steps)
+
+
+def decode_after(session: Session, logits: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, list]:
+    """decode's steps after a prefill that returned logits."""
     steps, retrieved = [], []
     for _ in range(n_steps):
         logits = session.prefill([int(logits[-1].argmax())])

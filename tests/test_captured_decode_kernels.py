@@ -16,17 +16,27 @@ if importlib.util.find_spec("triton") is None:
 if torch.cuda.is_available():
     pytest.skip("with CUDA the kernels run compiled in test_captured_decode's GPU test", allow_module_level=True)
 
-from captured_sessions import decode, session_for  # noqa: E402
+from captured_sessions import TEXT, decode_after, session_for  # noqa: E402
 from kernel_support import interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels import use_triton  # noqa: E402
 
 
-def test_captured_steps_through_the_kernels_equal_eager_steps():
+def decode_through_kernels(session, n_steps: int, monkeypatch) -> tuple[torch.Tensor, list]:
+    """The text read with the kernels' torch references (the prefill's kernel call sites have their own tests, and
+    the interpreter made this test take four minutes), then n_steps decode steps through the interpreted kernels."""
+    with monkeypatch.context() as without_interpreter:
+        without_interpreter.delenv("TRITON_INTERPRET")
+        assert not use_triton(torch.zeros(1))
+        logits = session.prefill(TEXT)
     assert use_triton(torch.zeros(1))  # the module runs the kernels in the interpreter
+    return decode_after(session, logits, n_steps)
+
+
+def test_captured_steps_through_the_kernels_equal_eager_steps(monkeypatch):
     eager = session_for("never")
     captured = session_for("always")
-    expected, expected_spans = decode(eager, 12)
-    got, got_spans = decode(captured, 12)
+    expected, expected_spans = decode_through_kernels(eager, 12, monkeypatch)
+    got, got_spans = decode_through_kernels(captured, 12, monkeypatch)
     steps = captured._captured.steps
     assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == 12
     assert got_spans == expected_spans
