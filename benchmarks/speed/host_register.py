@@ -4,7 +4,7 @@
 
 In a 128K prefill on the H100 the 16K-token slices in which every layer's next 256 MB piece of host rows registers
 (cudaHostRegister, on a background thread) ran at half the speed of the others. This script measures, on pieces
-mapped as ``ltri.offload.host_payloads.HostPayloads`` maps its rows (private anonymous, 2 MB pages advised):
+mapped and registered as ``ltri.offload.host_payloads.HostPayloads`` does (``reserved_region``, ``CudaRegistration``):
 
 - ``register``: milliseconds a cudaHostRegister of one piece takes on fresh pages, and on pages faulted in first
   by ``host_payloads.prefault_pages`` (its own milliseconds beside);
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ltri.offload.host_payloads import prefault_pages
+from ltri.offload.host_payloads import CudaRegistration, prefault_pages, reserved_region
 
-_REGISTER_MAPPED = 2
+CUDA = CudaRegistration(None)  # the rows' own registration calls, on the current device
 
 
 class Pieces:
@@ -39,9 +39,7 @@ class Pieces:
 
     def __init__(self, count: int, piece_bytes: int) -> None:
         self.count, self.piece_bytes = count, piece_bytes
-        self.region = mmap.mmap(-1, count * piece_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self.region.madvise(mmap.MADV_HUGEPAGE)
+        self.region = reserved_region(count * piece_bytes)
         self.bytes = torch.frombuffer(self.region, dtype=torch.uint8)
         self.address = self.bytes.data_ptr()
         self.registered = 0  # the first pieces, registered in order
@@ -52,7 +50,7 @@ class Pieces:
     def release(self) -> None:
         """Unregister every piece and give the pages back."""
         for i in range(self.registered):
-            torch.cuda.cudart().cudaHostUnregister(self.piece(i))
+            CUDA.unregister(self.piece(i))
         self.registered = 0
         self.region.madvise(mmap.MADV_DONTNEED)
 
@@ -60,7 +58,7 @@ class Pieces:
 def register(address: int, size: int) -> float:
     """Milliseconds of one cudaHostRegister (mapped, as the host rows are)."""
     started = time.perf_counter()
-    error = int(torch.cuda.cudart().cudaHostRegister(address, size, _REGISTER_MAPPED))
+    error = CUDA.register(address, size)
     if error != 0:
         raise SystemExit(f"cudaHostRegister failed with CUDA error {error}")
     return (time.perf_counter() - started) * 1e3

@@ -20,6 +20,7 @@ while the layer stores more. Rows past ``length`` must not be read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -67,6 +68,16 @@ def physical_host_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def reserved_region(nbytes: int) -> mmap.mmap:
+    """nbytes of address space for host rows: private, anonymous, taking memory only where written or locked."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # 2 MB pages: locking a piece faults it in; with 4 KB pages cudaHostRegister took 7 s of an 8-chunk
+        # prefill profile on the H100 machine (benchmarks/speed/NOTES.md step 7).
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return region
+
+
 class HostPayloads:
     """nheads_kv, headdim, dtype: one stored token's shape; device: where the rows are read.
 
@@ -79,20 +90,14 @@ class HostPayloads:
         self.row_shape = (2, nheads_kv, headdim)
         self.dtype = dtype
         self.max_tokens = max_tokens or physical_host_bytes() // self.row_bytes
-        self._region = mmap.mmap(
-            -1, self.max_tokens * self.row_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        )
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            # 2 MB pages: locking a piece faults it in; with 4 KB pages cudaHostRegister took 7 s of an 8-chunk
-            # prefill profile on the H100 machine (benchmarks/speed/NOTES.md step 7).
-            self._region.madvise(mmap.MADV_HUGEPAGE)
+        self._region = reserved_region(self.max_tokens * self.row_bytes)
         self._bytes = torch.frombuffer(self._region, dtype=torch.uint8)  # (max_tokens * row_bytes,)
         self.tokens = self._bytes.view(dtype).view(self.max_tokens, *self.row_shape)
         self.length = 0
         self._locked = None
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            registration = _CudaRegistration(index)
+            registration = CudaRegistration(index)
             self._locked = _LockedPrefix(
                 self.tokens.data_ptr(),
                 registration.register,
@@ -194,8 +199,8 @@ class _LockedPrefix:
         self.capacity = capacity
         self.pieces: list[tuple[int, int]] = []  # (address, bytes) registered
         self.nbytes = 0
-        self._register = register or _CudaRegistration(None).register
-        self._unregister = unregister or _CudaRegistration(None).unregister
+        self._register = register or CudaRegistration(None).register
+        self._unregister = unregister or CudaRegistration(None).unregister
         self._executor = executor
         self._prefault = prefault
         self._pending: tuple[int, int, Future] | None = None  # (address, bytes, its registration) under way
@@ -301,7 +306,7 @@ def _host_can_spare(size: int) -> bool:
     return available is None or available - size >= HOST_MARGIN_BYTES
 
 
-class _CudaRegistration:
+class CudaRegistration:
     """cudaHostRegister (mapped) and cudaHostUnregister with device_index current (None: the thread's current
     device), so that a background thread registers for the rows' device."""
 
@@ -309,12 +314,15 @@ class _CudaRegistration:
         self.device_index = device_index
 
     def register(self, address: int, size: int) -> int:
-        with torch.cuda.device(self.device_index):
+        with self._on_device():
             return int(torch.cuda.cudart().cudaHostRegister(address, size, _REGISTER_MAPPED))
 
     def unregister(self, address: int) -> None:
-        with torch.cuda.device(self.device_index):
+        with self._on_device():
             torch.cuda.cudart().cudaHostUnregister(address)
+
+    def _on_device(self):
+        return contextlib.nullcontext() if self.device_index is None else torch.cuda.device(self.device_index)
 
 
 @functools.cache
