@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
-import os
 import statistics
 import sys
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ltri.offload.host_payloads import CudaRegistration, prefault_pages, reserved_region
+from ltri.provenance import git_sha
 
 CUDA = CudaRegistration(None)  # the rows' own registration calls, on the current device
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "benchmark": "host_register",
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
-            "git_sha": os.environ.get("GIT_SHA"),
+            "git_sha": git_sha(),
             "command": "python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
             "rows": rows,
         }

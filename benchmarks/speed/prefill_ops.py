@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shlex
 import sys
 import tempfile
 from dataclasses import replace
@@ -32,6 +33,7 @@ import e2e  # noqa: E402
 
 import ltri.deferred_segmentation as deferred_segmentation  # noqa: E402
 from ltri.config import LtriConfig  # noqa: E402
+from ltri.provenance import git_dirty, git_sha  # noqa: E402
 from ltri.session import Session  # noqa: E402
 from ltri.span_batch import segment_many  # noqa: E402
 
@@ -100,9 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=2, help="2048-token chunks counted")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     total, counts = count(e2e.parse_length(args.tokens), args.chunks)
     row = {
+        "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
+        "command": shlex.join(["python3", "benchmarks/speed/prefill_ops.py", *argv]),
         "tokens_before": e2e.parse_length(args.tokens),
         "chunks_counted": args.chunks,
         "ops_per_chunk": total,
