@@ -42,6 +42,9 @@ def test_tiny_run_writes_rows_stores_spans_profiles_and_resumes(e2e, tmp_path):
         assert all(row[name] > 0 for name in SPEED_FIELDS)
         assert row["peak_gpu_gb"] is None  # CPU run
         assert row["decode_floor_ms"] > 0 and row["run"] == 0
+        slices = row["prefill_slices"]  # one a progress line, an eighth of the context each, covering it
+        assert [s["from"] for s in slices[1:]] == [s["to"] for s in slices[:-1]] and slices[-1]["to"] == 1024
+        assert slices[0]["from"] == 0 and all(s["tok_s"] > 0 for s in slices)
     assert rows["full"]["resident_tokens"] == 1024 + 4
     ltri = rows["ltri"]
     assert ltri["spans"] > 0 and ltri["store_payload_gb"] > 0 and ltri["store_gb"] > 0
@@ -123,3 +126,28 @@ def test_the_store_needs_no_room_while_host_rows_hold_the_payloads(e2e, tmp_path
     """A row is refused for want of store space only when the payloads would go to the store while reading."""
     settings = e2e.parse_args([*tiny_args(tmp_path), *extra])
     assert e2e.keeps_host_rows(settings) == kept
+
+
+def test_slice_rates_turn_rates_since_the_start_into_each_stretch_s_own(e2e):
+    marks = [(100, 1.0), (200, 3.0), (400, 4.0)]  # 100 tok/s, then 50, then 200
+    assert e2e.slice_rates(marks) == [
+        {"from": 0, "to": 100, "tok_s": 100.0},
+        {"from": 100, "to": 200, "tok_s": 50.0},
+        {"from": 200, "to": 400, "tok_s": 200.0},
+    ]
+
+
+def test_prefill_slices_reads_the_progress_lines_of_one_row(tmp_path):
+    slices = load_script("benchmarks/speed/prefill_slices.py", "prefill_slices_benchmark")
+    log = tmp_path / "run.log"
+    log.write_text(
+        "  ltri 16384: prefill 2048/16384 tokens, 400 tok/s\n"
+        "  ltri 400: prefill 100/400 tokens, 100 tok/s\n"
+        "  ltri 400: prefill 200/400 tokens, 67 tok/s\n"
+        "ltri 400: ok in 3.0 s\n"
+    )
+    document = slices.main([str(log), "--label", "ltri 400", "--out", str(tmp_path / "slices.json")])
+    (entry,) = document["logs"].values()
+    assert [(s["from"], s["to"]) for s in entry["slices"]] == [(0, 100), (100, 200)]
+    assert entry["slices"][0]["tok_s"] == 100 and abs(entry["slices"][1]["tok_s"] - 50) < 1
+    assert (tmp_path / "slices.json").exists()

@@ -351,6 +351,7 @@ class Progress:
     tokens_done: int = 0
     started: float = field(default_factory=time.perf_counter)
     next_report: float = 0.125
+    marks: list[tuple[int, float]] = field(default_factory=list)  # (tokens done, seconds) at each line
 
     def prefill(self, done: int, total: int) -> None:
         self.phase, self.tokens_done = "prefill", done
@@ -358,6 +359,7 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.started
         print(f"  {self.label}: prefill {done}/{total} tokens, {done / elapsed:.0f} tok/s", flush=True)
+        self.marks.append((done, elapsed))
         while self.next_report * total <= done:
             self.next_report += 0.125
         if self.checkpoint is not None:
@@ -492,6 +494,18 @@ def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
         if session is not None:
             session.close()
         shutil.rmtree(store, ignore_errors=True)
+
+
+def slice_rates(marks: list[tuple[int, float]]) -> list[dict]:
+    """Each stretch of a prefill between two progress marks (tokens done, seconds since its start): its own
+    tokens/s, where the printed rate is the average since the start (benchmarks/speed/NOTES.md step 17)."""
+    rows, (tokens_before, seconds_before) = [], (0, 0.0)
+    for tokens, seconds in marks:
+        rows.append(
+            {"from": tokens_before, "to": tokens, "tok_s": (tokens - tokens_before) / (seconds - seconds_before)}
+        )
+        tokens_before, seconds_before = tokens, seconds
+    return rows
 
 
 def measure_session(session: Session, ids: torch.Tensor, settings: Settings, progress: Progress):
@@ -820,6 +834,7 @@ def measure_row(
         fields = failure("store_error", error, progress)
     row = {"method": method, "context_len": n_tokens, **fields, "run": run_index}
     row["wall_s"] = time.perf_counter() - started
+    row["prefill_slices"] = slice_rates(progress.marks)
     row.update(memory_fields(device))
     if row["status"] == "ok":
         row.update(floor_fields(model, row["resident_kv_bytes"], bandwidth))
