@@ -133,7 +133,6 @@ class Session:
     def close(self) -> None:
         """Release the memories' host rows and the span store (a temporary one is deleted). Reading again needs
         reset()."""
-        self._captured = None
         self._release_memories()
         self._release_store()
         finalizer = getattr(self, "_remove_temporary", None)
@@ -142,6 +141,8 @@ class Session:
             self._remove_temporary = None
 
     def _release_memories(self) -> None:
+        """The memories' host rows given back, and the captured decode step that reads them dropped."""
+        self._captured = None
         cache = getattr(self, "cache", None)
         if cache is not None:
             for memory in cache.memories():
@@ -253,7 +254,6 @@ class Session:
         state = read_state(directory, meta["state_sha256"])
         same_store = self.store_path is not None and directory.resolve() == self.store_path.resolve()
         if same_store:
-            self._captured = None
             self._release_memories()
             self._release_store()  # a temporary store must outlive this: it is where the state comes from
         else:

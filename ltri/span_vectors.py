@@ -8,6 +8,7 @@ Vocabulary: nheads_kv, n tokens in the block, n_spans spans, headdim; total inde
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -111,12 +112,12 @@ def top_attended_keys_of_blocks(blocks: list[SpanKeys], max_vectors: int) -> lis
     vectors, span_of_vector = _top_keys(keys, received, spans, block_of_span, lengths_host, counts_host)
     spans_per_block = [block.segmentation.n_spans for block in blocks]
     vectors_per_block = [int(block_counts.sum()) for block_counts in counts_host.split(spans_per_block)]
-    first_spans = torch.cumsum(torch.tensor(spans_per_block), 0) - torch.tensor(spans_per_block)
+    first_spans = itertools.accumulate(spans_per_block[:-1], initial=0)  # each block's first span among all
     pieces = zip(
         vectors.split(vectors_per_block, dim=1),
         span_of_vector.split(vectors_per_block),
         lengths_host.split(spans_per_block),
-        first_spans.tolist(),
+        first_spans,
         strict=True,
     )
     return [IndexVectors(block_vectors, owner - first, lengths) for block_vectors, owner, lengths, first in pieces]
