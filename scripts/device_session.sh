@@ -6,7 +6,8 @@
 #   bash scripts/device_session.sh tests       the kernel and captured-decode tests on the GPU (bf16 included)
 #   bash scripts/device_session.sh e2e [C]     ltri prefill and decode with profiles at contexts C (default 32k,128k;
 #                                             issue 7); it needs no model, so any call may carry a model part
-#   bash scripts/device_session.sh attention   one layer's attention at 128K with the launch-shape sweeps (issue 4)
+#   bash scripts/device_session.sh attention   one layer's attention at 16K-512K (alone and per layer in a graph of 8),
+#                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
@@ -44,7 +45,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/speed/e2e.py --contexts "${2:-32k,128k}" --only-methods ltri \
                 --store-root /tmp/ltri-e2e --profile --out "$out/e2e_${sha}_gpu_profile.json" ;;
         attention)
-            timeout 560 python3 benchmarks/speed/attention.py --contexts 128k --sweep-keys '' \
+            timeout 560 python3 benchmarks/speed/attention.py --sweep-keys 3136 --sweep-splits auto,128,192,256,512 \
                 --out "$out/attention_${sha}_gpu.json" ;;
         register)
             timeout 200 python3 benchmarks/speed/host_register.py --out "$out/host_register_${sha}_gpu.json"

@@ -30,7 +30,11 @@ clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirt
 have to write back while it reads; the two were not compared on one machine); median of --reps after --warmup. The
 call's launches queue behind that read, which hides only part of their launch overhead, so "ms" includes some of
 it (compare it with "graph_ms"); "graph_ms" (ltri rows and the kernel) replays the call
-from a CUDA graph: device time with no launch overhead, what a graphed decode loop would pay. "wall_ms" is host
+from a CUDA graph: device time without the host's launch overhead, though one graph launch still costs about
+as much as one tiny kernel ("one_launch_graph_ms", ~0.005 ms on the H100). "layers_ms" replays the call over
+--layers different layers (each its own keys, values and index, so no layer finds another's data in L2) from one
+CUDA graph and divides by the layer count: what each layer costs inside a graphed decode step, where 32 layers'
+launches run back to back; "layers_gbps" is bytes over it. "wall_ms" is host
 time of one synchronised call, launch overhead included. "bytes" is what the method must read at least; "gbps"
 is bytes / ms; "floor_ms" is bytes over the copy bandwidth measured in the same run ("copy_gbps": read + write
 bytes of a large tensor .copy_ per second). The device's copy of the tree has no .git: pass GIT_SHA.
@@ -354,6 +358,15 @@ def graph_ms(timer: Timer, fn) -> tuple[float | None, str | None]:
         return None, f"{type(error).__name__}: {error}"
 
 
+def layers_ms(timer: Timer, calls: list) -> float | None:
+    """Per-call device time of calls (one per layer) replayed back to back from one CUDA graph; None on a CPU or
+    when capture fails (graph_ms's error says why in the row's graph_error)."""
+    if len(calls) < 2:
+        return None
+    total, _ = graph_ms(timer, lambda: [call() for call in calls])
+    return None if total is None else total / len(calls)
+
+
 def copy_gbps(device: torch.device, n_bytes: int = 1 << 30, reps: int = 10) -> float:
     """Read + write bytes per second of a large tensor .copy_ (median)."""
     source = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -378,7 +391,10 @@ def ltri_bytes(layer: Layer, shape: Shape, selector: str, element: int) -> int:
     return total
 
 
-def row(context_len: int, method: str, timing: tuple[float, float], n_bytes: int, copy: float, **extra) -> dict:
+def row(
+    context_len: int, method: str, timing: tuple[float, float], n_bytes: int, copy: float,
+    per_layer_ms: float | None = None, **extra,
+) -> dict:  # fmt: skip
     ms, wall_ms = timing
     return {
         "context_len": context_len,
@@ -388,6 +404,8 @@ def row(context_len: int, method: str, timing: tuple[float, float], n_bytes: int
         "bytes": n_bytes,
         "gbps": n_bytes / (ms / 1000) / 1e9,
         "floor_ms": 1000 * n_bytes / (copy * 1e9) if copy else None,
+        "layers_ms": per_layer_ms,
+        "layers_gbps": n_bytes / (per_layer_ms / 1000) / 1e9 if per_layer_ms else None,
         **extra,
     }
 
@@ -395,32 +413,42 @@ def row(context_len: int, method: str, timing: tuple[float, float], n_bytes: int
 # --------------------------------------------------------------------------------------------- runs
 
 
-def measure_context(context_len: int, shape: Shape, methods: list[str], timer: Timer, copy: float, dtype, kernels):
-    """Rows of every method at one context length."""
+def measure_context(
+    context_len: int, shape: Shape, methods: list[str], timer: Timer, copy: float, dtype, kernels, n_layers: int,
+):  # fmt: skip
+    """Rows of every method at one context length; layers_ms over n_layers layers (on a GPU)."""
     shape.check(context_len)
     device = timer.device
     element = torch.empty((), dtype=dtype).element_size()
-    layer = make_layer(context_len, shape, device, dtype, "ltri_loki" in methods, kernels)
+    with_loki = "ltri_loki" in methods
+    n_made = n_layers if device.type == "cuda" else 1
+    layers = [make_layer(context_len, shape, device, dtype, with_loki, kernels, seed=i) for i in range(n_made)]
+    layer = layers[0]
     q = torch.randn(shape.nheads, shape.headdim, device=device).to(dtype)
     rows = []
+
+    def measured(method: str, step, n_bytes: int, graphed: bool = True, **extra) -> dict:
+        """step(layer) timed on the first layer (ms, graph_ms) and over all of them (layers_ms)."""
+        graph, error = graph_ms(timer, lambda: step(layer)) if graphed else (None, None)
+        per_layer = layers_ms(timer, [functools.partial(step, each) for each in layers])
+        if graphed:
+            extra.update(graph_ms=graph, graph_error=error)
+        return row(context_len, method, timer(lambda: step(layer)), n_bytes, copy, per_layer, **extra)
+
     if "sdpa_full" in methods:
-        step = lambda: sdpa_full(q, layer.k, layer.v)  # noqa: E731
-        rows.append(row(context_len, "sdpa_full", timer(step), kv_bytes(context_len, shape, element), copy))
+        rows.append(measured("sdpa_full", lambda each: sdpa_full(q, each.k, each.v), kv_bytes(context_len, shape,
+                             element), graphed=False))  # fmt: skip
     for method, selector in (("ltri", "sparq"), ("ltri_loki", "loki")):
         if method in methods:
-            step = lambda selector=selector: ltri_step(q, layer, shape, selector, kernels)  # noqa: E731
-            n_bytes = ltri_bytes(layer, shape, selector, element)
-            graph, error = graph_ms(timer, step)
             stages = stage_ms(timer, step_stages(q, layer, shape, selector, kernels))
-            rows.append(row(context_len, method, timer(step), n_bytes, copy, selector=selector, graph_ms=graph,
-                            graph_error=error, stages_ms=stages))  # fmt: skip
+            step = functools.partial(ltri_step, q, shape=shape, selector=selector, kernels=kernels)
+            rows.append(measured(method, step, ltri_bytes(layer, shape, selector, element), selector=selector,
+                                 stages_ms=stages))  # fmt: skip
     if "sparse_attention_kernel" in methods:
         q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
-        step = lambda: kernels.sparse_attention.sparse_attention(q_rot, layer.k_res, layer.v_res)  # noqa: E731
-        n_bytes = kv_bytes(shape.n_resident, shape, element)
-        graph, error = graph_ms(timer, step)
-        rows.append(row(context_len, "sparse_attention_kernel", timer(step), n_bytes, copy, n_keys=shape.n_resident,
-                        graph_ms=graph, graph_error=error))  # fmt: skip
+        attend = kernels.sparse_attention.sparse_attention
+        rows.append(measured("sparse_attention_kernel", lambda each: attend(q_rot, each.k_res, each.v_res),
+                             kv_bytes(shape.n_resident, shape, element), n_keys=shape.n_resident))  # fmt: skip
     return rows
 
 
@@ -446,26 +474,31 @@ def calls_by_shape(method: str, dispatch, launcher, keyword: str, shapes) -> lis
             for shape in shapes]  # fmt: skip
 
 
-def kernel_sweep(shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes, tiles) -> list[dict]:
+def kernel_sweep(
+    shape: Shape, timer: Timer, copy: float, dtype, kernels, key_counts, split_sizes, tiles, n_layers: int,
+) -> list[dict]:  # fmt: skip
     """The sparse attention kernel alone over n_keys keys: split sizes x tiles x merge (fused in the split kernel,
-    or a second launch), and SDPA on the same keys."""
+    or a second launch), and SDPA on the same keys; layers_ms over n_layers key sets."""
     device = timer.device
     element = torch.empty((), dtype=dtype).element_size()
     launch = kernels.sparse_attention.sparse_attention_triton
     rows = []
     for n_keys in key_counts:
         q = torch.randn(shape.nheads, 1, shape.headdim, device=device, dtype=dtype)
-        k = torch.randn(shape.nheads_kv, n_keys, shape.headdim, device=device, dtype=dtype)
-        v = torch.randn_like(k)
+        kv_sets = [torch.randn(2, shape.nheads_kv, n_keys, shape.headdim, device=device, dtype=dtype)
+                   for _ in range(n_layers)]  # fmt: skip
+        k, v = kv_sets[0]
         n_bytes = kv_bytes(n_keys, shape, element)
-        timing = timer(lambda q=q, k=k, v=v: sdpa_full(q[:, 0], k, v))
-        rows.append(row(n_keys, "sdpa", timing, n_bytes, copy, n_keys=n_keys, split_size=None))
+        sdpa_calls = [functools.partial(sdpa_full, q[:, 0], *kv) for kv in kv_sets]
+        rows.append(row(n_keys, "sdpa", timer(sdpa_calls[0]), n_bytes, copy, layers_ms(timer, sdpa_calls),
+                        n_keys=n_keys, split_size=None))  # fmt: skip
         for split, tile, fused in itertools.product(split_sizes, tiles, (True, False)):
-            call = functools.partial(launch, q, k, v, split_size=split, tiles=tile, fused_merge=fused)
-            graph, error = graph_ms(timer, call)
-            rows.append(row(n_keys, "sparse_attention_kernel", timer(call), n_bytes, copy, n_keys=n_keys,
-                            split_size=split, tiles=None if tile is None else list(tile), fused_merge=fused,
-                            graph_ms=graph, graph_error=error))  # fmt: skip
+            options = {"split_size": split, "tiles": tile, "fused_merge": fused}
+            calls = [functools.partial(launch, q, *kv, **options) for kv in kv_sets]
+            graph, error = graph_ms(timer, calls[0])
+            rows.append(row(n_keys, "sparse_attention_kernel", timer(calls[0]), n_bytes, copy, layers_ms(timer, calls),
+                            n_keys=n_keys, split_size=split, tiles=None if tile is None else list(tile),
+                            fused_merge=fused, graph_ms=graph, graph_error=error))  # fmt: skip
     return rows
 
 
@@ -599,19 +632,23 @@ def environment(device: torch.device) -> dict:
 
 
 def print_rows(rows: list[dict], copy: float) -> None:
-    columns = ("ms", "graph ms", "wall ms", "MB read")
-    print(f"{'context':>8} {'method':>44} " + " ".join(f"{c:>9}" for c in columns) + f" {'GB/s':>8} {'% copy':>7}")
+    columns = ("ms", "graph ms", "layer ms", "wall ms", "MB read")
+    print(f"{'context':>8} {'method':>44} " + " ".join(f"{c:>9}" for c in columns) + f" {'GB/s':>8} {'% copy':>7}"
+          f" {'layer %':>7}")  # fmt: skip
     for r in rows:
-        share = f"{100 * r['gbps'] / copy:6.1f}%" if copy else "      -"
+        share, layer_share = (f"{100 * r[key] / copy:6.1f}%" if copy and r.get(key) else "      -"
+                              for key in ("gbps", "layers_gbps"))  # fmt: skip
         label = r["method"] + (f"[{r['split_size']}]" if r.get("split_size") else "")
         if r.get("tiles"):
             label += "[{}x{}x{}]".format(*r["tiles"][1:])
         if r.get("fused_merge") is False:
             label += "[2 launches]"
-        graph = f"{r['graph_ms']:9.4f}" if r.get("graph_ms") is not None else f"{'-':>9}"
+        graph, per_layer = (
+            f"{r[key]:9.4f}" if r.get(key) is not None else f"{'-':>9}" for key in ("graph_ms", "layers_ms")
+        )
         print(
-            f"{r['context_len']:>8} {label:>44} {r['ms']:9.4f} {graph} {r['wall_ms']:9.4f} "
-            f"{r['bytes'] / 1e6:9.2f} {r['gbps']:8.1f} {share}"
+            f"{r['context_len']:>8} {label:>44} {r['ms']:9.4f} {graph} {per_layer} {r['wall_ms']:9.4f} "
+            f"{r['bytes'] / 1e6:9.2f} {r['gbps']:8.1f} {share} {layer_share}"
         )
         if r.get("stages_ms"):
             print(f"{'':>8} {'stages (graph ms):':>44} " + ", ".join(f"{k} {v:.4f}" for k, v in r["stages_ms"].items()))
@@ -640,6 +677,7 @@ def parse_args() -> argparse.Namespace:
         default=SWEEP_CHUNK_MAP,
         help="chunk_attention_map launch shapes: rows per head x keys per step x warps",
     )
+    parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
@@ -681,7 +719,7 @@ def main() -> None:
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     for context_len in contexts:
-        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels)
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
@@ -699,13 +737,20 @@ def main() -> None:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
         splits = [None if s == "auto" else int(s) for s in args.sweep_splits.split(",")]
         tiles = parse_tiles(args.sweep_tiles, kernels)
-        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits, tiles)
+        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits, tiles, args.layers)
         print("kernel sweep (context = keys):")
         print_rows(sweep, copy)
 
     result = {
         "env": environment(device),
-        "config": {**asdict(shape), "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps, "l2_flush": "read"},
+        "config": {
+            **asdict(shape),
+            "dtype": str(dtype),
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "l2_flush": "read",
+            "layers": args.layers,
+        },
         "copy_gbps": copy,
         "one_launch_ms": launch_ms,
         "one_launch_graph_ms": launch_graph_ms,
