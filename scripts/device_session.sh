@@ -10,13 +10,15 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
+#   bash scripts/device_session.sh prefault-ab ltri's 128K prefill with host-row pieces registered as they come and
+#                                             faulted in first, alternating, twice each in one call (NOTES.md step 17)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
 #                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, register or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, register, prefault-ab or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -51,6 +53,15 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 200 python3 benchmarks/speed/host_register.py --out "$out/host_register_${sha}_gpu.json"
             timeout 340 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --store-root /tmp/ltri-e2e \
                 --out "$out/e2e_${sha}_gpu.json" ;;
+        prefault-ab)
+            for round in 1 2; do
+                for variant in off on; do
+                    flag=()
+                    [ "$variant" = off ] && flag=(--no-host-prefault)
+                    timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri \
+                        --store-root /tmp/ltri-e2e "${flag[@]}" --out "$out/e2e_prefault_${variant}_${round}_${sha}_gpu.json"
+                done
+            done ;;
         needle)
             length=${2:?needle needs a length, e.g. 128k}
             methods=${3:-ltri}
@@ -59,7 +70,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, register or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, register, prefault-ab or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

@@ -79,6 +79,7 @@ import torch
 from ltri import LtriConfig, LtriError, SamplingConfig, Session
 from ltri.cache import cache_argument_name
 from ltri.model import DTYPES, resolve_dtype
+from ltri.offload import host_payloads
 from ltri.provenance import git_dirty, git_sha
 from ltri.sampling import sample_next
 from ltri.timing import copy_bandwidth, synchronize
@@ -155,6 +156,7 @@ class Settings:
     redo: bool
     warmup: bool = True
     merge: Path | None = None  # a results file whose rows to take instead of measuring
+    host_prefault: bool = True  # host-row pieces faulted in before they register (host_payloads.PREFAULT_PIECES)
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -179,6 +181,7 @@ class Settings:
             "full_chunk": self.full_chunk,
             "ltri_config": json.loads(json.dumps(asdict(replace(self.ltri, device=None)))),
             "seed": self.seed,
+            **({} if self.host_prefault else {"host_prefault": False}),  # absent in files from before the switch
         }
 
 
@@ -225,6 +228,11 @@ def parse_args(argv: list[str] | None) -> Settings:
         "from another device call) into --out, with the runs that measured them",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up rows (smoke tests)")
+    parser.add_argument(
+        "--no-host-prefault",
+        action="store_true",
+        help="register host-row pieces without faulting their pages in first (the A/B of NOTES.md step 17)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     return Settings(
@@ -245,6 +253,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         redo=args.redo,
         warmup=not args.no_warmup,
         merge=args.merge,
+        host_prefault=not args.no_host_prefault,
     )
 
 
@@ -477,6 +486,7 @@ def run_full(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
 
 def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -> dict:
     """The ltri Session: prefill of the ids, then greedy decode through Session.prefill([token])."""
+    host_payloads.PREFAULT_PIECES = settings.host_prefault
     space = store_space(settings, ids.numel())
     if not keeps_host_rows(settings) and space["store_free_gb"] < space["store_needed_gb"]:
         return {"status": "no_space", **space}
@@ -541,6 +551,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
+        "host_prefault": settings.host_prefault,
         "ltri_chunk": settings.ltri.chunk_size,
         "n_sink": settings.ltri.memory.n_sink,
         "n_window": settings.ltri.memory.n_window,

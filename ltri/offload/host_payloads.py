@@ -104,7 +104,7 @@ class HostPayloads:
                 registration.unregister,
                 _registration_thread(),
                 capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
-                prefault=prefault_pages,
+                prefault=prefault_pages if PREFAULT_PIECES else None,
             )
         self._device_view: torch.Tensor | None = None
 
@@ -286,6 +286,11 @@ class _LockedPrefix:
         released, self.nbytes = self.nbytes, 0
         self.pieces.clear()
         return released
+
+
+# Pieces are faulted in before they register (NOTES.md step 17); benchmarks/speed/e2e.py --no-host-prefault turns it
+# off for rows that measure what it changes.
+PREFAULT_PIECES = True
 
 
 def prefault_pages(address: int, size: int) -> None:
