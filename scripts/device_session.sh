@@ -10,8 +10,8 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
-#   bash scripts/device_session.sh prefault-ab ltri's 128K prefill with host-row pieces registered as they come and
-#                                             faulted in first, alternating, twice each in one call (NOTES.md step 17)
+#   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come and
+#                                             faulted in first, alternating, R times each (2) in one call (NOTES.md step 17)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
 #                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
@@ -54,7 +54,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 340 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --store-root /tmp/ltri-e2e \
                 --out "$out/e2e_${sha}_gpu.json" ;;
         prefault-ab)
-            for round in 1 2; do
+            for round in $(seq "${2:-2}"); do
                 for variant in off on; do
                     flag=()
                     [ "$variant" = off ] && flag=(--no-host-prefault)

@@ -17,6 +17,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   4. RoPE of the selected keys (compact positions) into the resident buffer, between the sinks and the window;
   5. sparse attention over sinks + selected + window.
 - sparse_attention_kernel: step 5 alone, with its bandwidth on the K/V bytes it reads.
+- copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
+  transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
   torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch stages:
   what the kernel replaced, measured in the same run).
@@ -449,6 +451,10 @@ def measure_context(
         attend = kernels.sparse_attention.sparse_attention
         rows.append(measured("sparse_attention_kernel", lambda each: attend(q_rot, each.k_res, each.v_res),
                              kv_bytes(shape.n_resident, shape, element), n_keys=shape.n_resident))  # fmt: skip
+        targets = {id(each): torch.empty_like(each.k_res) for each in layers}  # each layer writes its own
+        copy_both = lambda each: (targets[id(each)].copy_(each.k_res), targets[id(each)].copy_(each.v_res))  # noqa: E731
+        rows.append(measured("copy_same_bytes", copy_both, 2 * kv_bytes(shape.n_resident, shape, element),
+                             n_keys=shape.n_resident))  # fmt: skip
     return rows
 
 
