@@ -10,8 +10,8 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
-#   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come and
-#                                             faulted in first, alternating, R times each (2) in one call (NOTES.md step 17)
+#   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come,
+#                                             faulted in 2 MB a call, a piece a call, in turn, R rounds (2) (NOTES step 17)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
 #                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
@@ -55,11 +55,10 @@ log="$out/${part}_${sha}_gpu.log"
                 --out "$out/e2e_${sha}_gpu.json" ;;
         prefault-ab)
             for round in $(seq "${2:-2}"); do
-                for variant in off on; do
-                    flag=()
-                    [ "$variant" = off ] && flag=(--no-host-prefault)
-                    timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri \
-                        --store-root /tmp/ltri-e2e "${flag[@]}" --out "$out/e2e_prefault_${variant}_${round}_${sha}_gpu.json"
+                for variant in none steps piece; do
+                    timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 8 \
+                        --store-root /tmp/ltri-e2e --host-prefault "$variant" \
+                        --out "$out/e2e_prefault_${variant}_${round}_${sha}_gpu.json"
                 done
             done ;;
         needle)

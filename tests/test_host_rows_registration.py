@@ -186,15 +186,25 @@ def test_a_background_piece_is_faulted_in_before_it_is_registered(monkeypatch):
     assert all(event[3].startswith("rows") for event in background)
 
 
+@pytest.mark.parametrize("step", [None, 3 << 20])  # one call, or 3 MB a call (the last one shorter)
 @pytest.mark.parametrize("populate_advice", [host_payloads._MADV_POPULATE_WRITE, 9999])  # 9999: the memset path
-def test_prefaulted_pages_are_resident_zeros(monkeypatch, populate_advice):
+def test_prefaulted_pages_are_resident_zeros(monkeypatch, populate_advice, step):
     monkeypatch.setattr(host_payloads, "_MADV_POPULATE_WRITE", populate_advice)
     size = 32 * 2**20
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = (ctypes.c_char * size).from_buffer(region)
     before = resident_bytes()
-    host_payloads.prefault_pages(ctypes.addressof(view), size)
+    host_payloads.prefault_pages(ctypes.addressof(view), size, step)
     assert resident_bytes() - before > size * 3 // 4
     assert bytes(view[: 1 << 20]) == bytes(1 << 20) and bytes(view[-(1 << 20) :]) == bytes(1 << 20)
     del view
     region.close()
+
+
+def test_prefault_setting_names_how_pieces_are_faulted_in():
+    assert host_payloads.prefault_how("none") is None
+    assert host_payloads.prefault_how("piece") is host_payloads.prefault_pages
+    steps = host_payloads.prefault_how("steps")
+    assert steps.func is host_payloads.prefault_pages and steps.keywords == {"step": host_payloads.PREFAULT_STEP_BYTES}
+    with pytest.raises(ValueError, match="Unknown prefault"):
+        host_payloads.prefault_how("sometimes")

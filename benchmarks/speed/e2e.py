@@ -156,7 +156,7 @@ class Settings:
     redo: bool
     warmup: bool = True
     merge: Path | None = None  # a results file whose rows to take instead of measuring
-    host_prefault: bool = True  # host-row pieces faulted in before they register (host_payloads.PREFAULT_PIECES)
+    host_prefault: str = "piece"  # how host-row pieces are faulted in before they register (host_payloads.PREFAULT)
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -181,7 +181,7 @@ class Settings:
             "full_chunk": self.full_chunk,
             "ltri_config": json.loads(json.dumps(asdict(replace(self.ltri, device=None)))),
             "seed": self.seed,
-            **({} if self.host_prefault else {"host_prefault": False}),  # absent in files from before the switch
+            **({} if self.host_prefault == "piece" else {"host_prefault": self.host_prefault}),  # the default: absent
         }
 
 
@@ -229,9 +229,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up rows (smoke tests)")
     parser.add_argument(
-        "--no-host-prefault",
-        action="store_true",
-        help="register host-row pieces without faulting their pages in first (the A/B of NOTES.md step 17)",
+        "--host-prefault",
+        default="piece",
+        choices=("piece", "steps", "none"),
+        help="how host-row pieces are faulted in before they register: a piece a call (ltri's), 2 MB a call, or "
+        "not (cudaHostRegister does it; the A/B of NOTES.md step 17)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -253,7 +255,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         redo=args.redo,
         warmup=not args.no_warmup,
         merge=args.merge,
-        host_prefault=not args.no_host_prefault,
+        host_prefault=args.host_prefault,
     )
 
 
@@ -486,7 +488,7 @@ def run_full(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
 
 def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -> dict:
     """The ltri Session: prefill of the ids, then greedy decode through Session.prefill([token])."""
-    host_payloads.PREFAULT_PIECES = settings.host_prefault
+    host_payloads.PREFAULT = settings.host_prefault
     space = store_space(settings, ids.numel())
     if not keeps_host_rows(settings) and space["store_free_gb"] < space["store_needed_gb"]:
         return {"status": "no_space", **space}

@@ -104,7 +104,7 @@ class HostPayloads:
                 registration.unregister,
                 _registration_thread(),
                 capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
-                prefault=prefault_pages if PREFAULT_PIECES else None,
+                prefault=prefault_how(PREFAULT),
             )
         self._device_view: torch.Tensor | None = None
 
@@ -288,17 +288,33 @@ class _LockedPrefix:
         return released
 
 
-# Pieces are faulted in before they register (NOTES.md step 17); benchmarks/speed/e2e.py --no-host-prefault turns it
-# off for rows that measure what it changes.
-PREFAULT_PIECES = True
+# How pieces are faulted in before they register (NOTES.md step 17): "piece" (one call a piece), "steps" (2 MB a
+# call, so that the kernel's memory-map lock is taken briefly), or "none" (cudaHostRegister faults them in).
+# benchmarks/speed/e2e.py --host-prefault sets it for rows that measure what it changes.
+PREFAULT = "piece"
+PREFAULT_STEP_BYTES = 2 << 20
 
 
-def prefault_pages(address: int, size: int) -> None:
+def prefault_how(how: str):
+    """The _LockedPrefix's prefault(address, size) for PREFAULT's value, or None."""
+    if how == "none":
+        return None
+    if how == "steps":
+        return functools.partial(prefault_pages, step=PREFAULT_STEP_BYTES)
+    if how == "piece":
+        return prefault_pages
+    raise ValueError(f"Unknown prefault {how!r}: piece, steps or none.")
+
+
+def prefault_pages(address: int, size: int, step: int | None = None) -> None:
     """Fault in the pages of [address, address + size) of a private anonymous mapping, as zeros, without holding
-    the GIL: madvise(MADV_POPULATE_WRITE), or where the kernel lacks it, a memset (the range must hold nothing yet).
-    address: page-aligned."""
-    if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), _MADV_POPULATE_WRITE) != 0:
-        ctypes.memset(address, 0, size)
+    the GIL: madvise(MADV_POPULATE_WRITE), or where the kernel lacks it, a memset (the range must hold nothing yet);
+    step bytes a call (a multiple of the page size), else all in one. address: page-aligned."""
+    step = step or size
+    for start in range(address, address + size, step):
+        length = min(step, address + size - start)
+        if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE) != 0:
+            ctypes.memset(start, 0, length)
 
 
 @functools.cache
