@@ -156,7 +156,7 @@ class Settings:
     redo: bool
     warmup: bool = True
     merge: Path | None = None  # a results file whose rows to take instead of measuring
-    host_prefault: str = "piece"  # how host-row pieces are faulted in before they register (host_payloads.PREFAULT)
+    host_prefault: str = "steps"  # how host-row pieces are faulted in before they register (host_payloads.PREFAULT)
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -181,7 +181,7 @@ class Settings:
             "full_chunk": self.full_chunk,
             "ltri_config": json.loads(json.dumps(asdict(replace(self.ltri, device=None)))),
             "seed": self.seed,
-            **({} if self.host_prefault == "piece" else {"host_prefault": self.host_prefault}),  # the default: absent
+            **({} if self.host_prefault == "steps" else {"host_prefault": self.host_prefault}),  # the default: absent
         }
 
 
@@ -230,9 +230,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up rows (smoke tests)")
     parser.add_argument(
         "--host-prefault",
-        default="piece",
-        choices=("piece", "steps", "none"),
-        help="how host-row pieces are faulted in before they register: a piece a call (ltri's), 2 MB a call, or "
+        default="steps",
+        choices=("steps", "piece", "none"),
+        help="how host-row pieces are faulted in before they register: 2 MB a call (ltri's), a piece a call, or "
         "not (cudaHostRegister does it; the A/B of NOTES.md step 17)",
     )
     args = parser.parse_args(argv)
