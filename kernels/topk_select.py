@@ -9,9 +9,10 @@ group's |q| components (SparQ). torch.topk then torch.sort are several launches;
 the H100 their kernels averaged 48 us (top-k's gather) and 25 us (sort) a call
 (``benchmarks/speed/results/e2e_h100_profile_131072.txt``, retrieval's rows there, not these). On the H100
 (``stages_ms`` in ``benchmarks/speed/results/attention_h100.json``, 7e52b02) this kernel took 0.015 ms to choose
-1024 of 2048 tokens for each of 8 KV heads, against 0.054 ms for torch.topk and sort; but on one long row it is
-slower: 0.146 ms against 0.075 ms for 64 of 16K span votes (512K tokens), where one program rereads the row 32
-times (0.021 against 0.041 ms at 4K votes, 0.041 against 0.059 at 8K).
+1024 of 2048 tokens for each of 8 KV heads, against 0.054 ms for torch.topk and sort; but on one long row one
+program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span votes (512K tokens), 0.043 against
+0.053 at 8K (``attention_h100.json``, 27966a9). So a row longer than one chunk now goes in two stages
+(``topk_tokens_triton``): its parts choose candidates in parallel, then one program a row chooses among them.
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
 (the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a binary search on
@@ -36,26 +37,36 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
 _KEY_BITS = 32  # a binary search over int32 keys halves 2^32 candidates this many times
+_PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (topk_tokens_triton)
 
 
 def _topk_select_kernel(
-    scores_ptr, n_valid_ptr, out_ptr, n_keys, k, stride_row,
+    scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, n_keys, k, stride_row, part_len,
     HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, KEY_BITS: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
 ):  # fmt: skip
-    """One row: the k-th largest key by binary search, then the chosen indices in ascending order."""
+    """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by binary search,
+    then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
+
+    WRITE_SCORES: also their scores (float32, padding -inf) at out_scores (the first of two stages); HAS_MAP: write
+    index_map[row, index] instead of the index (the second stage, over the first's candidates)."""
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    n_parts = tl.num_programs(1)
     row_scores = scores_ptr + row * stride_row
+    start = part * part_len
+    stop = tl.minimum(start + part_len, n_keys)
     valid = n_keys
     if HAS_VALID:
         valid = tl.minimum(tl.load(n_valid_ptr + row).to(tl.int32), n_keys)
-    keys0, in_row0, index0 = _row_keys(row_scores, 0, n_keys, valid, BLOCK)  # the first chunk stays in registers
+    keys0, in_row0, index0, scores0 = _row_keys(row_scores, start, stop, valid, BLOCK)  # stays in registers
     lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
     hi = tl.full((), 2147483647, tl.int64)
     for step in range(KEY_BITS):  # noqa: B007 (a named loop variable: triton carries `_` across loops)
         mid = (lo + hi + 1) >> 1
         at_least = tl.sum((in_row0 & (keys0 >= mid)).to(tl.int32), axis=0)
         for chunk in range(1, N_CHUNKS):
-            keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+            keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
             at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
         enough = at_least >= k
         lo = tl.where(enough, mid, lo)
@@ -63,38 +74,52 @@ def _topk_select_kernel(
     threshold = lo
     above = tl.sum((in_row0 & (keys0 > threshold)).to(tl.int32), axis=0)
     for chunk in range(1, N_CHUNKS):
-        keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
+        keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
         above += tl.sum((in_row & (keys > threshold)).to(tl.int32), axis=0)
     ties_wanted = k - above  # entries with key == threshold to take, the lowest indices first
-    out_row = out_ptr + row * k
-    written, ties_seen = _write_taken(keys0, in_row0, index0, threshold, ties_wanted, 0, 0, out_row)
+    out_at = (row * n_parts + part) * k
+    map_row = index_map_ptr + row * n_keys
+    written, ties_seen = _write_taken(keys0, in_row0, index0, scores0, threshold, ties_wanted, 0, 0, out_ptr + out_at,
+                                      out_scores_ptr + out_at, map_row, WRITE_SCORES, HAS_MAP)  # fmt: skip
     for chunk in range(1, N_CHUNKS):
-        keys, in_row, index = _row_keys(row_scores, chunk * BLOCK, n_keys, valid, BLOCK)
-        written, ties_seen = _write_taken(keys, in_row, index, threshold, ties_wanted, written, ties_seen, out_row)
+        keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
+        written, ties_seen = _write_taken(keys, in_row, index, scores, threshold, ties_wanted, written, ties_seen,
+                                          out_ptr + out_at, out_scores_ptr + out_at, map_row, WRITE_SCORES,
+                                          HAS_MAP)  # fmt: skip
 
 
-def _write_taken(keys, in_row, index, threshold, ties_wanted, written, ties_seen, out_row):
+def _write_taken(
+    keys, in_row, index, scores, threshold, ties_wanted, written, ties_seen, out_row, out_scores_row, map_row,
+    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
+):  # fmt: skip
     """Writes one chunk's chosen indices after the `written` ones: keys above the threshold, and ties while fewer
-    than ties_wanted were taken (ties_seen in earlier chunks). Returns the updated (written, ties_seen)."""
+    than ties_wanted were taken (ties_seen in earlier chunks); with WRITE_SCORES their scores too, with HAS_MAP
+    map_row[index] instead of index. Returns the updated (written, ties_seen)."""
     tie = in_row & (keys == threshold)
     tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1 for the row's first tie
     take = (in_row & (keys > threshold)) | (tie & (tie_rank <= ties_wanted))
     slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_row + slot, index.to(tl.int64), mask=take)
+    chosen = index.to(tl.int64)
+    if HAS_MAP:
+        chosen = tl.load(map_row + index, mask=take, other=0)
+    tl.store(out_row + slot, chosen, mask=take)
+    if WRITE_SCORES:
+        tl.store(out_scores_row + slot, scores, mask=take)
     return written + tl.sum(take.to(tl.int32), axis=0), ties_seen + tl.sum(tie.to(tl.int32), axis=0)
 
 
-def _row_keys(row_scores, start, n_keys, valid, BLOCK: tl.constexpr):
+def _row_keys(row_scores, start, stop, valid, BLOCK: tl.constexpr):
     """Keys (BLOCK,) int32 of entries [start, start + BLOCK): order-preserving images of the float scores, padding
-    (index >= valid) at -inf's key; in_row: index < n_keys; index: the entries' positions in the row."""
+    (index >= valid) at -inf's key; in_row: index < stop; index: the entries' positions in the row; scores: the
+    float32 scores the keys image (padding -inf, -0.0 as 0.0)."""
     index = start + tl.arange(0, BLOCK)
-    in_row = index < n_keys
+    in_row = index < stop
     scores = tl.load(row_scores + index, mask=in_row, other=0.0).to(tl.float32)
     scores = tl.where(index < valid, scores, float("-inf"))
     scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ties with 0.0, as in the reference's sort
     bits = scores.to(tl.int32, bitcast=True)
     keys = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
-    return keys, in_row, index
+    return keys, in_row, index, scores
 
 
 _ROW_KEYS, _WRITE_TAKEN = _row_keys, _write_taken  # plain functions; _triton_kernels binds their JIT wrappers
@@ -109,7 +134,7 @@ def _triton_kernels(interpret: bool):
 
     tl = triton.language
     _row_keys, _write_taken = triton.jit(_ROW_KEYS), triton.jit(_WRITE_TAKEN)  # the kernel calls them by name
-    return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row"])
+    return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row", "part_len"])
 
 
 def _check_inputs(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None) -> None:
@@ -137,7 +162,14 @@ def topk_tokens_reference(scores: torch.Tensor, k: int, n_valid: torch.Tensor | 
 
 
 def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's launch; same contract as topk_tokens."""
+    """The kernel's launches; same contract as topk_tokens.
+
+    A row longer than one program's chunk (_MAX_BLOCK) goes in two stages when its parts can each hold k: the row's
+    parts of about _PART_KEYS entries each choose their k best in parallel, with their scores, then one program a
+    row chooses k of those candidates and writes the indices they came from. A key of the row's top k is in its
+    part's top k (fewer than k entries precede it there, as in the row), and the candidates lie in ascending
+    order, so the result, ties included, is the one-stage result.
+    """
     _check_inputs(scores, k, n_valid)
     if scores.stride(1) != 1:
         scores = scores.contiguous()
@@ -145,14 +177,43 @@ def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | Non
     out = torch.empty(n_rows, k, dtype=torch.long, device=scores.device)
     if k == 0 or n_rows == 0:
         return out
-    block = min(_MAX_BLOCK, max(16, 1 << (n_keys - 1).bit_length()))
-    valid = n_valid.to(device=scores.device) if n_valid is not None else out  # out: a placeholder, never read
-    _triton_kernels(interpreting())[(n_rows,)](
-        scores, valid, out, n_keys, k, scores.stride(0),
-        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-n_keys // block), KEY_BITS=_KEY_BITS,
-        num_warps=8 if block >= 2048 else 4,
-    )  # fmt: skip
+    valid = n_valid.to(device=scores.device) if n_valid is not None else None
+    n_parts = parts_per_row(n_keys, k)
+    if n_parts == 1:
+        _launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
+        return out
+    candidates = torch.empty(n_rows, n_parts * k, dtype=torch.long, device=scores.device)
+    candidate_scores = torch.empty(n_rows, n_parts * k, dtype=torch.float32, device=scores.device)
+    _launch(scores, valid, candidates, k, n_parts, -(-n_keys // n_parts), out_scores=candidate_scores)
+    _launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates)
     return out
+
+
+def parts_per_row(n_keys: int, k: int) -> int:
+    """Parts a row's first stage splits into (1: one stage): rows longer than _MAX_BLOCK, in parts of at most
+    _PART_KEYS entries, when every part holds at least k entries and the candidates are at most half the row."""
+    if n_keys <= _MAX_BLOCK:
+        return 1
+    n_parts = -(-n_keys // _PART_KEYS)
+    part_len = -(-n_keys // n_parts)
+    last = n_keys - (n_parts - 1) * part_len
+    if last < k or 2 * n_parts * k > n_keys:
+        return 1
+    return n_parts
+
+
+def _launch(
+    scores: torch.Tensor, n_valid: torch.Tensor | None, out: torch.Tensor, k: int, n_parts: int, part_len: int,
+    out_scores: torch.Tensor | None = None, index_map: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
+    block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
+    _triton_kernels(interpreting())[(scores.shape[0], n_parts)](
+        scores, n_valid if n_valid is not None else out, out, out_scores if out_scores is not None else out,
+        index_map if index_map is not None else out, scores.shape[1], k, scores.stride(0), part_len,
+        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), KEY_BITS=_KEY_BITS,
+        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None, num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
 
 
 def topk_tokens(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:

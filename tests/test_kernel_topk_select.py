@@ -17,6 +17,7 @@ if importlib.util.find_spec("triton") is None:
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.topk_select import (  # noqa: E402
     _MAX_BLOCK,
+    parts_per_row,
     topk_tokens,
     topk_tokens_reference,
     topk_tokens_triton,
@@ -24,8 +25,11 @@ from ltri.kernels.topk_select import (  # noqa: E402
 
 from ltri.topk import TIE_CHUNK, places_in_rounds, topk_ties_to_first  # noqa: E402
 
-# (n_rows, n_keys, k): awkward lengths, k of 1 to all, one row longer than a chunk (the kernel reads it in parts)
-CASES = [(1, 97, 5), (3, 123, 123), (8, 1025, 64), (1, 4032, 63), (2, _MAX_BLOCK + 904, 1000), (8, 128, 32), (4, 16, 1)]
+# (n_rows, n_keys, k): awkward lengths, k of 1 to all, rows longer than a chunk read in chunks by one program
+# (k too large for parts), and long rows in two stages (parts_per_row > 1: 7 and 3 parts)
+CASES = [(1, 97, 5), (3, 123, 123), (8, 1025, 64), (1, 4032, 63), (2, _MAX_BLOCK + 904, 1000), (8, 128, 32), (4, 16, 1),
+         (1, 3 * _MAX_BLOCK + 5, 64), (3, _MAX_BLOCK + 904, 500)]  # fmt: skip
+TWO_STAGE_CASES = [case for case in CASES if parts_per_row(case[1], case[2]) > 1]
 
 
 def random_scores(n_rows, n_keys, dtype, seed=0):
@@ -56,6 +60,30 @@ def test_padding_ranks_below_every_valid_key(n_valid):
     for row, count in enumerate(n_valid):
         kept = min(count, 120)
         assert torch.all(indices[row, :kept] < count) and torch.all(indices[row, kept:] >= count)
+
+
+def test_long_rows_split_only_where_every_part_holds_k():
+    assert [parts_per_row(case[1], case[2]) for case in TWO_STAGE_CASES] == [7, 3]
+    assert parts_per_row(_MAX_BLOCK, 8) == 1  # one chunk: one stage
+    assert parts_per_row(_MAX_BLOCK + 904, 1000) == 1  # the candidates would be more than half the row
+    assert parts_per_row(16384, 64) == 8  # 64 of 16K span votes (512K tokens)
+
+
+@pytest.mark.parametrize("case", TWO_STAGE_CASES)
+def test_two_stages_keep_ties_padding_and_infinities_as_one(case):
+    n_rows, n_keys, k = case
+    scores = torch.zeros(n_rows, n_keys, device=DEVICE)
+    scores[:, n_keys // 2 : n_keys // 2 + k // 3] = 1.0  # a few winners in a middle part, the rest tied zeros
+    scores[:, -7:] = float("-inf")
+    assert torch.equal(topk_tokens_triton(scores, k), topk_tokens_reference(scores, k))
+    ties = torch.full((n_rows, n_keys), float("-inf"), device=DEVICE)
+    ties[:, -3:] = 2.0  # k - 3 of the -inf ties: the lowest indices, across the parts' candidates
+    assert torch.equal(topk_tokens_triton(ties, k), topk_tokens_reference(ties, k))
+    random = random_scores(n_rows, n_keys, torch.float32, seed=5)
+    random[:, n_keys - 50 :] = 100.0  # best scores in padding must lose, in the last part
+    valid = torch.tensor([n_keys - 50, k // 2, n_keys // 3][:n_rows], device=DEVICE)  # fewer valid than k too
+    indices = topk_tokens_triton(random, k, valid)
+    assert torch.equal(indices, topk_tokens_reference(random, k, valid))
 
 
 def test_ties_go_to_the_lowest_indices():
