@@ -208,3 +208,25 @@ def test_prefault_setting_names_how_pieces_are_faulted_in():
     assert steps.func is host_payloads.prefault_pages and steps.keywords == {"step": host_payloads.PREFAULT_STEP_BYTES}
     with pytest.raises(ValueError, match="Unknown prefault"):
         host_payloads.prefault_how("sometimes")
+
+
+def test_layers_sharing_several_threads_keep_each_ones_pieces_in_order():
+    executor = host_payloads._registration_threads(4)
+    assert executor._max_workers == 4 and host_payloads._registration_threads(4) is executor  # one pool a count
+    recorders = [Recorder() for _ in range(6)]
+    layers = [_LockedPrefix(i * 10**6, r.register, r.unregister, executor) for i, r in enumerate(recorders)]
+    for needed in range(50, 12000, 350):  # every layer's rows grow together, as in a prefill
+        for layer in layers:
+            layer.extend(needed)
+            assert layer.nbytes >= needed
+    for i, (layer, recorder) in enumerate(zip(layers, recorders, strict=True)):
+        registered = layer.pieces.copy()
+        layer.release()
+        end = i * 10**6  # each registration starts where the layer's previous one ended
+        for address, size, _ in recorder.calls:
+            assert address == end
+            end += size
+        calls = [(address, size) for address, size, _ in recorder.calls]
+        assert calls[: len(registered)] == registered and len(calls) - len(registered) <= 1  # + one under way
+        assert sorted(recorder.unregistered) == [address for address, _ in calls]  # release unregisters them all
+        assert any(name.startswith("ltri-host-rows") for _, _, name in recorder.calls)  # the threads did register

@@ -156,6 +156,7 @@ class Settings:
     redo: bool
     warmup: bool = True
     merge: Path | None = None  # a results file whose rows to take instead of measuring
+    host_register_threads: int = 1  # background threads registering host-row pieces (host_payloads)
     host_prefault: str = "steps"  # how host-row pieces are faulted in before they register (host_payloads.PREFAULT)
 
     def __post_init__(self) -> None:
@@ -182,6 +183,7 @@ class Settings:
             "ltri_config": json.loads(json.dumps(asdict(replace(self.ltri, device=None)))),
             "seed": self.seed,
             **({} if self.host_prefault == "steps" else {"host_prefault": self.host_prefault}),  # the default: absent
+            **({} if self.host_register_threads == 1 else {"host_register_threads": self.host_register_threads}),
         }
 
 
@@ -235,7 +237,15 @@ def parse_args(argv: list[str] | None) -> Settings:
         help="how host-row pieces are faulted in before they register: 2 MB a call (ltri's), a piece a call, or "
         "not (cudaHostRegister does it; the A/B of NOTES.md step 17)",
     )
+    parser.add_argument(
+        "--host-register-threads",
+        type=int,
+        default=1,
+        help="background threads that fault in and register host-row pieces (ltri's: 1; NOTES.md step 20)",
+    )
     args = parser.parse_args(argv)
+    if args.host_register_threads < 1:
+        raise SystemExit("--host-register-threads must be at least 1.")
     device = torch.device(args.device)
     return Settings(
         shape_name="tiny" if args.tiny else "llama3-8b",
@@ -256,6 +266,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         warmup=not args.no_warmup,
         merge=args.merge,
         host_prefault=args.host_prefault,
+        host_register_threads=args.host_register_threads,
     )
 
 
@@ -489,6 +500,7 @@ def run_full(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
 def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -> dict:
     """The ltri Session: prefill of the ids, then greedy decode through Session.prefill([token])."""
     host_payloads.PREFAULT = settings.host_prefault
+    host_payloads.REGISTRATION_THREADS = settings.host_register_threads
     space = store_space(settings, ids.numel())
     if not keeps_host_rows(settings) and space["store_free_gb"] < space["store_needed_gb"]:
         return {"status": "no_space", **space}
@@ -554,6 +566,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
         "host_prefault": settings.host_prefault,
+        "host_register_threads": settings.host_register_threads,
         "ltri_chunk": settings.ltri.chunk_size,
         "n_sink": settings.ltri.memory.n_sink,
         "n_window": settings.ltri.memory.n_window,

@@ -102,7 +102,7 @@ class HostPayloads:
                 self.tokens.data_ptr(),
                 registration.register,
                 registration.unregister,
-                _registration_thread(),
+                _registration_threads(REGISTRATION_THREADS),
                 capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
                 prefault=prefault_how(PREFAULT),
             )
@@ -347,10 +347,16 @@ class CudaRegistration:
         return contextlib.nullcontext() if self.device_index is None else torch.cuda.device(self.device_index)
 
 
+# Background threads that fault in and register host-row pieces, shared by every layer. Each layer has at most one
+# piece under way, so its pieces stay in order with any number; benchmarks/speed/e2e.py --host-register-threads
+# sets it for rows that measure more than one (NOTES.md step 20).
+REGISTRATION_THREADS = 1
+
+
 @functools.cache
-def _registration_thread() -> ThreadPoolExecutor:
-    """The one background thread that registers host rows, shared by every layer (made on first use)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltri-host-rows")
+def _registration_threads(n_threads: int) -> ThreadPoolExecutor:
+    """The background threads that register host rows, shared by every layer (made on first use of that many)."""
+    return ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="ltri-host-rows")
 
 
 class _CudaArray:
