@@ -184,7 +184,7 @@ def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | Non
         return out
     candidates = torch.empty(n_rows, n_parts * k, dtype=torch.long, device=scores.device)
     candidate_scores = torch.empty(n_rows, n_parts * k, dtype=torch.float32, device=scores.device)
-    _launch(scores, valid, candidates, k, n_parts, -(-n_keys // n_parts), out_scores=candidate_scores)
+    _launch(scores, valid, candidates, k, n_parts, _part_len(n_keys, n_parts), out_scores=candidate_scores)
     _launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates)
     return out
 
@@ -195,11 +195,15 @@ def parts_per_row(n_keys: int, k: int) -> int:
     if n_keys <= _MAX_BLOCK:
         return 1
     n_parts = -(-n_keys // _PART_KEYS)
-    part_len = -(-n_keys // n_parts)
-    last = n_keys - (n_parts - 1) * part_len
+    last = n_keys - (n_parts - 1) * _part_len(n_keys, n_parts)
     if last < k or 2 * n_parts * k > n_keys:
         return 1
     return n_parts
+
+
+def _part_len(n_keys: int, n_parts: int) -> int:
+    """Entries of each part but the last, which holds the rest."""
+    return -(-n_keys // n_parts)
 
 
 def _launch(

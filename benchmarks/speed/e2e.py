@@ -499,6 +499,7 @@ def run_full(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
 
 def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -> dict:
     """The ltri Session: prefill of the ids, then greedy decode through Session.prefill([token])."""
+    # process-wide host-row tuning, not LtriConfig: MemoryConfig's fields decide whether a saved store reopens
     host_payloads.PREFAULT = settings.host_prefault
     host_payloads.REGISTRATION_THREADS = settings.host_register_threads
     space = store_space(settings, ids.numel())
