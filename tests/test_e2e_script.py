@@ -59,6 +59,21 @@ def test_tiny_run_writes_rows_stores_spans_profiles_and_resumes(e2e, tmp_path):
     assert json.loads((tmp_path / "e2e.json").read_text()) == document
 
 
+def test_start_profile_times_each_chunk_of_a_fresh_session(e2e, tmp_path):
+    e2e.main(tiny_args(tmp_path, "--only-methods", "ltri", "--profile-start", "512"))
+    (row,) = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    text = (tmp_path / row["start_profile_file"]).read_text()
+    halves = [line for line in text.splitlines() if line.startswith("==== tokens")]
+    assert [line.split(":")[0] for line in halves] == ["==== tokens 0-512", "==== tokens 512-1024"]
+    for line in halves:  # two chunks of 256 a half, each timed
+        chunk_seconds = [float(x) for x in line.split("chunk seconds: ")[1].removesuffix(" ====").split(", ")]
+        assert len(chunk_seconds) == 2 and all(x > 0 for x in chunk_seconds)
+    assert text.count("cProfile, Python functions by own time") == 2 and "span_memory.py" in text
+    assert not any((tmp_path / "stores").iterdir())  # the fresh Session's store is removed too
+    with pytest.raises(SystemExit, match="half the shortest context"):
+        e2e.parse_args(tiny_args(tmp_path, "--profile-start", "1k"))
+
+
 def test_rows_cut_off_are_kept_and_other_settings_refused(e2e, tmp_path):
     settings = e2e.parse_args(tiny_args(tmp_path, "--contexts", "1k,2k"))
     document = e2e.new_document(settings)

@@ -46,6 +46,10 @@ under torch.profiler (segmentation, index vectors, eviction, store writes, index
 cProfile, written to ``<out stem>_prefill_profile_<context>.txt``. Both files end with a census of the host's
 waits for the device (CUDA's sync debug mode) over --profile-steps more steps or chunks. The device's copy of
 the tree has no .git: pass GIT_SHA=$(git rev-parse HEAD).
+
+--profile-start N: after the row (the timed Session closed), a fresh Session reads the context's first N tokens,
+then N more, each half under its own cProfile with every chunk's seconds (synchronized): where the start of a
+prefill loses time that later chunks do not (NOTES.md step 22), written to ``<out stem>_start_profile_<context>.txt``.
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ class Settings:
     merge: Path | None = None  # a results file whose rows to take instead of measuring
     host_register_threads: int = 1  # background threads registering host-row pieces (host_payloads)
     host_prefault: str = "steps"  # how host-row pieces are faulted in before they register (host_payloads.PREFAULT)
+    profile_start: int = 0  # tokens of a fresh Session's start profiled after the row (0: none)
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -167,6 +172,8 @@ class Settings:
             raise SystemExit("Give at least one context length of 1 token or more.")
         if self.decode_tokens < 1 or self.full_chunk < 1 or self.profile_steps < 1:
             raise SystemExit("--decode-tokens, --full-chunk and --profile-steps must be at least 1.")
+        if self.profile_start < 0 or 2 * self.profile_start > min(self.contexts):
+            raise SystemExit("--profile-start must be between 0 and half the shortest context.")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -243,6 +250,13 @@ def parse_args(argv: list[str] | None) -> Settings:
         default=1,
         help="background threads that fault in and register host-row pieces (ltri's: 1; NOTES.md step 20)",
     )
+    parser.add_argument(
+        "--profile-start",
+        type=parse_length,
+        default=0,
+        help="tokens (e.g. 8k) of a fresh Session's prefill profiled after each ltri row, then as many more: where "
+        "the start loses time",
+    )
     args = parser.parse_args(argv)
     if args.host_register_threads < 1:
         raise SystemExit("--host-register-threads must be at least 1.")
@@ -267,6 +281,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         merge=args.merge,
         host_prefault=args.host_prefault,
         host_register_threads=args.host_register_threads,
+        profile_start=args.profile_start,
     )
 
 
@@ -514,11 +529,53 @@ def run_ltri(model, ids: torch.Tensor, settings: Settings, progress: Progress) -
         if settings.profile:
             fields["profile_file"] = profile_decode(session, logits, ids.numel(), settings).name
             fields["prefill_profile_file"] = profile_prefill(session, ids.numel(), settings).name
-        return fields
     finally:
         if session is not None:
             session.close()
         shutil.rmtree(store, ignore_errors=True)
+    if settings.profile_start:
+        fields["start_profile_file"] = profile_start(model, ids, settings).name
+    return fields
+
+
+def profile_start(model, ids: torch.Tensor, settings: Settings) -> Path:
+    """A fresh Session reads ids' first settings.profile_start tokens, then as many more, each half under its own
+    cProfile with each chunk's seconds; returns the file (``<out stem>_start_profile_<context>.txt``)."""
+    n_start, chunk = settings.profile_start, settings.ltri.chunk_size
+    store = settings.store_root / f"ltri-e2e-start-{os.getpid()}-{ids.numel()}"
+    session = Session(model, settings.ltri, tokenizer=TokenIdsOnly(), store=store)
+    halves = []
+    try:
+        for first in (0, n_start):
+            python_profile, chunk_s = cProfile.Profile(), []
+            for offset in range(first, first + n_start, chunk):
+                synchronize(session.device)
+                python_profile.enable()
+                start = time.perf_counter()
+                session.prefill(ids[offset : min(offset + chunk, first + n_start)])
+                synchronize(session.device)
+                chunk_s.append(time.perf_counter() - start)
+                python_profile.disable()
+            halves.append((first, chunk_s, python_profile))
+    finally:
+        session.close()
+        shutil.rmtree(store, ignore_errors=True)
+    path = settings.out.with_name(f"{settings.out.stem}_start_profile_{ids.numel()}.txt")
+    parts = [
+        f"ltri prefill start profile: {settings.shape_name}, a fresh Session reads tokens 0-{n_start} of the "
+        f"{ids.numel()}-token context, then {n_start}-{2 * n_start}, in chunks of {chunk}, each half under its own "
+        "cProfile (each chunk synchronized, so the chunks' seconds include the device's work).\n"
+    ]
+    for first, chunk_s, python_profile in halves:
+        seconds = ", ".join(f"{x:.3f}" for x in chunk_s)
+        parts.append(
+            f"\n==== tokens {first}-{first + n_start}: {sum(chunk_s):.3f} s, "
+            f"{n_start / sum(chunk_s):.0f} tokens/s; chunk seconds: {seconds} ====\n"
+        )
+        parts.append(python_tables(python_profile))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts))
+    return path
 
 
 def slice_rates(marks: list[tuple[int, float]]) -> list[dict]:
