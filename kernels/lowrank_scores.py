@@ -29,7 +29,10 @@ import torch
 from . import interpreting, use_triton
 from .topk_select import topk_tokens
 
-__all__ = ["pca_basis", "project_keys", "lowrank_scores", "lowrank_scores_reference", "topk_tokens"]
+__all__ = [
+    "pca_basis", "key_covariance", "basis_of_covariance", "project_keys", "lowrank_scores", "lowrank_scores_reference",
+    "topk_tokens",
+]  # fmt: skip
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
@@ -94,11 +97,22 @@ def pca_basis(keys: torch.Tensor) -> torch.Tensor:
     float32, columns sorted by decreasing variance about the key mean, each column's largest entry positive
     (so that the same keys always give the same basis).
     """
+    return basis_of_covariance(key_covariance(keys))
+
+
+def key_covariance(keys: torch.Tensor) -> torch.Tensor:
+    """Each KV head's key covariance about the key mean: keys (nheads_kv, n, headdim) -> (nheads_kv, headdim,
+    headdim) float64. A few kernels with no host sync; ``basis_of_covariance`` makes pca_basis of it."""
     if keys.dim() != 3 or keys.shape[1] == 0:
         raise ValueError(f"pca_basis wants keys (nheads_kv, n, headdim) with n >= 1, got {tuple(keys.shape)}.")
     x = keys.double()
     x = x - x.mean(dim=1, keepdim=True)
-    covariance = x.transpose(1, 2) @ x / keys.shape[1]  # (nheads_kv, headdim, headdim)
+    return x.transpose(1, 2) @ x / keys.shape[1]
+
+
+def basis_of_covariance(covariance: torch.Tensor) -> torch.Tensor:
+    """pca_basis from key_covariance's matrices (nheads_kv, headdim, headdim): an eigendecomposition, which waits
+    for the device (about 11 ms for 8 heads of 128 on an H100, benchmarks/speed/NOTES.md step 22)."""
     _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
     vectors = vectors.flip(-1)
     peak = vectors.abs().argmax(dim=1, keepdim=True)  # (nheads_kv, 1, headdim)

@@ -26,6 +26,7 @@ from ltri.config import MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.evidence import Evidence, without_positions
 from ltri.index import index_from_state, make_index, vector_dtype
+from ltri.kernels.lowrank_scores import basis_of_covariance
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.host_payloads import HostMemoryShort, HostPayloads, HostRowsSwitch
 from ltri.offload.span_cache import SpanCache
@@ -39,7 +40,7 @@ from ltri.span_tables import SpanTables
 from ltri.span_vectors import IndexVectors, bound_query, key_bounds, top_attended_keys, vectors_per_span
 from ltri.spans import Segmentation, segment
 from ltri.token_buffer import TokenBuffer
-from ltri.token_selection import TokenSelector, fit_basis
+from ltri.token_selection import TokenSelector, fit_basis, keys_covariance
 
 HOST_FILL_SPANS = 4096  # spans read per batch when a reopened store's tokens go back into host rows
 # Spans written per batch when the host rows' spans go to the store: the store's writer queues up to 64 batches,
@@ -94,7 +95,8 @@ class SpanMemory(LayerMemory):
         self.rereading_evidence: torch.Tensor | None = None  # (n,) positions of the evidence read before it
         self.evidence = Evidence()  # stored tokens the last question's reread encoded anew
         self.spans_at_retrieval = 0  # spans stored when the last retrieval chose among them
-        self.basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's, fitted at the first eviction
+        self._basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) Loki's (the basis property)
+        self._basis_covariance: torch.Tensor | None = None  # what it is fitted on, until it is asked for
         self.kv_shape: tuple[int, int] | None = None  # (nheads_kv, headdim)
         self.dtype: torch.dtype | None = None
 
@@ -287,6 +289,20 @@ class SpanMemory(LayerMemory):
         self._evict()
 
     # ---- token selection ---------------------------------------------------------------------
+    @property
+    def basis(self) -> torch.Tensor | None:
+        """Loki's basis (nheads_kv, headdim, headdim) float32, fitted on the keys resident at the first eviction.
+        The eviction keeps their covariance; its eigendecomposition, which waits for the device, runs when the
+        basis is first asked for (a Loki selection, a save), not in the prefill (benchmarks/speed/NOTES.md step
+        22). None before the first eviction."""
+        if self._basis is None and self._basis_covariance is not None:
+            self._basis, self._basis_covariance = basis_of_covariance(self._basis_covariance), None
+        return self._basis
+
+    @basis.setter
+    def basis(self, basis: torch.Tensor | None) -> None:
+        self._basis, self._basis_covariance = basis, None
+
     def token_selector(self) -> TokenSelector:
         config = self.retrieval_config
         if config.selector == "loki" and self.basis is None:  # a store saved before bases were kept
@@ -396,8 +412,8 @@ class SpanMemory(LayerMemory):
         self.window.keep(0, self.window.length - n_tokens)
 
     def _ensure_index_and_cache(self, vectors: torch.Tensor, device) -> None:
-        if self.basis is None:
-            self.basis = fit_basis(self._resident_keys()).to(device)
+        if self._basis is None and self._basis_covariance is None:
+            self._basis_covariance = keys_covariance(self._resident_keys()).to(device)
         if self.index is None:
             nheads_kv, _, dim = vectors.shape
             dtype = vector_dtype(self.dtype, device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ltri.kernels.lowrank_scores import lowrank_scores, pca_basis, project_keys
+from ltri.kernels.lowrank_scores import basis_of_covariance, key_covariance, lowrank_scores, project_keys
 from ltri.kernels.sparq_scores import sparq_scores
 from ltri.kernels.topk_select import topk_tokens
 
@@ -59,5 +59,10 @@ class TokenSelector:
 
 def fit_basis(key_parts: list[torch.Tensor]) -> torch.Tensor:
     """Loki's basis from pre-RoPE keys, each part (1, nheads_kv, n, headdim) -> (nheads_kv, headdim, headdim)."""
-    keys = torch.cat([part[0].float() for part in key_parts if part.shape[2]], dim=1)
-    return pca_basis(keys)
+    return basis_of_covariance(keys_covariance(key_parts))
+
+
+def keys_covariance(key_parts: list[torch.Tensor]) -> torch.Tensor:
+    """What fit_basis fits, before its eigendecomposition (which waits for the device): (nheads_kv, headdim,
+    headdim) float64 from key parts (1, nheads_kv, n, headdim)."""
+    return key_covariance(torch.cat([part[0].float() for part in key_parts if part.shape[2]], dim=1))

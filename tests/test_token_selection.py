@@ -137,6 +137,25 @@ def test_the_loki_basis_is_fitted_during_prefill_and_saved_with_the_store(tmp_pa
     assert torch.equal(got, expected)
 
 
+def test_the_loki_basis_is_decomposed_when_first_asked_for_not_while_reading(monkeypatch):
+    decomposed = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda matrices: decomposed.append(matrices.shape) or eigh(matrices))
+    model, ids = tiny_llama(seed=9), text_ids(440, seed=10)
+    with Session(model, config(), tokenizer=byte_tokenizer()) as session:
+        session.prefill(ids[:400])
+        assert decomposed == []  # the prefill kept the keys' covariance only
+        memories = session.cache.memories()
+        bases = [memory.basis for memory in memories]
+        assert decomposed == [(2, 16, 16)] * len(memories)
+        assert all(memory.basis is basis for memory, basis in zip(memories, bases, strict=True))  # once a layer
+        assert len(decomposed) == len(memories)
+    for basis in bases:  # orthonormal columns, each column's largest entry positive (pca_basis)
+        torch.testing.assert_close(basis.mT @ basis, torch.eye(16).expand(2, 16, 16), atol=1e-5, rtol=0)
+        peak = basis.abs().argmax(dim=1, keepdim=True)
+        assert (basis.gather(1, peak) > 0).all()
+
+
 def test_a_selector_needs_positions_that_do_not_depend_on_the_kept_tokens():
     with pytest.raises(LtriError, match="compact or one_angle"):
         LtriConfig(retrieval=RetrievalConfig(selector="sparq"), position_mode="true")
