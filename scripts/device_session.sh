@@ -14,13 +14,15 @@
 #                                             faulted in 2 MB a call, a piece a call, in turn, R rounds (2) (NOTES step 17)
 #   bash scripts/device_session.sh threads-ab [R] ltri's 32K and 128K prefill with host-row pieces registered on 1, then
 #                                             4 background threads, R rounds (1) (NOTES step 20, lever 2)
+#   bash scripts/device_session.sh start       ltri's 32K and 128K prefill, each followed by a fresh Session's first 8K
+#                                             tokens and 8K more under cProfile, every chunk timed (NOTES step 22)
 #   bash scripts/device_session.sh needle L [M]  the needle grid at lengths L (e.g. 128k or 8k,16k), 10 depths,
 #                                             methods M (default ltri; e.g. full,infllm,quest) (issue 6)
 #
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, register, prefault-ab, threads-ab or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -71,6 +73,9 @@ log="$out/${part}_${sha}_gpu.log"
                         --out "$out/e2e_register_threads_${threads}_${round}_${sha}_gpu.json"
                 done
             done ;;
+        start)
+            timeout 300 python3 benchmarks/speed/e2e.py --contexts 32k,128k --only-methods ltri --decode-tokens 8 \
+                --profile-start 8k --store-root /tmp/ltri-e2e --out "$out/e2e_start_${sha}_gpu.json" ;;
         needle)
             length=${2:?needle needs a length, e.g. 128k}
             methods=${3:-ltri}
@@ -79,7 +84,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, register, prefault-ab, threads-ab or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
