@@ -153,6 +153,7 @@ class SpanMemory(LayerMemory):
                 chunk_attention = chunk_attention[:, n_sink:, n_sink:]
         if keys.shape[2] == 0:
             return
+        self._host_rows_ahead(keys.shape[2], keys.device)
         if chunk_attention is None or keys.shape[2] < self.span_config.min_len:
             self.window.append(keys, values, positions)
             self.n_unsegmented += keys.shape[2]
@@ -422,7 +423,21 @@ class SpanMemory(LayerMemory):
             self.cache = SpanCache(self.store, self.layer, self.cache_bytes, device)
         if self.tables is None:
             self.tables = SpanTables(device)
-            self.host_payloads = self._new_host_payloads(device)
+            if self.host_payloads is None:  # else made ahead (_host_rows_ahead)
+                self.host_payloads = self._new_host_payloads(device)
+
+    def _host_rows_ahead(self, n_coming: int, device) -> None:
+        """Before the first eviction: once n_coming more tokens take the window past what it keeps, make the host
+        rows and start locking their first piece on the registration thread. The chunk's evictions run after every
+        layer's forward (deferred segmentation), so the first append seldom waits for that registration, which
+        took 6.7 ms a layer on the main thread (benchmarks/speed/NOTES.md step 23)."""
+        if self.tables is not None or self.host_payloads is not None:
+            return
+        if self.window.length + n_coming <= self.memory_config.n_window:
+            return
+        self.host_payloads = self._new_host_payloads(device)
+        if self.host_payloads is not None:
+            self.host_payloads.lock_ahead()
 
     def _new_host_payloads(self, device) -> HostPayloads | None:
         """Pinned host rows for the stored tokens, where MemoryConfig.host_payloads asks for them (a new memory's)."""

@@ -230,3 +230,28 @@ def test_layers_sharing_several_threads_keep_each_ones_pieces_in_order():
         assert calls[: len(registered)] == registered and len(calls) - len(registered) <= 1  # + one under way
         assert sorted(recorder.unregistered) == [address for address, _ in calls]  # release unregisters them all
         assert any(name.startswith("ltri-host-rows") for _, _, name in recorder.calls)  # the threads did register
+
+
+def test_the_first_piece_can_start_in_the_background_before_the_first_append():
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    with ThreadPoolExecutor(1, thread_name_prefix="rows") as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.start()
+        assert locked._pending is not None and locked.nbytes == 0  # under way, held at the gate
+        locked.start()  # once
+        gate.set()
+        locked.extend(10)  # waits for it instead of registering on this thread
+    assert [(address, size) for address, size, _ in recorder.calls] == [(0, 1000)]  # once, not again in extend
+    assert recorder.calls[0][2].startswith("rows") and locked.pieces == [(0, 1000)]
+
+
+def test_a_failed_early_first_piece_is_registered_when_needed():
+    recorder = Recorder(failing={1})
+    with ThreadPoolExecutor(1) as executor:
+        locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor)
+        locked.start()
+        locked._pending[2].result()
+        locked.extend(10)
+    assert [(address, size) for address, size, _ in recorder.calls[:2]] == [(0, 1000), (0, 1000)]
+    assert locked.pieces[0] == (0, 1000)

@@ -63,3 +63,21 @@ def test_closed_host_rows_give_their_pages_back_to_the_host():
     assert rows.nbytes() == 0
     assert rows.tokens[:8192].abs().sum().item() == 0  # the pages read as new ones
     rows.close()  # a second close does nothing
+
+
+def test_each_layer_starts_locking_its_rows_before_its_first_append(monkeypatch):
+    events = []
+    lock_ahead, append = HostPayloads.lock_ahead, HostPayloads.append
+    monkeypatch.setattr(HostPayloads, "lock_ahead", lambda rows: events.append(("ahead", id(rows))) or lock_ahead(rows))
+    monkeypatch.setattr(
+        HostPayloads, "append", lambda rows, *a: events.append(("append", id(rows))) or append(rows, *a)
+    )
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    with Session(tiny_llama(seed=2), ROWS_CONFIG, tokenizer=byte_tokenizer()) as session:
+        session.prefill(ids)
+        rows = [id(memory.host_payloads) for memory in session.cache.memories()]
+        assert all(memory.host_payloads.length > 0 for memory in session.cache.memories())
+    assert sorted(rows) == sorted(key for kind, key in events if kind == "ahead")  # once a layer
+    for key in rows:
+        first_append = events.index(("append", key))
+        assert events.index(("ahead", key)) < first_append

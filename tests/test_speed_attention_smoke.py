@@ -24,7 +24,8 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     contexts = {context for context, _ in methods}
     assert len(contexts) == 2
     for context in contexts:
-        assert {m for c, m in methods if c == context} == {"sdpa_full", "ltri", "ltri_loki", "sparse_attention_kernel", "copy_same_bytes"}
+        expected = {"sdpa_full", "ltri", "ltri_loki", "sparse_attention_kernel", "copy_same_bytes"}
+        assert {m for c, m in methods if c == context} == expected
     for row in result["rows"]:
         assert row["ms"] > 0 and row["bytes"] > 0 and row["layers_ms"] is None  # per layer in a graph: GPU only
         if row["method"].startswith("ltri"):

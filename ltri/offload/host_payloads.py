@@ -135,6 +135,12 @@ class HostPayloads:
             self._bytes[low:high].copy_(source[low - start : high - start], non_blocking=True)
         self.length += n
 
+    def lock_ahead(self) -> None:
+        """On CUDA, start page-locking the first rows on the registration thread now, so that the first append
+        seldom waits for it (benchmarks/speed/NOTES.md step 23); elsewhere nothing."""
+        if self._locked is not None:
+            self._locked.start()
+
     def device_view(self) -> torch.Tensor:
         """The rows as a tensor on the device (max_tokens, 2, nheads_kv, headdim): on CUDA an alias of the
         locked host rows (reads cross PCIe, nothing is copied); elsewhere the host tensor itself."""
@@ -205,6 +211,12 @@ class _LockedPrefix:
         self._executor = executor
         self._prefault = prefault
         self._pending: tuple[int, int, Future] | None = None  # (address, bytes, its registration) under way
+
+    def start(self) -> None:
+        """Start registering the first piece in the background, ahead of the first extend that needs it (which then
+        waits for it, or registers it synchronously if the background call failed)."""
+        if self.nbytes == 0:
+            self._prefetch(0)
 
     def extend(self, needed: int) -> None:
         """Registers at least the first needed bytes (HostMemoryShort when the host cannot spare them), then starts
