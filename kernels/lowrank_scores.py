@@ -104,7 +104,7 @@ def key_covariance(keys: torch.Tensor) -> torch.Tensor:
     """Each KV head's key covariance about the key mean: keys (nheads_kv, n, headdim) -> (nheads_kv, headdim,
     headdim) float64. A few kernels with no host sync; ``basis_of_covariance`` makes pca_basis of it."""
     if keys.dim() != 3 or keys.shape[1] == 0:
-        raise ValueError(f"pca_basis wants keys (nheads_kv, n, headdim) with n >= 1, got {tuple(keys.shape)}.")
+        raise ValueError(f"A key basis wants keys (nheads_kv, n, headdim) with n >= 1, got {tuple(keys.shape)}.")
     x = keys.double()
     x = x - x.mean(dim=1, keepdim=True)
     return x.transpose(1, 2) @ x / keys.shape[1]
