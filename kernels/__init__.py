@@ -4,6 +4,8 @@
     ltri.kernels.lowrank_scores     pca_basis, project_keys, lowrank_scores (Loki)
     ltri.kernels.sparq_scores       sparq_scores, selected_mass, mean_value_reallocation (SparQ)
     ltri.kernels.topk_select        topk_tokens (one row's top k, ascending, without a sort)
+    ltri.kernels.selected_attention selected_attention (a decode step's attention over resident keys and selected
+                                    stored tokens, read and rotated where they lie)
     ltri.kernels.pack_rotate        pack_rotate (a captured step's sinks, retrieved rows and window, keys rotated)
     ltri.kernels.vector_scores      vector_scores (the span index's scores of every vector)
     ltri.kernels.span_scores        span_scores (each span's best vector score, vectors kept together)
@@ -46,6 +48,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpreting() or all(t.is_cuda for t in tensors)
 
 
+def check_rows(rows: torch.Tensor, device: torch.device) -> None:
+    """A scoring kernel's candidate rows: 1-D int32/int64 on the keys' device; bounds are not checked (that would
+    wait for the device)."""
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or rows.device != device:
+        raise ValueError(f"rows must be a 1-D int32/int64 tensor on the keys' device ({device}), "
+                         f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}.")  # fmt: skip
+
+
 def load_triton_interpreter() -> None:
     """Import triton so that its interpreter can run the kernels on CPU tensors (tests, smoke runs).
 
@@ -75,4 +85,4 @@ def load_triton_interpreter() -> None:
             os.environ["TRITON_INTERPRET"] = before
 
 
-__all__ = ["interpreting", "use_triton", "triton_installed", "load_triton_interpreter"]
+__all__ = ["interpreting", "use_triton", "triton_installed", "load_triton_interpreter", "check_rows"]

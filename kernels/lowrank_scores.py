@@ -3,6 +3,7 @@
     keys         (nheads_kv, n, headdim)          pre-RoPE keys of the document (to fit the basis)
     basis        (nheads_kv, headdim, headdim)    float32, column c = c-th principal direction
     keys_lowrank (nheads_kv, n_keys, >= rank)     keys @ basis[..., :rank], stored with the spans
+    rows         (n_cand,) int32/int64, optional  candidates keys_lowrank[:, rows] read in place; n_keys = n_cand below
     q            (nheads, headdim)                decode queries (one position), pre-RoPE like the keys
     scores       (nheads_kv, n_keys) float32      -inf at keys >= n_valid[h]
 
@@ -26,7 +27,7 @@ import functools
 
 import torch
 
-from . import interpreting, use_triton
+from . import check_rows, interpreting, use_triton
 from .topk_select import topk_tokens
 
 __all__ = [
@@ -43,13 +44,14 @@ _BLOCK_N = 128
 
 
 def _lowrank_kernel(
-    q_ptr, basis_ptr, klow_ptr, n_valid_ptr, scores_ptr,
+    q_ptr, basis_ptr, klow_ptr, rows_ptr, n_valid_ptr, scores_ptr,
     stride_qh, stride_bh, stride_bd, stride_bc, stride_kh, stride_kn, stride_sh,
     n_keys, rank,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """scores[kv_head, keys] = ((sum of the group's q) @ basis[:, :rank]) . keys_lowrank[keys, :rank]."""
+    """scores[kv_head, keys] = ((sum of the group's q) @ basis[:, :rank]) . keys_lowrank[rows[keys], :rank]
+    (rows[j] = j without HAS_ROWS)."""
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -66,7 +68,10 @@ def _lowrank_kernel(
 
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = keys < n_keys
-    k_off = kv_head.to(tl.int64) * stride_kh + keys[:, None].to(tl.int64) * stride_kn + comps[None, :]
+    rows = keys.to(tl.int64)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + keys, mask=key_in, other=0).to(tl.int64)
+    k_off = kv_head.to(tl.int64) * stride_kh + rows[:, None] * stride_kn + comps[None, :]
     k_low = tl.load(klow_ptr + k_off, mask=key_in[:, None] & comp_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
     scores = tl.sum(k_low.to(tl.float32) * q_low[None, :], 1)
 
@@ -139,7 +144,7 @@ def project_keys(keys: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Te
 # --------------------------------------------------------------------------------------------- scores
 
 
-def _check_inputs(q, keys_lowrank, basis, rank, n_valid) -> None:
+def _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows=None) -> None:
     """Shape/dtype/device checks shared by the kernel and the reference paths."""
     if q.dim() != 2 or keys_lowrank.dim() != 3:
         raise ValueError(f"lowrank_scores wants q (nheads, headdim) and keys_lowrank (nheads_kv, n_keys, rank), "
@@ -155,17 +160,22 @@ def _check_inputs(q, keys_lowrank, basis, rank, n_valid) -> None:
     if n_valid is not None and (n_valid.shape != (nheads_kv,) or n_valid.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"n_valid must be an int32/int64 tensor of shape ({nheads_kv},), "
                          f"got {n_valid.dtype} {tuple(n_valid.shape)}.")  # fmt: skip
+    if rows is not None:
+        check_rows(rows, keys_lowrank.device)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None) -> torch.Tensor:
+def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None) -> torch.Tensor:
     """Launch the scoring kernel; same contract as lowrank_scores."""
-    _check_inputs(q, keys_lowrank, basis, rank, n_valid)
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows)
     nheads, headdim = q.shape
     nheads_kv, n_keys, _ = keys_lowrank.shape
+    if rows is not None:
+        rows = rows.contiguous()
+        n_keys = rows.shape[0]  # the candidates
     if headdim & (headdim - 1) or headdim < 16:
         raise ValueError(f"The low-rank score kernel supports power-of-2 headdims from 16, got {headdim}.")
     if basis.dtype != torch.float32:
@@ -179,18 +189,21 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None) -> torch.T
     group = nheads // nheads_kv
     kernel = _triton_kernels(interpreting())
     kernel[(nheads_kv, -(-n_keys // _BLOCK_N))](
-        q, basis, keys_lowrank, n_valid if n_valid is not None else scores, scores,
+        q, basis, keys_lowrank, rows if rows is not None else scores, n_valid if n_valid is not None else scores,
+        scores,
         q.stride(0), *basis.stride(), keys_lowrank.stride(0), keys_lowrank.stride(1), scores.stride(0),
         n_keys, rank,
         GROUP=group, HEADDIM=headdim, BLOCK_G=_next_pow2(group), BLOCK_R=max(16, _next_pow2(rank)),
-        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
+        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, HAS_ROWS=rows is not None, num_warps=4,
     )  # fmt: skip
     return scores
 
 
-def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None) -> torch.Tensor:
+def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=None) -> torch.Tensor:
     """Plain torch: the contract the kernel must meet; float32 (float64 math and result for float64 inputs)."""
-    _check_inputs(q, keys_lowrank, basis, rank, n_valid)
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows)
+    if rows is not None:
+        keys_lowrank = keys_lowrank.index_select(1, rows)  # the candidates, gathered (the kernel reads them in place)
     nheads_kv = keys_lowrank.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
     q_sum = q.to(compute).reshape(nheads_kv, -1, q.shape[1]).sum(dim=1)  # (nheads_kv, headdim)
@@ -208,12 +221,15 @@ def lowrank_scores(
     basis: torch.Tensor,
     rank: int,
     n_valid: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki scores (nheads_kv, n_keys) float32: the GQA group's summed low-rank q.k, -inf beyond n_valid.
 
     q (nheads, headdim); keys_lowrank (nheads_kv, n_keys, >= rank) from project_keys; basis from pca_basis.
-    The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise.
+    With rows (n_cand,) the candidates are keys_lowrank[:, rows], read in place: the result is (nheads_kv,
+    n_cand), n_valid counts candidates, and rows are not bounds-checked. The Triton kernel on CUDA (or under
+    TRITON_INTERPRET=1), the torch reference otherwise.
     """
     if use_triton(q, keys_lowrank, basis):
-        return lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid)
-    return lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid)
+        return lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid, rows)
+    return lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid, rows)

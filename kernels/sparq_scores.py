@@ -2,6 +2,7 @@
 
     q       (nheads, headdim)                decode queries (one position), in the same frame as k
     k       (nheads_kv, n_keys, headdim)     candidate keys
+    rows    (n_cand,) int32/int64, optional  candidates are k[:, rows] (n_keys below means n_cand; no gather)
     n_valid (nheads_kv,) int                 keys [0, n_valid[h]) of KV head h are real, the rest padding
     scores  (nheads_kv, n_keys) float32      in [0, group]; -inf at keys >= n_valid[h]
 
@@ -34,7 +35,7 @@ import functools
 
 import torch
 
-from . import interpreting, use_triton
+from . import check_rows, interpreting, use_triton
 from .topk_select import topk_tokens
 
 __all__ = ["sparq_scores", "sparq_scores_reference", "selected_mass", "mean_value_reallocation", "topk_tokens"]
@@ -49,13 +50,14 @@ _BLOCK_B = 64  # block log-sum-exps a probabilities program reduces at a time
 
 
 def _logits_kernel(
-    q_ptr, k_ptr, n_valid_ptr, logits_ptr, block_lse_ptr,
+    q_ptr, k_ptr, rows_ptr, n_valid_ptr, logits_ptr, block_lse_ptr,
     stride_qh, stride_kh, stride_kn, n_keys, n_blocks, r,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """logits[h, keys] = q_sel[h] . k[kv_head, keys, idx[kv_head]] for the group's heads h; block lse per head.
-    Every program chooses its group's components and temperatures itself (``_group_query``: a few KB of q)."""
+    """logits[h, keys] = q_sel[h] . k[kv_head, rows[keys], idx[kv_head]] for the group's heads h (rows[j] = j
+    without HAS_ROWS); block lse per head. Every program chooses its group's components and temperatures itself
+    (``_group_query``: a few KB of q)."""
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -66,7 +68,10 @@ def _logits_kernel(
     idx, q_sel = _group_query(q_ptr, stride_qh, heads, head_ok, r, HEADDIM, BLOCK_R)
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = keys < n_keys
-    k_off = kv_head.to(tl.int64) * stride_kh + keys[:, None].to(tl.int64) * stride_kn + idx[None, :]
+    rows = keys.to(tl.int64)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + keys, mask=key_in, other=0).to(tl.int64)
+    k_off = kv_head.to(tl.int64) * stride_kh + rows[:, None] * stride_kn + idx[None, :]
     k_sel = tl.load(k_ptr + k_off, mask=key_in[:, None] & comp_ok[None, :], other=0.0).to(tl.float32)
     logits = tl.sum(q_sel[:, None, :] * k_sel[None, :, :], 2)  # (BLOCK_G, BLOCK_N)
 
@@ -157,7 +162,9 @@ def _triton_kernels(interpret: bool):
 # --------------------------------------------------------------------------------------------- query side
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, r: int, n_valid: torch.Tensor | None) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, r: int, n_valid: torch.Tensor | None, rows: torch.Tensor | None = None
+) -> None:
     """Shape/dtype/device checks shared by the kernel and the reference paths."""
     if q.dim() != 2 or k.dim() != 3 or q.shape[1] != k.shape[2]:
         raise ValueError(f"sparq_scores wants q (nheads, headdim) and k (nheads_kv, n_keys, headdim), "
@@ -171,6 +178,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, r: int, n_valid: torch.Tenso
     if n_valid is not None and (n_valid.shape != (k.shape[0],) or n_valid.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"n_valid must be an int32/int64 tensor of shape ({k.shape[0]},), "
                          f"got {n_valid.dtype} {tuple(n_valid.shape)}.")  # fmt: skip
+    if rows is not None:
+        check_rows(rows, k.device)
 
 
 def sparq_query(q: torch.Tensor, nheads_kv: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,13 +204,16 @@ def sparq_query(q: torch.Tensor, nheads_kv: int, r: int) -> tuple[torch.Tensor, 
 # --------------------------------------------------------------------------------------------- scores
 
 
-def sparq_scores_triton(q, k, r, n_valid=None) -> torch.Tensor:
+def sparq_scores_triton(q, k, r, n_valid=None, rows=None) -> torch.Tensor:
     """Launch the two scoring kernels; same contract as sparq_scores."""
-    _check_inputs(q, k, r, n_valid)
+    _check_inputs(q, k, r, n_valid, rows)
     if k.stride(2) != 1:
         raise ValueError(f"k must be contiguous in headdim (stride 1), got strides {k.stride()}: call .contiguous().")
     nheads = q.shape[0]
     nheads_kv, n_keys, _ = k.shape
+    if rows is not None:
+        rows = rows.contiguous()
+        n_keys = rows.shape[0]  # the candidates
     group = nheads // nheads_kv
     scores = torch.empty(nheads_kv, n_keys, dtype=torch.float32, device=q.device)
     if n_keys == 0:
@@ -216,10 +228,10 @@ def sparq_scores_triton(q, k, r, n_valid=None) -> torch.Tensor:
 
     logits_kernel, probs_kernel = _triton_kernels(interpreting())
     logits_kernel[(nheads_kv, n_blocks)](
-        q, k, n_valid if n_valid is not None else k, logits, block_lse,
+        q, k, rows if rows is not None else k, n_valid if n_valid is not None else k, logits, block_lse,
         q.stride(0), k.stride(0), k.stride(1), n_keys, n_blocks, r,
         GROUP=group, BLOCK_G=block_g, HEADDIM=headdim, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
-        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
+        BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, HAS_ROWS=rows is not None, num_warps=4,
     )  # fmt: skip
     probs_kernel[(nheads_kv, n_blocks)](
         logits, block_lse, scores, n_keys, n_blocks, GROUP=group, BLOCK_G=block_g, BLOCK_N=_BLOCK_N,
@@ -228,9 +240,11 @@ def sparq_scores_triton(q, k, r, n_valid=None) -> torch.Tensor:
     return scores
 
 
-def sparq_scores_reference(q, k, r, n_valid=None) -> torch.Tensor:
+def sparq_scores_reference(q, k, r, n_valid=None, rows=None) -> torch.Tensor:
     """Plain torch: the contract the kernels must meet; float32 (float64 math and result for float64 inputs)."""
-    _check_inputs(q, k, r, n_valid)
+    _check_inputs(q, k, r, n_valid, rows)
+    if rows is not None:
+        k = k.index_select(1, rows)  # the candidates, gathered (the kernels read them in place)
     nheads_kv, n_keys, _ = k.shape
     compute = torch.promote_types(q.dtype, torch.float32)
     idx, q_sel = sparq_query(q, nheads_kv, r)
@@ -245,16 +259,19 @@ def sparq_scores_reference(q, k, r, n_valid=None) -> torch.Tensor:
     return probs.sum(dim=1).masked_fill(~valid, float("-inf"))
 
 
-def sparq_scores(q: torch.Tensor, k: torch.Tensor, r: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+def sparq_scores(
+    q: torch.Tensor, k: torch.Tensor, r: int, n_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """SparQ scores (nheads_kv, n_keys) float32: the group's summed approximate attention probabilities.
 
     q (nheads, headdim), k (nheads_kv, n_keys, headdim), r components per group (see the module docstring
-    for the formula); -inf beyond n_valid. The Triton kernels on CUDA (or under TRITON_INTERPRET=1), the
-    torch reference otherwise.
+    for the formula); -inf beyond n_valid. With rows (n_cand,) the candidates are k[:, rows], read in place:
+    the result is (nheads_kv, n_cand), n_valid counts candidates, and rows are not bounds-checked. The Triton
+    kernels on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise.
     """
     if use_triton(q, k):
-        return sparq_scores_triton(q, k, r, n_valid)
-    return sparq_scores_reference(q, k, r, n_valid)
+        return sparq_scores_triton(q, k, r, n_valid, rows)
+    return sparq_scores_reference(q, k, r, n_valid, rows)
 
 
 # --------------------------------------------------------------------------------------------- reallocation

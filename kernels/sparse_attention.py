@@ -47,12 +47,8 @@ def _split_kernel(
     CAUSAL: tl.constexpr, HAS_N_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n).
-
-    With FUSED_MERGE the last program of a row block to finish (counted in tickets_ptr, one int32 per row block,
-    zero between launches) merges the block's partial results into out and lse, then sets its ticket back to 0:
-    one launch instead of two.
-    """
+    """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n); with
+    FUSED_MERGE the last program of a row block to finish also merges it (``_finish_split``): one launch, not two."""
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -91,23 +87,45 @@ def _split_kernel(
         rows_k = keys.to(tl.int64)[:, None]
         k = tl.load(k_base + rows_k * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEADDIM)
         v = tl.load(v_base + rows_k * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(keys[None, :] < limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        seen = keys[None, :] < limit[:, None]
+        m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
 
+    _finish_split(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr, stride_oh, stride_ol, acc, m_i, l_i,
+                  head * q_len + pos, row_ok, kv_head, row_block, q_len, n_splits, split,
+                  GROUP, HEADDIM, BLOCK_M, FUSED_MERGE, MERGE_M, MERGE_S)  # fmt: skip
+
+
+def _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: q (BLOCK_M, HEADDIM) over a tile k, v (BLOCK_N, HEADDIM) where seen (BLOCK_M,
+    BLOCK_N) is true; m_i, l_i (BLOCK_M,) running max and sum (log2 units), acc (BLOCK_M, HEADDIM) -> the three."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+def _finish_split(
+    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr, stride_oh, stride_ol, acc, m_i, l_i, out_rows, row_ok,
+    kv_head, row_block, q_len, n_splits, split,
+    GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Write a split's partial output and lse for its rows (out_rows = head * q_len + pos, (BLOCK_M,)); with
+    FUSED_MERGE the last program of the row block to finish (counted in tickets_ptr, one int32 per row block, zero
+    between launches) merges the block's partial results into out and lse, then sets its ticket back to 0."""
+    dims = tl.arange(0, HEADDIM)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    part_row = (head * q_len + pos).to(tl.int64) * n_splits + split  # o_part (nheads * q_len, n_splits, HEADDIM)
+    part_row = out_rows.to(tl.int64) * n_splits + split  # o_part (nheads * q_len, n_splits, HEADDIM)
     tl.store(o_part_ptr + part_row[:, None] * HEADDIM + dims[None, :], out, mask=row_ok[:, None])
     tl.store(lse_part_ptr + part_row, lse, mask=row_ok)
 
@@ -164,7 +182,9 @@ def _merge_rows(
              mask=row_ok)  # fmt: skip
 
 
-_MERGE_ROWS = _merge_rows  # the plain function; _triton_kernels binds _merge_rows to its JIT wrapper
+# the plain functions; _triton_kernels binds the helpers' names to their JIT wrappers (kernels/selected_attention.py
+# calls _attend_block and _finish_split too)
+_MERGE_ROWS, _ATTEND_BLOCK, _FINISH_SPLIT = _merge_rows, _attend_block, _finish_split
 
 
 def _merge_kernel(
@@ -180,12 +200,13 @@ def _merge_kernel(
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _merge_rows
+    global tl, _merge_rows, _attend_block, _finish_split
     import triton
     import triton.language
 
     tl = triton.language
-    _merge_rows = triton.jit(_MERGE_ROWS)  # the kernels call the helper by this global name
+    _merge_rows = triton.jit(_MERGE_ROWS)  # the kernels call the helpers by these global names
+    _attend_block, _finish_split = triton.jit(_ATTEND_BLOCK), triton.jit(_FINISH_SPLIT)
     return triton.jit(_split_kernel), triton.jit(_merge_kernel)
 
 

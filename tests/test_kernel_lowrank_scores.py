@@ -32,6 +32,8 @@ CASES = [
     (8, 4, 1025, 128, 24, True),
     (2, 4, 1025, 64, 64, False),
 ]
+ROWS = [None, torch.int64, torch.int32]  # the rows' dtype: the candidates are keys_lowrank[:, rows]; None: all
+N_CACHE = 3000  # tokens of the key cache the rows index
 
 
 def correlated_keys(nheads_kv, n, headdim, gen):
@@ -42,15 +44,24 @@ def correlated_keys(nheads_kv, n, headdim, gen):
     return keys + 2.0 * torch.randn(nheads_kv, 1, headdim, generator=gen)
 
 
-def make_inputs(nheads_kv, group, n_keys, headdim, rank, ragged, dtype, seed=0):
+def make_inputs(nheads_kv, group, n_keys, headdim, rank, ragged, dtype, seed=0, n_cache=None):
+    """q, keys_lowrank (n_cache tokens if given, else n_keys), basis, n_valid (counting n_keys candidates)."""
     gen = torch.Generator().manual_seed(seed)
-    keys = correlated_keys(nheads_kv, n_keys, headdim, gen)
+    keys = correlated_keys(nheads_kv, n_cache or n_keys, headdim, gen)
     q = torch.randn(nheads_kv * group, headdim, generator=gen)
     basis = pca_basis(keys)
     keys_lowrank = project_keys(keys.to(dtype), basis, rank)
     n_valid = torch.randint(1, n_keys + 1, (nheads_kv,), generator=gen) if ragged else None
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return to(q.to(dtype)), to(keys_lowrank), to(basis), to(n_valid)
+
+
+def random_rows(n_cand, dtype, seed=1):
+    """n_cand rows of an N_CACHE-token cache in random order, the last tenth repeating the first tenth."""
+    rows = torch.randperm(N_CACHE, generator=torch.Generator().manual_seed(seed))[:n_cand]
+    tail = n_cand // 10
+    rows[n_cand - tail :] = rows[:tail]
+    return rows.to(DEVICE, dtype)
 
 
 def plain_torch(q, keys_lowrank, basis, rank):
@@ -83,14 +94,23 @@ def test_full_rank_scores_are_the_groups_exact_dot_products():
     torch.testing.assert_close(lowrank_scores(q, project_keys(keys, basis, 64), basis, 64), exact, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows_dtype", ROWS, ids=lambda d: f"rows-{d}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "kv{}-g{}-n{}-d{}-r{}-{}".format(*c))
-def test_matches_float64_reference_and_topk(case, dtype):
+def test_matches_float64_reference_and_topk(case, dtype, rows_dtype):
     nheads_kv, group, n_keys, headdim, rank, ragged = case
-    q, keys_lowrank, basis, n_valid = make_inputs(*case, dtype)
+    q, cache, basis, n_valid = make_inputs(*case, dtype, n_cache=None if rows_dtype is None else N_CACHE)
+    rows = None if rows_dtype is None else random_rows(n_keys, rows_dtype)
+    keys_lowrank = cache if rows is None else cache[:, rows]  # the candidates
     assert use_triton(q, keys_lowrank, basis), "the test must exercise the Triton kernel"
-    scores = lowrank_scores(q, keys_lowrank, basis, rank, n_valid)
+    scores = lowrank_scores(q, cache, basis, rank, n_valid, rows)
     ref = lowrank_scores_reference(q.double(), keys_lowrank.double(), basis.double(), rank, n_valid).double()
+    if rows is not None:  # read in place as gathered: the kernel's scores, the reference's exactly
+        gathered = lowrank_scores(q, keys_lowrank, basis, rank, n_valid)
+        atol = ATOL[dtype] * ref[torch.isfinite(ref)].abs().max().item()
+        torch.testing.assert_close(scores, gathered, atol=atol, rtol=0)
+        in_place = lowrank_scores_reference(q.double(), cache.double(), basis.double(), rank, n_valid, rows)
+        assert torch.equal(in_place, ref)
     assert scores.shape == (nheads_kv, n_keys) and scores.dtype == torch.float32
     assert torch.equal(torch.isfinite(scores), torch.isfinite(ref))
     finite = torch.isfinite(ref)
@@ -120,3 +140,9 @@ def test_clear_errors():
         lowrank_scores(q[:3], keys_lowrank, basis, 16)
     with pytest.raises(ValueError, match="basis must be"):
         lowrank_scores(q, keys_lowrank, basis[:, :32], 16)
+    rows = torch.arange(10, device=DEVICE)
+    for bad in (rows[None], rows.float()):
+        with pytest.raises(ValueError, match="rows must be a 1-D int32/int64 tensor"):
+            lowrank_scores(q, keys_lowrank, basis, 16, rows=bad)
+        with pytest.raises(ValueError, match="rows must be a 1-D int32/int64 tensor"):
+            lowrank_scores_reference(q, keys_lowrank, basis, 16, rows=bad)

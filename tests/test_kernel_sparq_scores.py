@@ -34,15 +34,26 @@ CASES = [
     (8, 4, 1025, 128, 16, True),
     (2, 4, 1025, 64, 12, False),
 ]
+ROWS = [None, torch.int64, torch.int32]  # the rows' dtype: the candidates are k[:, rows]; None: k itself
+N_CACHE = 3000  # tokens of the key cache the rows index
 
 
-def make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype, seed=0):
-    """q (nheads, headdim) with a few large components (as real queries have), k, n_valid."""
+def make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype, seed=0, n_cache=None):
+    """q (nheads, headdim) with a few large components (as real queries have), k (n_cache tokens if given, else
+    n_keys), n_valid (counting n_keys candidates)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(nheads_kv * group, headdim, generator=gen) * (1 + 4 * torch.rand(headdim, generator=gen) ** 4)
-    k = torch.randn(nheads_kv, n_keys, headdim, generator=gen)
+    k = torch.randn(nheads_kv, n_cache or n_keys, headdim, generator=gen)
     n_valid = torch.randint(1, n_keys + 1, (nheads_kv,), generator=gen) if ragged else None
     return q.to(DEVICE, dtype), k.to(DEVICE, dtype), None if n_valid is None else n_valid.to(DEVICE)
+
+
+def random_rows(n_cand, dtype, seed=1):
+    """n_cand rows of an N_CACHE-token cache in random order, the last tenth repeating the first tenth."""
+    rows = torch.randperm(N_CACHE, generator=torch.Generator().manual_seed(seed))[:n_cand]
+    tail = n_cand // 10
+    rows[n_cand - tail :] = rows[:tail]
+    return rows.to(DEVICE, dtype)
 
 
 def sparq_by_hand(q, k, r):
@@ -92,14 +103,21 @@ def test_all_components_give_the_exact_attention_probabilities():
     torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows_dtype", ROWS, ids=lambda d: f"rows-{d}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "kv{}-g{}-n{}-d{}-r{}-{}".format(*c))
-def test_matches_float64_reference_and_topk(case, dtype):
+def test_matches_float64_reference_and_topk(case, dtype, rows_dtype):
     nheads_kv, group, n_keys, headdim, r, ragged = case
-    q, k, n_valid = make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype)
+    n_cache = None if rows_dtype is None else N_CACHE
+    q, cache, n_valid = make_inputs(nheads_kv, group, n_keys, headdim, ragged, dtype, n_cache=n_cache)
+    rows = None if rows_dtype is None else random_rows(n_keys, rows_dtype)
+    k = cache if rows is None else cache[:, rows]  # the candidates
     assert use_triton(q, k), "the test must exercise the Triton kernels"
-    scores = sparq_scores(q, k, r, n_valid)
+    scores = sparq_scores(q, cache, r, n_valid, rows)
     ref = sparq_scores_reference(q.double(), k.double(), r, n_valid).double()
+    if rows is not None:  # read in place as gathered: the kernels' scores, the reference's exactly
+        torch.testing.assert_close(scores, sparq_scores(q, k, r, n_valid), atol=ATOL[dtype], rtol=0)
+        assert torch.equal(sparq_scores_reference(q.double(), cache.double(), r, n_valid, rows), ref)
     assert scores.shape == (nheads_kv, n_keys) and scores.dtype == torch.float32
     assert torch.equal(torch.isfinite(scores), torch.isfinite(ref))
     finite = torch.isfinite(ref)
@@ -142,6 +160,12 @@ def test_clear_errors():
         sparq_scores(q[:3], k, 8)
     with pytest.raises(ValueError, match="n_valid"):
         sparq_scores(q, k, 8, torch.tensor([3], device=DEVICE))
+    rows = torch.arange(10, device=DEVICE)
+    for bad in (rows[None], rows.float()):
+        with pytest.raises(ValueError, match="rows must be a 1-D int32/int64 tensor"):
+            sparq_scores(q, k, 8, rows=bad)
+        with pytest.raises(ValueError, match="rows must be a 1-D int32/int64 tensor"):
+            sparq_scores_reference(q, k, 8, rows=bad)
 
 
 @pytest.mark.parametrize("r", [5, 16, 64])
