@@ -167,6 +167,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
     import test_kernel_pack_rotate as pack
+    import test_kernel_selected_attention as selected
     import test_kernel_span_max as span_max
     import test_kernel_span_scores as span_scores
     import test_kernel_sparq_scores as sparq
@@ -177,6 +178,7 @@ def launchers(dtype: torch.dtype):
     from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
     from ltri.kernels import pack_rotate as m_pack
+    from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import span_max as m_span_max
     from ltri.kernels import span_scores as m_span_scores
     from ltri.kernels import sparq_scores as m_sparq
@@ -189,12 +191,20 @@ def launchers(dtype: torch.dtype):
         for fused in (False, True):
             yield m_attention, functools.partial(m_attention.sparse_attention_triton, q, k, v, n_valid,
                                                  causal=causal, fused_merge=fused)  # fmt: skip
+    for case in selected.CASES:
+        for fused in (False, True):
+            yield m_selected, functools.partial(m_selected.selected_attention_triton,
+                                                *selected.make_inputs(*case, dtype), fused_merge=fused)  # fmt: skip
+    rows = torch.arange(0, 1025, 3)  # candidates read in place (the fused decode step's scores)
     for case in sparq.CASES:
         q, k, n_valid = sparq.make_inputs(*case[:4], case[5], dtype)
         yield m_sparq, functools.partial(m_sparq.sparq_scores_triton, q, k, case[4], n_valid)
+        yield m_sparq, functools.partial(m_sparq.sparq_scores_triton, q, k, case[4], rows=rows[rows < case[2]])
     for case in lowrank.CASES:
         q, keys_lowrank, basis, n_valid = lowrank.make_inputs(*case, dtype)
         yield m_lowrank, functools.partial(m_lowrank.lowrank_scores_triton, q, keys_lowrank, basis, case[4], n_valid)
+        yield m_lowrank, functools.partial(m_lowrank.lowrank_scores_triton, q, keys_lowrank, basis, case[4],
+                                           rows=rows[rows < case[2]])  # fmt: skip
     for n_rows, n_keys, k in topk.CASES:
         scores = torch.randn(n_rows, n_keys).to(dtype)
         for n_valid in (None, torch.full((n_rows,), n_keys)):
@@ -238,10 +248,13 @@ def distinct_launches():
 
 def swept_launches(dtype: torch.dtype):
     """The benchmark's swept launch shapes, the defaults included, on a Llama-3-8B layer's shape: decode attention
-    over 3136 keys (32 query heads, 8 KV heads, headdim 128), a captured step's packing, a 256-token chunk map."""
+    over 3136 keys (32 query heads, 8 KV heads, headdim 128) and over 2112 resident keys + 1024 selected tokens, a
+    captured step's packing, a 256-token chunk map."""
     import test_kernel_pack_rotate as pack
+    import test_kernel_selected_attention as selected
     from ltri.kernels import chunk_attention_map as m_chunk_map
     from ltri.kernels import pack_rotate as m_pack
+    from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import sparse_attention as m_attention
 
     tiles, packs, maps = sweep_shapes()
@@ -251,6 +264,8 @@ def swept_launches(dtype: torch.dtype):
         for split_size in (None, 256):
             yield m_attention, functools.partial(m_attention.sparse_attention_triton, q, k, k, n_valid,
                                                  split_size=split_size, tiles=tile)  # fmt: skip
+    selected_inputs = selected.make_inputs(8, 4, 64 + 2048, 4096, 1024, 128, dtype)
+    yield m_selected, functools.partial(m_selected.selected_attention_triton, *selected_inputs)
     sources = pack.make_inputs(64, 123, 50, 8, 4, 128, 97, 49, 0, dtype)
     for launch in packs:
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources, launch)

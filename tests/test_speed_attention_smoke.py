@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"votes", "span_topk", "span_topk_torch", "gather", "token_scores", "token_topk", "token_topk_torch",
-          "place", "rotate_query", "attention"}  # fmt: skip
+STAGES = {"votes", "span_topk", "span_topk_torch", "candidate_rows", "token_scores", "token_topk", "token_topk_torch",
+          "selected_rows", "attention"}  # fmt: skip
+UNFUSED_STAGES = {"votes", "span_topk", "gather", "token_scores", "token_topk", "place", "rotate_query", "attention"}
 
 
 def test_smoke_run_writes_every_method_and_stage(tmp_path):
@@ -24,12 +25,13 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     contexts = {context for context, _ in methods}
     assert len(contexts) == 2
     for context in contexts:
-        expected = {"sdpa_full", "ltri", "ltri_loki", "sparse_attention_kernel", "copy_same_bytes"}
+        expected = {"sdpa_full", "ltri", "ltri_loki", "ltri_unfused", "sparse_attention_kernel", "copy_same_bytes"}
         assert {m for c, m in methods if c == context} == expected
     for row in result["rows"]:
         assert row["ms"] > 0 and row["bytes"] > 0 and row["layers_ms"] is None  # per layer in a graph: GPU only
         if row["method"].startswith("ltri"):
-            assert set(row["stages_ms"]) == STAGES and all(ms > 0 for ms in row["stages_ms"].values())
+            stages = UNFUSED_STAGES if row["method"] == "ltri_unfused" else STAGES
+            assert set(row["stages_ms"]) == stages and all(ms > 0 for ms in row["stages_ms"].values())
     assert [row["method"] for row in result["pack_rotate"]] == ["pack_rotate_kernel", "pack_rotate_torch"]
     assert [row["method"] for row in result["chunk_attention_map"]] == ["chunk_map_kernel", "chunk_map_torch"]
     assert all(row["ms"] > 0 and row["context_len"] == 256 for row in result["chunk_attention_map"])

@@ -8,15 +8,19 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 
 - sdpa_full: torch SDPA over every cached key and value (enable_gqa): the baseline.
 - ltri (SparQ selection) and ltri_loki (Loki selection): what an ltri decode step does for one layer, with the
-  span payloads already on the GPU (the span cache's best case):
+  span payloads already on the GPU (the span cache's best case), fused into seven launches:
   1. span scoring: the queries as [relu(q), min(q, 0)] times each span's [kmax; kmin] bound (Quest; one bound per
      32-token span per KV head), an exact matmul; each query head's span scores are softmax-normalised and
-     summed over all heads (the vote); the top budget / 32 spans;
-  2. gathering those spans' tokens (K and V; Loki also their low-rank keys);
-  3. token selection: SparQ (r largest |q| components) or Loki (rank r) scores, top n_select tokens per KV head;
-  4. RoPE of the selected keys (compact positions) into the resident buffer, between the sinks and the window;
-  5. sparse attention over sinks + selected + window.
-- sparse_attention_kernel: step 5 alone, with its bandwidth on the K/V bytes it reads.
+     summed over all heads (the vote: kernels/span_votes.py, two launches); the top budget / 32 spans;
+  2. the candidates' token rows (one launch);
+  3. token selection: SparQ (r largest |q| components) or Loki (rank r) scores of the candidates, read where they
+     lie in the layer's keys (``rows``), top n_select tokens per KV head, and their rows (one launch);
+  4. attention over sinks + window (rotated, resident) and the selected rows, each key read where it lies and
+     rotated to its compact place in registers, the query rotated too (kernels/selected_attention.py).
+- ltri_unfused: the step as it was before those kernels (83c3791's ltri rows): the votes in five torch launches,
+  the candidates' K and V gathered, scored, the selected ones rotated into a resident buffer between the sinks and
+  the window, the query rotated, then the sparse attention kernel over that buffer: the same run's comparison.
+- sparse_attention_kernel: ltri_unfused's last stage alone (sinks + selected + window in one buffer), with its bandwidth on the K/V bytes it reads.
 - copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
   transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
@@ -69,6 +73,7 @@ SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
 SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
+    "span_votes", "selected_attention",
 )  # fmt: skip
 
 
@@ -134,8 +139,11 @@ class Layer:
     bounds: torch.Tensor  # (nheads_kv, 2 * headdim, n_spans) [kmax; kmin] per span, laid out for the matmul
     basis: torch.Tensor | None  # (nheads_kv, headdim, headdim) Loki basis
     k_lowrank: torch.Tensor | None  # (nheads_kv, seqlen, rank)
-    k_res: torch.Tensor  # (nheads_kv, n_resident, headdim) sinks | selected | window, rotated
+    k_res: torch.Tensor  # (nheads_kv, n_resident, headdim) sinks | selected | window, rotated (the unfused step's)
     v_res: torch.Tensor  # (nheads_kv, n_resident, headdim)
+    k_fixed: torch.Tensor  # (nheads_kv, n_sink + n_window, headdim) sinks | window, rotated (the fused step's)
+    v_fixed: torch.Tensor
+    span_base: torch.Tensor  # (span_len,) int64: the first span's token rows, n_sink + 0..span_len-1
     cos: torch.Tensor  # (n_select, headdim) RoPE of the selected slots
     sin: torch.Tensor
     q_cos: torch.Tensor  # (headdim,) RoPE of the query
@@ -187,10 +195,13 @@ def make_layer(context_len: int, shape: Shape, device, dtype, with_loki: bool, k
     v_res = torch.empty_like(k_res)
     k_res[:, : shape.n_sink], v_res[:, : shape.n_sink] = k[:, : shape.n_sink], v[:, : shape.n_sink]
     k_res[:, -shape.n_window :], v_res[:, -shape.n_window :] = k[:, -shape.n_window :], v[:, -shape.n_window :]
+    fixed = torch.cat([torch.arange(shape.n_sink), shape.n_sink + shape.n_select + torch.arange(shape.n_window)])
     cos, sin = rope_table(shape.n_sink + torch.arange(shape.n_select, device=device), shape)
     q_cos, q_sin = rope_table(torch.tensor([shape.n_resident], device=device), shape)
     return Layer(
         k, v, span_bounds(k, shape, shape.n_spans(context_len)), basis, k_lowrank, k_res, v_res,
+        k_res[:, fixed].contiguous(), v_res[:, fixed].contiguous(),
+        shape.n_sink + torch.arange(shape.span_len, device=device),
         cos.to(dtype), sin.to(dtype), q_cos[0].to(dtype), q_sin[0].to(dtype),
     )  # fmt: skip
 
@@ -198,17 +209,19 @@ def make_layer(context_len: int, shape: Shape, device, dtype, with_loki: bool, k
 # --------------------------------------------------------------------------------------------- one decode step
 
 
-def span_votes(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """The heads' vote for each span -> (n_spans,) float32. q (nheads, headdim)."""
+def span_votes_torch(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The heads' vote for each span -> (n_spans,) float32. q (nheads, headdim). Five torch launches; the fused step
+    runs kernels/span_votes.py's two (its reference is this)."""
     nheads_kv, two_headdim, _ = bounds.shape
     q_bound = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1).view(nheads_kv, -1, two_headdim)
     upper = torch.bmm(q_bound, bounds).float()  # (nheads_kv, group, n_spans): Quest's upper bound
     return torch.softmax(upper * (2.0 / two_headdim) ** 0.5, dim=-1).sum(dim=(0, 1))
 
 
-def vote_spans(q: torch.Tensor, bounds: torch.Tensor, n_kept: int, kernels) -> torch.Tensor:
+def vote_spans(q: torch.Tensor, bounds: torch.Tensor, n_kept: int, kernels, fused: bool = True) -> torch.Tensor:
     """Top spans of the heads' vote -> (n_kept,) int64 ascending. q (nheads, headdim)."""
-    return kernels.topk_select.topk_tokens(span_votes(q, bounds)[None], n_kept)[0]
+    votes = kernels.span_votes.span_votes(q, bounds) if fused else span_votes_torch(q, bounds)
+    return kernels.topk_select.topk_tokens(votes[None], n_kept)[0]
 
 
 def torch_topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -242,9 +255,41 @@ def place_selected(layer: Layer, k_cand, v_cand, idx: torch.Tensor, shape: Shape
     layer.v_res[:, slots] = torch.gather(v_cand, 1, index)
 
 
-def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels, rotate_keys: bool = True) -> torch.Tensor:
-    """One decode step of one layer, q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
+def candidate_rows(layer: Layer, span_ids: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """The retrieved spans' token rows in the layer's cache -> (budget,) int64, one launch."""
+    return torch.add(layer.span_base, span_ids[:, None], alpha=shape.span_len).flatten()
+
+
+def token_scores(q, layer: Layer, rows: torch.Tensor, shape: Shape, selector: str, kernels) -> torch.Tensor:
+    """SparQ or Loki scores of the candidate rows, read in place -> (nheads_kv, budget) float32."""
+    if selector == "sparq":
+        return kernels.sparq_scores.sparq_scores(q, layer.k, shape.rank, rows=rows)
+    return kernels.lowrank_scores.lowrank_scores(q, layer.k_lowrank, layer.basis, shape.rank, rows=rows)
+
+
+def attend_selected(q, layer: Layer, rows: torch.Tensor, kernels) -> torch.Tensor:
+    """The fused attention over sinks, window and the selected rows (nheads_kv, n_select) -> (nheads, 1, headdim)."""
+    return kernels.selected_attention.selected_attention(
+        q, layer.q_cos, layer.q_sin, layer.k_fixed, layer.v_fixed, layer.k, layer.v, rows, layer.cos, layer.sin
+    )[0]
+
+
+def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels) -> torch.Tensor:
+    """One decode step of one layer, fused: span votes (2 launches), span top-k, the candidates' rows, their scores
+    read in place, token top-k, the selected rows, attention that reads and rotates them where they are stored.
+    q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
     span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
+    candidates = candidate_rows(layer, span_ids, shape)
+    scores = token_scores(q, layer, candidates, shape, selector, kernels)
+    rows = candidates[kernels.topk_select.topk_tokens(scores, shape.n_select)]  # (nheads_kv, n_select)
+    return attend_selected(q, layer, rows, kernels)
+
+
+def ltri_step_unfused(q, layer: Layer, shape: Shape, selector: str, kernels, rotate_keys: bool = True):
+    """The step before the fused kernels (83c3791's ltri rows): votes in torch, the candidates gathered, the selected
+    ones rotated into the resident buffer, the query rotated, then the sparse attention kernel -> (nheads, 1, headdim).
+    """
+    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels, fused=False)
     k_cand, v_cand, k_low_cand = gather_spans(layer, span_ids, shape, selector == "loki")
     idx = select_tokens(q, k_cand, k_low_cand, layer, shape, selector, kernels)
     place_selected(layer, k_cand, v_cand, idx, shape, rotate_keys)
@@ -257,7 +302,30 @@ def step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
     """ltri_step cut into its stages, each a call on the previous stages' outputs (computed once here), and the
     torch top-k + sort each top-k kernel replaces: name -> call, for a per-stage timing."""
     topk = kernels.topk_select.topk_tokens
-    votes = span_votes(q, layer.bounds)
+    votes = kernels.span_votes.span_votes(q, layer.bounds)
+    n_kept = shape.budget // shape.span_len
+    span_ids = topk(votes[None], n_kept)[0]
+    candidates = candidate_rows(layer, span_ids, shape)
+    scores = token_scores(q, layer, candidates, shape, selector, kernels)
+    idx = topk(scores, shape.n_select)
+    rows = candidates[idx]
+    return {
+        "votes": functools.partial(kernels.span_votes.span_votes, q, layer.bounds),
+        "span_topk": functools.partial(topk, votes[None], n_kept),
+        "span_topk_torch": functools.partial(torch_topk_ascending, votes, n_kept),
+        "candidate_rows": functools.partial(candidate_rows, layer, span_ids, shape),
+        "token_scores": functools.partial(token_scores, q, layer, candidates, shape, selector, kernels),
+        "token_topk": functools.partial(topk, scores, shape.n_select),
+        "token_topk_torch": functools.partial(torch_topk_ascending, scores, shape.n_select),
+        "selected_rows": functools.partial(candidates.__getitem__, idx),
+        "attention": functools.partial(attend_selected, q, layer, rows, kernels),
+    }
+
+
+def unfused_step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
+    """ltri_step_unfused cut into its stages, as step_stages cuts the fused step."""
+    topk = kernels.topk_select.topk_tokens
+    votes = span_votes_torch(q, layer.bounds)
     n_kept = shape.budget // shape.span_len
     span_ids = topk(votes[None], n_kept)[0]
     k_cand, v_cand, k_low_cand = gather_spans(layer, span_ids, shape, selector == "loki")
@@ -269,13 +337,11 @@ def step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
     idx = topk(scores, shape.n_select)
     q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
     return {
-        "votes": functools.partial(span_votes, q, layer.bounds),
+        "votes": functools.partial(span_votes_torch, q, layer.bounds),
         "span_topk": functools.partial(topk, votes[None], n_kept),
-        "span_topk_torch": functools.partial(torch_topk_ascending, votes, n_kept),
         "gather": functools.partial(gather_spans, layer, span_ids, shape, selector == "loki"),
         "token_scores": score,
         "token_topk": functools.partial(topk, scores, shape.n_select),
-        "token_topk_torch": functools.partial(torch_topk_ascending, scores, shape.n_select),
         "place": functools.partial(place_selected, layer, k_cand, v_cand, idx, shape, True),
         "rotate_query": functools.partial(rotate, q, layer.q_cos, layer.q_sin),
         "attention": functools.partial(kernels.sparse_attention.sparse_attention, q_rot, layer.k_res, layer.v_res),
@@ -440,10 +506,14 @@ def measure_context(
     if "sdpa_full" in methods:
         rows.append(measured("sdpa_full", lambda each: sdpa_full(q, each.k, each.v), kv_bytes(context_len, shape,
                              element), graphed=False))  # fmt: skip
-    for method, selector in (("ltri", "sparq"), ("ltri_loki", "loki")):
+    steps = (
+        ("ltri", "sparq", ltri_step, step_stages), ("ltri_loki", "loki", ltri_step, step_stages),
+        ("ltri_unfused", "sparq", ltri_step_unfused, unfused_step_stages),
+    )  # fmt: skip
+    for method, selector, step_of, stages_of in steps:
         if method in methods:
-            stages = stage_ms(timer, step_stages(q, layer, shape, selector, kernels))
-            step = functools.partial(ltri_step, q, shape=shape, selector=selector, kernels=kernels)
+            stages = stage_ms(timer, stages_of(q, layer, shape, selector, kernels))
+            step = functools.partial(step_of, q, shape=shape, selector=selector, kernels=kernels)
             rows.append(measured(method, step, ltri_bytes(layer, shape, selector, element), selector=selector,
                                  stages_ms=stages))  # fmt: skip
     if "sparse_attention_kernel" in methods:
@@ -607,10 +677,14 @@ def check_exact_when_everything_selected(device, dtype, kernels) -> float:
     context_len = shape.n_sink + shape.n_window + shape.budget
     layer = make_layer(context_len, shape, device, dtype, True, kernels, seed=3)
     q = torch.randn(shape.nheads, shape.headdim, device=device).to(dtype)
+    ones, zeros = torch.ones_like(layer.cos), torch.zeros_like(layer.cos)
+    unrotated = replace(layer, cos=ones, sin=zeros, q_cos=ones[0], q_sin=zeros[0])  # the fused step's RoPE: none
+    full = sdpa_full(q, layer.k, layer.v).float()
     errors = []
     for selector in ("sparq", "loki"):
-        out = ltri_step(q, layer, shape, selector, kernels, rotate_keys=False)
-        errors.append((out.float() - sdpa_full(q, layer.k, layer.v).float()).abs().max().item())
+        for out in (ltri_step(q, unrotated, shape, selector, kernels),
+                    ltri_step_unfused(q, layer, shape, selector, kernels, rotate_keys=False)):  # fmt: skip
+            errors.append((out.float() - full).abs().max().item())
     return max(errors)
 
 
@@ -663,7 +737,7 @@ def print_rows(rows: list[dict], copy: float) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="16k,64k,128k,256k,512k")
-    parser.add_argument("--methods", default="sdpa_full,ltri,ltri_loki,sparse_attention_kernel")
+    parser.add_argument("--methods", default="sdpa_full,ltri,ltri_loki,ltri_unfused,sparse_attention_kernel")
     parser.add_argument("--budget", type=int, default=2048, help="tokens of retrieved spans per step")
     parser.add_argument("--select", type=int, default=1024, help="tokens kept per KV head by SparQ/Loki")
     parser.add_argument("--rank", type=int, default=32, help="SparQ components / Loki rank")
