@@ -20,7 +20,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 - ltri_unfused: the step as it was before those kernels (83c3791's ltri rows): the votes in five torch launches,
   the candidates' K and V gathered, scored, the selected ones rotated into a resident buffer between the sinks and
   the window, the query rotated, then the sparse attention kernel over that buffer: the same run's comparison.
-- sparse_attention_kernel: ltri_unfused's last stage alone (sinks + selected + window in one buffer), with its bandwidth on the K/V bytes it reads.
+- sparse_attention_kernel: ltri_unfused's last stage alone (sinks + selected + window in one buffer), with its
+  bandwidth on the K/V bytes it reads.
 - copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
   transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
