@@ -170,6 +170,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_selected_attention as selected
     import test_kernel_span_max as span_max
     import test_kernel_span_scores as span_scores
+    import test_kernel_span_votes as span_votes
     import test_kernel_sparq_scores as sparq
     import test_kernel_sparse_attention as attention
     import test_kernel_topk_select as topk
@@ -181,6 +182,7 @@ def launchers(dtype: torch.dtype):
     from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import span_max as m_span_max
     from ltri.kernels import span_scores as m_span_scores
+    from ltri.kernels import span_votes as m_span_votes
     from ltri.kernels import sparq_scores as m_sparq
     from ltri.kernels import sparse_attention as m_attention
     from ltri.kernels import topk_select as m_topk
@@ -196,6 +198,8 @@ def launchers(dtype: torch.dtype):
             yield m_selected, functools.partial(m_selected.selected_attention_triton,
                                                 *selected.make_inputs(*case, dtype), fused_merge=fused)  # fmt: skip
     rows = torch.arange(0, 1025, 3)  # candidates read in place (the fused decode step's scores)
+    for case in span_votes.CASES:
+        yield m_span_votes, functools.partial(m_span_votes.span_votes_triton, *span_votes.make_inputs(*case, dtype))
     for case in sparq.CASES:
         q, k, n_valid = sparq.make_inputs(*case[:4], case[5], dtype)
         yield m_sparq, functools.partial(m_sparq.sparq_scores_triton, q, k, case[4], n_valid)
