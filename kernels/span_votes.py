@@ -70,6 +70,8 @@ def _votes_logits_kernel(
     b = tl.load(bounds_ptr + b_off, mask=span_in[None, :], other=0.0)  # (2 * HEADDIM, BLOCK_S)
     if UPCAST:
         q_bound, b = q_bound.to(tl.float32), b.to(tl.float32)
+    else:  # on the H100 the bf16 maximum/minimum came out float32 (the GPU tests at 48e66d0): the dot wants one dtype
+        q_bound = q_bound.to(b.dtype)
     logits = tl.dot(q_bound, b, input_precision=DOT_PRECISION) * scale  # (BLOCK_G, BLOCK_S) float32
     out_off = heads[:, None].to(tl.int64) * n_spans + spans[None, :]
     tl.store(logits_ptr + out_off, logits, mask=head_ok[:, None] & span_in[None, :])
