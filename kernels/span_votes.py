@@ -13,8 +13,8 @@ What is computed (benchmarks/speed/attention.py's span_votes): for query head h 
 
 Torch ran it as five launches (the two clamps, the concatenation, the batched matmul, the softmax and the sum).
 Triton, two launches: kernel 1, grid (nheads_kv, n_blocks), builds [relu(q); min(q, 0)] of the group's heads in
-registers (padded to 16 rows for tl.dot), scores a (2 * headdim, BLOCK_S) tile of bounds with one tensor-core dot
-and writes the scaled logits (nheads, n_spans) float32 and each head's log-sum-exp of the block (nheads, n_blocks);
+registers (padded to 16 rows for tl.dot), scores a (2 * headdim, BLOCK_S) tile of bounds with tensor-core dots, 64
+bound rows a step, and writes the scaled logits (nheads, n_spans) float32 and each head's log-sum-exp of the block (nheads, n_blocks);
 kernel 2 is SparQ's probabilities kernel (sparq_scores._group_probs_kernel) launched with one group of all nheads
 heads: it reduces each head's block log-sum-exps and sums exp(logit - lse) over the heads. (Its grid's key blocks
 and the block log-sum-exps it reduces need not match, n_blocks is an argument; both use sparq's block size here.)
@@ -43,6 +43,9 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_S = _BLOCK_N  # spans a logits program scores; sparq's probabilities kernel normalises _BLOCK_N at a time
 _BLOCK_Q = 16  # tl.dot needs at least 16 rows
+# Bound rows a logits program reads per step. On the H100 the whole (2 * headdim, 64) tile at once took 49 us for the
+# 67 MB of bounds at 512K tokens (1.37 TB/s, a torch profile of the attention benchmark's step at 36a1228).
+_BLOCK_D = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -50,29 +53,32 @@ def _votes_logits_kernel(
     q_ptr, bounds_ptr, logits_ptr, block_lse_ptr,
     stride_qh, stride_bh, stride_bd, n_spans, n_blocks, scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """logits[h, spans] = [relu(q_h); min(q_h, 0)] . bounds[kv_head, :, spans] * scale for the group's heads h;
-    each head's log-sum-exp over the block's spans."""
+    each head's log-sum-exp over the block's spans. The 2 * HEADDIM bound rows are read BLOCK_D at a time (each step
+    within the kmax half or the kmin half), so that the loads pipeline and few registers hold them."""
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + group
     head_ok = group < GROUP
-    dims = tl.arange(0, 2 * HEADDIM)  # bounds' row d: kmax component d below HEADDIM, kmin component d - HEADDIM after
-    q_off = heads[:, None].to(tl.int64) * stride_qh + (dims % HEADDIM)[None, :]
-    q = tl.load(q_ptr + q_off, mask=head_ok[:, None], other=0.0)  # (BLOCK_G, 2 * HEADDIM): q twice
-    zero = tl.zeros_like(q)
-    q_bound = tl.where((dims < HEADDIM)[None, :], tl.maximum(q, zero), tl.minimum(q, zero))
     spans = block * BLOCK_S + tl.arange(0, BLOCK_S)
     span_in = spans < n_spans
-    b_off = kv_head.to(tl.int64) * stride_bh + dims[:, None].to(tl.int64) * stride_bd + spans[None, :]
-    b = tl.load(bounds_ptr + b_off, mask=span_in[None, :], other=0.0)  # (2 * HEADDIM, BLOCK_S)
-    if UPCAST:
-        q_bound, b = q_bound.to(tl.float32), b.to(tl.float32)
-    else:  # on the H100 the bf16 maximum/minimum came out float32 (the GPU tests at 48e66d0): the dot wants one dtype
-        q_bound = q_bound.to(b.dtype)
-    logits = tl.dot(q_bound, b, input_precision=DOT_PRECISION) * scale  # (BLOCK_G, BLOCK_S) float32
+    q_rows = q_ptr + heads[:, None].to(tl.int64) * stride_qh
+    b_base = bounds_ptr + kv_head.to(tl.int64) * stride_bh + spans[None, :]
+    logits = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
+    for d0 in range(0, 2 * HEADDIM, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)  # bound row d: kmax component d below HEADDIM, kmin component d - HEADDIM
+        q = tl.load(q_rows + (dims % HEADDIM)[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+        q_bound = tl.where(d0 < HEADDIM, tl.maximum(q, 0.0), tl.minimum(q, 0.0))  # (BLOCK_G, BLOCK_D)
+        b = tl.load(b_base + dims[:, None].to(tl.int64) * stride_bd, mask=span_in[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            q_bound = q_bound.to(b.dtype)  # a half-precision tensor-core dot, float32 sums
+        logits += tl.dot(q_bound, b, input_precision=DOT_PRECISION)  # (BLOCK_G, BLOCK_S)
+    logits = logits * scale
     out_off = heads[:, None].to(tl.int64) * n_spans + spans[None, :]
     tl.store(logits_ptr + out_off, logits, mask=head_ok[:, None] & span_in[None, :])
 
@@ -137,8 +143,8 @@ def span_votes_triton(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     logits_kernel[(nheads_kv, n_blocks)](
         q, bounds, logits, block_lse, q.stride(0), bounds.stride(0), bounds.stride(1), n_spans, n_blocks,
         headdim**-0.5, GROUP=group, BLOCK_G=max(_BLOCK_Q, 1 << (group - 1).bit_length()), HEADDIM=headdim,
-        BLOCK_S=_BLOCK_S, UPCAST=exact, DOT_PRECISION="ieee" if exact else "tf32",
-        num_warps=8 if q.dtype == torch.float32 else 4,
+        BLOCK_S=_BLOCK_S, BLOCK_D=min(_BLOCK_D, headdim), UPCAST=exact, DOT_PRECISION="ieee" if exact else "tf32",
+        num_warps=8 if q.dtype == torch.float32 else 4, num_stages=3,
     )  # fmt: skip
     probs_kernel[(1, n_blocks)](
         logits, block_lse, votes, n_spans, n_blocks, GROUP=nheads, BLOCK_G=1 << (nheads - 1).bit_length(),
