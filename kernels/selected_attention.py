@@ -6,7 +6,9 @@ Batch size is 1 and the step has one query position:
     q_cos, q_sin  (headdim,)                     RoPE of the query's place
     k_res, v_res  (nheads_kv, n_res, headdim)    keys already rotated (the sinks and the window) and their values
     k_src, v_src  (nheads_kv, n_src, headdim)    pre-RoPE keys and values the selected tokens are read from
-    rows          (nheads_kv, n_sel) int         each KV head's selected rows of k_src / v_src
+    rows          (nheads_kv, n_sel) int         each KV head's selected rows of k_src / v_src, or, with candidates,
+                                                 positions in candidates
+    candidates    (n_cand,) int, optional        the rows of k_src / v_src that rows index (a top-k's input rows)
     cos, sin      (n_sel, headdim)               RoPE of the selected tokens' places (slot j: row j)
   returns
     out           (nheads, 1, headdim)           in q's dtype
@@ -37,7 +39,7 @@ import math
 
 import torch
 
-from . import interpreting, use_triton
+from . import check_rows, interpreting, use_triton
 from . import sparse_attention as attention
 from .pack_rotate import _DROP_BITS, _rotate
 
@@ -50,13 +52,13 @@ _LOG2E = 1.4426950408889634
 
 
 def _selected_attention_kernel(
-    q_ptr, q_cos_ptr, q_sin_ptr, k_res_ptr, v_res_ptr, k_src_ptr, v_src_ptr, rows_ptr, cos_ptr, sin_ptr,
+    q_ptr, q_cos_ptr, q_sin_ptr, k_res_ptr, v_res_ptr, k_src_ptr, v_src_ptr, rows_ptr, candidates_ptr, cos_ptr, sin_ptr,
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr,
     stride_qh, stride_krh, stride_krn, stride_vrh, stride_vrn, stride_ksh, stride_ksn, stride_vsh, stride_vsn,
     stride_rows_h, stride_table, stride_oh,
     n_res, n_sel, res_splits, n_splits, split_n, qk_scale,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROP_BITS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROP_BITS: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of one KV head's query group over split `split`: resident keys [split * split_n, ...) for
@@ -104,6 +106,8 @@ def _selected_attention_kernel(
             slots = block_start + tl.arange(0, BLOCK_N)
             slot_ok = slots < stop
             row = tl.load(rows_ptr + kv_head.to(tl.int64) * stride_rows_h + slots, mask=slot_ok, other=0)
+            if HAS_CANDIDATES:
+                row = tl.load(candidates_ptr + row, mask=slot_ok, other=0)
             at = row.to(tl.int64)[:, None]
             k = tl.load(k_base + at * stride_ksn + dims[None, :], mask=slot_ok[:, None], other=0.0)
             k_partner = tl.load(k_base + at * stride_ksn + partner[None, :], mask=slot_ok[:, None], other=0.0)
@@ -141,7 +145,7 @@ def _triton_kernels(interpret: bool):
 # --------------------------------------------------------------------------------------------- launcher
 
 
-def _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin) -> None:
+def _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates=None) -> None:
     """Shapes, dtypes and devices, shared by the kernel and the reference."""
     if q.dim() != 2 or k_res.dim() != 3 or k_src.dim() != 3:
         raise ValueError(f"selected_attention wants q (nheads, headdim), k_res and k_src (nheads_kv, n, headdim), got "
@@ -166,6 +170,8 @@ def _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin) -
     if len({t.dtype for t in floats}) != 1:
         raise ValueError(f"selected_attention wants one float dtype for q, keys, values and RoPE tables, got "
                          f"{sorted({str(t.dtype) for t in floats})}.")  # fmt: skip
+    if candidates is not None:
+        check_rows(candidates, q.device)
     if len({t.device for t in (*floats, rows)}) != 1:
         raise ValueError("selected_attention wants every tensor on one device.")
 
@@ -186,12 +192,12 @@ def _check_kernel_inputs(q, k_res, v_res, k_src, v_src, rows, cos, sin) -> None:
 
 
 def selected_attention_triton(
-    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, scale: float | None = None,
+    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates=None, scale: float | None = None,
     split_size: int | None = None, fused_merge: bool = attention.FUSED_MERGE_DEFAULT,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the kernel; same contract as selected_attention. split_size: keys per split (default:
     sparse_attention's choice for n_res + n_sel keys); fused_merge: the last program merges, else a second launch."""
-    _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin)
+    _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates)
     _check_kernel_inputs(q, k_res, v_res, k_src, v_src, rows, cos, sin)
     nheads, headdim = q.shape
     nheads_kv, n_res, _ = k_res.shape
@@ -214,7 +220,8 @@ def selected_attention_triton(
     interpret = interpreting()
     kernel, merge_kernel = _triton_kernels(interpret)
     kernel[(nheads_kv, n_splits, 1)](
-        q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, o_part, lse_part, out, lse,
+        q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, candidates.contiguous() if candidates is not None else rows,
+        cos, sin, o_part, lse_part, out, lse,
         tickets if tickets is not None else lse,
         q.stride(0), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1), k_src.stride(0),
         k_src.stride(1), v_src.stride(0), v_src.stride(1), rows.stride(0),
@@ -223,6 +230,7 @@ def selected_attention_triton(
         GROUP=group, HEADDIM=headdim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         UPCAST=interpret or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32", DROP_BITS=_DROP_BITS[q.dtype],
+        HAS_CANDIDATES=candidates is not None,
         FUSED_MERGE=tickets is not None, MERGE_M=merge_m, MERGE_S=merge_s,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -238,11 +246,13 @@ def selected_attention_triton(
 
 
 def selected_attention_reference(
-    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, scale: float | None = None
+    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates=None, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: the selected rows gathered, their keys and the query rotated in their dtype (as the eager step
     and pack_rotate round them), appended to the resident keys, then sparse_attention_reference."""
-    _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin)
+    _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates)
+    if candidates is not None:
+        rows = candidates[rows.long()]
     index = rows.long()[..., None].expand(-1, -1, q.shape[1])
     k_sel = _rotate(torch.gather(k_src, 1, index), cos, sin)  # (nheads_kv, n_sel, headdim)
     v_sel = torch.gather(v_src, 1, index)
@@ -255,11 +265,13 @@ def selected_attention_reference(
 
 
 def selected_attention(
-    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, scale: float | None = None
+    q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates=None, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step's attention over resident keys and selected stored tokens -> (out (nheads, 1, headdim), lse
-    (nheads, 1)); shapes in the module's docstring. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the
-    torch reference otherwise."""
+    (nheads, 1)); shapes in the module's docstring. With candidates, rows index candidates, whose entries are the rows
+    of k_src / v_src (a top-k over the candidates' scores gives rows so, without a gather). Rows are not
+    bounds-checked. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
     if use_triton(q, k_res, k_src, rows):
-        return selected_attention_triton(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, scale)
-    return selected_attention_reference(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, scale)
+        args = (q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates)
+        return selected_attention_triton(*args, scale=scale)
+    return selected_attention_reference(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates, scale)

@@ -13,10 +13,10 @@ What is computed (benchmarks/speed/attention.py's span_votes): for query head h 
 
 Torch ran it as five launches (the two clamps, the concatenation, the batched matmul, the softmax and the sum).
 Triton, two launches: kernel 1, grid (nheads_kv, n_blocks), builds [relu(q); min(q, 0)] of the group's heads in
-registers (padded to 16 rows for tl.dot), scores a (2 * headdim, BLOCK_S) tile of bounds with tensor-core dots, 64
-bound rows a step, and writes the scaled logits (nheads, n_spans) float32 and each head's log-sum-exp of the block (nheads, n_blocks);
-kernel 2 is SparQ's probabilities kernel (sparq_scores._group_probs_kernel) launched with one group of all nheads
-heads: it reduces each head's block log-sum-exps and sums exp(logit - lse) over the heads. (Its grid's key blocks
+registers (padded to 16 rows for tl.dot), scores a (2 * headdim, BLOCK_S) tile of bounds with tensor-core dots, 64 bound
+rows a step, and writes the scaled logits (nheads, n_spans) float32 and each head's log-sum-exp of the block (nheads,
+n_blocks); kernel 2 is SparQ's probabilities kernel (sparq_scores._group_probs_kernel) launched with one group of all
+nheads heads: it reduces each head's block log-sum-exps and sums exp(logit - lse) over the heads. (Its grid's key blocks
 and the block log-sum-exps it reduces need not match, n_blocks is an argument; both use sparq's block size here.)
 
 The dot is float32's exact one for float32 inputs, the tensor cores' (float32 sums) for half precision; headdim a

@@ -270,6 +270,9 @@ def swept_launches(dtype: torch.dtype):
                                                  split_size=split_size, tiles=tile)  # fmt: skip
     selected_inputs = selected.make_inputs(8, 4, 64 + 2048, 4096, 1024, 128, dtype)
     yield m_selected, functools.partial(m_selected.selected_attention_triton, *selected_inputs)
+    positions, candidates = selected_inputs[7] % 2048, torch.arange(2048)  # the benchmark's: top-k positions
+    yield m_selected, functools.partial(m_selected.selected_attention_triton, *selected_inputs[:7], positions,
+                                        *selected_inputs[8:], candidates=candidates)  # fmt: skip
     sources = pack.make_inputs(64, 123, 50, 8, 4, 128, 97, 49, 0, dtype)
     for launch in packs:
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources, launch)

@@ -112,6 +112,26 @@ def test_rows_dtypes_splits_and_the_second_merge_launch_agree(rows_dtype, fused_
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_through_candidates_equal_the_rows_they_name(dtype):
+    """rows as positions in candidates (a top-k over the candidates' scores) read candidates[rows]."""
+    args = make_inputs(3, 4, 123, 700, 97, 128, dtype, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    candidates = torch.randperm(700, generator=gen)[:300].to(DEVICE)
+    positions = torch.stack([torch.randperm(300, generator=gen)[:97] for _ in range(3)]).to(DEVICE)
+    direct = list(args)
+    direct[7] = candidates[positions]
+    through = list(args)
+    through[7] = positions.to(torch.int32)
+    out, lse = selected_attention(*through, candidates=candidates)
+    want_out, want_lse = selected_attention(*direct)
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    ref_out, ref_lse = selected_attention_reference(*as_float64(through), candidates=candidates)
+    assert_close(out, plain_torch(direct)[0], ref_out, ATOL[dtype], "out")
+    assert_close(lse, plain_torch(direct)[1], ref_lse, ATOL[dtype], "lse")
+
+
 def test_everything_selected_without_rotation_is_full_attention():
     """Identity RoPE (cos 1, sin 0), every source row selected in some order, no resident keys: full attention."""
     nheads_kv, group, n_src, headdim = 2, 3, 150, 64
@@ -148,3 +168,9 @@ def test_bad_inputs_get_one_clear_sentence(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         selected_attention(*args)
+
+
+def test_candidates_must_be_one_dimensional_integers():
+    args = make_inputs(2, 2, 10, 40, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="rows must be a 1-D int32/int64"):
+        selected_attention(*args, candidates=torch.zeros(2, 8, dtype=torch.long, device=DEVICE))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"votes", "span_topk", "span_topk_torch", "candidate_rows", "token_scores", "token_topk", "token_topk_torch",
-          "selected_rows", "attention"}  # fmt: skip
+          "attention"}  # fmt: skip
 UNFUSED_STAGES = {"votes", "span_topk", "gather", "token_scores", "token_topk", "place", "rotate_query", "attention"}
 
 

@@ -8,15 +8,16 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 
 - sdpa_full: torch SDPA over every cached key and value (enable_gqa): the baseline.
 - ltri (SparQ selection) and ltri_loki (Loki selection): what an ltri decode step does for one layer, with the
-  span payloads already on the GPU (the span cache's best case), fused into seven launches:
+  span payloads already on the GPU (the span cache's best case), fused into eight launches (SparQ; Loki seven):
   1. span scoring: the queries as [relu(q), min(q, 0)] times each span's [kmax; kmin] bound (Quest; one bound per
      32-token span per KV head), an exact matmul; each query head's span scores are softmax-normalised and
      summed over all heads (the vote: kernels/span_votes.py, two launches); the top budget / 32 spans;
   2. the candidates' token rows (one launch);
   3. token selection: SparQ (r largest |q| components) or Loki (rank r) scores of the candidates, read where they
-     lie in the layer's keys (``rows``), top n_select tokens per KV head, and their rows (one launch);
-  4. attention over sinks + window (rotated, resident) and the selected rows, each key read where it lies and
-     rotated to its compact place in registers, the query rotated too (kernels/selected_attention.py).
+     lie in the layer's keys (``rows``), top n_select tokens per KV head;
+  4. attention over sinks + window (rotated, resident) and the chosen candidates, each key read where it lies
+     (through the top-k's positions and the candidates' rows) and rotated to its compact place in registers, the
+     query rotated too (kernels/selected_attention.py).
 - ltri_unfused: the step as it was before those kernels (83c3791's ltri rows): the votes in five torch launches,
   the candidates' K and V gathered, scored, the selected ones rotated into a resident buffer between the sinks and
   the window, the query rotated, then the sparse attention kernel over that buffer: the same run's comparison.
@@ -268,22 +269,24 @@ def token_scores(q, layer: Layer, rows: torch.Tensor, shape: Shape, selector: st
     return kernels.lowrank_scores.lowrank_scores(q, layer.k_lowrank, layer.basis, shape.rank, rows=rows)
 
 
-def attend_selected(q, layer: Layer, rows: torch.Tensor, kernels) -> torch.Tensor:
-    """The fused attention over sinks, window and the selected rows (nheads_kv, n_select) -> (nheads, 1, headdim)."""
+def attend_selected(q, layer: Layer, idx: torch.Tensor, candidates: torch.Tensor, kernels) -> torch.Tensor:
+    """The fused attention over sinks, window and the selected candidates (idx (nheads_kv, n_select) positions in
+    candidates, the rows) -> (nheads, 1, headdim)."""
     return kernels.selected_attention.selected_attention(
-        q, layer.q_cos, layer.q_sin, layer.k_fixed, layer.v_fixed, layer.k, layer.v, rows, layer.cos, layer.sin
-    )[0]
+        q, layer.q_cos, layer.q_sin, layer.k_fixed, layer.v_fixed, layer.k, layer.v, idx, layer.cos, layer.sin,
+        candidates,
+    )[0]  # fmt: skip
 
 
 def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels) -> torch.Tensor:
     """One decode step of one layer, fused: span votes (2 launches), span top-k, the candidates' rows, their scores
-    read in place, token top-k, the selected rows, attention that reads and rotates them where they are stored.
+    read in place, token top-k, attention that reads the chosen candidates' rows and rotates them where they lie.
     q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
     span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
     candidates = candidate_rows(layer, span_ids, shape)
     scores = token_scores(q, layer, candidates, shape, selector, kernels)
-    rows = candidates[kernels.topk_select.topk_tokens(scores, shape.n_select)]  # (nheads_kv, n_select)
-    return attend_selected(q, layer, rows, kernels)
+    idx = kernels.topk_select.topk_tokens(scores, shape.n_select)  # (nheads_kv, n_select) positions in candidates
+    return attend_selected(q, layer, idx, candidates, kernels)
 
 
 def ltri_step_unfused(q, layer: Layer, shape: Shape, selector: str, kernels, rotate_keys: bool = True):
@@ -309,7 +312,6 @@ def step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
     candidates = candidate_rows(layer, span_ids, shape)
     scores = token_scores(q, layer, candidates, shape, selector, kernels)
     idx = topk(scores, shape.n_select)
-    rows = candidates[idx]
     return {
         "votes": functools.partial(kernels.span_votes.span_votes, q, layer.bounds),
         "span_topk": functools.partial(topk, votes[None], n_kept),
@@ -318,8 +320,7 @@ def step_stages(q, layer: Layer, shape: Shape, selector: str, kernels) -> dict:
         "token_scores": functools.partial(token_scores, q, layer, candidates, shape, selector, kernels),
         "token_topk": functools.partial(topk, scores, shape.n_select),
         "token_topk_torch": functools.partial(torch_topk_ascending, scores, shape.n_select),
-        "selected_rows": functools.partial(candidates.__getitem__, idx),
-        "attention": functools.partial(attend_selected, q, layer, rows, kernels),
+        "attention": functools.partial(attend_selected, q, layer, idx, candidates, kernels),
     }
 
 
