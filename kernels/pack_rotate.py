@@ -28,7 +28,7 @@ a place computed on the device) took about twenty kernels a layer (counted in th
 packed set through memory several times. The kernel reads each source element once (its rotation partner from L1)
 and writes the packed keys and values once; the first program of each KV head also rotates the head's query
 group. On the H100 (bf16, Llama-3-8B layer, 4416 places) it took 0.0179 ms against 0.1646 ms for those ops, graph
-replays (``pack_rotate`` in ``benchmarks/speed/results/attention_h100.json``, run at 7e52b02).
+replays (``pack_rotate`` in ``benchmarks/speed/results/attention_h100_7e52b02.json``).
 
 Keys and the query are rotated as RopeTable.rotate (the eager step) rotates them in the inputs' dtype: each product
 rounded to it, then the sum. Rounding once in float32 instead moved half-precision keys by an ulp now and then, and

@@ -268,7 +268,7 @@ def default_tiles(rows: int, dtype: torch.dtype) -> Tiles:
     float32 uses 16 x 32 tiles on 8 warps: its exact (non-tensor-core) dot spills registers on sm_90 with larger
     ones (ptxas, Triton 3.6 and 3.9); fp16/bf16 use up to 64 x 64 on 4 warps (no spills) and 3 pipeline stages: on
     the H100 a bf16 decode step over 3136 keys took 0.0162 ms with 3 stages, 0.0172 ms with 2 (graph replays,
-    ``benchmarks/speed/results/attention_h100.json``, sweep at 7e52b02).
+    ``benchmarks/speed/results/attention_h100_7e52b02.json``, its sweep).
     """
     if dtype == torch.float32:
         return Tiles(16, 32, 8)

@@ -8,10 +8,10 @@ Rows are KV heads choosing tokens (token selection), one row of span votes (the 
 group's |q| components (SparQ). torch.topk then torch.sort are several launches; in an older decode profile on
 the H100 their kernels averaged 48 us (top-k's gather) and 25 us (sort) a call
 (``benchmarks/speed/results/e2e_h100_profile_131072.txt``, retrieval's rows there, not these). On the H100
-(``stages_ms`` in ``benchmarks/speed/results/attention_h100.json``, 7e52b02) this kernel took 0.015 ms to choose
+(``stages_ms`` in ``benchmarks/speed/results/attention_h100_7e52b02.json``) this kernel took 0.015 ms to choose
 1024 of 2048 tokens for each of 8 KV heads, against 0.054 ms for torch.topk and sort; but on one long row one
 program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span votes (512K tokens), 0.043 against
-0.053 at 8K (``attention_h100.json``, 27966a9). So a row longer than one chunk now goes in two stages
+0.053 at 8K (``attention_h100_27966a9.json``). So a row longer than one chunk now goes in two stages
 (``topk_tokens_triton``): its parts choose candidates in parallel, then one program a row chooses among them.
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
