@@ -8,7 +8,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 
 - sdpa_full: torch SDPA over every cached key and value (enable_gqa): the baseline.
 - ltri (SparQ selection) and ltri_loki (Loki selection): what an ltri decode step does for one layer, with the
-  span payloads already on the GPU (the span cache's best case), fused into eight launches (SparQ; Loki seven):
+  span payloads already on the GPU (the span cache's best case), fused into nine launches where the span top-k takes
+  two stages (SparQ; Loki eight):
   1. span scoring: the queries as [relu(q), min(q, 0)] times each span's [kmax; kmin] bound (Quest; one bound per
      32-token span per KV head), an exact matmul; each query head's span scores are softmax-normalised and
      summed over all heads (the vote: kernels/span_votes.py, two launches); the top budget / 32 spans;
