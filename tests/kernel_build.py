@@ -11,7 +11,9 @@ say so, integers equal to 1 become constants. Without that (before 2026-12-05) n
 none was vectorized or pipelined, and the registers and spills this build reported were not the GPU's. In half precision
 it also builds the launch shapes benchmarks/speed/attention.py sweeps by default, so that a device call does not
 find a broken one. It must run without TRITON_INTERPRET=1 (the interpreter replaces the language's functions);
-tests/test_kernels_build_for_cuda.py runs it in a subprocess. Exit status 1 and one line per failure.
+tests/test_kernels_build_for_cuda.py runs it in a subprocess. Exit status 1 and one line per failure. It builds with
+this machine's Triton, which need not be the device's (3.9 here, 3.6.0 on the H100s in December 2026): a typing rule
+that differs between them goes unseen (a bf16 dot whose operand came out float32 on the H100 only: NOTES.md step 25).
 """
 
 from __future__ import annotations
