@@ -26,9 +26,9 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   bandwidth on the K/V bytes it reads.
 - copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
   transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
-- stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs, and torch.topk +
-  torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch stages:
-  what the kernel replaced, measured in the same run).
+- stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs; in the fused rows also
+  torch.topk + torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch
+  stages: what the kernel replaced, measured in the same run).
 - pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
   and rotates the keys, against the torch ops it replaced, in the same run.
 - kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
