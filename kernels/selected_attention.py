@@ -87,18 +87,12 @@ def _selected_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEADDIM], dtype=tl.float32)
     if split < res_splits:
-        k_base = k_res_ptr + kv_head.to(tl.int64) * stride_krh
-        v_base = v_res_ptr + kv_head.to(tl.int64) * stride_vrh
         start = split * split_n
         stop = tl.minimum(start + split_n, n_res)
-        for block_start in range(start, stop, BLOCK_N):
-            keys = block_start + tl.arange(0, BLOCK_N)
-            key_ok = keys < stop
-            at = keys.to(tl.int64)[:, None]
-            k = tl.load(k_base + at * stride_krn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_base + at * stride_vrn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            seen = row_ok[:, None] & key_ok[None, :]
-            m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = _attend_keys(q, k_res_ptr + kv_head.to(tl.int64) * stride_krh,
+                                     v_res_ptr + kv_head.to(tl.int64) * stride_vrh, stride_krn, stride_vrn, start, stop,
+                                     tl.zeros([BLOCK_M], dtype=tl.int32) + stop, m_i, l_i, acc, qk_scale, HEADDIM,
+                                     BLOCK_N, UPCAST, DOT_PRECISION)  # fmt: skip
     else:
         k_base = k_src_ptr + kv_head.to(tl.int64) * stride_ksh
         v_base = v_src_ptr + kv_head.to(tl.int64) * stride_vsh
@@ -122,6 +116,7 @@ def _selected_attention_kernel(
             seen = row_ok[:, None] & slot_ok[None, :]
             m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
 
+    # one query position: each row's output is out[head] (the position stride is never used)
     _finish_split(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr, stride_oh, stride_oh, acc, m_i, l_i,
                   head, row_ok, kv_head, 0, 1, n_splits, split,
                   GROUP, HEADDIM, BLOCK_M, FUSED_MERGE, MERGE_M, MERGE_S)  # fmt: skip
@@ -131,7 +126,7 @@ def _selected_attention_kernel(
 def _triton_kernels(interpret: bool):
     """JIT wrapper of the kernel above, with sparse_attention's and pack_rotate's helpers bound to their JIT
     wrappers under the names the kernel calls; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _attend_block, _finish_split, _rope
+    global tl, _attend_keys, _attend_block, _finish_split, _rope
     import triton
     import triton.language
 
@@ -140,7 +135,8 @@ def _triton_kernels(interpret: bool):
     tl = triton.language
     attention._triton_kernels(interpret)
     pack_rotate._triton_kernels(interpret)
-    _attend_block, _finish_split, _rope = attention._attend_block, attention._finish_split, pack_rotate._rope
+    _attend_keys, _attend_block = attention._attend_keys, attention._attend_block
+    _finish_split, _rope = attention._finish_split, pack_rotate._rope
     return triton.jit(_selected_attention_kernel), attention._triton_kernels(interpret)[1]
 
 

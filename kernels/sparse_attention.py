@@ -73,26 +73,35 @@ def _split_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEADDIM], dtype=tl.float32)
-
     start = split * split_n
-    stop = tl.minimum(start + split_n, n_kv)
-    for block_start in range(start, stop, BLOCK_N):
-        keys = block_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < stop
-        rows_k = keys.to(tl.int64)[:, None]
-        k = tl.load(k_base + rows_k * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEADDIM)
-        v = tl.load(v_base + rows_k * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        seen = keys[None, :] < limit[:, None]
-        m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
+    m_i, l_i, acc = _attend_keys(q, k_ptr + kv_head.to(tl.int64) * stride_kh, v_ptr + kv_head.to(tl.int64) * stride_vh,
+                                 stride_kn, stride_vn, start, tl.minimum(start + split_n, n_kv), limit, m_i, l_i, acc,
+                                 qk_scale, HEADDIM, BLOCK_N, UPCAST, DOT_PRECISION)  # fmt: skip
 
     _finish_split(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr, stride_oh, stride_ol, acc, m_i, l_i,
                   head * q_len + pos, row_ok, kv_head, row_block, q_len, n_splits, split,
                   GROUP, HEADDIM, BLOCK_M, FUSED_MERGE, MERGE_M, MERGE_S)  # fmt: skip
+
+
+def _attend_keys(
+    q, k_base, v_base, stride_kn, stride_vn, start, stop, limit, m_i, l_i, acc, qk_scale,
+    HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over keys [start, stop) of one KV head's contiguous rows (k_base, v_base: its first), each
+    row r of q seeing keys j < limit[r] -> m_i, l_i, acc (``_attend_block``'s)."""
+    dims = tl.arange(0, HEADDIM)
+    for block_start in range(start, stop, BLOCK_N):
+        keys = block_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < stop
+        at = keys.to(tl.int64)[:, None]
+        k = tl.load(k_base + at * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEADDIM)
+        v = tl.load(v_base + at * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        seen = keys[None, :] < limit[:, None]
+        m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
+    return m_i, l_i, acc
 
 
 def _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -183,8 +192,8 @@ def _merge_rows(
 
 
 # the plain functions; _triton_kernels binds the helpers' names to their JIT wrappers (kernels/selected_attention.py
-# calls _attend_block and _finish_split too)
-_MERGE_ROWS, _ATTEND_BLOCK, _FINISH_SPLIT = _merge_rows, _attend_block, _finish_split
+# calls them too)
+_MERGE_ROWS, _ATTEND_KEYS, _ATTEND_BLOCK, _FINISH_SPLIT = _merge_rows, _attend_keys, _attend_block, _finish_split
 
 
 def _merge_kernel(
@@ -200,13 +209,14 @@ def _merge_kernel(
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _merge_rows, _attend_block, _finish_split
+    global tl, _merge_rows, _attend_keys, _attend_block, _finish_split
     import triton
     import triton.language
 
     tl = triton.language
     _merge_rows = triton.jit(_MERGE_ROWS)  # the kernels call the helpers by these global names
-    _attend_block, _finish_split = triton.jit(_ATTEND_BLOCK), triton.jit(_FINISH_SPLIT)
+    _attend_keys, _attend_block = triton.jit(_ATTEND_KEYS), triton.jit(_ATTEND_BLOCK)
+    _finish_split = triton.jit(_FINISH_SPLIT)
     return triton.jit(_split_kernel), triton.jit(_merge_kernel)
 
 
