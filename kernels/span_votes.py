@@ -43,8 +43,9 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_S = _BLOCK_N  # spans a logits program scores; sparq's probabilities kernel normalises _BLOCK_N at a time
 _BLOCK_Q = 16  # tl.dot needs at least 16 rows
-# Bound rows a logits program reads per step. On the H100 the whole (2 * headdim, 64) tile at once took 49 us for the
-# 67 MB of bounds at 512K tokens (1.37 TB/s, a torch profile of the attention benchmark's step at 36a1228).
+# Bound rows a logits program reads per step. With the whole (2 * headdim, 64) tile at once, the votes (both launches)
+# read the 67 MB of bounds at 512K tokens in 0.059 ms on the H100 (1.13 TB/s; ``stages_ms`` in
+# benchmarks/speed/results/attention_h100_36a1228.json); this step size is not measured on a GPU yet.
 _BLOCK_D = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
