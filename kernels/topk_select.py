@@ -15,10 +15,13 @@ program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span v
 (``topk_tokens_triton``): its parts choose candidates in parallel, then one program a row chooses among them.
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
-(the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a binary search on
-the 2^32 possible keys (32 counts of the keys >= a candidate; a row's first 4096 entries stay in registers, the
-rest are reread from L1/L2), then writes the entries with key > T and the first (by index) entries with key == T,
-enough to make k, at the positions a running prefix sum gives them: the output comes out ascending without a sort.
+(the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a radix search from
+the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that share the bits fixed so far, four
+passes of 8 bits; a row's first 4096 entries stay in registers, the rest are reread from L1/L2), then writes the
+entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
+prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the search was a binary one
+on the 2^32 keys (32 counts of the keys >= a candidate, each a reduction over the whole program); RADIX_BITS=0
+still runs it, for the benchmark's comparison (benchmarks/speed/NOTES.md step 26).
 Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
 that order unspecified.
 
@@ -36,17 +39,17 @@ from . import interpreting, use_triton
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
-_KEY_BITS = 32  # a binary search over int32 keys halves 2^32 candidates this many times
+RADIX_BITS = 8  # key bits each pass of the radix search fixes (0: a binary search, one bit a pass)
 _PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (topk_tokens_triton)
 
 
 def _topk_select_kernel(
     scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, n_keys, k, stride_row, part_len,
-    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, KEY_BITS: tl.constexpr,
+    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
     WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
 ):  # fmt: skip
-    """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by binary search,
-    then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
+    """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by a radix search
+    (RADIX_BITS 0: a binary search), then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
 
     WRITE_SCORES: also their scores (float32, padding -inf) at out_scores (the first of two stages); HAS_MAP: write
     index_map[row, index] instead of the index (the second stage, over the first's candidates)."""
@@ -60,23 +63,11 @@ def _topk_select_kernel(
     if HAS_VALID:
         valid = tl.minimum(tl.load(n_valid_ptr + row).to(tl.int32), n_keys)
     keys0, in_row0, index0, scores0 = _row_keys(row_scores, start, stop, valid, BLOCK)  # stays in registers
-    lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
-    hi = tl.full((), 2147483647, tl.int64)
-    for step in range(KEY_BITS):  # noqa: B007 (a named loop variable: triton carries `_` across loops)
-        mid = (lo + hi + 1) >> 1
-        at_least = tl.sum((in_row0 & (keys0 >= mid)).to(tl.int32), axis=0)
-        for chunk in range(1, N_CHUNKS):
-            keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
-            at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
-        enough = at_least >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    threshold = lo
-    above = tl.sum((in_row0 & (keys0 > threshold)).to(tl.int32), axis=0)
-    for chunk in range(1, N_CHUNKS):
-        keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
-        above += tl.sum((in_row & (keys > threshold)).to(tl.int32), axis=0)
-    ties_wanted = k - above  # entries with key == threshold to take, the lowest indices first
+    if RADIX_BITS == 0:
+        threshold, ties_wanted = _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS)
+    else:
+        threshold, ties_wanted = _radix_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS,
+                                                  RADIX_BITS)  # fmt: skip
     out_at = (row * n_parts + part) * k
     map_row = index_map_ptr + row * n_keys
     written, ties_seen = _write_taken(keys0, in_row0, index0, scores0, threshold, ties_wanted, 0, 0, out_ptr + out_at,
@@ -86,6 +77,65 @@ def _topk_select_kernel(
         written, ties_seen = _write_taken(keys, in_row, index, scores, threshold, ties_wanted, written, ties_seen,
                                           out_ptr + out_at, out_scores_ptr + out_at, map_row, WRITE_SCORES,
                                           HAS_MAP)  # fmt: skip
+
+
+def _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """The k-th largest key T of the part by a binary search on the 2^32 keys (32 counts of the keys >= a
+    candidate), and how many entries with key == T the k best take (the rest of k are above T)."""
+    lo = tl.full((), -2147483648, tl.int64)  # the k-th largest key lies in [lo, hi]
+    hi = tl.full((), 2147483647, tl.int64)
+    for step in range(32):  # noqa: B007 (a named loop variable: triton carries `_` across loops)
+        mid = (lo + hi + 1) >> 1
+        at_least = tl.sum((in_row0 & (keys0 >= mid)).to(tl.int32), axis=0)
+        for chunk in range(1, N_CHUNKS):
+            keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
+            at_least += tl.sum((in_row & (keys >= mid)).to(tl.int32), axis=0)
+        enough = at_least >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = tl.sum((in_row0 & (keys0 > lo)).to(tl.int32), axis=0)
+    for chunk in range(1, N_CHUNKS):
+        keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
+        above += tl.sum((in_row & (keys > lo)).to(tl.int32), axis=0)
+    return lo.to(tl.int32), k - above
+
+
+def _radix_threshold(
+    keys0, in_row0, row_scores, start, stop, valid, k, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):  # fmt: skip
+    """The same as _bisect_threshold by a radix search from the top bits: each pass counts, by their next
+    RADIX_BITS bits, the keys that share the bits fixed so far (a histogram), and fixes those bits to the largest
+    value whose keys and the keys above them make at least the k still wanted. 32 / RADIX_BITS passes."""
+    N_BINS: tl.constexpr = max(32, 1 << RADIX_BITS)  # tl.histogram's bins: a multiple of 32
+    prefix = tl.full((), 0, tl.uint32)  # the fixed top bits of T's unsigned image
+    remaining = tl.full((), 0, tl.int64) + k  # of the k best, those among the keys that share the prefix
+    for p in tl.static_range(32 // RADIX_BITS):
+        shift = 32 - RADIX_BITS * (p + 1)  # constexpr arithmetic: p is one in a static_range
+        counts = _digit_counts(keys0, in_row0, prefix, shift, RADIX_BITS, N_BINS)
+        for chunk in range(1, N_CHUNKS):
+            keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
+            counts += _digit_counts(keys, in_row, prefix, shift, RADIX_BITS, N_BINS)
+        at_or_above = tl.cumsum(counts, axis=0, reverse=True)  # (N_BINS,) keys with this digit or a larger one
+        enough = at_or_above >= remaining  # true for the digits up to the chosen one
+        packed = tl.where(enough, tl.full((N_BINS,), 1 << 32, tl.int64), counts.to(tl.int64))
+        total = tl.sum(packed, axis=0)  # (digits that make enough) << 32 + keys above the chosen digit
+        n_enough = total >> 32
+        remaining -= total - (n_enough << 32)
+        prefix = prefix | ((n_enough - 1).to(tl.uint32) << shift)
+    threshold = prefix.to(tl.int32, bitcast=True) ^ -2147483648  # back to the signed keys' image
+    return threshold, remaining.to(tl.int32)
+
+
+def _digit_counts(keys, in_row, prefix, shift: tl.constexpr, RADIX_BITS: tl.constexpr, N_BINS: tl.constexpr):
+    """(N_BINS,) int32: how many in-row keys whose unsigned image has the top bits of `prefix` above bit
+    shift + RADIX_BITS have each value of the RADIX_BITS bits from bit `shift` up."""
+    unsigned = (keys ^ -2147483648).to(tl.uint32, bitcast=True)  # the int32 keys' order, as unsigned integers
+    shares = in_row
+    if shift + RADIX_BITS < 32:  # not the first pass
+        shares = shares & ((unsigned >> (shift + RADIX_BITS)) == (prefix >> (shift + RADIX_BITS)))
+    digits = (unsigned >> shift) & ((1 << RADIX_BITS) - 1)
+    return tl.histogram(digits.to(tl.int32), N_BINS, mask=shares)
 
 
 def _write_taken(
@@ -122,18 +172,19 @@ def _row_keys(row_scores, start, stop, valid, BLOCK: tl.constexpr):
     return keys, in_row, index, scores
 
 
-_ROW_KEYS, _WRITE_TAKEN = _row_keys, _write_taken  # plain functions; _triton_kernels binds their JIT wrappers
+# the plain functions; _triton_kernels binds the helpers' names to their JIT wrappers
+_HELPERS = {f.__name__: f for f in (_row_keys, _write_taken, _bisect_threshold, _radix_threshold, _digit_counts)}
 
 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _row_keys, _write_taken
+    global tl
     import triton
     import triton.language
 
     tl = triton.language
-    _row_keys, _write_taken = triton.jit(_ROW_KEYS), triton.jit(_WRITE_TAKEN)  # the kernel calls them by name
+    globals().update({name: triton.jit(helper) for name, helper in _HELPERS.items()})  # the kernel calls them by name
     return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row", "part_len"])
 
 
@@ -161,8 +212,12 @@ def topk_tokens_reference(scores: torch.Tensor, k: int, n_valid: torch.Tensor | 
     return torch.sort(order[:, :k], dim=1).values
 
 
-def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's launches; same contract as topk_tokens.
+def topk_tokens_triton(
+    scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None, radix_bits: int = RADIX_BITS,
+    num_warps: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The kernel's launches; same contract as topk_tokens. radix_bits: the threshold search's bits a pass (4 or 8;
+    0: the binary search); num_warps: per program (None: 8 for chunks of 2048 entries or more, else 4).
 
     A row longer than one program's chunk (_MAX_BLOCK) goes in two stages when its parts can each hold k: the row's
     parts of about _PART_KEYS entries each choose their k best in parallel, with their scores, then one program a
@@ -179,13 +234,16 @@ def topk_tokens_triton(scores: torch.Tensor, k: int, n_valid: torch.Tensor | Non
         return out
     valid = n_valid.to(device=scores.device) if n_valid is not None else None
     n_parts = parts_per_row(n_keys, k)
+    if radix_bits not in (0, 4, 8):
+        raise ValueError(f"radix_bits must be 0, 4 or 8, got {radix_bits}.")
+    launch = functools.partial(_launch, radix_bits=radix_bits, num_warps=num_warps)
     if n_parts == 1:
-        _launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
+        launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
         return out
     candidates = torch.empty(n_rows, n_parts * k, dtype=torch.long, device=scores.device)
     candidate_scores = torch.empty(n_rows, n_parts * k, dtype=torch.float32, device=scores.device)
-    _launch(scores, valid, candidates, k, n_parts, _part_len(n_keys, n_parts), out_scores=candidate_scores)
-    _launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates)
+    launch(scores, valid, candidates, k, n_parts, _part_len(n_keys, n_parts), out_scores=candidate_scores)
+    launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates)
     return out
 
 
@@ -208,15 +266,20 @@ def _part_len(n_keys: int, n_parts: int) -> int:
 
 def _launch(
     scores: torch.Tensor, n_valid: torch.Tensor | None, out: torch.Tensor, k: int, n_parts: int, part_len: int,
-    out_scores: torch.Tensor | None = None, index_map: torch.Tensor | None = None,
+    out_scores: torch.Tensor | None = None, index_map: torch.Tensor | None = None, radix_bits: int = RADIX_BITS,
+    num_warps: int | None = None,
 ) -> None:  # fmt: skip
     """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
     block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
+    num_warps = num_warps or (8 if block >= 2048 else 4)
+    if radix_bits:
+        block = max(block, 32 * num_warps)  # a histogram's input spans every thread once (none holds a copy)
     _triton_kernels(interpreting())[(scores.shape[0], n_parts)](
         scores, n_valid if n_valid is not None else out, out, out_scores if out_scores is not None else out,
         index_map if index_map is not None else out, scores.shape[1], k, scores.stride(0), part_len,
-        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), KEY_BITS=_KEY_BITS,
-        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None, num_warps=8 if block >= 2048 else 4,
+        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), RADIX_BITS=radix_bits,
+        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None,
+        num_warps=num_warps,
     )  # fmt: skip
 
 

@@ -162,6 +162,20 @@ def sweep_shapes():
     return tiles, packs, maps
 
 
+def topk_sweep():
+    """((rows, entries, k), radix bits, warps) of every launch the attention benchmark's top-k sweep times (None:
+    the kernel's default)."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    import attention as benchmark
+
+    launches = benchmark.parse_shapes(benchmark.SWEEP_TOPK, lambda *launch: launch)
+    cases = [case[1:] for case in benchmark.topk_cases(benchmark.Shape())]
+    from ltri.kernels.topk_select import RADIX_BITS
+
+    return [(case, *(launch or (RADIX_BITS, None))) for case in cases for launch in launches]
+
+
 def launchers(dtype: torch.dtype):
     """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use, and in half
     precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
@@ -262,6 +276,7 @@ def swept_launches(dtype: torch.dtype):
     from ltri.kernels import pack_rotate as m_pack
     from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import sparse_attention as m_attention
+    from ltri.kernels import topk_select as m_topk
 
     tiles, packs, maps = sweep_shapes()
     q, k = torch.randn(32, 1, 128).to(dtype), torch.randn(8, 3136, 128).to(dtype)
@@ -281,6 +296,9 @@ def swept_launches(dtype: torch.dtype):
     query, keys = torch.randn(32, 256, 128).to(dtype), torch.randn(8, 256, 128).to(dtype)
     for shape in maps:
         yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.1, shape)
+    for (n_rows, n_keys, k), radix_bits, num_warps in topk_sweep():  # float32 scores, built once (not dtype's)
+        yield m_topk, functools.partial(m_topk.topk_tokens_triton, torch.randn(n_rows, n_keys), k,
+                                        radix_bits=radix_bits, num_warps=num_warps)  # fmt: skip
 
 
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KB)

@@ -17,6 +17,7 @@ if importlib.util.find_spec("triton") is None:
 from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.topk_select import (  # noqa: E402
     _MAX_BLOCK,
+    RADIX_BITS,
     parts_per_row,
     topk_tokens,
     topk_tokens_reference,
@@ -48,6 +49,19 @@ def test_matches_the_reference_and_torch_topk(case, dtype):
     assert torch.all(indices[:, 1:] > indices[:, :-1]), "indices must be strictly ascending"
     best = torch.topk(scores.float(), k, dim=1).values.sort(dim=1).values
     assert torch.equal(scores.float().gather(1, indices).sort(dim=1).values, best)
+
+
+@pytest.mark.parametrize("radix_bits", sorted({0, 4, 8} - {RADIX_BITS}))
+@pytest.mark.parametrize("case", [(3, 123, 40), (8, 1025, 64), (1, 3 * _MAX_BLOCK + 5, 64), (2, _MAX_BLOCK + 9, 999)])
+def test_every_threshold_search_chooses_the_same(case, radix_bits):
+    """The binary search and the radix searches (the default tested above) choose alike, ties and -0.0 included,
+    on one chunk, in two stages and on rows read in chunks; with fewer warps too."""
+    n_rows, n_keys, k = case
+    scores = random_scores(n_rows, n_keys, torch.float16, seed=4)  # half precision: many ties
+    scores[:, ::7] = -0.0
+    expected = topk_tokens_reference(scores, k)
+    assert torch.equal(topk_tokens_triton(scores, k, radix_bits=radix_bits), expected)
+    assert torch.equal(topk_tokens_triton(scores, k, radix_bits=radix_bits, num_warps=2), expected)
 
 
 @pytest.mark.parametrize("n_valid", [[0, 10, 300], [300, 300, 300], [1, 299, 57]])
@@ -129,6 +143,11 @@ def test_bad_inputs_get_one_sentence(scores, k, n_valid, message):
     for select in (topk_tokens_triton, topk_tokens_reference):
         with pytest.raises(ValueError, match=message):
             select(scores.to(DEVICE), k, n_valid)
+
+
+def test_an_unknown_radix_gets_one_sentence():
+    with pytest.raises(ValueError, match="radix_bits must be 0, 4 or 8"):
+        topk_tokens_triton(torch.zeros(2, 5, device=DEVICE), 2, radix_bits=5)
 
 
 @pytest.mark.parametrize("width", [TIE_CHUNK + 1, 2 * TIE_CHUNK, 2 * TIE_CHUNK + 904])

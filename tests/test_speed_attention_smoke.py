@@ -25,7 +25,8 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     contexts = {context for context, _ in methods}
     assert len(contexts) == 2
     for context in contexts:
-        expected = {"sdpa_full", "ltri", "ltri_loki", "ltri_unfused", "sparse_attention_kernel", "copy_same_bytes"}
+        expected = {"sdpa_full", "ltri", "ltri_loki", "ltri_unfused", "sparse_attention_kernel", "copy_same_bytes",
+                    "read_same_bytes"}  # fmt: skip
         assert {m for c, m in methods if c == context} == expected
     for row in result["rows"]:
         assert row["ms"] > 0 and row["bytes"] > 0 and row["layers_ms"] is None  # per layer in a graph: GPU only
@@ -35,3 +36,7 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     assert [row["method"] for row in result["pack_rotate"]] == ["pack_rotate_kernel", "pack_rotate_torch"]
     assert [row["method"] for row in result["chunk_attention_map"]] == ["chunk_map_kernel", "chunk_map_torch"]
     assert all(row["ms"] > 0 and row["context_len"] == 256 for row in result["chunk_attention_map"])
+    selections = ("span_topk_128k", "span_topk_512k", "token_topk", "sparq_components")
+    expected_topk = [f"{name}:{method}" for name in selections for method in ("topk_kernel", "topk_torch")]
+    assert [row["method"] for row in result["topk"]] == expected_topk
+    assert all(row["ms"] > 0 for row in result["topk"])

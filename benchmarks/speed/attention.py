@@ -26,6 +26,8 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   bandwidth on the K/V bytes it reads.
 - copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
   transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
+- read_same_bytes: a torch max over the same K/V bytes (stacked into one tensor, one launch): what reading them
+  and nothing else takes, the kernel's floor at this size.
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs; in the fused rows also
   torch.topk + torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch
   stages: what the kernel replaced, measured in the same run).
@@ -74,6 +76,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
 SWEEP_TILES = "auto,32x4x2,64x4x3,64x8x2,128x8x2"  # sparse attention: keys per block x warps x stages
 SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
 SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
+SWEEP_TOPK = "auto,0x8,4x8,8x4,8x16"  # top-k selection: radix bits (0: binary search) x warps
+TOPK_CONTEXTS = (131072, 524288)  # the span top-k's rows the top-k sweep times: the votes at these contexts
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
     "span_votes", "selected_attention",
@@ -528,6 +532,9 @@ def measure_context(
         copy_both = lambda each: (targets[id(each)].copy_(each.k_res), targets[id(each)].copy_(each.v_res))  # noqa: E731
         rows.append(measured("copy_same_bytes", copy_both, 2 * kv_bytes(shape.n_resident, shape, element),
                              n_keys=shape.n_resident))  # fmt: skip
+        stacked = {id(each): torch.stack([each.k_res, each.v_res]) for each in layers}  # one tensor: one launch
+        rows.append(measured("read_same_bytes", lambda each: stacked[id(each)].amax(), kv_bytes(shape.n_resident,
+                             shape, element), n_keys=shape.n_resident))  # fmt: skip
     return rows
 
 
@@ -634,6 +641,35 @@ def chunk_map_rows(shape: Shape, timer: Timer, copy: float, dtype, kernels, chun
     for method, call in (*calls, ("chunk_map_torch", chunk_map.chunk_attention_map_reference)):
         step = functools.partial(call, query, keys, shape.headdim**-0.5)
         rows.append(row(chunk, method, timer(step), n_bytes, copy, n_keys=chunk))
+    return rows
+
+
+def topk_cases(shape: Shape) -> list[tuple[str, int, int, int]]:
+    """(name, rows, entries, k) of the step's top-k selections: span votes at TOPK_CONTEXTS, the candidates' token
+    scores per KV head, and SparQ's components of each GQA group's |q|."""
+    spans = [(f"span_topk_{n // 1024}k", 1, shape.n_spans(n), shape.budget // shape.span_len) for n in TOPK_CONTEXTS]
+    return [*spans, ("token_topk", shape.nheads_kv, shape.budget, shape.n_select),
+            ("sparq_components", shape.nheads_kv, shape.headdim, shape.rank)]  # fmt: skip
+
+
+def topk_rows(shape: Shape, timer: Timer, copy: float, kernels, launches, n_layers: int) -> list[dict]:
+    """The top-k selection kernel alone on each of the step's selections (topk_cases) in each launch (radix bits,
+    warps; None: the default), against torch.topk + sort, on random float32 scores; layers_ms over n_layers rows.
+    bytes: the scores read."""
+    topk = kernels.topk_select
+    rows = []
+    for name, n_rows, n_keys, k in topk_cases(shape):
+        score_sets = [torch.randn(n_rows, n_keys, device=timer.device) for _ in range(n_layers)]
+        calls = [(shape_label("topk_kernel", launch),
+                  functools.partial(topk.topk_tokens, k=k) if launch is None
+                  else functools.partial(topk.topk_tokens_triton, k=k, radix_bits=launch[0], num_warps=launch[1]))
+                 for launch in launches]  # fmt: skip
+        calls.append(("topk_torch", functools.partial(torch_topk_ascending, k=k)))
+        for method, call in calls:
+            per_layer = [functools.partial(call, scores) for scores in score_sets]
+            graph, error = graph_ms(timer, per_layer[0])
+            rows.append(row(n_keys, f"{name}:{method}", timer(per_layer[0]), 4 * n_rows * n_keys, copy,
+                            layers_ms(timer, per_layer), n_keys=n_keys, graph_ms=graph, graph_error=error))  # fmt: skip
     return rows
 
 
@@ -760,6 +796,9 @@ def parse_args() -> argparse.Namespace:
         default=SWEEP_CHUNK_MAP,
         help="chunk_attention_map launch shapes: rows per head x keys per step x warps",
     )
+    parser.add_argument(
+        "--sweep-topk", default=SWEEP_TOPK, help="top-k launches: radix bits x warps, or auto; '' to skip"
+    )
     parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
@@ -772,7 +811,8 @@ def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[
     """Small sizes for a CPU run of the whole script."""
     shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
     args.warmup, args.reps, args.sweep_keys, args.chunk = 1, 2, "", min(args.chunk, 256)
-    args.sweep_pack = args.sweep_chunk_map = "auto"  # launch shapes are the kernels': on the CPU the references run
+    # launch shapes are the kernels': on the CPU the references run
+    args.sweep_pack = args.sweep_chunk_map = args.sweep_topk = "auto"
     return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
 
 
@@ -815,6 +855,12 @@ def main() -> None:
     if chunk_map:
         print("a prefill chunk's attention map for span segmentation (context = chunk tokens):")
         print_rows(chunk_map, copy)
+    topk = []
+    if args.sweep_topk:
+        launches = parse_shapes(args.sweep_topk, lambda *launch: launch)
+        topk = topk_rows(shape, timer, copy, kernels, launches, args.layers)
+        print("top-k selection (context = entries a row):")
+        print_rows(topk, copy)
     sweep = []
     if args.sweep_keys:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
@@ -842,6 +888,7 @@ def main() -> None:
         "kernel_sweep": sweep,
         "pack_rotate": packing,
         "chunk_attention_map": chunk_map,
+        "topk": topk,
     }
     out = args.out if args.out or args.smoke else DEFAULT_OUT
     if out:
