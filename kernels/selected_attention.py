@@ -48,6 +48,11 @@ from .pack_rotate import _DROP_BITS, _rotate
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _LOG2E = 1.4426950408889634
+# Key blocks of selected tokens per split: a selected block's loads wait on each other (its rows, the candidates'
+# rows, then keys, partners, RoPE rows, values), so its blocks go to programs of their own, which wait in parallel.
+# (NOTES.md step 26: at 4 blocks a split, 36a1228's default, the kernel took 0.030 ms a layer on an H200 at 128K
+# against 0.0133 for the sparse kernel over a buffer of as many keys.)
+SELECT_SPLIT_BLOCKS = 1
 
 
 # --------------------------------------------------------------------------------------------- kernel
@@ -58,13 +63,13 @@ def _selected_attention_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, tickets_ptr,
     stride_qh, stride_krh, stride_krn, stride_vrh, stride_vrn, stride_ksh, stride_ksn, stride_vsh, stride_vsn,
     stride_rows_h, stride_table, stride_oh,
-    n_res, n_sel, res_splits, n_splits, split_n, qk_scale,
+    n_res, n_sel, res_splits, n_splits, split_n, select_split_n, qk_scale,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROP_BITS: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of one KV head's query group over split `split`: resident keys [split * split_n, ...) for
-    the first res_splits splits, selected tokens [(split - res_splits) * split_n, ...) for the others."""
+    the first res_splits splits, selected tokens [(split - res_splits) * select_split_n, ...) for the others."""
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     group = tl.arange(0, BLOCK_M)
@@ -96,8 +101,8 @@ def _selected_attention_kernel(
     else:
         k_base = k_src_ptr + kv_head.to(tl.int64) * stride_ksh
         v_base = v_src_ptr + kv_head.to(tl.int64) * stride_vsh
-        start = (split - res_splits) * split_n
-        stop = tl.minimum(start + split_n, n_sel)
+        start = (split - res_splits) * select_split_n
+        stop = tl.minimum(start + select_split_n, n_sel)
         for block_start in range(start, stop, BLOCK_N):
             slots = block_start + tl.arange(0, BLOCK_N)
             slot_ok = slots < stop
@@ -191,10 +196,11 @@ def _check_kernel_inputs(q, k_res, v_res, k_src, v_src, rows, cos, sin) -> None:
 
 def selected_attention_triton(
     q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates=None, scale: float | None = None,
-    split_size: int | None = None, fused_merge: bool = attention.FUSED_MERGE_DEFAULT,
+    split_size: int | None = None, select_split: int | None = None, fused_merge: bool = attention.FUSED_MERGE_DEFAULT,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Launch the kernel; same contract as selected_attention. split_size: keys per split (default:
-    sparse_attention's choice for n_res + n_sel keys); fused_merge: the last program merges, else a second launch."""
+    """Launch the kernel; same contract as selected_attention. split_size: resident keys per split (default:
+    sparse_attention's choice for n_res + n_sel keys); select_split: selected tokens per split (default: one key
+    block, SELECT_SPLIT_BLOCKS); fused_merge: the last program merges, else a second launch."""
     _check_inputs(q, q_cos, q_sin, k_res, v_res, k_src, v_src, rows, cos, sin, candidates)
     _check_kernel_inputs(q, k_res, v_res, k_src, v_src, rows, cos, sin)
     nheads, headdim = q.shape
@@ -208,8 +214,10 @@ def selected_attention_triton(
         return out.zero_(), lse.fill_(float("-inf"))
     tiles = attention.default_tiles(group, q.dtype)
     split_n = attention._split_size(n_res + n_sel, nheads_kv, tiles.block_n, q.device, split_size)
+    select_split_n = attention._split_size(n_sel, 1, tiles.block_n, q.device, select_split or SELECT_SPLIT_BLOCKS *
+                                           tiles.block_n)  # fmt: skip
     res_splits = attention._cdiv(n_res, split_n)
-    n_splits = res_splits + attention._cdiv(n_sel, split_n)
+    n_splits = res_splits + attention._cdiv(n_sel, select_split_n)
     o_part = torch.empty(nheads, n_splits, headdim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(nheads, n_splits, dtype=torch.float32, device=q.device)
     tickets = attention._tickets(q.device, nheads_kv) if fused_merge else None
@@ -224,7 +232,7 @@ def selected_attention_triton(
         q.stride(0), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1), k_src.stride(0),
         k_src.stride(1), v_src.stride(0), v_src.stride(1), rows.stride(0),
         cos.stride(0), out.stride(0),
-        n_res, n_sel, res_splits, n_splits, split_n, scale * _LOG2E,
+        n_res, n_sel, res_splits, n_splits, split_n, select_split_n, scale * _LOG2E,
         GROUP=group, HEADDIM=headdim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         UPCAST=interpret or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32", DROP_BITS=_DROP_BITS[q.dtype],

@@ -16,12 +16,16 @@ program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span v
 
 The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
 (the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a radix search from
-the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that share the bits fixed so far, four
-passes of 8 bits; a row's first 4096 entries stay in registers, the rest are reread from L1/L2), then writes the
+the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that share the bits fixed so far; eight
+passes of 4 bits; a row's first 4096 entries stay in registers, the rest are reread from L1/L2), then writes the
 entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
 prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the search was a binary one
-on the 2^32 keys (32 counts of the keys >= a candidate, each a reduction over the whole program); RADIX_BITS=0
-still runs it, for the benchmark's comparison (benchmarks/speed/NOTES.md step 26).
+on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the benchmark's comparison.
+With a few warps on one SM the kernel's time goes with the instructions each thread runs per entry, not with the
+passes' reductions: on an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call
+in a graph of 8) 4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189
+for 64 of 4,030 span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose
+histogram costs more per entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26).
 Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
 that order unspecified.
 
@@ -39,7 +43,7 @@ from . import interpreting, use_triton
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
-RADIX_BITS = 8  # key bits each pass of the radix search fixes (0: a binary search, one bit a pass)
+RADIX_BITS = 4  # key bits each pass of the radix search fixes (0: a binary search, one bit a pass)
 _PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (topk_tokens_triton)
 
 

@@ -102,11 +102,12 @@ def test_kernel_matches_a_float64_reference(case, dtype):
 
 @pytest.mark.parametrize("rows_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("fused_merge", [True, False])
-@pytest.mark.parametrize("split_size", [None, 64])
-def test_rows_dtypes_splits_and_the_second_merge_launch_agree(rows_dtype, fused_merge, split_size):
+@pytest.mark.parametrize("split_size, select_split", [(None, None), (64, 128), (128, 200)])
+def test_rows_dtypes_splits_and_the_second_merge_launch_agree(rows_dtype, fused_merge, split_size, select_split):
     case = (3, 4, 123, 700, 200, 64)
     args = make_inputs(*case, torch.float32, rows_dtype=rows_dtype, seed=1)
-    out, lse = selected_attention_triton(*args, split_size=split_size, fused_merge=fused_merge)
+    out, lse = selected_attention_triton(*args, split_size=split_size, select_split=select_split,
+                                         fused_merge=fused_merge)  # fmt: skip
     ref_out, ref_lse = selected_attention_reference(*as_float64(args))
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)

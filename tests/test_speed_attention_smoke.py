@@ -26,7 +26,7 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     assert len(contexts) == 2
     for context in contexts:
         expected = {"sdpa_full", "ltri", "ltri_loki", "ltri_unfused", "sparse_attention_kernel", "copy_same_bytes",
-                    "read_same_bytes"}  # fmt: skip
+                    "selected_attention"}  # fmt: skip
         assert {m for c, m in methods if c == context} == expected
     for row in result["rows"]:
         assert row["ms"] > 0 and row["bytes"] > 0 and row["layers_ms"] is None  # per layer in a graph: GPU only

@@ -26,8 +26,6 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   bandwidth on the K/V bytes it reads.
 - copy_same_bytes: a copy of those K/V bytes (read + write, counted as copy_gbps counts them), with them: what a
   transfer of that size reaches (its layers_gbps against copy_gbps, measured on 1 GB).
-- read_same_bytes: a torch max over the same K/V bytes (stacked into one tensor, one launch): what reading them
-  and nothing else takes, the kernel's floor at this size.
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs; in the fused rows also
   torch.topk + torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch
   stages: what the kernel replaced, measured in the same run).
@@ -76,7 +74,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
 SWEEP_TILES = "auto,32x4x2,64x4x3,64x8x2,128x8x2"  # sparse attention: keys per block x warps x stages
 SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
 SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
-SWEEP_TOPK = "auto,0x8,4x8,8x4,8x16"  # top-k selection: radix bits (0: binary search) x warps
+SWEEP_TOPK = "auto,0x8,0x16,4x16,4x32,8x8"  # top-k selection: radix bits (0: binary search) x warps
 TOPK_CONTEXTS = (131072, 524288)  # the span top-k's rows the top-k sweep times: the votes at these contexts
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
@@ -274,13 +272,22 @@ def token_scores(q, layer: Layer, rows: torch.Tensor, shape: Shape, selector: st
     return kernels.lowrank_scores.lowrank_scores(q, layer.k_lowrank, layer.basis, shape.rank, rows=rows)
 
 
-def attend_selected(q, layer: Layer, idx: torch.Tensor, candidates: torch.Tensor, kernels) -> torch.Tensor:
+def attend_selected(q, layer: Layer, idx: torch.Tensor, candidates: torch.Tensor, kernels, select_split=None):
     """The fused attention over sinks, window and the selected candidates (idx (nheads_kv, n_select) positions in
-    candidates, the rows) -> (nheads, 1, headdim)."""
-    return kernels.selected_attention.selected_attention(
-        q, layer.q_cos, layer.q_sin, layer.k_fixed, layer.v_fixed, layer.k, layer.v, idx, layer.cos, layer.sin,
-        candidates,
-    )[0]  # fmt: skip
+    candidates, the rows) -> (nheads, 1, headdim); select_split: selected tokens per split (the kernel's launcher
+    with it; None: the dispatch, the kernel's default)."""
+    args = (q, layer.q_cos, layer.q_sin, layer.k_fixed, layer.v_fixed, layer.k, layer.v, idx, layer.cos, layer.sin)
+    if select_split is None:
+        return kernels.selected_attention.selected_attention(*args, candidates)[0]
+    return kernels.selected_attention.selected_attention_triton(*args, candidates, select_split=select_split)[0]
+
+
+def attention_inputs(q, layer: Layer, shape: Shape, selector: str, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the fused step's attention reads besides the layer: (idx, candidates), computed once."""
+    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
+    candidates = candidate_rows(layer, span_ids, shape)
+    scores = token_scores(q, layer, candidates, shape, selector, kernels)
+    return kernels.topk_select.topk_tokens(scores, shape.n_select), candidates
 
 
 def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels) -> torch.Tensor:
@@ -490,8 +497,10 @@ def row(
 
 def measure_context(
     context_len: int, shape: Shape, methods: list[str], timer: Timer, copy: float, dtype, kernels, n_layers: int,
+    select_splits=(),
 ):  # fmt: skip
-    """Rows of every method at one context length; layers_ms over n_layers layers (on a GPU)."""
+    """Rows of every method at one context length; layers_ms over n_layers layers (on a GPU). select_splits: with
+    ltri, the fused attention alone with each of these selected tokens per split (None: its default)."""
     shape.check(context_len)
     device = timer.device
     element = torch.empty((), dtype=dtype).element_size()
@@ -523,6 +532,13 @@ def measure_context(
             step = functools.partial(step_of, q, shape=shape, selector=selector, kernels=kernels)
             rows.append(measured(method, step, ltri_bytes(layer, shape, selector, element), selector=selector,
                                  stages_ms=stages))  # fmt: skip
+    if "ltri" in methods and select_splits:
+        inputs = {id(each): attention_inputs(q, each, shape, "sparq", kernels) for each in layers}
+        for split in select_splits:
+            attend = functools.partial(attend_selected, select_split=split)
+            step = lambda each, attend=attend: attend(q, each, *inputs[id(each)], kernels)  # noqa: E731
+            rows.append(measured(shape_label("selected_attention", split and (split,)), step,
+                                 kv_bytes(shape.n_resident, shape, element), n_keys=shape.n_resident))  # fmt: skip
     if "sparse_attention_kernel" in methods:
         q_rot = rotate(q, layer.q_cos, layer.q_sin)[:, None]
         attend = kernels.sparse_attention.sparse_attention
@@ -532,9 +548,6 @@ def measure_context(
         copy_both = lambda each: (targets[id(each)].copy_(each.k_res), targets[id(each)].copy_(each.v_res))  # noqa: E731
         rows.append(measured("copy_same_bytes", copy_both, 2 * kv_bytes(shape.n_resident, shape, element),
                              n_keys=shape.n_resident))  # fmt: skip
-        stacked = {id(each): torch.stack([each.k_res, each.v_res]) for each in layers}  # one tensor: one launch
-        rows.append(measured("read_same_bytes", lambda each: stacked[id(each)].amax(), kv_bytes(shape.n_resident,
-                             shape, element), n_keys=shape.n_resident))  # fmt: skip
     return rows
 
 
@@ -797,6 +810,10 @@ def parse_args() -> argparse.Namespace:
         help="chunk_attention_map launch shapes: rows per head x keys per step x warps",
     )
     parser.add_argument(
+        "--sweep-select-splits", default="auto,128,256", help="with ltri: the fused attention alone at these selected "
+        "tokens per split (auto: its default; '' to skip)",
+    )  # fmt: skip
+    parser.add_argument(
         "--sweep-topk", default=SWEEP_TOPK, help="top-k launches: radix bits x warps, or auto; '' to skip"
     )
     parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
@@ -812,7 +829,7 @@ def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[
     shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
     args.warmup, args.reps, args.sweep_keys, args.chunk = 1, 2, "", min(args.chunk, 256)
     # launch shapes are the kernels': on the CPU the references run
-    args.sweep_pack = args.sweep_chunk_map = args.sweep_topk = "auto"
+    args.sweep_pack = args.sweep_chunk_map = args.sweep_topk = args.sweep_select_splits = "auto"
     return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
 
 
@@ -842,7 +859,8 @@ def main() -> None:
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     for context_len in contexts:
-        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers)
+        select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
