@@ -8,6 +8,8 @@
 #                                             issue 7); it needs no model, so any call may carry a model part
 #   bash scripts/device_session.sh attention   one layer's attention at 16K-512K (alone and per layer in a graph of 8),
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
+#   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
+#                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come,
@@ -22,7 +24,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -54,6 +56,9 @@ log="$out/${part}_${sha}_gpu.log"
         attention)
             timeout 560 python3 benchmarks/speed/attention.py --sweep-keys 3136 --sweep-splits auto,128,192,256,512 \
                 --out "$out/attention_${sha}_gpu.json" ;;
+        step)
+            timeout 400 python3 benchmarks/speed/attention.py --contexts 128k,512k --sweep-keys '' --chunk 0 \
+                --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
         register)
             timeout 200 python3 benchmarks/speed/host_register.py --out "$out/host_register_${sha}_gpu.json"
             timeout 340 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --store-root /tmp/ltri-e2e \

@@ -29,6 +29,11 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 - stages_ms (in each ltri row): every step above timed alone on the previous steps' outputs; in the fused rows also
   torch.topk + torch.sort on the same scores as the top-k selection kernel (the span_topk_torch and token_topk_torch
   stages: what the kernel replaced, measured in the same run).
+- selected_attention[N] (with ltri, --sweep-select-splits): the fused step's attention alone with N selected tokens
+  per split (no N: the kernel's default), on the inputs the step's earlier stages chose, per layer in the graph.
+- topk (a separate list, --sweep-topk): the top-k selection kernel alone on each of the step's selections (span
+  votes at 128K and 512K, the candidates' token scores, SparQ's components) per search (radix bits, 0 the binary
+  search) and warps, against torch.topk + torch.sort, per call in a graph of --layers score rows.
 - pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
   and rotates the keys, against the torch ops it replaced, in the same run.
 - kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
