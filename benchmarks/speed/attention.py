@@ -288,7 +288,8 @@ def attend_selected(q, layer: Layer, idx: torch.Tensor, candidates: torch.Tensor
 
 
 def attention_inputs(q, layer: Layer, shape: Shape, selector: str, kernels) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the fused step's attention reads besides the layer: (idx, candidates), computed once."""
+    """The fused step up to its attention: (idx (nheads_kv, n_select) positions in candidates, candidates (budget,)
+    the retrieved spans' rows): span votes, span top-k, the candidates' rows, their scores, token top-k."""
     span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
     candidates = candidate_rows(layer, span_ids, shape)
     scores = token_scores(q, layer, candidates, shape, selector, kernels)
@@ -299,10 +300,7 @@ def ltri_step(q, layer: Layer, shape: Shape, selector: str, kernels) -> torch.Te
     """One decode step of one layer, fused: span votes (2 launches), span top-k, the candidates' rows, their scores
     read in place, token top-k, attention that reads the chosen candidates' rows and rotates them where they lie.
     q (nheads, headdim) pre-RoPE -> out (nheads, 1, headdim)."""
-    span_ids = vote_spans(q, layer.bounds, shape.budget // shape.span_len, kernels)
-    candidates = candidate_rows(layer, span_ids, shape)
-    scores = token_scores(q, layer, candidates, shape, selector, kernels)
-    idx = kernels.topk_select.topk_tokens(scores, shape.n_select)  # (nheads_kv, n_select) positions in candidates
+    idx, candidates = attention_inputs(q, layer, shape, selector, kernels)
     return attend_selected(q, layer, idx, candidates, kernels)
 
 
