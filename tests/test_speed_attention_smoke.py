@@ -39,4 +39,4 @@ def test_smoke_run_writes_every_method_and_stage(tmp_path):
     selections = ("span_topk_128k", "span_topk_512k", "token_topk", "sparq_components")
     expected_topk = [f"{name}:{method}" for name in selections for method in ("topk_kernel", "topk_torch")]
     assert [row["method"] for row in result["topk"]] == expected_topk
-    assert all(row["ms"] > 0 for row in result["topk"])
+    assert all(row["ms"] > 0 and row["matches_reference"] for row in result["topk"])

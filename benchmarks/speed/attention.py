@@ -671,7 +671,7 @@ def topk_cases(shape: Shape) -> list[tuple[str, int, int, int]]:
 def topk_rows(shape: Shape, timer: Timer, copy: float, kernels, launches, n_layers: int) -> list[dict]:
     """The top-k selection kernel alone on each of the step's selections (topk_cases) in each launch (radix bits,
     warps; None: the default), against torch.topk + sort, on random float32 scores; layers_ms over n_layers rows.
-    bytes: the scores read."""
+    bytes: the scores read; matches_reference: whether the call chose what the torch reference chooses."""
     topk = kernels.topk_select
     rows = []
     for name, n_rows, n_keys, k in topk_cases(shape):
@@ -681,11 +681,13 @@ def topk_rows(shape: Shape, timer: Timer, copy: float, kernels, launches, n_laye
                   else functools.partial(topk.topk_tokens_triton, k=k, radix_bits=launch[0], num_warps=launch[1]))
                  for launch in launches]  # fmt: skip
         calls.append(("topk_torch", functools.partial(torch_topk_ascending, k=k)))
+        expected = topk.topk_tokens_reference(score_sets[0], k)  # random scores: no ties, one right answer
         for method, call in calls:
             per_layer = [functools.partial(call, scores) for scores in score_sets]
             graph, error = graph_ms(timer, per_layer[0])
             rows.append(row(n_keys, f"{name}:{method}", timer(per_layer[0]), 4 * n_rows * n_keys, copy,
-                            layers_ms(timer, per_layer), n_keys=n_keys, graph_ms=graph, graph_error=error))  # fmt: skip
+                            layers_ms(timer, per_layer), n_keys=n_keys, graph_ms=graph, graph_error=error,
+                            matches_reference=torch.equal(per_layer[0](), expected)))  # fmt: skip
     return rows
 
 
@@ -882,6 +884,8 @@ def main() -> None:
         topk = topk_rows(shape, timer, copy, kernels, launches, args.layers)
         print("top-k selection (context = entries a row):")
         print_rows(topk, copy)
+        wrong = [r["method"] for r in topk if not r["matches_reference"]]
+        print("top-k calls that chose other entries than the reference:", ", ".join(wrong) or "none")
     sweep = []
     if args.sweep_keys:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
