@@ -50,8 +50,9 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 _LOG2E = 1.4426950408889634
 # Key blocks of selected tokens per split: a selected block's loads wait on each other (its rows, the candidates'
 # rows, then keys, partners, RoPE rows, values), so its blocks go to programs of their own, which wait in parallel.
-# (NOTES.md step 26: at 4 blocks a split, 36a1228's default, the kernel took 0.030 ms a layer on an H200 at 128K
-# against 0.0133 for the sparse kernel over a buffer of as many keys.)
+# (NOTES.md step 26: at 4 blocks a split, 36a1228's default, the kernel took 0.030 ms on an H200 at 128K against
+# 0.0133 for the sparse kernel over a buffer of as many keys, each alone in a graph. One block a split: predicted,
+# not measured yet, NOTES.md step 27.)
 SELECT_SPLIT_BLOCKS = 1
 
 

@@ -45,7 +45,8 @@ _BLOCK_S = _BLOCK_N  # spans a logits program scores; sparq's probabilities kern
 _BLOCK_Q = 16  # tl.dot needs at least 16 rows
 # Bound rows a logits program reads per step. With the whole (2 * headdim, 64) tile at once, the votes (both launches)
 # read the 67 MB of bounds at 512K tokens in 0.059 ms on the H100 (1.13 TB/s; ``stages_ms`` in
-# benchmarks/speed/results/attention_h100_36a1228.json); this step size is not measured on a GPU yet.
+# benchmarks/speed/results/attention_h100_36a1228.json). With 64 rows a step (8a45294) they took 0.040 ms on an H200
+# (1.65 TB/s; ``attention_h200_9bb52c4.json``): another card, so the two runs do not compare.
 _BLOCK_D = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -168,11 +168,10 @@ def topk_sweep():
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
     import attention as benchmark
+    from ltri.kernels.topk_select import RADIX_BITS
 
     launches = benchmark.parse_shapes(benchmark.SWEEP_TOPK, lambda *launch: launch)
     cases = [case[1:] for case in benchmark.topk_cases(benchmark.Shape())]
-    from ltri.kernels.topk_select import RADIX_BITS
-
     return [(case, *(launch or (RADIX_BITS, None))) for case in cases for launch in launches]
 
 

@@ -15,6 +15,21 @@ import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ROWS_DTYPES = [torch.int64, torch.int32]  # candidates read in place: the rows' dtypes a scores kernel takes
+
+
+def cases_with_rows(cases: list) -> list[tuple]:
+    """(case, dtype, rows dtype or None) for a scores kernel that reads its candidates whole or through rows: every
+    case in every dtype without rows, then each case once with rows, dtypes and rows' dtypes taken in turn (the
+    interpreter is slow: CI's time)."""
+    whole = [(case, dtype, None) for case in cases for dtype in DTYPES]
+    through_rows = [(case, DTYPES[i % len(DTYPES)], ROWS_DTYPES[i % 2]) for i, case in enumerate(cases)]
+    return whole + through_rows
+
+
+def case_id(value) -> str:
+    """A test id part: a case tuple as its numbers joined by '-', anything else as str."""
+    return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,7 +14,7 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernel_support import DEVICE, DTYPES, interpret_without_cuda  # noqa: E402, F401
+from kernel_support import DEVICE, DTYPES, case_id, cases_with_rows, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.sparq_scores import (  # noqa: E402
     mean_value_reallocation,
@@ -34,7 +34,6 @@ CASES = [
     (8, 4, 1025, 128, 16, True),
     (2, 4, 1025, 64, 12, False),
 ]
-ROWS = [None, torch.int64, torch.int32]  # the rows' dtype: the candidates are k[:, rows]; None: k itself
 N_CACHE = 3000  # tokens of the key cache the rows index
 
 
@@ -103,16 +102,7 @@ def test_all_components_give_the_exact_attention_probabilities():
     torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=1e-5)
 
 
-# every case in every dtype without rows; each case once with rows, dtypes and rows' dtypes taken in turn (the
-# interpreter is slow: CI's time)
-ROW_CASES = [(case, dtype, None) for case in CASES for dtype in DTYPES] + [
-    (case, DTYPES[i % len(DTYPES)], ROWS[1 + i % 2]) for i, case in enumerate(CASES)
-]
-
-
-@pytest.mark.parametrize(
-    "case, dtype, rows_dtype", ROW_CASES, ids=lambda x: str(x) if not isinstance(x, tuple) else "-".join(map(str, x))
-)
+@pytest.mark.parametrize("case, dtype, rows_dtype", cases_with_rows(CASES), ids=case_id)
 def test_matches_float64_reference_and_topk(case, dtype, rows_dtype):
     nheads_kv, group, n_keys, headdim, r, ragged = case
     n_cache = None if rows_dtype is None else N_CACHE

@@ -863,8 +863,8 @@ def main() -> None:
     launch_ms, launch_graph_ms = one_launch_ms(timer) if device.type == "cuda" else (None, None)
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
+    select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
     for context_len in contexts:
-        select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
         rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
