@@ -230,6 +230,8 @@ def topk_tokens_triton(
     order, so the result, ties included, is the one-stage result.
     """
     _check_inputs(scores, k, n_valid)
+    if radix_bits not in (0, 4, 8):
+        raise ValueError(f"radix_bits must be 0, 4 or 8, got {radix_bits}.")
     if scores.stride(1) != 1:
         scores = scores.contiguous()
     n_rows, n_keys = scores.shape
@@ -238,8 +240,6 @@ def topk_tokens_triton(
         return out
     valid = n_valid.to(device=scores.device) if n_valid is not None else None
     n_parts = parts_per_row(n_keys, k)
-    if radix_bits not in (0, 4, 8):
-        raise ValueError(f"radix_bits must be 0, 4 or 8, got {radix_bits}.")
     launch = functools.partial(_launch, radix_bits=radix_bits, num_warps=num_warps)
     if n_parts == 1:
         launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
