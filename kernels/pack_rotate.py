@@ -7,7 +7,8 @@ positions, keys and the query rotated.
     sink_keys, sink_values      (nheads_kv, S, headdim)        the sinks (S may be 0)
     rows_source                 (n_rows, 2, nheads_kv, headdim) stored tokens: part 0 keys, part 1 values (on
                                 CUDA the pinned host rows' device alias: reads cross PCIe, nothing is copied)
-    rows                        (B,) int64                     the retrieved tokens' rows in rows_source
+    rows                        (B,) or (nheads_kv, B) int64   the retrieved tokens' rows in rows_source, shared by
+                                                               the KV heads or each head's own (a token selection's)
     n_retrieved                 () or (1,) int64 on the device how many of them are valid (<= B)
     evidence_keys, _values      (nheads_kv, E, headdim)        stored tokens a question's reread encoded anew
                                                                (``ltri.evidence``; E may be 0)
@@ -58,7 +59,7 @@ def _pack_rotate_kernel(
     evidence_k_ptr, evidence_v_ptr, window_k_ptr, window_v_ptr, cos_ptr, sin_ptr,
     query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
     n_sink, n_evidence, window_capacity, n_packed, group,
-    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h,
+    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_rows_h,
     stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
@@ -92,7 +93,8 @@ def _pack_rotate_kernel(
     is_evidence = in_packed & (place >= n_sink + n_retrieved) & (place < window_start)
     is_window = in_packed & (place >= window_start)
     sink_at = tl.where(is_sink, place, 0).to(tl.int64)
-    row_at = tl.load(rows_ptr + tl.where(is_retrieved, place - n_sink, 0), mask=is_retrieved, other=0)
+    row_at = tl.load(rows_ptr + head * stride_rows_h + tl.where(is_retrieved, place - n_sink, 0), mask=is_retrieved,
+                     other=0)  # fmt: skip
     evidence_at = tl.where(is_evidence, place - n_sink - n_retrieved, 0).to(tl.int64)
     window_at = tl.minimum(tl.where(is_window, place - window_start, 0), window_capacity - 1).to(tl.int64)
     sink_off = head * stride_sink_h + sink_at[:, None] * stride_sink_t
@@ -195,7 +197,7 @@ _DROP_BITS = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}  # float3
 
 def _check_inputs(s: StepSources) -> None:
     nheads_kv, window_capacity, headdim = s.window_keys.shape
-    n_packed = s.sink_keys.shape[1] + s.rows.numel() + s.evidence_keys.shape[1] + window_capacity
+    n_packed = s.sink_keys.shape[1] + s.rows.shape[-1] + s.evidence_keys.shape[1] + window_capacity
     pairs = ((s.sink_keys, s.sink_values), (s.evidence_keys, s.evidence_values), (s.window_keys, s.window_values))
     segments_fit = all(keys.dim() == 3 and keys.shape[::2] == (nheads_kv, headdim) for keys, _ in pairs)
     if not segments_fit or s.rows_source.shape[1:] != (2, nheads_kv, headdim):
@@ -209,8 +211,10 @@ def _check_inputs(s: StepSources) -> None:
     if s.query.dim() != 2 or s.query.shape[1] != headdim or s.query.shape[0] % nheads_kv:
         raise ValueError(f"pack_rotate wants the query (nheads, {headdim}) in groups of {nheads_kv} KV heads, "
                          f"got {tuple(s.query.shape)}.")  # fmt: skip
-    if s.rows.dim() != 1 or s.rows.dtype != torch.long or s.n_retrieved.numel() != 1 or s.window_length.numel() != 1:
-        raise ValueError("pack_rotate wants rows (B,) int64, one n_retrieved and one window_length.")
+    rows_fit = s.rows.dim() == 1 or (s.rows.dim() == 2 and s.rows.shape[0] == nheads_kv)
+    if not rows_fit or s.rows.dtype != torch.long or s.n_retrieved.numel() != 1 or s.window_length.numel() != 1:
+        raise ValueError(f"pack_rotate wants rows (B,) or ({nheads_kv}, B) int64, one n_retrieved and one "
+                         f"window_length, got rows {s.rows.dtype} {tuple(s.rows.shape)}.")  # fmt: skip
     if s.cos.shape != (n_packed, headdim) or s.sin.shape != s.cos.shape:
         raise ValueError(f"cos and sin must be (P, headdim) = ({n_packed}, {headdim}), got {tuple(s.cos.shape)}.")
     dtypes = {t.dtype for t in (s.query, s.sink_keys, s.rows_source, s.evidence_keys, s.window_keys, s.cos, s.sin)}
@@ -228,16 +232,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def pack_rotate_reference(s: StepSources) -> PackedStep:
     """Plain torch: the rows gathered, sources concatenated, places gathered, keys and query rotated in their dtype."""
     _check_inputs(s)
-    retrieved = s.rows_source.index_select(0, s.rows)  # (B, 2, nheads_kv, headdim)
-    n_sink, budget, n_packed = s.sink_keys.shape[1], s.rows.numel(), s.cos.shape[0]
+    nheads_kv = s.window_keys.shape[0]
+    rows = s.rows.expand(nheads_kv, -1)  # (nheads_kv, B): each KV head's rows
+    retrieved = s.rows_source[rows, :, torch.arange(nheads_kv, device=rows.device)[:, None]]  # (nheads_kv, B, 2, hd)
+    n_sink, budget, n_packed = s.sink_keys.shape[1], rows.shape[1], s.cos.shape[0]
     n_retrieved = s.n_retrieved.reshape(1)
     place = torch.arange(n_packed, device=s.window_keys.device)
     # the sources concatenated hold sinks, B rows, evidence, window: past the valid rows a place reads B - n later
     source = torch.where(place < n_sink + n_retrieved, place, place - n_retrieved + budget).clamp(max=n_packed - 1)
 
     def packed(sinks: torch.Tensor, part: int, evidence: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        rows = retrieved[:, part].transpose(0, 1)
-        sources = torch.cat([sinks, rows, evidence, window], dim=1)  # (nheads_kv, P, headdim)
+        sources = torch.cat([sinks, retrieved[:, :, part], evidence, window], dim=1)  # (nheads_kv, P, headdim)
         return sources.index_select(1, source)
 
     at = n_sink + n_retrieved + s.evidence_keys.shape[1] + s.window_length.reshape(1)  # (1,) the step's own place
@@ -289,6 +294,7 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
         s.sink_keys.shape[1], s.evidence_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
+        s.rows.stride(0) if s.rows.dim() == 2 else 0,
         evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
         HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),

@@ -10,6 +10,8 @@ shapes do not change from one step to the next:
                 span slot, shared votes and persistence are updated in place, the budget is filled on the
                 device (``retrieval.chosen_spans_padded``), and the chosen spans' rows in the pinned host
                 rows (``offload.host_payloads``) are listed, less those the evidence holds
+    selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
+                approximate scores of their keys (gathered over PCIe), in document order (``ltri.token_selection``)
     attention   sinks, those rows (read straight over PCIe), the evidence a question's reread left resident for
                 its answer (``ltri.evidence``, fixed while the answer decodes) and window packed at compact
                 positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
@@ -24,7 +26,8 @@ the span tables, the votes) the next step runs the same code eagerly, and the on
 anew. On a CPU, or with graphs off, every step runs the same code eagerly.
 
 Shapes: query (1, nheads, 1, headdim), key, value (1, nheads_kv, 1, headdim) pre-RoPE; budget B retrieved
-tokens; E evidence tokens; the packed key set P = n_sink + B + E + window capacity.
+tokens (select_tokens when a selector narrows them); E evidence tokens; the packed key set P = n_sink + B + E +
+window capacity.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
+from ltri.kernels.topk_select import topk_tokens
 from ltri.positions import Rotary
 from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
+from ltri.token_selection import TokenSelector
 
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
 # Decode steps' tokens a binding reserves room for in the stored spans' tables and index, past the window's own:
@@ -80,7 +85,9 @@ class CapturedLayer:
         self.chosen = torch.empty(self.n_chosen, dtype=torch.long, pin_memory=counts.is_cuda)  # host copy, per step
         evidence = memory.evidence
         self.held_rows = evidence.held_rows(self.n_sink, memory.tables.owner.numel()) if evidence.length else None
-        self.n_packed = self.n_sink + self.budget + evidence.length + memory.window.capacity
+        self.selector = _selector(memory)
+        n_attended = self.budget if self.selector is None else self.selector.n_tokens
+        self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -91,12 +98,15 @@ class CapturedLayer:
         window_values.index_copy_(2, window_length, value)
         window_positions.index_copy_(0, window_length, self.counts[2:3])
         rows, n_retrieved = self.retrieve(query)
+        if self.selector is not None:
+            rows, n_retrieved = self.select(query, rows, n_retrieved)
         step = pack_rotate(self.sources(query[0, :, 0], window_length, rows, n_retrieved))
         output, _ = sparse_attention(step.query, step.keys, step.values, n_valid=step.n_valid, scale=scaling)
         return output[None]
 
     def sources(self, query: torch.Tensor, window_length, rows: torch.Tensor, n_retrieved) -> StepSources:
-        """What the step attends to: sinks, the retrieved tokens' rows in the host rows, the evidence (empty but
+        """What the step attends to: sinks, the retrieved (or each KV head's selected) tokens' rows in the host rows,
+        the evidence (empty but
         after a question's reread), the window; query (nheads, headdim) pre-RoPE. pack_rotate packs them at compact
         positions (one kernel on CUDA)."""
         window_keys, window_values, _ = self.memory.window.buffers()
@@ -125,6 +135,24 @@ class CapturedLayer:
         self.chosen.copy_(chosen, non_blocking=True)
         rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
         return (rows, count) if self.held_rows is None else rows_not_held(rows, count, self.held_rows)
+
+    def select(self, query: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each KV head's selector.n_tokens best of the retrieved rows (B,) (their first count valid), as the eager
+        step chooses them (``TokenSelector.select``): rows (nheads_kv, n_tokens) in document order, the valid first,
+        and their count, min(count, n_tokens); fixed shapes, no host sync."""
+        keys = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1)  # (nheads_kv, B, headdim) gathered
+        n_valid = count.reshape(1).repeat(keys.shape[0])  # (nheads_kv,): the kernels read one count a head
+        scores = self.selector.scores(query, keys, n_valid)
+        kept = topk_tokens(scores, self.selector.n_tokens, n_valid)  # ascending: past count only when all are kept
+        return rows[kept], count.clamp(max=self.selector.n_tokens)
+
+
+def _selector(memory: SpanMemory) -> TokenSelector | None:
+    """The layer's token selector, None when it has none or the budget never retrieves more than it keeps."""
+    config = memory.retrieval_config
+    if config.selector == "none" or config.budget <= config.select_tokens:
+        return None
+    return memory.token_selector()
 
 
 def _keys_values(buffer, window_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,10 +177,10 @@ class SpanMemory(LayerMemory):
             return self._reread_resident(self.rereading_from)
         parts = [self.sinks] if self.sinks.length else []
         retrieved = self._retrieve(queries) if self.n_spans and self.retrieval_config.budget else None
-        if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
-            retrieved = self._select(queries, *retrieved)
         if self.evidence.length and retrieved is not None:
             retrieved = self.evidence.leave_out(*retrieved)
+        if retrieved is not None and queries.shape[2] == 1 and self.retrieval_config.selector != "none":
+            retrieved = self._select(queries, *retrieved)  # among the tokens the evidence does not hold
         n_retrieved = self.evidence.length + (0 if retrieved is None else retrieved[2].numel())
         keys = [buffer.keys() for buffer in parts]
         values = [buffer.values() for buffer in parts]
@@ -260,12 +260,12 @@ class SpanMemory(LayerMemory):
     def captured_ready(self) -> bool:
         """Whether a decode step of this layer can run in fixed shapes: stored spans with every token in host
         rows, sinks full, the torch index, no reread under way, and a retrieval with no per-step host choices (the
-        evidence a reread left resident is fine: the step packs it between retrieved tokens and window)."""
+        evidence a reread left resident is fine: the step packs it between retrieved tokens and window; so is a
+        token selection, which the step makes on the device)."""
         config = self.retrieval_config
         return (
             self.n_spans > 0
             and config.budget > 0
-            and config.selector == "none"
             and config.refresh_every == 1
             and not SpanMemory.retrieval_overridden
             and self.host_payloads is not None

@@ -35,14 +35,15 @@ class TokenSelector:
     rank: int  # dimensions the approximate scores use
     basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) float32, loki only
 
-    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Approximate scores (nheads_kv, n_retrieved) float32 of the retrieved keys for one query."""
-        q = query[0, :, -1]  # (nheads, headdim)
+    def scores(self, query: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Approximate scores (nheads_kv, n) float32 of keys (nheads_kv, n, headdim) for one query (1, nheads, 1,
+        headdim); n_valid (nheads_kv,) int64: the keys past it are padding, scored -inf."""
+        q = query[0, :, -1].contiguous()  # (nheads, headdim)
         rank = min(self.rank, q.shape[-1])
         if self.method == "sparq":
-            return sparq_scores(q.contiguous(), keys[0].contiguous(), rank)
-        keys_lowrank = project_keys(keys[0], self.basis, rank).contiguous()
-        return lowrank_scores(q.contiguous(), keys_lowrank, self.basis, rank)
+            return sparq_scores(q, keys if keys.stride(-1) == 1 else keys.contiguous(), rank, n_valid)
+        keys_lowrank = project_keys(keys, self.basis, rank).contiguous()
+        return lowrank_scores(q, keys_lowrank, self.basis, rank, n_valid)
 
     def select(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """The n_tokens best retrieved tokens of each KV head, in document order.
@@ -52,7 +53,7 @@ class TokenSelector:
         """
         if keys.shape[2] <= self.n_tokens:
             return keys, values, None
-        indices = topk_tokens(self.scores(query, keys), self.n_tokens)  # (nheads_kv, n_tokens)
+        indices = topk_tokens(self.scores(query, keys[0]), self.n_tokens)  # (nheads_kv, n_tokens)
         gather = indices[None, :, :, None].expand(1, -1, -1, keys.shape[3])
         return keys.gather(2, gather), values.gather(2, gather), indices
 

@@ -21,11 +21,21 @@ from ltri.offload.host_payloads import HostPayloads
 from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
 
 QUEST_LIKE = {"segmentation": "fixed", "index_vectors": "bounds"}
+# token selection: each KV head keeps 20 of the budget's 48 retrieved tokens
+SPARQ = {"selector": "sparq", "select_tokens": 20, "select_rank": 4}
+LOKI = {"selector": "loki", "select_tokens": 20, "select_rank": 4}
 
 
 @pytest.mark.parametrize(
     "spans, retrieval",
-    [(None, {}), (None, {"vote": "max", "collaboration": 0.0}), (None, {"persistence": 0.0}), (QUEST_LIKE, {})],
+    [
+        (None, {}),
+        (None, {"vote": "max", "collaboration": 0.0}),
+        (None, {"persistence": 0.0}),
+        (QUEST_LIKE, {}),
+        (None, SPARQ),
+        (None, LOKI),
+    ],
 )
 def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
     eager = session_for("never", spans=spans, **retrieval)
@@ -34,6 +44,8 @@ def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
     got, got_spans = decode(captured, 40)
     steps = captured._captured.steps
     assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == 40  # every step took the captured path
+    selecting = [layer.selector is not None for layer in captured._captured.layers]
+    assert selecting == ["selector" in retrieval] * 3  # a selector narrows the budget's tokens in the step
     assert eager._captured is None or eager._captured.layers is None
     assert got_spans == expected_spans
     assert (got - expected).abs().max().item() < 1e-4
@@ -116,11 +128,11 @@ def test_host_rows_need_no_copy_to_grow():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("graphs", [False, True])
-def test_captured_steps_equal_eager_steps_on_the_gpu(graphs):
+@pytest.mark.parametrize("graphs, retrieval", [(False, {}), (True, {}), (True, SPARQ), (True, LOKI)])
+def test_captured_steps_equal_eager_steps_on_the_gpu(graphs, retrieval):
     sessions = []
     for where in ("never", "cuda"):
-        sessions.append(session_for(where, "cuda", torch.bfloat16))
+        sessions.append(session_for(where, "cuda", torch.bfloat16, **retrieval))
     if not graphs:
         sessions[1]._captured = CapturedDecode(
             sessions[1]._decode_step, sessions[1].cache.memories(), sessions[1].rotary, "cuda", use_graph=False
@@ -301,12 +313,12 @@ def answer_steps(session: Session, n_steps: int) -> tuple[torch.Tensor, list]:
     return torch.stack(steps), retrieved
 
 
-@pytest.mark.parametrize("echo_tokens", [0, 24])
-def test_answers_with_evidence_take_captured_steps_equal_to_eager_steps(echo_tokens):
+@pytest.mark.parametrize("echo_tokens, selection", [(0, {}), (24, {}), (24, SPARQ)])
+def test_answers_with_evidence_take_captured_steps_equal_to_eager_steps(echo_tokens, selection):
     """A question's reread leaves evidence resident for its answer (ltri.evidence): the captured step packs it
     between the retrieved tokens and the window and leaves the rows it holds out of what it retrieves, as the eager
-    step does."""
-    options = {"reread": True, "reread_evidence": 40, "echo_tokens": echo_tokens}
+    step does (and a selector chooses among the rest)."""
+    options = {"reread": True, "reread_evidence": 40, "echo_tokens": echo_tokens, **selection}
     eager = session_for("never", **options)
     captured = session_for("always", **options)
     expected, expected_spans = answer_steps(eager, 20)

@@ -35,8 +35,10 @@ N_ROWS = 500
 
 
 def make_inputs(
-    n_sink, budget, window, nheads_kv, group, headdim, n_retrieved, window_length, n_evidence, dtype, seed=0
-):
+    n_sink, budget, window, nheads_kv, group, headdim, n_retrieved, window_length, n_evidence, dtype, seed=0,
+    per_head=False,
+):  # fmt: skip
+    """per_head: each KV head its own rows (nheads_kv, budget), as after a token selection."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -45,7 +47,7 @@ def make_inputs(
     n_packed = n_sink + budget + n_evidence + window
     angles = torch.arange(n_packed)[:, None] * torch.rand(headdim // 2, generator=generator)[None, :]
     angles = torch.cat([angles, angles], dim=1)
-    rows = torch.randint(0, N_ROWS, (budget,), generator=generator).to(DEVICE)
+    rows = torch.randint(0, N_ROWS, (nheads_kv, budget) if per_head else (budget,), generator=generator).to(DEVICE)
     return StepSources(
         randn(nheads_kv * group, headdim), torch.tensor([window_length], device=DEVICE),
         randn(nheads_kv, n_sink, headdim), randn(nheads_kv, n_sink, headdim), randn(N_ROWS, 2, nheads_kv, headdim),
@@ -59,10 +61,11 @@ def in_float64(inputs):
     return StepSources(*(t.double() if t.is_floating_point() else t for t in inputs.tensors()))
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_rows", "rows_per_head"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_the_float64_reference(case, dtype):
-    inputs = make_inputs(*case, dtype)
+def test_matches_the_float64_reference(case, dtype, per_head):
+    inputs = make_inputs(*case, dtype, per_head=per_head)
     got = pack_rotate_triton(inputs)
     exact = pack_rotate_reference(in_float64(inputs))
     plain = pack_rotate_reference(inputs)
@@ -77,21 +80,22 @@ def test_matches_the_float64_reference(case, dtype):
             assert torch.equal(getattr(got, part), getattr(plain, part)), part
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_rows", "rows_per_head"])
 @pytest.mark.parametrize("n_evidence", [0, 5])
-def test_places_hold_sinks_then_retrieved_rows_then_evidence_then_the_window(n_evidence):
+def test_places_hold_sinks_then_retrieved_rows_then_evidence_then_the_window(n_evidence, per_head):
     n_sink, budget, window, nheads_kv, n_retrieved, window_length = 3, 8, 6, 2, 5, 4
-    inputs = make_inputs(
-        n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, n_evidence, torch.float32
-    )
+    sizes = (n_sink, budget, window, nheads_kv, 2, 64, n_retrieved, window_length, n_evidence)
+    inputs = make_inputs(*sizes, torch.float32, per_head=per_head)
     n_packed = n_sink + budget + n_evidence + window
     cos, sin = torch.ones(n_packed, 64, device=DEVICE), torch.zeros(n_packed, 64, device=DEVICE)  # no rotation
     inputs = dataclasses.replace(inputs, cos=cos, sin=sin)
     got = pack_rotate_triton(inputs)
-    keys, values, rows = got.keys, got.values, inputs.rows
+    keys, values, rows = got.keys, got.values, inputs.rows.expand(nheads_kv, -1)
     assert torch.equal(keys[:, :n_sink], inputs.sink_keys)
-    assert torch.equal(
-        keys[:, n_sink : n_sink + n_retrieved], inputs.rows_source[rows[:n_retrieved], 0].transpose(0, 1)
-    )
+    for head in range(nheads_kv):  # KV head h's retrieved places hold its own rows' keys and values
+        stored = inputs.rows_source[rows[head, :n_retrieved], :, head]  # (n_retrieved, 2, headdim)
+        assert torch.equal(keys[head, n_sink : n_sink + n_retrieved], stored[:, 0])
+        assert torch.equal(values[head, n_sink : n_sink + n_retrieved], stored[:, 1])
     evidence_end = n_sink + n_retrieved + n_evidence
     assert torch.equal(keys[:, n_sink + n_retrieved : evidence_end], inputs.evidence_keys)
     assert torch.equal(values[:, n_sink + n_retrieved : evidence_end], inputs.evidence_values)
@@ -122,7 +126,8 @@ def test_bad_inputs_get_one_sentence():
     inputs = make_inputs(*CASES[0], torch.float32)
     for name, bad, message in [
         ("cos", inputs.cos[:-1], "cos and sin must be"),
-        ("rows", inputs.rows.int(), "rows \\(B,\\) int64"),
+        ("rows", inputs.rows.int(), "rows \\(B,\\) or \\(3, B\\) int64"),
+        ("rows", inputs.rows.expand(2, -1), "rows \\(B,\\) or \\(3, B\\) int64"),
         ("rows_source", inputs.rows_source[:, :, :1], "sinks and evidence \\(nheads_kv, n, headdim\\)"),
         ("window_values", inputs.window_values[:, :-1], "same shape"),
         ("evidence_keys", inputs.evidence_keys[:1], "sinks and evidence \\(nheads_kv, n, headdim\\)"),
