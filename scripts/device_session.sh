@@ -10,6 +10,9 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
 #                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
+#   bash scripts/device_session.sh select      ltri's 128K prefill and 32 decode steps with a 4096-token budget, each KV head
+#                                             attending to all of it, then to 1024 of it chosen by SparQ, then by Loki
+#                                             (issue 4: token selection in the product's captured step)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come,
@@ -24,7 +27,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, step, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, select, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -59,6 +62,12 @@ log="$out/${part}_${sha}_gpu.log"
         step)
             timeout 400 python3 benchmarks/speed/attention.py --contexts 128k,512k --sweep-keys '' --chunk 0 \
                 --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
+        select)
+            for selector in none sparq loki; do
+                timeout 180 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
+                    --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector "$selector" \
+                    --store-root /tmp/ltri-e2e --out "$out/e2e_select_${selector}_${sha}_gpu.json"
+            done ;;
         register)
             timeout 200 python3 benchmarks/speed/host_register.py --out "$out/host_register_${sha}_gpu.json"
             timeout 340 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --store-root /tmp/ltri-e2e \
@@ -90,7 +99,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, step, select, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

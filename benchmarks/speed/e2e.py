@@ -82,6 +82,8 @@ import torch
 
 from ltri import LtriConfig, LtriError, SamplingConfig, Session
 from ltri.cache import cache_argument_name
+from ltri.config import SELECTORS
+from ltri.index import INDEX_BACKENDS
 from ltri.model import DTYPES, resolve_dtype
 from ltri.offload import host_payloads
 from ltri.provenance import git_dirty, git_sha
@@ -212,6 +214,16 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-refresh-every", type=int, default=None, help="decode steps per retrieval (default: ltri's)"
     )
     parser.add_argument(
+        "--ltri-backend", default=None, choices=INDEX_BACKENDS, help="span index (default: ltri's, torch on CUDA)"
+    )
+    parser.add_argument("--ltri-budget", type=int, default=None, help="retrieved tokens a step (default: ltri's)")
+    parser.add_argument(
+        "--ltri-selector", default=None, choices=SELECTORS, help="token selection per KV head (default: ltri's)"
+    )
+    parser.add_argument(
+        "--ltri-select-tokens", type=int, default=None, help="tokens each KV head keeps (default: ltri's)"
+    )
+    parser.add_argument(
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
     parser.add_argument(
@@ -296,8 +308,11 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
     if args.ltri_host_payloads is not None:
         memory = replace(memory, host_payloads=args.ltri_host_payloads)
     retrieval = config.retrieval
-    if args.ltri_refresh_every is not None:
-        retrieval = replace(retrieval, refresh_every=args.ltri_refresh_every)
+    overrides = {
+        "refresh_every": args.ltri_refresh_every, "budget": args.ltri_budget, "selector": args.ltri_selector,
+        "select_tokens": args.ltri_select_tokens, "backend": args.ltri_backend,
+    }  # fmt: skip
+    retrieval = replace(retrieval, **{name: value for name, value in overrides.items() if value is not None})
     chunk = config.prefill_chunk(device) if args.ltri_chunk is None else args.ltri_chunk
     return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk, cuda_graphs=not args.ltri_no_graphs)
 
@@ -630,6 +645,8 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "n_window": settings.ltri.memory.n_window,
         "budget": settings.ltri.retrieval.budget,
         "refresh_every": settings.ltri.retrieval.refresh_every,
+        "selector": settings.ltri.retrieval.selector,
+        "select_tokens": settings.ltri.retrieval.select_tokens,
     }
     return fields, logits
 
