@@ -106,9 +106,8 @@ class CapturedLayer:
 
     def sources(self, query: torch.Tensor, window_length, rows: torch.Tensor, n_retrieved) -> StepSources:
         """What the step attends to: sinks, the retrieved (or each KV head's selected) tokens' rows in the host rows,
-        the evidence (empty but
-        after a question's reread), the window; query (nheads, headdim) pre-RoPE. pack_rotate packs them at compact
-        positions (one kernel on CUDA)."""
+        the evidence (empty but after a question's reread), the window; query (nheads, headdim) pre-RoPE. pack_rotate
+        packs them at compact positions (one kernel on CUDA)."""
         window_keys, window_values, _ = self.memory.window.buffers()
         sink_keys, sink_values = _keys_values(self.memory.sinks, window_keys)
         evidence_keys, evidence_values = _keys_values(self.memory.evidence.tokens, window_keys)
