@@ -229,7 +229,9 @@ def launchers(dtype: torch.dtype):
         for n_valid in (None, torch.full((n_rows,), n_keys)):
             yield m_topk, functools.partial(m_topk.topk_tokens_triton, scores, k, n_valid)
     for case in pack.CASES:
-        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.make_inputs(*case, dtype))
+        for per_head in (False, True):
+            sources = pack.make_inputs(*case, dtype, per_head=per_head)
+            yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources)
     for case in chunk_map.CASES:
         query, keys = chunk_map.make_inputs(*case, dtype)
         yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.125)
