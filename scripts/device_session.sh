@@ -64,7 +64,7 @@ log="$out/${part}_${sha}_gpu.log"
                 --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
         select)
             for selector in none sparq loki; do
-                timeout 180 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
+                timeout 120 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
                     --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector "$selector" \
                     --store-root /tmp/ltri-e2e --out "$out/e2e_select_${selector}_${sha}_gpu.json"
             done ;;
