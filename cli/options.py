@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ltri.config import SELECTORS, LtriConfig, MemoryConfig, RetrievalConfig, SamplingConfig
+from ltri.errors import LtriError
 
 _MEMORY, _RETRIEVAL, _LTRI, _SAMPLING = MemoryConfig(), RetrievalConfig(), LtriConfig(), SamplingConfig()
 
@@ -46,6 +47,20 @@ class ReadingOptions:
         typer.Option(
             "--selector",
             help=f"Token selection among retrieved spans: {', '.join(SELECTORS)} (default: {_RETRIEVAL.selector}).",
+        ),
+    ] = None
+    select_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--select-tokens",
+            help="With --selector, retrieved tokens each KV head keeps a step; below --budget "
+            f"(default: {_RETRIEVAL.select_tokens}).",
+        ),
+    ] = None
+    select_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--select-rank", help=f"Dimensions the --selector's scores use (default: {_RETRIEVAL.select_rank})."
         ),
     ] = None
     refresh_every: Annotated[
@@ -108,12 +123,19 @@ class ReadingOptions:
             base.retrieval,
             budget=self.budget,
             selector=self.selector,
+            select_tokens=self.select_tokens,
+            select_rank=self.select_rank,
             refresh_every=self.refresh_every,
             reread=self.reread,
             reread_evidence=self.reread_evidence,
             draft_tokens=self.draft_tokens,
             echo_tokens=self.echo_tokens,
         )
+        if self.selector not in (None, "none") and retrieval.select_tokens >= retrieval.budget:
+            raise LtriError(
+                f"--selector {self.selector} keeps --select-tokens ({retrieval.select_tokens}) of the --budget "
+                f"({retrieval.budget}) tokens retrieved a step: give a larger --budget or fewer --select-tokens."
+            )
         return _given(
             base,
             memory=memory,

@@ -108,6 +108,10 @@ ERROR_CASES = {
     ),
     "unknown policy": (lambda tmp, book: ["ask", "-c", str(book), "--policy", "magic", "q"], "Unknown memory policy"),
     "unknown selector": (lambda tmp, book: ["chat", "-c", str(book), "--selector", "magic"], "Unknown selector"),
+    "selector with nothing to narrow": (
+        lambda tmp, book: ["chat", "-c", str(book), "--selector", "sparq"],
+        "give a larger --budget or fewer --select-tokens",
+    ),
     "impossible window": (lambda tmp, book: ["chat", "-c", str(book), "--window", "0"], "n_window"),
     "negative budget": (lambda tmp, book: ["chat", "-c", str(book), "--budget", "-1"], "budget must be 0 or more"),
     "negative refresh": (

@@ -278,11 +278,13 @@ def test_the_cache_key_follows_what_shapes_a_store(tiny_model):
     base = ReadingOptions(window=64)
     key = store_key("text", str(tiny_model), base.config(), None)
     answer_time = ReadingOptions(
-        window=64, budget=10, chunk=7, reread=True, reread_evidence=32, draft_tokens=8, echo_tokens=16
-    ).config()
+        window=64, budget=10, chunk=7, reread=True, reread_evidence=32, draft_tokens=8, echo_tokens=16,
+        selector="sparq", select_tokens=6, select_rank=4,
+    ).config()  # fmt: skip
     assert answer_time.retrieval != base.config().retrieval
     retrieval = answer_time.retrieval
     assert (retrieval.reread_evidence, retrieval.draft_tokens, retrieval.echo_tokens) == (32, 8, 16)
+    assert (retrieval.selector, retrieval.select_tokens, retrieval.select_rank) == ("sparq", 6, 4)
     assert key == store_key("text", str(tiny_model), answer_time, None)
     others = [
         store_key("other text", str(tiny_model), base.config(), None),
