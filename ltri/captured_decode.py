@@ -40,7 +40,6 @@ from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
-from ltri.kernels.topk_select import topk_tokens
 from ltri.positions import Rotary
 from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
@@ -141,9 +140,7 @@ class CapturedLayer:
         and their count, min(count, n_tokens); fixed shapes, no host sync."""
         keys = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1)  # (nheads_kv, B, headdim) gathered
         n_valid = count.reshape(1).repeat(keys.shape[0])  # (nheads_kv,): the kernels read one count a head
-        scores = self.selector.scores(query, keys, n_valid)
-        kept = topk_tokens(scores, self.selector.n_tokens, n_valid)  # ascending: past count only when all are kept
-        return rows[kept], count.clamp(max=self.selector.n_tokens)
+        return rows[self.selector.best(query, keys, n_valid)], count.clamp(max=self.selector.n_tokens)
 
 
 def _selector(memory: SpanMemory) -> TokenSelector | None:

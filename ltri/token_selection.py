@@ -45,6 +45,11 @@ class TokenSelector:
         keys_lowrank = project_keys(keys, self.basis, rank).contiguous()
         return lowrank_scores(q, keys_lowrank, self.basis, rank, n_valid)
 
+    def best(self, query: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (nheads_kv, n_tokens) int64 of each KV head's best keys (nheads_kv, n, headdim), ascending (document
+        order); with n_valid (nheads_kv,), padding ranks last, so it is chosen only when every valid key is."""
+        return topk_tokens(self.scores(query, keys, n_valid), self.n_tokens, n_valid)
+
     def select(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """The n_tokens best retrieved tokens of each KV head, in document order.
 
@@ -53,7 +58,7 @@ class TokenSelector:
         """
         if keys.shape[2] <= self.n_tokens:
             return keys, values, None
-        indices = topk_tokens(self.scores(query, keys[0]), self.n_tokens)  # (nheads_kv, n_tokens)
+        indices = self.best(query, keys[0])  # (nheads_kv, n_tokens)
         gather = indices[None, :, :, None].expand(1, -1, -1, keys.shape[3])
         return keys.gather(2, gather), values.gather(2, gather), indices
 
