@@ -10,9 +10,9 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
 #                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
-#   bash scripts/device_session.sh select      ltri's 128K prefill and 32 decode steps with a 4096-token budget, each KV head
-#                                             attending to all of it, then to 1024 of it chosen by SparQ, then by Loki
-#                                             (issue 4: token selection in the product's captured step)
+#   bash scripts/device_session.sh select      ltri's 128K prefill and 32 decode steps with a 4096-token budget, each
+#                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
+#                                             then by Loki (NOTES step 28: token selection in the captured step)
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come,
