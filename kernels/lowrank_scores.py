@@ -203,7 +203,7 @@ def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=No
     """Plain torch: the contract the kernel must meet; float32 (float64 math and result for float64 inputs)."""
     _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows)
     if rows is not None:
-        keys_lowrank = keys_lowrank.index_select(1, rows)  # the candidates, gathered (the kernel reads them in place)
+        keys_lowrank = keys_lowrank[:, rows]  # the candidates, gathered (index_select would copy a strided view whole)
     nheads_kv = keys_lowrank.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
     q_sum = q.to(compute).reshape(nheads_kv, -1, q.shape[1]).sum(dim=1)  # (nheads_kv, headdim)

@@ -244,7 +244,7 @@ def sparq_scores_reference(q, k, r, n_valid=None, rows=None) -> torch.Tensor:
     """Plain torch: the contract the kernels must meet; float32 (float64 math and result for float64 inputs)."""
     _check_inputs(q, k, r, n_valid, rows)
     if rows is not None:
-        k = k.index_select(1, rows)  # the candidates, gathered (the kernels read them in place)
+        k = k[:, rows]  # the candidates, gathered (index_select would copy a strided view whole)
     nheads_kv, n_keys, _ = k.shape
     compute = torch.promote_types(q.dtype, torch.float32)
     idx, q_sel = sparq_query(q, nheads_kv, r)

@@ -11,7 +11,8 @@ shapes do not change from one step to the next:
                 device (``retrieval.chosen_spans_padded``), and the chosen spans' rows in the pinned host
                 rows (``offload.host_payloads``) are listed, less those the evidence holds
     selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
-                approximate scores of their keys (gathered over PCIe), in document order (``ltri.token_selection``)
+                approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
+                over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
     attention   sinks, those rows (read straight over PCIe), the evidence a question's reread left resident for
                 its answer (``ltri.evidence``, fixed while the answer decodes) and window packed at compact
                 positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
@@ -85,6 +86,7 @@ class CapturedLayer:
         evidence = memory.evidence
         self.held_rows = evidence.held_rows(self.n_sink, memory.tables.owner.numel()) if evidence.length else None
         self.selector = _selector(memory)
+        self.projections = None if self.selector is None else memory.stored_projections()  # loki's, caught up
         n_attended = self.budget if self.selector is None else self.selector.n_tokens
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
@@ -137,10 +139,15 @@ class CapturedLayer:
     def select(self, query: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each KV head's selector.n_tokens best of the retrieved rows (B,) (their first count valid), as the eager
         step chooses them (``TokenSelector.select``): rows (nheads_kv, n_tokens) in document order, the valid first,
-        and their count, min(count, n_tokens); fixed shapes, no host sync."""
-        keys = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1)  # (nheads_kv, B, headdim) gathered
-        n_valid = count.reshape(1).repeat(keys.shape[0])  # (nheads_kv,): the kernels read one count a head
-        return rows[self.selector.best(query, keys, n_valid)], count.clamp(max=self.selector.n_tokens)
+        and their count, min(count, n_tokens); fixed shapes, no host sync. Loki reads the rows' stored projections
+        in place (``offload.projected_keys``); SparQ, whose components depend on the query, their keys gathered."""
+        if self.projections is not None:
+            scored, candidates = self.projections.scored(), rows  # (nheads_kv, max_tokens, rank), read at rows
+        else:
+            scored, candidates = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1), None  # (nkv, B, hd)
+        n_valid = count.reshape(1).repeat(scored.shape[0])  # (nheads_kv,): the kernels read one count a head
+        best = self.selector.best(query, scored, n_valid, candidates)
+        return rows[best], count.clamp(max=self.selector.n_tokens)
 
 
 def _selector(memory: SpanMemory) -> TokenSelector | None:

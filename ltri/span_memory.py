@@ -29,6 +29,7 @@ from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.kernels.lowrank_scores import basis_of_covariance
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.host_payloads import HostMemoryShort, HostPayloads, HostRowsSwitch
+from ltri.offload.projected_keys import ProjectedKeys
 from ltri.offload.span_cache import SpanCache
 from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
@@ -77,6 +78,7 @@ class SpanMemory(LayerMemory):
         self._waiting_cut = False  # this layer's chunk waits in deferred to be cut
         self.tables: SpanTables | None = None  # the stored spans' lengths and rows on the device
         self.host_payloads: HostPayloads | None = None  # the stored tokens in pinned host memory (MemoryConfig)
+        self.projected_keys: ProjectedKeys | None = None  # Loki's projections of the host rows' keys (loki only)
         self.n_in_store = 0  # spans [0, n_in_store) are in the span store; later ones only in the host rows
         self.sinks = TokenBuffer(memory.n_sink)
         self.window = TokenBuffer()
@@ -310,6 +312,18 @@ class SpanMemory(LayerMemory):
             self.basis = fit_basis(self._resident_keys())
         return TokenSelector(config.selector, config.select_tokens, config.select_rank, self.basis)
 
+    def stored_projections(self, stored_keys: torch.Tensor | None = None) -> ProjectedKeys | None:
+        """Loki's projections of every token in the host rows (made, or caught up, now); None without the loki
+        selector or host rows. stored_keys (nheads_kv, n, headdim): the tokens the host rows took last, where the
+        caller has them (``ProjectedKeys.catch_up``)."""
+        if self.retrieval_config.selector != "loki" or self.host_payloads is None:
+            return None
+        if self.projected_keys is None:
+            selector = self.token_selector()  # the basis decomposed now (once a layer)
+            self.projected_keys = ProjectedKeys(selector.basis, selector.scored_width, self.host_payloads.dtype)
+        self.projected_keys.catch_up(self.host_payloads, stored_keys)
+        return self.projected_keys
+
     def _resident_keys(self) -> list[torch.Tensor]:
         return [buffer.keys() for buffer in (self.sinks, self.window) if buffer.length]
 
@@ -319,7 +333,11 @@ class SpanMemory(LayerMemory):
         The positions returned are KV head 0's: the position modes that allow a selector (compact,
         one_angle) place the retrieved tokens by the layout alone.
         """
-        keys, values, indices = self.token_selector().select(queries, keys, values)
+        stored = None
+        projections = self.stored_projections()
+        if projections is not None:  # the retrieved tokens' rows in the host rows are their positions' (_load)
+            stored = (projections.scored(), (positions - self.sinks.length).to(projections.basis.device))
+        keys, values, indices = self.token_selector().select(queries, keys, values, stored)
         if indices is not None:
             positions = positions[indices[0]]
         return keys, values, positions
@@ -455,6 +473,7 @@ class SpanMemory(LayerMemory):
         try:
             if self.host_rows.on:
                 self.host_payloads.append(keys, values)
+                self.stored_projections(keys)
                 return True
         except HostMemoryShort as short:
             warnings.warn(f"stored tokens no longer kept in host memory ({short})", stacklevel=2)
@@ -469,6 +488,9 @@ class SpanMemory(LayerMemory):
 
     def release(self) -> None:
         """The host rows given back without storing what only they hold (the session is done with this memory)."""
+        if self.projected_keys is not None:
+            self.projected_keys.close()
+            self.projected_keys = None
         if self.host_payloads is not None:
             self.host_payloads.close()
             self.host_payloads = None

@@ -35,30 +35,51 @@ class TokenSelector:
     rank: int  # dimensions the approximate scores use
     basis: torch.Tensor | None = None  # (nheads_kv, headdim, headdim) float32, loki only
 
-    def scores(self, query: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Approximate scores (nheads_kv, n) float32 of keys (nheads_kv, n, headdim) for one query (1, nheads, 1,
-        headdim); n_valid (nheads_kv,) int64: the keys past it are padding, scored -inf."""
-        q = query[0, :, -1].contiguous()  # (nheads, headdim)
-        rank = min(self.rank, q.shape[-1])
+    @property
+    def scored_width(self) -> int | None:
+        """Components a stored key's scored form keeps (Loki's rank), None where it is the key itself (SparQ)."""
+        if self.method != "loki":
+            return None
+        return min(self.rank, self.basis.shape[1])
+
+    def scored_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """What the scores read of keys (nheads_kv, n, headdim): Loki's projection (nheads_kv, n, rank) in keys'
+        dtype, fixed per key once the basis is (so it may be kept with the stored tokens); SparQ's keys themselves."""
         if self.method == "sparq":
-            return sparq_scores(q, keys if keys.stride(-1) == 1 else keys.contiguous(), rank, n_valid)
-        keys_lowrank = project_keys(keys, self.basis, rank).contiguous()
-        return lowrank_scores(q, keys_lowrank, self.basis, rank, n_valid)
+            return keys
+        return project_keys(keys, self.basis, self.scored_width)
 
-    def best(self, query: torch.Tensor, keys: torch.Tensor, n_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Indices (nheads_kv, n_tokens) int64 of each KV head's best keys (nheads_kv, n, headdim), ascending (document
-        order); with n_valid (nheads_kv,), padding ranks last, so it is chosen only when every valid key is."""
-        return topk_tokens(self.scores(query, keys, n_valid), self.n_tokens, n_valid)
+    def scores(
+        self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None
+    ) -> torch.Tensor:
+        """Approximate scores (nheads_kv, n) float32 for one query (1, nheads, 1, headdim) of the keys whose
+        scored_keys are scored (nheads_kv, n, d); with rows (n,), of scored[:, rows], read in place. n_valid
+        (nheads_kv,) int64: the keys past it are padding, scored -inf."""
+        q = query[0, :, -1].contiguous()  # (nheads, headdim)
+        if scored.stride(-1) != 1:
+            scored = scored.contiguous()
+        if self.method == "sparq":
+            return sparq_scores(q, scored, min(self.rank, q.shape[-1]), n_valid, rows)
+        return lowrank_scores(q, scored, self.basis, self.scored_width, n_valid, rows)
 
-    def select(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    def best(self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None):
+        """Indices (nheads_kv, n_tokens) int64 of each KV head's best keys (as scores takes them), ascending
+        (document order); with n_valid (nheads_kv,), padding ranks last, so it is chosen only when every valid
+        key is."""
+        return topk_tokens(self.scores(query, scored, n_valid, rows), self.n_tokens, n_valid)
+
+    def select(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored=None):
         """The n_tokens best retrieved tokens of each KV head, in document order.
 
-        Returns keys, values (1, nheads_kv, n_tokens, headdim) and the chosen indices (nheads_kv, n_tokens)
-        into the retrieved tokens; everything unchanged (indices None) when there are not more than n_tokens.
+        stored: the retrieved tokens' scored_keys where they are kept, (scored (nheads_kv, n_rows, d), rows (n,));
+        else they are made from keys. Returns keys, values (1, nheads_kv, n_tokens, headdim) and the chosen
+        indices (nheads_kv, n_tokens) into the retrieved tokens; everything unchanged (indices None) when there
+        are not more than n_tokens.
         """
         if keys.shape[2] <= self.n_tokens:
             return keys, values, None
-        indices = self.best(query, keys[0])  # (nheads_kv, n_tokens)
+        scored, rows = stored if stored is not None else (self.scored_keys(keys[0]), None)
+        indices = self.best(query, scored, rows=rows)  # (nheads_kv, n_tokens)
         gather = indices[None, :, :, None].expand(1, -1, -1, keys.shape[3])
         return keys.gather(2, gather), values.gather(2, gather), indices
 

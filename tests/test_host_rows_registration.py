@@ -255,3 +255,14 @@ def test_a_failed_early_first_piece_is_registered_when_needed():
         locked.extend(10)
     assert [(address, size) for address, size, _ in recorder.calls[:2]] == [(0, 1000), (0, 1000)]
     assert locked.pieces[0] == (0, 1000)
+
+
+def test_smaller_rows_lock_a_share_of_the_piece_sizes():
+    """Rows a sixteenth of the tokens' keys and values (HostRows' lock_scale): pieces a sixteenth as large, whole
+    pages still."""
+    recorder = Recorder()
+    locked = _LockedPrefix(0, recorder.register, recorder.unregister, executor=None, lock_scale=1 / 16)
+    for needed in (10, 60, 130, 190):
+        locked.extend(needed)
+    assert_contiguous(locked, 0)
+    assert [size for _, size, _ in recorder.calls] == [100, 100]  # 1000 / 16 = 62 bytes, rounded up to a page

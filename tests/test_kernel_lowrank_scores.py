@@ -119,6 +119,17 @@ def test_matches_float64_reference_and_topk(case, dtype, rows_dtype):
     assert torch.equal(topk_tokens(scores, k, n_valid), topk_tokens(ref, k, n_valid))
 
 
+def test_rows_read_token_major_rows_in_place():
+    """The layout of the stored projections (``offload.projected_keys``): rows (n_rows, nheads_kv, rank), read as
+    (nheads_kv, n_rows, rank) with the heads' stride the rank and the tokens' stride nheads_kv x rank."""
+    q, cache, basis, n_valid = make_inputs(3, 3, 123, 64, 16, True, torch.float32, n_cache=N_CACHE)
+    token_major = cache.transpose(0, 1).contiguous().transpose(0, 1)
+    rows = random_rows(123, torch.int64)
+    got = lowrank_scores(q, token_major, basis, 16, n_valid, rows)
+    expected = lowrank_scores_reference(q, cache.contiguous(), basis, 16, n_valid, rows)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_tokens_respects_n_valid_and_sorts():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3], [5.0, 4.0, 3.0, 2.0, 1.0]])
     n_valid = torch.tensor([3, 5])

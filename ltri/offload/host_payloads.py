@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import math
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,16 +79,22 @@ def reserved_region(nbytes: int) -> mmap.mmap:
     return region
 
 
-class HostPayloads:
-    """nheads_kv, headdim, dtype: one stored token's shape; device: where the rows are read.
-
-    max_tokens: rows reserved (address space only); by default as many as the host's RAM could hold."""
+class HostRows:
+    """Rows of one shape in pinned host memory that the device reads in place: row_shape, dtype; device: where
+    they are read; max_tokens: rows reserved (address space only), by default as many as the host's RAM could
+    hold. lock_scale: the share of _FIRST_LOCK_BYTES and _LOCK_STEP_BYTES its pieces are locked by (rows smaller
+    than a token's keys and values lock the same tokens a piece in fewer bytes)."""
 
     def __init__(
-        self, nheads_kv: int, headdim: int, dtype: torch.dtype, device: torch.device | str, max_tokens: int = 0
+        self,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_tokens: int = 0,
+        lock_scale: float = 1.0,
     ) -> None:
         self.device = torch.device(device)
-        self.row_shape = (2, nheads_kv, headdim)
+        self.row_shape = tuple(row_shape)
         self.dtype = dtype
         self.max_tokens = max_tokens or physical_host_bytes() // self.row_bytes
         self._region = reserved_region(self.max_tokens * self.row_bytes)
@@ -105,28 +112,28 @@ class HostPayloads:
                 _registration_threads(REGISTRATION_THREADS),
                 capacity=-(-len(self._region) // mmap.PAGESIZE) * mmap.PAGESIZE,  # the mapping's whole pages
                 prefault=prefault_how(PREFAULT),
+                lock_scale=lock_scale,
             )
         self._device_view: torch.Tensor | None = None
 
     @property
     def row_bytes(self) -> int:
-        return self.row_shape[0] * self.row_shape[1] * self.row_shape[2] * self.dtype.itemsize
+        return math.prod(self.row_shape) * self.dtype.itemsize
 
     def nbytes(self) -> int:
         """Bytes of host memory the rows in use take."""
         return self.length * self.row_bytes
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values (nheads_kv, n, headdim) of the next n stored tokens, on any device.
+    def append_rows(self, rows: torch.Tensor) -> None:
+        """The next rows (n, *row_shape), on any device, in the rows' dtype.
 
         A device-to-host copy is enqueued on the current stream (not waited for): any later kernel on that
         stream that reads the rows runs after it. HostMemoryShort (nothing stored) when the host is short."""
-        n = keys.shape[1]
+        n = rows.shape[0]
         if self.length + n > self.max_tokens:
             raise HostMemoryShort(f"{self.length + n} stored tokens exceed the {self.max_tokens} rows reserved")
         start, stop = self.length * self.row_bytes, (self.length + n) * self.row_bytes
-        rows = torch.stack([keys, values]).permute(2, 0, 1, 3).contiguous()  # (n, 2, nheads_kv, headdim)
-        source = rows.view(-1).view(torch.uint8)
+        source = rows.contiguous().view(-1).view(torch.uint8)
         pieces = [(start, stop)]
         if self._locked is not None:
             self._locked.extend(stop)
@@ -142,8 +149,8 @@ class HostPayloads:
             self._locked.start()
 
     def device_view(self) -> torch.Tensor:
-        """The rows as a tensor on the device (max_tokens, 2, nheads_kv, headdim): on CUDA an alias of the
-        locked host rows (reads cross PCIe, nothing is copied); elsewhere the host tensor itself."""
+        """The rows as a tensor on the device (max_tokens, *row_shape): on CUDA an alias of the locked host rows
+        (reads cross PCIe, nothing is copied); elsewhere the host tensor itself."""
         if self._locked is None:
             return self.tokens
         if self._device_view is None:
@@ -168,6 +175,20 @@ class HostPayloads:
         self.close()
 
 
+class HostPayloads(HostRows):
+    """A layer's stored tokens: nheads_kv, headdim, dtype: one stored token's shape; rows (max_tokens, 2, nheads_kv,
+    headdim), [:, 0] keys, [:, 1] values."""
+
+    def __init__(
+        self, nheads_kv: int, headdim: int, dtype: torch.dtype, device: torch.device | str, max_tokens: int = 0
+    ) -> None:
+        super().__init__((2, nheads_kv, headdim), dtype, device, max_tokens)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (nheads_kv, n, headdim) of the next n stored tokens, on any device (see append_rows)."""
+        self.append_rows(torch.stack([keys, values]).permute(2, 0, 1, 3))  # (n, 2, nheads_kv, headdim)
+
+
 class _LockedPrefix:
     """The first bytes of a reserved range, page-locked and registered with CUDA in pieces as they are needed.
 
@@ -190,7 +211,7 @@ class _LockedPrefix:
     the current device; executor: where background registrations run (None: none, everything synchronous);
     capacity: bytes of the reserved range (None: unbounded), past which no piece reaches (CUDA refuses to register
     addresses that are not mapped, so a small range is locked whole rather than a full piece); prefault: run on a
-    background piece before its registration (None: nothing).
+    background piece before its registration (None: nothing); lock_scale: the share of the piece sizes taken.
     """
 
     def __init__(
@@ -201,8 +222,10 @@ class _LockedPrefix:
         executor=None,
         capacity: int | None = None,
         prefault=None,
+        lock_scale: float = 1.0,
     ) -> None:
         self.address = address
+        self.lock_scale = lock_scale
         self.capacity = capacity
         self.pieces: list[tuple[int, int]] = []  # (address, bytes) registered
         self.nbytes = 0
@@ -232,7 +255,7 @@ class _LockedPrefix:
         """Bytes of the next piece: what is needed, at least _LOCK_STEP_BYTES (_FIRST_LOCK_BYTES for the first,
         whose registration nothing hides) and a quarter of what is locked, ending on a (huge) page boundary so
         that two registrations never share a page."""
-        least = _FIRST_LOCK_BYTES if self.nbytes == 0 else _LOCK_STEP_BYTES
+        least = int((_FIRST_LOCK_BYTES if self.nbytes == 0 else _LOCK_STEP_BYTES) * self.lock_scale)
         size = max(needed - self.nbytes, least, self.nbytes // 4)
         size = -(-size // _HUGE_PAGE) * _HUGE_PAGE
         if self.capacity is None:
