@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 from captured_sessions import TEXT, decode, session_for
+from ltri.kernels.lowrank_scores import pca_basis, project_keys
 
 from ltri import Session
-from ltri.kernels.lowrank_scores import pca_basis, project_keys
 from ltri.offload import projected_keys
 from ltri.offload.host_payloads import HostPayloads
 from ltri.offload.projected_keys import ProjectedKeys
@@ -32,8 +32,8 @@ def test_each_stored_token_keeps_its_projection_while_reading_and_decoding():
     assert_projections_of_the_host_rows(session)
     decode(session, 30)  # the steps' evictions store more tokens
     assert_projections_of_the_host_rows(session)
-    layers = session._captured.layers
-    assert all(layer.projections is memory.projected_keys for layer, memory in zip(layers, session.cache.memories()))
+    layers, memories = session._captured.layers, session.cache.memories()
+    assert all(layer.projections is memory.projected_keys for layer, memory in zip(layers, memories, strict=True))
 
 
 def test_only_loki_with_host_rows_keeps_projections():
