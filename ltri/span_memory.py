@@ -297,7 +297,8 @@ class SpanMemory(LayerMemory):
         """Loki's basis (nheads_kv, headdim, headdim) float32, fitted on the keys resident at the first eviction.
         The eviction keeps their covariance; its eigendecomposition, which waits for the device, runs when the
         basis is first asked for (a Loki selection, a save), not in the prefill (benchmarks/speed/NOTES.md step
-        22). None before the first eviction."""
+        22), except with the loki selector and host rows, whose stored projections need it from the first eviction
+        on (``stored_projections``). None before the first eviction."""
         if self._basis is None and self._basis_covariance is not None:
             self._basis, self._basis_covariance = basis_of_covariance(self._basis_covariance), None
         return self._basis
