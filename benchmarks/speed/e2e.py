@@ -669,7 +669,10 @@ def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 
 def host_payload_bytes(session: Session) -> int:
-    rows = [getattr(memory, "host_payloads", None) for memory in session.cache.memories()]
+    """Host rows' bytes in use: the stored tokens', and Loki's projections of their keys where they are kept."""
+    memories = session.cache.memories()
+    rows = [getattr(memory, "host_payloads", None) for memory in memories]
+    rows += [getattr(getattr(memory, "projected_keys", None), "rows", None) for memory in memories]
     return sum(row.nbytes() for row in rows if row is not None)
 
 
