@@ -16,6 +16,9 @@ The rows are one reserved range of virtual addresses (an anonymous mapping that 
 written); on CUDA the part in use is page-locked and registered with the driver piece by piece as it
 fills. So the rows never move: the tensor, its device alias and any CUDA graph that reads it stay valid
 while the layer stores more. Rows past ``length`` must not be read.
+
+``HostRows`` keeps rows of any shape this way (Loki's projected keys too: ``offload.projected_keys``);
+``HostPayloads`` is the stored tokens' keys and values.
 """
 
 from __future__ import annotations
