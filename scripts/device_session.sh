@@ -10,9 +10,10 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
 #                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
-#   bash scripts/device_session.sh select      ltri's 128K prefill and 32 decode steps with a 4096-token budget, each
+#   bash scripts/device_session.sh select [S]  ltri's 128K prefill and 32 decode steps with a 4096-token budget, each
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
-#                                             then by Loki (NOTES step 28: token selection in the captured step)
+#                                             then by Loki (NOTES steps 28-29: token selection in the captured step);
+#                                             S: the selectors in that order (default "none sparq loki")
 #   bash scripts/device_session.sh register    cudaHostRegister of host-row pieces, fresh and prefaulted, and what it
 #                                             costs a loop beside it; then ltri's 128K prefill (NOTES.md step 17)
 #   bash scripts/device_session.sh prefault-ab [R] ltri's 128K prefill with host-row pieces registered as they come,
@@ -63,7 +64,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 400 python3 benchmarks/speed/attention.py --contexts 128k,512k --sweep-keys '' --chunk 0 \
                 --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
         select)
-            for selector in none sparq loki; do
+            for selector in ${2:-none sparq loki}; do
                 timeout 120 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
                     --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector "$selector" \
                     --store-root /tmp/ltri-e2e --out "$out/e2e_select_${selector}_${sha}_gpu.json"
