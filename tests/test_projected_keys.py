@@ -4,6 +4,7 @@ and a reopened store; caught up from the host rows where they start late; what t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from captured_sessions import TEXT, decode, session_for
 from ltri.kernels.lowrank_scores import pca_basis, project_keys
@@ -70,7 +71,8 @@ def test_projections_started_late_catch_up_from_the_host_rows(monkeypatch):
     projections.catch_up(rows)  # 50 tokens read back from the rows
     more = torch.randn(3, 20, 32, generator=gen)
     rows.append(more, more)
-    projections.catch_up(rows, stored_keys=more)  # the caller's keys, not read back
+    monkeypatch.setattr(rows, "device_view", lambda: pytest.fail("the caller's keys are not read back"))
+    projections.catch_up(rows, stored_keys=more)
     assert projections.length == 70
     expected = project_keys(torch.cat([keys, more], dim=1), basis, 8)
     torch.testing.assert_close(projections.scored()[:, :70], expected, rtol=1e-6, atol=1e-6)
