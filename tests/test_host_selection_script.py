@@ -3,11 +3,15 @@ retrieved tokens for the selection chooses the same tokens, and the rows say wha
 themselves are for the GPU machine."""
 
 import json
+from pathlib import Path
 
 from support import load_script
 
+SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed"
 
-def test_every_way_chooses_the_same_tokens_and_reads_its_bytes(tmp_path):
+
+def test_every_way_chooses_the_same_tokens_and_reads_its_bytes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SPEED))  # as when it runs as a script: it shares host_gather.py's helpers
     script = load_script("benchmarks/speed/host_selection.py", "host_selection_benchmark")
     out = tmp_path / "selection.json"
     args = ["--device", "cpu", "--tokens", "2048", "--layers", "3", "--host-layers", "2", "--budget", "256"]

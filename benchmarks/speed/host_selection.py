@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from host_gather import cuda_ms, span_rows  # this script's folder: run it as a script
 from ltri.kernels.lowrank_scores import pca_basis
 
 from ltri.offload.host_payloads import HostPayloads
@@ -36,12 +36,6 @@ from ltri.offload.projected_keys import ProjectedKeys
 from ltri.token_selection import TokenSelector
 
 NHEADS, NHEADS_KV, HEADDIM = 32, 8, 128
-
-
-def span_rows(n_tokens: int, budget: int, span: int, generator: torch.Generator) -> torch.Tensor:
-    """(budget,) row numbers: budget // span runs of span consecutive rows at random places, ascending."""
-    starts = torch.randperm(n_tokens // span, generator=generator)[: budget // span].sort().values * span
-    return (starts[:, None] + torch.arange(span)[None, :]).flatten()
 
 
 class Layer:
@@ -67,37 +61,29 @@ class Layer:
         return self.payloads.device_view()[self.rows, 0].transpose(0, 1)  # (nheads_kv, budget, headdim)
 
     def select(self, way: str) -> torch.Tensor:
-        """Each KV head's chosen indices (nheads_kv, select_tokens) into the retrieved rows."""
-        if way == "sparq_gathered":
-            return self.sparq.best(self.query, self.gathered(), self.n_valid)
-        if way == "sparq_in_place":
-            return self.sparq.best(self.query, self.keys_view(), self.n_valid, self.rows)
-        if way == "loki_gathered":
-            return self.loki.best(self.query, self.loki.scored_keys(self.gathered()), self.n_valid)
-        return self.loki.best(self.query, self.projections.scored(), self.n_valid, self.rows)
+        """Each KV head's chosen indices (nheads_kv, select_tokens) into the retrieved rows, read the way named."""
+        ways = {
+            "sparq_gathered": lambda: self.sparq.best(self.query, self.gathered(), self.n_valid),
+            "sparq_in_place": lambda: self.sparq.best(self.query, self.keys_view(), self.n_valid, self.rows),
+            "loki_gathered": lambda: self.loki.best(self.query, self.loki.scored_keys(self.gathered()), self.n_valid),
+            "loki_projected": lambda: self.loki.best(self.query, self.projections.scored(), self.n_valid, self.rows),
+        }
+        return ways[way]()
 
 
 WAYS = ("sparq_gathered", "sparq_in_place", "loki_gathered", "loki_projected")
 
 
 def timed_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU), after two warm-up calls."""
+    """Median milliseconds of fn() by CUDA events on a GPU (host_gather.py's timer); elsewhere the mean wall time
+    (the CPU run only checks the script)."""
+    if device.type == "cuda":
+        return cuda_ms(fn, repeats)
     fn()
-    fn()
-    times = []
+    start = time.perf_counter()
     for _ in range(repeats):
-        if device.type != "cuda":
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-            continue
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def as_graph(fn, device: torch.device):
