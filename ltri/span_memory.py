@@ -258,6 +258,11 @@ class SpanMemory(LayerMemory):
         cached = 0 if self.cache is None else self.cache.nbytes()
         return self.sinks.nbytes() + self.window.nbytes() + cached
 
+    def host_row_bytes(self) -> int:
+        """Pinned host memory the layer's host rows hold: the stored tokens', and Loki's projections of their keys."""
+        kept = (self.host_payloads, None if self.projected_keys is None else self.projected_keys.rows)
+        return sum(rows.nbytes() for rows in kept if rows is not None)
+
     # ---- captured decode steps (ltri.captured_decode) ------------------------------------------
     def captured_ready(self) -> bool:
         """Whether a decode step of this layer can run in fixed shapes: stored spans with every token in host

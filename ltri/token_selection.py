@@ -56,7 +56,7 @@ class TokenSelector:
         scored_keys are scored (nheads_kv, n, d); with rows (n,), of scored[:, rows], read in place. n_valid
         (nheads_kv,) int64: the keys past it are padding, scored -inf."""
         q = query[0, :, -1].contiguous()  # (nheads, headdim)
-        if scored.stride(-1) != 1:
+        if rows is None and scored.stride(-1) != 1:  # with rows, scored may be whole host rows: never copied
             scored = scored.contiguous()
         if self.method == "sparq":
             return sparq_scores(q, scored, min(self.rank, q.shape[-1]), n_valid, rows)

@@ -25,6 +25,8 @@ def assert_projections_of_the_host_rows(session: Session, rank: int = 4) -> None
         keys = rows.tokens[: rows.length, 0].transpose(0, 1)  # (nheads_kv, n, headdim)
         expected = project_keys(keys, memory.basis, rank)
         assert torch.equal(projections.scored()[:, : rows.length], expected)
+        nheads_kv, headdim = memory.kv_shape  # float32 rows: keys and values, then the projections
+        assert memory.host_row_bytes() == rows.length * nheads_kv * (2 * headdim + rank) * 4
 
 
 def test_each_stored_token_keeps_its_projection_while_reading_and_decoding():

@@ -669,11 +669,8 @@ def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 
 def host_payload_bytes(session: Session) -> int:
-    """Host rows' bytes in use: the stored tokens', and Loki's projections of their keys where they are kept."""
-    memories = session.cache.memories()
-    rows = [getattr(memory, "host_payloads", None) for memory in memories]
-    rows += [getattr(getattr(memory, "projected_keys", None), "rows", None) for memory in memories]
-    return sum(row.nbytes() for row in rows if row is not None)
+    """Host rows' bytes in use (SpanMemory.host_row_bytes; memories of other policies keep none)."""
+    return sum(memory.host_row_bytes() for memory in session.cache.memories() if hasattr(memory, "host_row_bytes"))
 
 
 def index_bytes(session: Session) -> int:
