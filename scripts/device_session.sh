@@ -10,6 +10,8 @@
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
 #   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
 #                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
+#   bash scripts/device_session.sh bandwidth   the sparse attention kernel alone over 3136 to 256K keys against a copy
+#                                             of the same bytes: at which size it nears the copy's rate (issue 4)
 #   bash scripts/device_session.sh select [S]  ltri's 128K prefill and 32 decode steps with a 4096-token budget, each
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
 #                                             then by Loki (NOTES steps 28-29: token selection in the captured step);
@@ -31,7 +33,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, step, select, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -66,6 +68,10 @@ log="$out/${part}_${sha}_gpu.log"
         step)
             timeout 400 python3 benchmarks/speed/attention.py --contexts 128k,512k --sweep-keys '' --chunk 0 \
                 --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
+        bandwidth)
+            timeout 300 python3 benchmarks/speed/attention.py --contexts 128k --methods sdpa_full,sparse_attention_kernel \
+                --sweep-keys 3136,16k,64k,256k --sweep-splits auto,256,512 --sweep-tiles auto --chunk 0 \
+                --sweep-pack auto --sweep-topk '' --sweep-select-splits '' --out "$out/bandwidth_${sha}_gpu.json" ;;
         select)
             for selector in ${2:-none sparq loki}; do
                 timeout 120 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
@@ -105,7 +111,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, step, select, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

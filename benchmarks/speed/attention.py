@@ -36,8 +36,9 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   search) and warps, against torch.topk + torch.sort, per call in a graph of --layers score rows.
 - pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
   and rotates the keys, against the torch ops it replaced, in the same run.
-- kernel_sweep (a separate list): the kernel alone over 2K..16K keys and several split sizes, against SDPA on the
-  same keys, to tune the split heuristic.
+- kernel_sweep (a separate list): the kernel alone over --sweep-keys keys and several split sizes, against SDPA
+  and a copy of the same keys and values (copy_same_bytes: read + write), to tune the split heuristic and to see at
+  which size the kernel's reads approach the copy's rate.
 
 Timing: CUDA events around each call, each call preceded by a 256 MB read that evicts the L2 cache and leaves it
 clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirty lines that a short kernel may
@@ -593,6 +594,9 @@ def kernel_sweep(
         n_bytes = kv_bytes(n_keys, shape, element)
         sdpa_calls = [functools.partial(sdpa_full, q[:, 0], *kv) for kv in kv_sets]
         rows.append(row(n_keys, "sdpa", timer(sdpa_calls[0]), n_bytes, copy, layers_ms(timer, sdpa_calls),
+                        n_keys=n_keys, split_size=None))  # fmt: skip
+        copies = [functools.partial(torch.Tensor.copy_, torch.empty_like(kv), kv) for kv in kv_sets]
+        rows.append(row(n_keys, "copy_same_bytes", timer(copies[0]), 2 * n_bytes, copy, layers_ms(timer, copies),
                         n_keys=n_keys, split_size=None))  # fmt: skip
         for split, tile, fused in itertools.product(split_sizes, tiles, (True, False)):
             options = {"split_size": split, "tiles": tile, "fused_merge": fused}
