@@ -18,7 +18,12 @@ Choices (Loki, arXiv 2406.02542, leaves them open):
   No 1/sqrt(headdim): a positive factor does not change the top-k.
 
 The Triton kernel computes one block of keys of one KV head per program (the group's query sum and its
-projection are recomputed per program: headdim * rank multiply-adds, far below the key reads).
+projection are recomputed per program: headdim * rank multiply-adds, far below the key reads). Candidates read
+through rows from whole token rows (``offload.projected_keys``' layout: each token's (nheads_kv, width) projections
+side by side, width a power of 2) go to a second kernel that scores every KV head of a block of candidates in one
+program, reading each candidate's whole row (nheads_kv x width values, 256 bytes at 8 heads of 16 in bf16) with one
+load: from pinned host memory over PCIe the first kernel's reads of one head's 32 bytes a row moved 7.7 GB/s on the
+H100 (``benchmarks/speed/results/host_selection_h100_c796a0e.json``, ``loki_projected``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_N = 128
+_ROWS_BLOCK_N = 64  # candidates a whole-row program scores (its rows: 64 x nheads_kv x width values)
 
 
 # --------------------------------------------------------------------------------------------- kernel
@@ -82,15 +88,60 @@ def _lowrank_kernel(
     tl.store(scores_ptr + kv_head.to(tl.int64) * stride_sh + keys, scores, mask=key_in)
 
 
+def _lowrank_rows_kernel(
+    q_ptr, basis_ptr, klow_ptr, rows_ptr, n_valid_ptr, scores_ptr,
+    stride_qh, stride_bh, stride_bd, stride_bc, stride_kn, stride_sh,
+    n_keys, rank, nheads_kv,
+    GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
+):  # fmt: skip
+    """scores[:, keys] of every KV head for a block of candidates: column c of a token row is head c // WIDTH's
+    component c % WIDTH; the row klow[rows[key]] (nheads_kv * WIDTH values, contiguous) is read with one load."""
+    block = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H * WIDTH)
+    head = cols // WIDTH
+    comp = cols % WIDTH
+    col_ok = (head < nheads_kv) & (comp < rank)  # the components past rank score 0
+
+    q_low = tl.zeros([BLOCK_H * WIDTH], dtype=tl.float32)  # each column's head's summed query on its component
+    for d0 in tl.static_range(0, HEADDIM, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        b_off = head[None, :].to(tl.int64) * stride_bh + dims[:, None] * stride_bd + comp[None, :] * stride_bc
+        basis = tl.load(basis_ptr + b_off, mask=col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_H * WIDTH)
+        q_sum = tl.zeros([BLOCK_D, BLOCK_H * WIDTH], dtype=tl.float32)
+        for g in tl.static_range(GROUP):
+            q_off = (head[None, :] * GROUP + g) * stride_qh + dims[:, None]
+            q_sum += tl.load(q_ptr + q_off, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        q_low += tl.sum(q_sum * basis, 0)
+
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_in = keys < n_keys
+    rows = tl.load(rows_ptr + keys, mask=key_in, other=0).to(tl.int64)
+    k_off = rows[:, None] * stride_kn + cols[None, :]
+    k_low = tl.load(klow_ptr + k_off, mask=key_in[:, None] & (head < nheads_kv)[None, :], other=0.0)
+    products = k_low.to(tl.float32) * q_low[None, :]  # (BLOCK_N, BLOCK_H * WIDTH)
+    scores = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_H, WIDTH)), 2)  # (BLOCK_N, BLOCK_H)
+
+    heads = tl.arange(0, BLOCK_H)
+    head_in = heads < nheads_kv
+    n_kv = tl.zeros([BLOCK_H], dtype=tl.int32) + n_keys
+    if HAS_N_VALID:
+        n_kv = tl.minimum(tl.load(n_valid_ptr + heads, mask=head_in, other=0).to(tl.int32), n_keys)
+    scores = tl.where(keys[:, None] < n_kv[None, :], scores, float("-inf"))
+    s_off = heads[None, :].to(tl.int64) * stride_sh + keys[:, None]
+    tl.store(scores_ptr + s_off, scores, mask=key_in[:, None] & head_in[None, :])
+
+
 @functools.cache
 def _triton_kernels(interpret: bool):
-    """JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
+    """JIT wrappers of the kernels above (per head, whole rows); the only place triton is imported (keyed by
+    interpreter mode)."""
     global tl
     import triton
     import triton.language
 
     tl = triton.language
-    return triton.jit(_lowrank_kernel)
+    return triton.jit(_lowrank_kernel), triton.jit(_lowrank_rows_kernel)
 
 
 # --------------------------------------------------------------------------------------------- basis
@@ -187,8 +238,16 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None)
     if n_keys == 0:
         return scores
     group = nheads // nheads_kv
-    kernel = _triton_kernels(interpreting())
-    kernel[(nheads_kv, -(-n_keys // _BLOCK_N))](
+    per_head, whole_rows = _triton_kernels(interpreting())
+    if rows is not None and reads_whole_rows(keys_lowrank):
+        whole_rows[(-(-n_keys // _ROWS_BLOCK_N),)](
+            q, basis, keys_lowrank, rows, n_valid if n_valid is not None else scores, scores,
+            q.stride(0), *basis.stride(), keys_lowrank.stride(1), scores.stride(0), n_keys, rank, nheads_kv,
+            GROUP=group, HEADDIM=headdim, BLOCK_H=_next_pow2(nheads_kv), WIDTH=keys_lowrank.shape[2],
+            BLOCK_D=min(32, headdim), BLOCK_N=_ROWS_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
+        )  # fmt: skip
+        return scores
+    per_head[(nheads_kv, -(-n_keys // _BLOCK_N))](
         q, basis, keys_lowrank, rows if rows is not None else scores, n_valid if n_valid is not None else scores,
         scores,
         q.stride(0), *basis.stride(), keys_lowrank.stride(0), keys_lowrank.stride(1), scores.stride(0),
@@ -197,6 +256,14 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None)
         BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, HAS_ROWS=rows is not None, num_warps=4,
     )  # fmt: skip
     return scores
+
+
+def reads_whole_rows(keys_lowrank: torch.Tensor) -> bool:
+    """Whether keys_lowrank (nheads_kv, n_keys, width) is a view of token rows (n_keys, nheads_kv, width) laid side by
+    side, width a power of 2: the layout whose candidates the whole-row kernel reads a row at a time."""
+    nheads_kv, _, width = keys_lowrank.shape
+    dense = keys_lowrank.stride(2) == 1 and (keys_lowrank.stride(0) == width or nheads_kv == 1)
+    return dense and keys_lowrank.stride(1) == nheads_kv * width and width & (width - 1) == 0
 
 
 def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=None) -> torch.Tensor:

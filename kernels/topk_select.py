@@ -221,7 +221,10 @@ def topk_tokens_triton(
     num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The kernel's launches; same contract as topk_tokens. radix_bits: the threshold search's bits a pass (4 or 8;
-    0: the binary search); num_warps: per program (None: 8 for chunks of 2048 entries or more, else 4).
+    0: the binary search); num_warps: per program (None: 16 for chunks of 4096 entries, 8 for 2048 or more, else 4:
+    on the H100 16 warps chose 64 of 4,030 span votes in 0.0156 ms against 0.0186 with 8, per call in a graph of 8,
+    and 8 or 16 took the same 0.0107 for 1,024 of 2,048 tokens, ``topk`` rows of
+    ``benchmarks/speed/results/attention_h100_c796a0e.json``).
 
     A row longer than one program's chunk (_MAX_BLOCK) goes in two stages when its parts can each hold k: the row's
     parts of about _PART_KEYS entries each choose their k best in parallel, with their scores, then one program a
@@ -275,7 +278,7 @@ def _launch(
 ) -> None:  # fmt: skip
     """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
     block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
-    num_warps = num_warps or (8 if block >= 2048 else 4)
+    num_warps = num_warps or (16 if block >= _MAX_BLOCK else 8 if block >= 2048 else 4)
     if radix_bits:
         block = max(block, 32 * num_warps)  # a histogram's input spans every thread once (none holds a copy)
     _triton_kernels(interpreting())[(scores.shape[0], n_parts)](

@@ -13,13 +13,21 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernel_support import DEVICE, DTYPES, case_id, cases_with_rows, interpret_without_cuda  # noqa: E402, F401
+from kernel_support import (  # noqa: E402, F401
+    DEVICE,
+    DTYPES,
+    ROWS_DTYPES,
+    case_id,
+    cases_with_rows,
+    interpret_without_cuda,
+)
 from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.lowrank_scores import (  # noqa: E402
     lowrank_scores,
     lowrank_scores_reference,
     pca_basis,
     project_keys,
+    reads_whole_rows,
     topk_tokens,
 )
 
@@ -119,15 +127,34 @@ def test_matches_float64_reference_and_topk(case, dtype, rows_dtype):
     assert torch.equal(topk_tokens(scores, k, n_valid), topk_tokens(ref, k, n_valid))
 
 
-def test_rows_read_token_major_rows_in_place():
-    """The layout of the stored projections (``offload.projected_keys``): rows (n_rows, nheads_kv, rank), read as
-    (nheads_kv, n_rows, rank) with the heads' stride the rank and the tokens' stride nheads_kv x rank."""
-    q, cache, basis, n_valid = make_inputs(3, 3, 123, 64, 16, True, torch.float32, n_cache=N_CACHE)
-    token_major = cache.transpose(0, 1).contiguous().transpose(0, 1)
-    rows = random_rows(123, torch.int64)
-    got = lowrank_scores(q, token_major, basis, 16, n_valid, rows)
-    expected = lowrank_scores_reference(q, cache.contiguous(), basis, 16, n_valid, rows)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+# (nheads_kv, group, candidates, headdim, rank, stored components a head): whole token rows read through rows
+WHOLE_ROW_CASES = [
+    (1, 1, 97, 64, 16, 16),
+    (3, 3, 123, 64, 16, 16),
+    (8, 4, 1025, 128, 24, 32),
+]
+
+
+@pytest.mark.parametrize("case", WHOLE_ROW_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_read_whole_token_rows_in_place(case, dtype):
+    """The layout of the stored projections (``offload.projected_keys``): rows (n_rows, nheads_kv, width), read as
+    (nheads_kv, n_rows, width) with the heads' stride the width and the tokens' stride nheads_kv x width: the
+    whole-row kernel scores every head of a candidate from one read of its row, as the reference scores them
+    gathered; the same rows in another layout take the per-head kernel."""
+    nheads_kv, group, n_cand, headdim, rank, width = case
+    q, cache, basis, n_valid = make_inputs(nheads_kv, group, n_cand, headdim, width, True, dtype, n_cache=N_CACHE)
+    token_major = cache.transpose(0, 1).contiguous().transpose(0, 1)  # (nheads_kv, N_CACHE, width) view of rows
+    head_major = torch.cat([cache, cache], dim=2)[:, :, :width]  # the same numbers, each row padded to 2 x width
+    assert reads_whole_rows(token_major) and not reads_whole_rows(head_major)
+    rows = random_rows(n_cand, ROWS_DTYPES[nheads_kv % 2])
+    got = lowrank_scores(q, token_major, basis, rank, n_valid, rows)
+    expected = lowrank_scores_reference(q.double(), cache.double(), basis.double(), rank, n_valid, rows).float()
+    atol = ATOL[dtype] * float(expected[expected.isfinite()].abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol)
+    assert torch.equal(got.isinf(), expected.isinf())  # past each head's n_valid
+    per_head = lowrank_scores(q, head_major, basis, rank, n_valid, rows)
+    torch.testing.assert_close(got, per_head, rtol=1e-5, atol=atol)
 
 
 def test_topk_tokens_respects_n_valid_and_sorts():
