@@ -323,12 +323,20 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
     return tickets
 
 
+# Programs per SM a split aims for. Over 16K keys (8 KV heads, bf16, per layer in a graph of 8) the H100 took
+# 0.0347 ms in the 256-key splits that 4 per SM gave, 0.0303 in 512-key splits (about 2 per SM); over 64K and 256K
+# keys the longest splits tried were the fastest (``kernel_sweep`` in
+# benchmarks/speed/results/bandwidth_h100_c796a0e.json).
+_PROGRAMS_PER_SM = 2
+
+
 @functools.cache
 def _program_target(device_index: int | None) -> int:
-    """Programs that keep the device busy: 4 per SM on a GPU; 16 in the interpreter (so tests see several splits)."""
+    """Programs that keep the device busy: _PROGRAMS_PER_SM per SM on a GPU; 16 in the interpreter (so tests see
+    several splits)."""
     if device_index is None:
         return 16
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # On the H100 a bf16 decode step over 3136 keys (8 KV heads, 4 query heads each) took 0.0144 ms in 256-key splits
@@ -339,9 +347,9 @@ _MIN_SPLIT_BLOCKS = 4
 def _split_size(n_keys: int, other_programs: int, block_n: int, device: torch.device, split_size: int | None) -> int:
     """Keys per split, a multiple of the key block.
 
-    By default: enough splits for about 4 programs per SM, but at least _MIN_SPLIT_BLOCKS key blocks per split (so
-    that loads overlap math, and the partial results stay small next to the keys read). benchmarks/speed/attention.py
-    sweeps split sizes on the GPU.
+    By default: enough splits for about _PROGRAMS_PER_SM programs per SM, but at least _MIN_SPLIT_BLOCKS key blocks
+    per split (so that loads overlap math, and the partial results stay small next to the keys read).
+    benchmarks/speed/attention.py sweeps split sizes on the GPU.
     """
     if split_size is None:
         target = _program_target(device.index if device.type == "cuda" and not interpreting() else None)
