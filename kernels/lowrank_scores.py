@@ -23,7 +23,8 @@ through rows from whole token rows (``offload.projected_keys``' layout: each tok
 side by side, width a power of 2) go to a second kernel that scores every KV head of a block of candidates in one
 program, reading each candidate's whole row (nheads_kv x width values, 256 bytes at 8 heads of 16 in bf16) with one
 load: from pinned host memory over PCIe the first kernel's reads of one head's 32 bytes a row moved 7.7 GB/s on the
-H100 (``benchmarks/speed/results/host_selection_h100_c796a0e.json``, ``loki_projected``).
+H100 (``benchmarks/speed/results/host_selection_h100_c796a0e.json``, ``loki_projected``), whole rows 25.1 GB/s on
+another H100 host, 5x faster than gathering the candidates' keys there (``host_selection_h100_04b2a3b.json``).
 """
 
 from __future__ import annotations
