@@ -114,10 +114,11 @@ def measure(args) -> dict:
     }
     key_bytes = args.layers * args.budget * NHEADS_KV * HEADDIM * dtype.itemsize
     projected_bytes = args.layers * args.budget * NHEADS_KV * args.rank * dtype.itemsize
-    block = layers[0].payloads.tokens[: key_bytes // (2 * NHEADS_KV * HEADDIM * dtype.itemsize)]
+    row_bytes = 2 * NHEADS_KV * HEADDIM * dtype.itemsize  # a token's host row: its keys and values
+    block = layers[0].payloads.tokens[: key_bytes // row_bytes]  # whole rows holding key_bytes in all
     device_block = torch.empty(block.shape, dtype=dtype, device=device)
     copy_ms = timed_ms(lambda: device_block.copy_(block, non_blocking=True), args.repeats, device)
-    copy_gbps = block.numel() * block.element_size() / copy_ms / 1e6  # keys and values of half as many tokens
+    copy_gbps = block.numel() * block.element_size() / copy_ms / 1e6
     rows = []
     for way in WAYS:
         step = as_graph(lambda way=way: [layer.select(way) for layer in per_layer], device)
