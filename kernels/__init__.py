@@ -13,7 +13,6 @@
     ltri.kernels.span_votes         span_votes (the heads' summed softmax over the spans' Quest upper bounds)
     ltri.kernels.chunk_attention_map  chunk_attention_map (a prefill chunk's causal attention map, group mean)
     ltri.kernels.disjoint_nms       disjoint_nms (segmentation's greedy NMS without overlap, all rounds at once)
-    ltri.kernels.dependent_launch   launch_options (the decode step's kernels start while the one before them runs)
 
 Import the functions from their modules (this package does not re-export them: the modules share their
 names with their main function).

@@ -34,7 +34,6 @@ import functools
 import torch
 
 from . import check_rows, interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 from .topk_select import topk_tokens
 
 __all__ = [
@@ -57,11 +56,9 @@ def _lowrank_kernel(
     n_keys, rank,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_ROWS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """scores[kv_head, keys] = ((sum of the group's q) @ basis[:, :rank]) . keys_lowrank[rows[keys], :rank]
     (rows[j] = j without HAS_ROWS)."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -98,11 +95,9 @@ def _lowrank_rows_kernel(
     n_keys, rank, nheads_kv,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """scores[:, keys] of every KV head for a block of candidates: column c of a token row is head c // WIDTH's
     component c % WIDTH; the row klow[rows[key]] (nheads_kv * WIDTH values, contiguous) is read with one load."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     block = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H * WIDTH)
     head = cols // WIDTH
@@ -142,12 +137,11 @@ def _lowrank_rows_kernel(
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above (per head, whole rows); the only place triton is imported (keyed by
     interpreter mode)."""
-    global tl, _await_inputs
+    global tl
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     return triton.jit(_lowrank_kernel), triton.jit(_lowrank_rows_kernel)
 
 
@@ -252,7 +246,6 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None)
             q.stride(0), *basis.stride(), keys_lowrank.stride(1), scores.stride(0), n_keys, rank, nheads_kv,
             GROUP=group, HEADDIM=headdim, BLOCK_H=_next_pow2(nheads_kv), WIDTH=keys_lowrank.shape[2],
             BLOCK_D=min(32, headdim), BLOCK_N=_ROWS_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
-            **launch_options(q.device),
         )  # fmt: skip
         return scores
     per_head[(nheads_kv, -(-n_keys // _BLOCK_N))](
@@ -262,7 +255,6 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None)
         n_keys, rank,
         GROUP=group, HEADDIM=headdim, BLOCK_G=_next_pow2(group), BLOCK_R=max(16, _next_pow2(rank)),
         BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, HAS_ROWS=rows is not None, num_warps=4,
-        **launch_options(q.device),
     )  # fmt: skip
     return scores
 

@@ -50,7 +50,6 @@ from typing import NamedTuple
 import torch
 
 from . import interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
@@ -64,11 +63,9 @@ def _pack_rotate_kernel(
     stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
     of the head also rotates its query group and writes its valid count."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     head = tl.program_id(1).to(tl.int64)
     place = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     dim = tl.arange(0, HEADDIM)
@@ -157,12 +154,11 @@ _PACKED, _ROPE, _ROUND_MANTISSA = _packed, _rope, _round_mantissa
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _await_inputs, _packed, _rope, _round_mantissa
+    global tl, _packed, _rope, _round_mantissa
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     _packed, _rope, _round_mantissa = triton.jit(_PACKED), triton.jit(_ROPE), triton.jit(_ROUND_MANTISSA)
     return triton.jit(_pack_rotate_kernel)
 
@@ -302,7 +298,7 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
         evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
         HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),
-        DROP_BITS=_DROP_BITS[keys.dtype], num_warps=launch.num_warps, **launch_options(keys.device),
+        DROP_BITS=_DROP_BITS[keys.dtype], num_warps=launch.num_warps,
     )  # fmt: skip
     return PackedStep(query, keys, values, n_valid)
 

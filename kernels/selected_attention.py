@@ -43,7 +43,6 @@ import torch
 
 from . import check_rows, interpreting, use_triton
 from . import sparse_attention as attention
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 from .pack_rotate import _DROP_BITS, _rotate
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
@@ -69,11 +68,9 @@ def _selected_attention_kernel(
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROP_BITS: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Partial attention of one KV head's query group over split `split`: resident keys [split * split_n, ...) for
     the first res_splits splits, selected tokens [(split - res_splits) * select_split_n, ...) for the others."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     group = tl.arange(0, BLOCK_M)
@@ -135,14 +132,13 @@ def _selected_attention_kernel(
 def _triton_kernels(interpret: bool):
     """JIT wrapper of the kernel above, with sparse_attention's and pack_rotate's helpers bound to their JIT
     wrappers under the names the kernel calls; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _await_inputs, _attend_keys, _attend_block, _finish_split, _rope
+    global tl, _attend_keys, _attend_block, _finish_split, _rope
     import triton
     import triton.language
 
     from . import pack_rotate
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     attention._triton_kernels(interpret)
     pack_rotate._triton_kernels(interpret)
     _attend_keys, _attend_block = attention._attend_keys, attention._attend_block
@@ -243,12 +239,12 @@ def selected_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32", DROP_BITS=_DROP_BITS[q.dtype],
         HAS_CANDIDATES=candidates is not None,
         FUSED_MERGE=tickets is not None, MERGE_M=merge_m, MERGE_S=merge_s,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_options(q.device),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tickets is None:
         merge_kernel[(attention._cdiv(nheads, merge_m),)](
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), nheads, 1, n_splits,
-            HEADDIM=headdim, MERGE_M=merge_m, MERGE_S=merge_s, num_warps=4, **launch_options(q.device),
+            HEADDIM=headdim, MERGE_M=merge_m, MERGE_S=merge_s, num_warps=4,
         )  # fmt: skip
     return out, lse
 

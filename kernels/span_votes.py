@@ -34,7 +34,6 @@ import functools
 import torch
 
 from . import interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 from .sparq_scores import _BLOCK_B, _BLOCK_N
 from .sparq_scores import _triton_kernels as _sparq_kernels
 
@@ -57,12 +56,10 @@ def _votes_logits_kernel(
     stride_qh, stride_bh, stride_bd, n_spans, n_blocks, scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """logits[h, spans] = [relu(q_h); min(q_h, 0)] . bounds[kv_head, :, spans] * scale for the group's heads h;
     each head's log-sum-exp over the block's spans. The 2 * HEADDIM bound rows are read BLOCK_D at a time (each step
     within the kmax half or the kmin half), so that the loads pipeline and few registers hold them."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -98,12 +95,11 @@ def _votes_logits_kernel(
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The logits kernel's JIT wrapper and sparq's probabilities kernel; the only place triton is imported here."""
-    global tl, _await_inputs
+    global tl
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     (probs,) = (kernel for kernel in _sparq_kernels(interpret) if kernel.__name__ == "_group_probs_kernel")
     return triton.jit(_votes_logits_kernel), probs
 
@@ -150,11 +146,11 @@ def span_votes_triton(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         q, bounds, logits, block_lse, q.stride(0), bounds.stride(0), bounds.stride(1), n_spans, n_blocks,
         headdim**-0.5, GROUP=group, BLOCK_G=max(_BLOCK_Q, 1 << (group - 1).bit_length()), HEADDIM=headdim,
         BLOCK_S=_BLOCK_S, BLOCK_D=min(_BLOCK_D, headdim), UPCAST=exact, DOT_PRECISION="ieee" if exact else "tf32",
-        num_warps=8 if q.dtype == torch.float32 else 4, num_stages=3, **launch_options(q.device),
+        num_warps=8 if q.dtype == torch.float32 else 4, num_stages=3,
     )  # fmt: skip
     probs_kernel[(1, n_blocks)](
         logits, block_lse, votes, n_spans, n_blocks, GROUP=nheads, BLOCK_G=1 << (nheads - 1).bit_length(),
-        BLOCK_N=_BLOCK_N, BLOCK_B=_BLOCK_B, num_warps=4, **launch_options(q.device),
+        BLOCK_N=_BLOCK_N, BLOCK_B=_BLOCK_B, num_warps=4,
     )  # fmt: skip
     return votes
 

@@ -36,7 +36,6 @@ import functools
 import torch
 
 from . import check_rows, interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 from .topk_select import topk_tokens
 
 __all__ = ["sparq_scores", "sparq_scores_reference", "selected_mass", "mean_value_reallocation", "topk_tokens"]
@@ -55,12 +54,10 @@ def _logits_kernel(
     stride_qh, stride_kh, stride_kn, n_keys, n_blocks, r,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_ROWS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """logits[h, keys] = q_sel[h] . k[kv_head, rows[keys], idx[kv_head]] for the group's heads h (rows[j] = j
     without HAS_ROWS); block lse per head. Every program chooses its group's components and temperatures itself
     (``_group_query``: a few KB of q)."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -118,11 +115,9 @@ def _group_query(q_ptr, stride_qh, heads, head_ok, r, HEADDIM: tl.constexpr, BLO
 def _group_probs_kernel(
     logits_ptr, block_lse_ptr, scores_ptr, n_keys, n_blocks,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """scores[kv_head, keys] = sum over the group's heads of exp(logits - lse); -inf where every logit is. Each
     program reduces the heads' block log-sum-exps (n_blocks a head) to their lse itself."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     block = tl.program_id(1)
     group = tl.arange(0, BLOCK_G)
@@ -155,12 +150,11 @@ _GROUP_QUERY = _group_query  # the plain function; _triton_kernels binds its JIT
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _await_inputs, _group_query
+    global tl, _group_query
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     _group_query = triton.jit(_GROUP_QUERY)
     return triton.jit(_logits_kernel), triton.jit(_group_probs_kernel)
 
@@ -238,11 +232,10 @@ def sparq_scores_triton(q, k, r, n_valid=None, rows=None) -> torch.Tensor:
         q.stride(0), k.stride(0), k.stride(1), n_keys, n_blocks, r,
         GROUP=group, BLOCK_G=block_g, HEADDIM=headdim, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
         BLOCK_N=_BLOCK_N, HAS_N_VALID=n_valid is not None, HAS_ROWS=rows is not None, num_warps=4,
-        **launch_options(q.device),
     )  # fmt: skip
     probs_kernel[(nheads_kv, n_blocks)](
         logits, block_lse, scores, n_keys, n_blocks, GROUP=group, BLOCK_G=block_g, BLOCK_N=_BLOCK_N,
-        BLOCK_B=_BLOCK_B, num_warps=4, **launch_options(q.device),
+        BLOCK_B=_BLOCK_B, num_warps=4,
     )  # fmt: skip
     return scores
 

@@ -29,7 +29,6 @@ from typing import NamedTuple
 import torch
 
 from . import interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
@@ -47,11 +46,9 @@ def _split_kernel(
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_N_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Partial attention of one row block of a GQA group over keys [split * split_n, (split + 1) * split_n); with
     FUSED_MERGE the last program of a row block to finish also merges it (``_finish_split``): one launch, not two."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -202,10 +199,8 @@ _MERGE_ROWS, _ATTEND_KEYS, _ATTEND_BLOCK, _FINISH_SPLIT = _merge_rows, _attend_k
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, n_rows, q_len, n_splits,
     HEADDIM: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """The second launch when the merge is not fused: MERGE_M (query head, position) rows per program."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     rows = tl.program_id(0) * MERGE_M + tl.arange(0, MERGE_M)  # row = head * q_len + pos
     _merge_rows(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, stride_oh, stride_ol, q_len, n_splits,
                 rows // q_len, rows % q_len, rows < n_rows, HEADDIM, MERGE_M, MERGE_S)  # fmt: skip
@@ -214,12 +209,11 @@ def _merge_kernel(
 @functools.cache
 def _triton_kernels(interpret: bool):
     """JIT wrappers of the kernels above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _await_inputs, _merge_rows, _attend_keys, _attend_block, _finish_split
+    global tl, _merge_rows, _attend_keys, _attend_block, _finish_split
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     _merge_rows = triton.jit(_MERGE_ROWS)  # the kernels call the helpers by these global names
     _attend_keys, _attend_block = triton.jit(_ATTEND_KEYS), triton.jit(_ATTEND_BLOCK)
     _finish_split = triton.jit(_FINISH_SPLIT)
@@ -418,12 +412,12 @@ def sparse_attention_triton(
         UPCAST=interpret or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         FUSED_MERGE=tickets is not None, MERGE_M=merge_m, MERGE_S=merge_s,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_options(q.device),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tickets is None:
         merge_kernel[(_cdiv(nheads * q_len, merge_m),)](
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), nheads * q_len, q_len, n_splits,
-            HEADDIM=headdim, MERGE_M=merge_m, MERGE_S=merge_s, num_warps=4, **launch_options(q.device),
+            HEADDIM=headdim, MERGE_M=merge_m, MERGE_S=merge_s, num_warps=4,
         )  # fmt: skip
     return out, lse
 

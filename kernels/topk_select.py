@@ -39,7 +39,6 @@ import functools
 import torch
 
 from . import interpreting, use_triton
-from .dependent_launch import _await_inputs, bind_helper, launch_options
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
@@ -52,14 +51,12 @@ def _topk_select_kernel(
     scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, n_keys, k, stride_row, part_len,
     HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
     WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by a radix search
     (RADIX_BITS 0: a binary search), then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
 
     WRITE_SCORES: also their scores (float32, padding -inf) at out_scores (the first of two stages); HAS_MAP: write
     index_map[row, index] instead of the index (the second stage, over the first's candidates)."""
-    _await_inputs(PDL)  # the kernel before has finished (dependent_launch.py)
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -186,12 +183,11 @@ _HELPERS = {f.__name__: f for f in (_row_keys, _write_taken, _bisect_threshold, 
 @functools.cache
 def _triton_kernels(interpret: bool):
     """The JIT wrapper of the kernel above; the only place triton is imported (keyed by interpreter mode)."""
-    global tl, _await_inputs
+    global tl
     import triton
     import triton.language
 
     tl = triton.language
-    _await_inputs = bind_helper(interpret)  # every kernel's first call
     globals().update({name: triton.jit(helper) for name, helper in _HELPERS.items()})  # the kernel calls them by name
     return triton.jit(_topk_select_kernel, do_not_specialize=["n_keys", "k", "stride_row", "part_len"])
 
@@ -290,7 +286,7 @@ def _launch(
         index_map if index_map is not None else out, scores.shape[1], k, scores.stride(0), part_len,
         HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), RADIX_BITS=radix_bits,
         WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None,
-        num_warps=num_warps, **launch_options(scores.device),
+        num_warps=num_warps,
     )  # fmt: skip
 
 

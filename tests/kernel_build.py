@@ -262,9 +262,6 @@ def distinct_launches():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("kernel_build.py compiles for the GPU: run it without TRITON_INTERPRET=1.")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ltri.kernels import dependent_launch
-
-    dependent_launch.device_allows = lambda device: True  # launch as on an H100: PDL=True, launch_pdl=True
     seen = set()
     for dtype in DTYPES:
         for module, launch in launchers(dtype):

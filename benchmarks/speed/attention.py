@@ -39,9 +39,6 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
 - kernel_sweep (a separate list): the kernel alone over --sweep-keys keys and several split sizes, against SDPA
   and a copy of the same keys and values (copy_same_bytes: read + write), to tune the split heuristic and to see at
   which size the kernel's reads approach the copy's rate.
-- pdl (in every row; --pdl): whether the kernels launched dependently (kernels/dependent_launch.py: on sm_90 a
-  kernel is set up while the one before it runs, and waits for it before touching memory). With --pdl both (the
-  default) the ltri rows and the sweep's default launch are measured again with plain launches, marked "[no pdl]".
 
 Timing: CUDA events around each call, each call preceded by a 256 MB read that evicts the L2 cache and leaves it
 clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirty lines that a short kernel may
@@ -87,7 +84,7 @@ SWEEP_TOPK = "auto,0x8,0x16,4x16,4x32,8x8"  # top-k selection: radix bits (0: bi
 TOPK_CONTEXTS = (131072, 524288)  # the span top-k's rows the top-k sweep times: the votes at these contexts
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
-    "span_votes", "selected_attention", "dependent_launch",
+    "span_votes", "selected_attention",
 )  # fmt: skip
 
 
@@ -787,8 +784,6 @@ def print_rows(rows: list[dict], copy: float) -> None:
             label += "[{}x{}x{}]".format(*r["tiles"][1:])
         if r.get("fused_merge") is False:
             label += "[2 launches]"
-        if r.get("pdl") is False:
-            label += "[no pdl]"
         graph, per_layer = (
             f"{r[key]:9.4f}" if r.get(key) is not None else f"{'-':>9}" for key in ("graph_ms", "layers_ms")
         )
@@ -830,37 +825,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sweep-topk", default=SWEEP_TOPK, help="top-k launches: radix bits x warps, or auto; '' to skip"
     )
-    parser.add_argument(
-        "--pdl", choices=("both", "on", "off"), default="both", help="dependent launches (kernels/dependent_launch.py)"
-        " for the kernels: both = the ltri rows and the sweep's default launch again without them, marked pdl false",
-    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
     parser.add_argument("--smoke", action="store_true", help="CPU, float32, torch references, small sizes")
     return parser.parse_args()
-
-
-def pdl_methods(methods: list[str]) -> list[str]:
-    """The methods whose kernels can launch dependently: measured again without it (SDPA and the copy use none)."""
-    return [m for m in methods if m.startswith("ltri") or m == "sparse_attention_kernel"]
-
-
-def with_pdl(enabled: bool, rows: list[dict]) -> list[dict]:
-    """rows, each marked with whether the kernels launched dependently (kernels/dependent_launch.py)."""
-    return [dict(r, pdl=enabled) for r in rows]
-
-
-def without_pdl(pdl, measure) -> list[dict]:
-    """measure() with dependent launches off, its rows marked pdl false (torch's own rows, SDPA and the copy, left
-    out: they never use it); the setting restored afterwards."""
-    before = pdl.wanted()
-    pdl.set_enabled(False)
-    try:
-        return [dict(r, pdl=False) for r in measure() if r["method"] not in ("sdpa", "sdpa_full", "copy_same_bytes")]
-    finally:
-        pdl.set_enabled(before)
 
 
 def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[int]]:
@@ -898,14 +868,8 @@ def main() -> None:
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
-    pdl = kernels.dependent_launch
-    pdl.set_enabled(args.pdl != "off")
     for context_len in contexts:
-        rows += with_pdl(pdl.wanted(), measure_context(context_len, shape, methods, timer, copy, dtype, kernels,
-                                                       args.layers, select_splits))  # fmt: skip
-        if args.pdl == "both":
-            rows += without_pdl(pdl, functools.partial(measure_context, context_len, shape, pdl_methods(methods),
-                                                       timer, copy, dtype, kernels, args.layers))  # fmt: skip
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
@@ -931,12 +895,7 @@ def main() -> None:
         keys = [parse_length(x) for x in args.sweep_keys.split(",")]
         splits = [None if s == "auto" else int(s) for s in args.sweep_splits.split(",")]
         tiles = parse_tiles(args.sweep_tiles, kernels)
-        sweep = with_pdl(pdl.wanted(), kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits, tiles,
-                                                    args.layers))  # fmt: skip
-        if args.pdl == "both":
-            default_launch = functools.partial(kernel_sweep, shape, timer, copy, dtype, kernels, keys, [None], [None],
-                                               args.layers)  # fmt: skip
-            sweep += [r for r in without_pdl(pdl, default_launch) if r["fused_merge"]]
+        sweep = kernel_sweep(shape, timer, copy, dtype, kernels, keys, splits, tiles, args.layers)
         print("kernel sweep (context = keys):")
         print_rows(sweep, copy)
 
@@ -949,7 +908,6 @@ def main() -> None:
             "reps": args.reps,
             "l2_flush": "read",
             "layers": args.layers,
-            "pdl": args.pdl,
         },
         "copy_gbps": copy,
         "one_launch_ms": launch_ms,
