@@ -296,15 +296,9 @@ def topk_tokens(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = Non
     Keys at or beyond n_valid[h] rank below every valid key. When k > n_valid[h], the last k - n_valid[h]
     indices of that row point at padding; because they are sorted, the first min(k, n_valid[h]) are the valid
     ones, so pass ``n_valid.clamp(max=k)`` on to sparse_attention with the gathered keys. Ties go to the lowest
-    indices. The Triton kernels on CUDA (or under TRITON_INTERPRET=1): ``topk_rank``'s for rows it takes (up to
-    RANK_MAX_KEYS entries), this module's otherwise; the torch reference elsewhere and for float64 scores (the
-    kernels compare float32's).
+    indices. The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise and for
+    float64 scores (the kernel's keys are float32's).
     """
     if scores.dtype != torch.float64 and use_triton(scores):
-        if topk_rank.takes(scores):
-            return topk_rank.topk_rank_triton(scores, k, n_valid)
         return topk_tokens_triton(scores, k, n_valid)
     return topk_tokens_reference(scores, k, n_valid)
-
-
-from . import topk_rank  # noqa: E402 (it imports _check_inputs from here: either module may be imported first)

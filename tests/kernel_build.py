@@ -188,7 +188,6 @@ def launchers(dtype: torch.dtype):
     import test_kernel_span_votes as span_votes
     import test_kernel_sparq_scores as sparq
     import test_kernel_sparse_attention as attention
-    import test_kernel_topk_rank as topk_rank
     import test_kernel_topk_select as topk
     import test_kernel_vector_scores as vectors
     from ltri.kernels import chunk_attention_map as m_chunk_map
@@ -201,7 +200,6 @@ def launchers(dtype: torch.dtype):
     from ltri.kernels import span_votes as m_span_votes
     from ltri.kernels import sparq_scores as m_sparq
     from ltri.kernels import sparse_attention as m_attention
-    from ltri.kernels import topk_rank as m_topk_rank
     from ltri.kernels import topk_select as m_topk
     from ltri.kernels import vector_scores as m_vectors
 
@@ -235,10 +233,6 @@ def launchers(dtype: torch.dtype):
         scores = torch.randn(n_rows, n_keys).to(dtype)
         for n_valid in (None, torch.full((n_rows,), n_keys)):
             yield m_topk, functools.partial(m_topk.topk_tokens_triton, scores, k, n_valid)
-    for n_rows, n_keys, k in topk_rank.CASES + topk_rank.LONG_CASES:
-        scores = torch.randn(n_rows, n_keys).to(dtype)
-        for n_valid in (None, torch.full((n_rows,), n_keys)):
-            yield m_topk_rank, functools.partial(m_topk_rank.topk_rank_triton, scores, k, n_valid)
     for case in pack.CASES:
         for per_head in (False, True):
             sources = pack.make_inputs(*case, dtype, per_head=per_head)
@@ -288,7 +282,6 @@ def swept_launches(dtype: torch.dtype):
     from ltri.kernels import pack_rotate as m_pack
     from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import sparse_attention as m_attention
-    from ltri.kernels import topk_rank as m_topk_rank
     from ltri.kernels import topk_select as m_topk
 
     tiles, packs, maps = sweep_shapes()
@@ -312,21 +305,6 @@ def swept_launches(dtype: torch.dtype):
     for (n_rows, n_keys, k), radix_bits, num_warps in topk_sweep():  # float32 scores, built once (not dtype's)
         yield m_topk, functools.partial(m_topk.topk_tokens_triton, torch.randn(n_rows, n_keys), k,
                                         radix_bits=radix_bits, num_warps=num_warps)  # fmt: skip
-    for (n_rows, n_keys, k), launch in topk_rank_sweep():
-        yield m_topk_rank, functools.partial(m_topk_rank.topk_rank_triton, torch.randn(n_rows, n_keys), k,
-                                             launch=launch)  # fmt: skip
-
-
-def topk_rank_sweep():
-    """((rows, entries, k), RankLaunch) of every launch the attention benchmark's counted-rank top-k rows time."""
-    if BENCHMARKS not in sys.path:
-        sys.path.insert(0, BENCHMARKS)
-    import attention as benchmark
-    from ltri.kernels.topk_rank import RANK_MAX_KEYS, RankLaunch
-
-    launches = benchmark.parse_shapes(benchmark.SWEEP_TOPK_RANK, RankLaunch)
-    cases = [case[1:] for case in benchmark.topk_cases(benchmark.Shape()) if case[2] <= RANK_MAX_KEYS]
-    return [(case, launch) for case in cases for launch in launches]
 
 
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KB)

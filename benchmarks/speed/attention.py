@@ -67,7 +67,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,12 +80,11 @@ DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
 SWEEP_TILES = "auto,32x4x2,64x4x3,64x8x2,128x8x2"  # sparse attention: keys per block x warps x stages
 SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
 SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
-SWEEP_TOPK = "auto,4x16,0x16,8x8"  # top-k selection: radix bits (0: binary search) x warps
-SWEEP_TOPK_RANK = "16x128x4,32x256x4,32x256x8,64x256x8,32x512x4"  # top-k by ranks: entries a program x compared x warps
+SWEEP_TOPK = "auto,0x8,0x16,4x16,4x32,8x8"  # top-k selection: radix bits (0: binary search) x warps
 TOPK_CONTEXTS = (131072, 524288)  # the span top-k's rows the top-k sweep times: the votes at these contexts
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
-    "span_votes", "selected_attention", "topk_rank",
+    "span_votes", "selected_attention",
 )  # fmt: skip
 
 
@@ -673,26 +672,18 @@ def topk_cases(shape: Shape) -> list[tuple[str, int, int, int]]:
             ("sparq_components", shape.nheads_kv, shape.headdim, shape.rank)]  # fmt: skip
 
 
-def topk_rows(
-    shape: Shape, timer: Timer, copy: float, kernels, launches, n_layers: int, rank_launches=()
-) -> list[dict]:
-    """The top-k selection alone on each of the step's selections (topk_cases): topk_tokens (its default: ranks
-    counted for rows up to RANK_MAX_KEYS entries, else the radix kernel), the radix kernel in each launch (radix bits,
-    warps; None: its default) and topk_rank in each of rank_launches (rows it takes), against torch.topk + sort, on
-    random float32 scores; layers_ms over n_layers rows. bytes: the scores read; matches_reference: whether the call
-    chose what the torch reference chooses."""
-    topk, rank = kernels.topk_select, kernels.topk_rank
+def topk_rows(shape: Shape, timer: Timer, copy: float, kernels, launches, n_layers: int) -> list[dict]:
+    """The top-k selection kernel alone on each of the step's selections (topk_cases) in each launch (radix bits,
+    warps; None: the default), against torch.topk + sort, on random float32 scores; layers_ms over n_layers rows.
+    bytes: the scores read; matches_reference: whether the call chose what the torch reference chooses."""
+    topk = kernels.topk_select
     rows = []
     for name, n_rows, n_keys, k in topk_cases(shape):
         score_sets = [torch.randn(n_rows, n_keys, device=timer.device) for _ in range(n_layers)]
-        calls = [("topk_tokens", functools.partial(topk.topk_tokens, k=k))]
-        calls += [(shape_label("topk_radix", launch), functools.partial(topk.topk_tokens_triton, k=k) if launch is None
-                   else functools.partial(topk.topk_tokens_triton, k=k, radix_bits=launch[0], num_warps=launch[1]))
-                  for launch in launches]  # fmt: skip
-        if n_keys <= rank.RANK_MAX_KEYS and timer.device.type == "cuda":
-            calls += [(shape_label("topk_rank", astuple(launch)), functools.partial(rank.topk_rank_triton, k=k,
-                                                                                     launch=launch))
-                      for launch in rank_launches]  # fmt: skip
+        calls = [(shape_label("topk_kernel", launch),
+                  functools.partial(topk.topk_tokens, k=k) if launch is None
+                  else functools.partial(topk.topk_tokens_triton, k=k, radix_bits=launch[0], num_warps=launch[1]))
+                 for launch in launches]  # fmt: skip
         calls.append(("topk_torch", functools.partial(torch_topk_ascending, k=k)))
         expected = topk.topk_tokens_reference(score_sets[0], k)  # random scores: no ties, one right answer
         for method, call in calls:
@@ -793,8 +784,6 @@ def print_rows(rows: list[dict], copy: float) -> None:
             label += "[{}x{}x{}]".format(*r["tiles"][1:])
         if r.get("fused_merge") is False:
             label += "[2 launches]"
-        if r.get("topk") == "radix":
-            label += "[radix top-k]"
         graph, per_layer = (
             f"{r[key]:9.4f}" if r.get(key) is not None else f"{'-':>9}" for key in ("graph_ms", "layers_ms")
         )
@@ -836,14 +825,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sweep-topk", default=SWEEP_TOPK, help="top-k launches: radix bits x warps, or auto; '' to skip"
     )
-    parser.add_argument(
-        "--sweep-topk-rank", default=SWEEP_TOPK_RANK, help="top-k by counted ranks (kernels/topk_rank.py) launches: "
-        "entries a program x entries compared at once x warps; '' to skip",
-    )  # fmt: skip
-    parser.add_argument(
-        "--compare-topk", choices=("yes", "no"), default="yes", help="the ltri rows again with the radix top-k kernel "
-        "alone (topk_rank off), marked topk radix",
-    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
@@ -852,24 +833,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def radix_topk_rows(kernels, measure) -> list[dict]:
-    """The ltri rows of measure() with topk_tokens sending every row to the radix kernel (topk_rank off), marked
-    topk radix; the setting restored afterwards."""
-    before = kernels.topk_rank.RANK_MAX_KEYS
-    kernels.topk_rank.RANK_MAX_KEYS = 0
-    try:
-        return [dict(r, topk="radix") for r in measure() if r["method"] in ("ltri", "ltri_loki")]
-    finally:
-        kernels.topk_rank.RANK_MAX_KEYS = before
-
-
 def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[int]]:
     """Small sizes for a CPU run of the whole script."""
     shape = replace(shape, n_sink=16, n_window=256, budget=512, n_select=256, rank=16)
     args.warmup, args.reps, args.sweep_keys, args.chunk = 1, 2, "", min(args.chunk, 256)
     # launch shapes are the kernels': on the CPU the references run
     args.sweep_pack = args.sweep_chunk_map = args.sweep_topk = args.sweep_select_splits = "auto"
-    args.sweep_topk_rank = ""
     return shape, [shape.n_sink + shape.n_window + 1024, shape.n_sink + shape.n_window + 4096]
 
 
@@ -899,13 +868,8 @@ def main() -> None:
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
-    topk_now = "rank" if kernels.topk_rank.RANK_MAX_KEYS else "radix"
     for context_len in contexts:
-        measured = measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
-        rows += [dict(r, topk=topk_now) if r["method"].startswith("ltri") else r for r in measured]
-        if args.compare_topk == "yes" and topk_now == "rank":
-            rows += radix_topk_rows(kernels, functools.partial(measure_context, context_len, shape, methods, timer,
-                                                               copy, dtype, kernels, args.layers))  # fmt: skip
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
@@ -921,8 +885,7 @@ def main() -> None:
     topk = []
     if args.sweep_topk:
         launches = parse_shapes(args.sweep_topk, lambda *launch: launch)
-        rank_launches = parse_shapes(args.sweep_topk_rank, kernels.topk_rank.RankLaunch) if args.sweep_topk_rank else ()
-        topk = topk_rows(shape, timer, copy, kernels, launches, args.layers, rank_launches)
+        topk = topk_rows(shape, timer, copy, kernels, launches, args.layers)
         print("top-k selection (context = entries a row):")
         print_rows(topk, copy)
         wrong = [r["method"] for r in topk if not r["matches_reference"]]
@@ -945,7 +908,6 @@ def main() -> None:
             "reps": args.reps,
             "l2_flush": "read",
             "layers": args.layers,
-            "rank_max_keys": kernels.topk_rank.RANK_MAX_KEYS,
         },
         "copy_gbps": copy,
         "one_launch_ms": launch_ms,
