@@ -224,7 +224,8 @@ def topk_tokens_triton(
     0: the binary search); num_warps: per program (None: 16 for chunks of 4096 entries, 8 for 2048 or more, else 4:
     on the H100 16 warps chose 64 of 4,030 span votes in 0.0156 ms against 0.0186 with 8, per call in a graph of 8,
     and 8 or 16 took the same 0.0107 for 1,024 of 2,048 tokens, ``topk`` rows of
-    ``benchmarks/speed/results/attention_h100_c796a0e.json``).
+    ``benchmarks/speed/results/attention_h100_c796a0e.json``; as the default the span top-k stage took 0.0185 ms in
+    its graph, against 0.0269 with 8 warps: ``attention_h100_08729da.json``).
 
     A row longer than one program's chunk (_MAX_BLOCK) goes in two stages when its parts can each hold k: the row's
     parts of about _PART_KEYS entries each choose their k best in parallel, with their scores, then one program a
