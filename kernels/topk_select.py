@@ -45,21 +45,18 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 _MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
 RADIX_BITS = 4  # key bits each pass of the radix search fixes (0: a binary search, one bit a pass)
 _PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (topk_tokens_triton)
-PREFILTER = True  # a small k of a part held in registers is searched among the entries above a groups' floor
 
 
 def _topk_select_kernel(
-    scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, scratch_ptr, n_keys, k, stride_row, part_len,
+    scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, n_keys, k, stride_row, part_len,
     HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr, GROUP: tl.constexpr, CANDIDATES: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
 ):  # fmt: skip
     """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by a radix search
     (RADIX_BITS 0: a binary search), then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
 
     WRITE_SCORES: also their scores (float32, padding -inf) at out_scores (the first of two stages); HAS_MAP: write
-    index_map[row, index] instead of the index (the second stage, over the first's candidates). GROUP > 0: the
-    search runs on the few entries at or above a floor found from the part's groups of GROUP entries
-    (_prefiltered_threshold; scratch_ptr: CANDIDATES int32 a part)."""
+    index_map[row, index] instead of the index (the second stage, over the first's candidates)."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -72,10 +69,6 @@ def _topk_select_kernel(
     keys0, in_row0, index0, scores0 = _row_keys(row_scores, start, stop, valid, BLOCK)  # stays in registers
     if RADIX_BITS == 0:
         threshold, ties_wanted = _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS)
-    elif GROUP > 0:
-        scratch = scratch_ptr + (row * n_parts + part) * CANDIDATES
-        threshold, ties_wanted = _prefiltered_threshold(keys0, in_row0, row_scores, scratch, k, BLOCK, GROUP,
-                                                        CANDIDATES, RADIX_BITS)  # fmt: skip
     else:
         threshold, ties_wanted = _radix_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS,
                                                   RADIX_BITS)  # fmt: skip
@@ -138,37 +131,6 @@ def _radix_threshold(
     return threshold, remaining.to(tl.int32)
 
 
-def _prefiltered_threshold(
-    keys0, in_row0, row_scores, scratch, k, BLOCK: tl.constexpr, GROUP: tl.constexpr, CANDIDATES: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-):  # fmt: skip
-    """_radix_threshold of a part held in registers (one chunk), searched among few entries when k is small: the
-    k-th largest of the maxima of the part's groups of GROUP entries is a floor (k groups have a maximum at or above
-    it: k distinct entries), so every entry of the top k, and every entry at or above the k-th largest key, is at or
-    above it. Those candidates, when at most CANDIDATES, are written to scratch and searched there, CANDIDATES
-    entries instead of BLOCK: the same threshold and ties. Else (fewer than k groups in the part, or too many
-    candidates) the search runs on the whole part."""
-    lowest = -2147483648
-    group_max = tl.max(tl.reshape(tl.where(in_row0, keys0, lowest), [BLOCK // GROUP, GROUP]), axis=1)
-    group_in_row = tl.max(tl.reshape(in_row0.to(tl.int32), [BLOCK // GROUP, GROUP]), axis=1) > 0
-    floor = tl.full((), lowest, tl.int32)
-    if tl.sum(group_in_row.to(tl.int32), axis=0) >= k:
-        floor, ties_unused = _radix_threshold(group_max, group_in_row, row_scores, 0, 0, 0, k, BLOCK // GROUP, 1,
-                                              RADIX_BITS)  # fmt: skip
-    candidate = in_row0 & (keys0 >= floor)
-    n_candidates = tl.sum(candidate.to(tl.int32), axis=0)
-    if n_candidates <= CANDIDATES:
-        tl.store(scratch + tl.cumsum(candidate.to(tl.int32), axis=0) - 1, keys0, mask=candidate)
-        tl.debug_barrier()  # every thread's candidates are written before any thread reads them
-        held = tl.arange(0, CANDIDATES) < n_candidates
-        candidate_keys = tl.load(scratch + tl.arange(0, CANDIDATES), mask=held, other=lowest)
-        threshold, ties_wanted = _radix_threshold(candidate_keys, held, row_scores, 0, 0, 0, k, CANDIDATES, 1,
-                                                  RADIX_BITS)  # fmt: skip
-    else:
-        threshold, ties_wanted = _radix_threshold(keys0, in_row0, row_scores, 0, 0, 0, k, BLOCK, 1, RADIX_BITS)
-    return threshold, ties_wanted
-
-
 def _digit_counts(keys, in_row, prefix, shift: tl.constexpr, RADIX_BITS: tl.constexpr, N_BINS: tl.constexpr):
     """(N_BINS,) int32: how many in-row keys whose unsigned image has the top bits of `prefix` above bit
     shift + RADIX_BITS have each value of the RADIX_BITS bits from bit `shift` up."""
@@ -215,10 +177,7 @@ def _row_keys(row_scores, start, stop, valid, BLOCK: tl.constexpr):
 
 
 # the plain functions; _triton_kernels binds the helpers' names to their JIT wrappers
-_HELPERS = {
-    f.__name__: f
-    for f in (_row_keys, _write_taken, _bisect_threshold, _radix_threshold, _prefiltered_threshold, _digit_counts)
-}
+_HELPERS = {f.__name__: f for f in (_row_keys, _write_taken, _bisect_threshold, _radix_threshold, _digit_counts)}
 
 
 @functools.cache
@@ -259,7 +218,7 @@ def topk_tokens_reference(scores: torch.Tensor, k: int, n_valid: torch.Tensor | 
 
 def topk_tokens_triton(
     scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None, radix_bits: int = RADIX_BITS,
-    num_warps: int | None = None, prefilter: bool | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The kernel's launches; same contract as topk_tokens. radix_bits: the threshold search's bits a pass (4 or 8;
     0: the binary search); num_warps: per program (None: 16 for chunks of 4096 entries, 8 for 2048 or more, else 4:
@@ -285,7 +244,7 @@ def topk_tokens_triton(
         return out
     valid = n_valid.to(device=scores.device) if n_valid is not None else None
     n_parts = parts_per_row(n_keys, k)
-    launch = functools.partial(_launch, radix_bits=radix_bits, num_warps=num_warps, prefilter=prefilter)
+    launch = functools.partial(_launch, radix_bits=radix_bits, num_warps=num_warps)
     if n_parts == 1:
         launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
         return out
@@ -316,39 +275,20 @@ def _part_len(n_keys: int, n_parts: int) -> int:
 def _launch(
     scores: torch.Tensor, n_valid: torch.Tensor | None, out: torch.Tensor, k: int, n_parts: int, part_len: int,
     out_scores: torch.Tensor | None = None, index_map: torch.Tensor | None = None, radix_bits: int = RADIX_BITS,
-    num_warps: int | None = None, prefilter: bool | None = None,
+    num_warps: int | None = None,
 ) -> None:  # fmt: skip
-    """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k);
-    prefilter: whether a small k may be searched among the entries above a floor (None: PREFILTER)."""
+    """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
     block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
     num_warps = num_warps or (16 if block >= _MAX_BLOCK else 8 if block >= 2048 else 4)
     if radix_bits:
         block = max(block, 32 * num_warps)  # a histogram's input spans every thread once (none holds a copy)
-    n_chunks = -(-part_len // block)
-    prefilter = PREFILTER if prefilter is None else prefilter
-    group = prefilter_group(part_len, block, k, num_warps) if radix_bits and n_chunks == 1 and prefilter else 0
-    candidates = 32 * num_warps  # the prefilter's searched entries: a histogram's input spans every thread once
-    scratch = torch.empty(scores.shape[0] * n_parts * candidates if group else 1, dtype=torch.int32,
-                          device=scores.device)  # fmt: skip
     _triton_kernels(interpreting())[(scores.shape[0], n_parts)](
         scores, n_valid if n_valid is not None else out, out, out_scores if out_scores is not None else out,
-        index_map if index_map is not None else out, scratch, scores.shape[1], k, scores.stride(0), part_len,
-        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=n_chunks, RADIX_BITS=radix_bits,
-        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None, GROUP=group, CANDIDATES=candidates,
+        index_map if index_map is not None else out, scores.shape[1], k, scores.stride(0), part_len,
+        HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), RADIX_BITS=radix_bits,
+        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None,
         num_warps=num_warps,
     )  # fmt: skip
-
-
-def prefilter_group(part_len: int, block: int, k: int, num_warps: int) -> int:
-    """Entries per group of the prefilter (_prefiltered_threshold), 0 for none: groups so small that the block
-    holds at least one histogram's worth of them (32 x num_warps), and that a part of part_len entries has at least
-    2k of them (a floor close to the k-th largest); at least 2 entries a group, and k at most half the candidates
-    searched (32 x num_warps), else the prefilter would rarely find few enough."""
-    threads = 32 * num_warps
-    group = block // threads
-    while group >= 2 and -(-part_len // group) < 2 * k:
-        group //= 2
-    return group if group >= 2 and 2 * k <= threads else 0
 
 
 def topk_tokens(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:

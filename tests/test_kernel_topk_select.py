@@ -19,7 +19,6 @@ from ltri.kernels.topk_select import (  # noqa: E402
     _MAX_BLOCK,
     RADIX_BITS,
     parts_per_row,
-    prefilter_group,
     topk_tokens,
     topk_tokens_reference,
     topk_tokens_triton,
@@ -75,40 +74,6 @@ def test_padding_ranks_below_every_valid_key(n_valid):
     for row, count in enumerate(n_valid):
         kept = min(count, 120)
         assert torch.all(indices[row, :kept] < count) and torch.all(indices[row, kept:] >= count)
-
-
-def test_the_prefilter_serves_only_a_small_k():
-    """Groups of 8 for the span votes' 64 of 4,030 (16 warps: 512 groups, 504 in the row) and for 64 of a long row's
-    2,048-entry parts (8 warps), of 4 for the second stage's 512 candidates; none for 1,024 of 2,048 tokens (k is
-    more than half the searched candidates) or for SparQ's 32 of 128 components (groups of 1)."""
-    assert prefilter_group(4030, 4096, 64, 16) == 8
-    assert prefilter_group(2040, 2048, 64, 8) == 8
-    assert prefilter_group(512, 512, 64, 4) == 4
-    assert prefilter_group(2048, 2048, 1024, 8) == 0
-    assert prefilter_group(128, 128, 32, 4) == 0
-    assert prefilter_group(300, 512, 100, 4) == 0  # 2k groups would be groups of one entry
-
-
-def prefilter_rows() -> list[tuple[str, torch.Tensor, int, torch.Tensor | None]]:
-    """(name, scores, k, n_valid) that take each of the prefilter's ways: few candidates above the groups' floor,
-    ties at the floor (too many candidates: the whole part is searched), few valid entries (a floor of -inf),
-    half-precision ties with -0.0, and a long row in two stages."""
-    few = random_scores(3, 4030, torch.float32, seed=8)
-    ties = torch.zeros(2, 4030, device=DEVICE)
-    ties[:, ::97] = 1.0  # 42 winners, then 22 of the 3,988 tied zeros at the floor: the lowest indices
-    half = random_scores(4, 1500, torch.float16, seed=9)
-    half[:, ::5] = -0.0
-    long_row = random_scores(2, 3 * _MAX_BLOCK + 5, torch.bfloat16 if DEVICE == "cuda" else torch.float16, seed=10)
-    return [("few", few, 64, None), ("ties", ties, 64, None), ("few valid", few, 64, torch.tensor([10, 4030, 700])),
-            ("half", half, 50, torch.tensor([1500, 3, 1499, 64])), ("two stages", long_row, 64, None)]  # fmt: skip
-
-
-@pytest.mark.parametrize("name, scores, k, n_valid", prefilter_rows(), ids=lambda value: str(value)[:12])
-def test_the_prefilter_chooses_what_the_whole_search_chooses(name, scores, k, n_valid):
-    valid = None if n_valid is None else n_valid.to(DEVICE)
-    expected = topk_tokens_reference(scores, k, valid)
-    assert torch.equal(topk_tokens_triton(scores, k, valid, prefilter=True), expected), name
-    assert torch.equal(topk_tokens_triton(scores, k, valid, prefilter=False), expected), name
 
 
 def test_long_rows_split_only_where_every_part_holds_k():

@@ -36,9 +36,6 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   search) and warps, against torch.topk + torch.sort, per call in a graph of --layers score rows.
 - pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
   and rotates the keys, against the torch ops it replaced, in the same run.
-- prefilter (in the fused ltri rows; --compare-prefilter): whether the top-k kernel searched a small k among the
-  entries above its groups' floor (kernels/topk_select.py); by default the fused rows are measured again without it,
-  marked "[no prefilter]", and the topk list has a "topk_kernel[no prefilter]" row for each selection.
 - kernel_sweep (a separate list): the kernel alone over --sweep-keys keys and several split sizes, against SDPA
   and a copy of the same keys and values (copy_same_bytes: read + write), to tune the split heuristic and to see at
   which size the kernel's reads approach the copy's rate.
@@ -687,9 +684,6 @@ def topk_rows(shape: Shape, timer: Timer, copy: float, kernels, launches, n_laye
                   functools.partial(topk.topk_tokens, k=k) if launch is None
                   else functools.partial(topk.topk_tokens_triton, k=k, radix_bits=launch[0], num_warps=launch[1]))
                  for launch in launches]  # fmt: skip
-        if timer.device.type == "cuda":  # the launcher itself: on a CPU the rows above run the reference
-            calls.append(("topk_kernel[no prefilter]", functools.partial(topk.topk_tokens_triton, k=k,
-                                                                         prefilter=False)))  # fmt: skip
         calls.append(("topk_torch", functools.partial(torch_topk_ascending, k=k)))
         expected = topk.topk_tokens_reference(score_sets[0], k)  # random scores: no ties, one right answer
         for method, call in calls:
@@ -790,8 +784,6 @@ def print_rows(rows: list[dict], copy: float) -> None:
             label += "[{}x{}x{}]".format(*r["tiles"][1:])
         if r.get("fused_merge") is False:
             label += "[2 launches]"
-        if r.get("prefilter") is False:
-            label += "[no prefilter]"
         graph, per_layer = (
             f"{r[key]:9.4f}" if r.get(key) is not None else f"{'-':>9}" for key in ("graph_ms", "layers_ms")
         )
@@ -833,26 +825,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sweep-topk", default=SWEEP_TOPK, help="top-k launches: radix bits x warps, or auto; '' to skip"
     )
-    parser.add_argument(
-        "--compare-prefilter", choices=("yes", "no"), default="yes", help="the ltri rows again with the top-k "
-        "kernel's prefilter off (topk_select.PREFILTER), marked prefilter false",
-    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=8, help="layers replayed back to back for layers_ms (GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none in --smoke)")
     parser.add_argument("--smoke", action="store_true", help="CPU, float32, torch references, small sizes")
     return parser.parse_args()
-
-
-def rows_without_prefilter(kernels, measure) -> list[dict]:
-    """The fused ltri rows of measure() with the top-k kernel's prefilter off (topk_select.PREFILTER), marked
-    prefilter false; the setting restored afterwards."""
-    kernels.topk_select.PREFILTER = False
-    try:
-        return [dict(r, prefilter=False) for r in measure() if r["method"] in ("ltri", "ltri_loki")]
-    finally:
-        kernels.topk_select.PREFILTER = True
 
 
 def smoke_settings(args: argparse.Namespace, shape: Shape) -> tuple[Shape, list[int]]:
@@ -890,14 +868,8 @@ def main() -> None:
     print(f"one launch of a 1-element kernel: {launch_ms} ms, {launch_graph_ms} ms from a graph")
     rows = []
     select_splits = parse_shapes(args.sweep_select_splits, int) if args.sweep_select_splits else ()
-    prefilter = kernels.topk_select.PREFILTER
     for context_len in contexts:
-        measured = measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
-        rows += [dict(r, prefilter=prefilter) if r["method"].startswith("ltri") else r for r in measured]
-        if args.compare_prefilter == "yes" and prefilter:
-            again = functools.partial(measure_context, context_len, shape, methods, timer, copy, dtype, kernels,
-                                      args.layers)  # fmt: skip
-            rows += rows_without_prefilter(kernels, again)
+        rows += measure_context(context_len, shape, methods, timer, copy, dtype, kernels, args.layers, select_splits)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the layer of this context is gone
     print_rows(rows, copy)
@@ -936,7 +908,6 @@ def main() -> None:
             "reps": args.reps,
             "l2_flush": "read",
             "layers": args.layers,
-            "topk_prefilter": kernels.topk_select.PREFILTER,
         },
         "copy_gbps": copy,
         "one_launch_ms": launch_ms,
