@@ -326,8 +326,9 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
 # Programs per SM a split aims for. Over 16K keys (8 KV heads, bf16, per layer in a graph of 8) the H100 took
 # 0.0347 ms in the 256-key splits that 4 per SM gave, 0.0303 in 512-key splits (about 2 per SM); over 64K and 256K
 # keys the longest splits tried were the fastest (``kernel_sweep`` in
-# benchmarks/speed/results/bandwidth_h100_c796a0e.json). As the default (bandwidth_h100_08729da.json): 16K keys
-# 0.0300 ms, 64K 0.0938 (0.1050 with 4 per SM), 256K 0.3466 (0.3974); 3,136 keys unchanged (0.0115).
+# benchmarks/speed/results/bandwidth_h100_c796a0e.json). As the default (bandwidth_h100_08729da.json, another run):
+# 16K keys 0.0300 ms, 64K 0.0938, 256K 0.3466, where c796a0e's run with 4 per SM took 0.0347, 0.1050 and 0.3974;
+# 3,136 keys unchanged (0.0115).
 _PROGRAMS_PER_SM = 2
 
 

@@ -21,11 +21,13 @@ passes of 4 bits; a row's first 4096 entries stay in registers, the rest are rer
 entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
 prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the search was a binary one
 on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the benchmark's comparison.
-With a few warps on one SM the kernel's time goes with the instructions each thread runs per entry, not with the
-passes' reductions: on an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call
-in a graph of 8) 4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189
-for 64 of 4,030 span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose
-histogram costs more per entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26).
+On an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call in a graph of 8)
+4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189 for 64 of 4,030
+span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose histogram costs more per
+entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26). Both the passes and the work per
+entry count: two more 4-bit searches over 512 entries (one a thread), to spare the search over 4,096, added about
+0.007 ms on an H100 (NOTES.md step 34), about 1 us a pass; and counting ranks over many programs instead was slower
+still (step 32).
 Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
 that order unspecified.
 
@@ -225,7 +227,7 @@ def topk_tokens_triton(
     on the H100 16 warps chose 64 of 4,030 span votes in 0.0156 ms against 0.0186 with 8, per call in a graph of 8,
     and 8 or 16 took the same 0.0107 for 1,024 of 2,048 tokens, ``topk`` rows of
     ``benchmarks/speed/results/attention_h100_c796a0e.json``; as the default the span top-k stage took 0.0185 ms in
-    its graph, against 0.0269 with 8 warps: ``attention_h100_08729da.json``).
+    its graph, ``attention_h100_08729da.json``, where c796a0e's run with 8 warps took 0.0269).
 
     A row longer than one program's chunk (_MAX_BLOCK) goes in two stages when its parts can each hold k: the row's
     parts of about _PART_KEYS entries each choose their k best in parallel, with their scores, then one program a
