@@ -29,12 +29,15 @@ def test_it_refuses_to_run_without_a_gpu(script, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None or not torch.cuda.is_available(), reason="needs a GPU")
-def test_the_barriers_hold_on_the_gpu(script):
-    barrier, _ = script._kernels()
+@pytest.mark.parametrize("rounds", [1, 8])
+def test_the_barriers_hold_on_the_gpu_and_the_launches_read_alike(script, rounds):
+    barrier, step = script._kernels()
     n = torch.cuda.get_device_properties(0).multi_processor_count
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     values = torch.zeros(2 * n, dtype=torch.int32, device="cuda")
     out = torch.zeros(n, dtype=torch.int64, device="cuda")
-    script.with_barriers(barrier, counter, values, out, 8, 1_000_000)
-    assert torch.equal(out.cpu(), script.expected_sums(n, 8))
-    assert counter.item() == 8 * n
+    script.with_barriers(barrier, counter, values, out, rounds, 1_000_000)
+    assert torch.equal(out.cpu(), script.expected_sums(n, rounds))
+    assert counter.item() == rounds * n
+    script.with_launches(step, counter, values, out, rounds)
+    assert torch.equal(out.cpu(), script.expected_sums(n, rounds))

@@ -55,7 +55,8 @@ def _barrier_kernel(counter_ptr, values_ptr, out_ptr, n_rounds, max_spins, N_PRO
 
 
 def _step_kernel(values_ptr, out_ptr, r, N_PROGRAMS: tl.constexpr):
-    """One round as its own launch: read the next program's value of the round before, write this round's."""
+    """One round as its own launch: read the next program's value of the round before, write this round's; after
+    launches 0..R, out is what the barrier kernel's R rounds give (expected_sums)."""
     pid = tl.program_id(0)
     seen = tl.load(values_ptr + ((r + 1) % 2) * N_PROGRAMS + (pid + 1) % N_PROGRAMS).to(tl.int64)
     tl.store(values_ptr + (r % 2) * N_PROGRAMS + pid, pid + r)
@@ -64,6 +65,7 @@ def _step_kernel(values_ptr, out_ptr, r, N_PROGRAMS: tl.constexpr):
 
 @functools.cache
 def _kernels():
+    """JIT wrappers of the two kernels above; the only place triton is imported."""
     global tl
     import triton
     import triton.language
