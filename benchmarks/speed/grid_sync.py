@@ -24,10 +24,11 @@ import argparse
 import functools
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
+from host_gather import cuda_ms  # this script's folder: run it as a script
+from host_selection import as_graph
 
 tl = None  # triton.language, bound by _kernels() on first use
 
@@ -94,27 +95,6 @@ def expected_sums(n_programs: int, n_rounds: int) -> torch.Tensor:
     return neighbour * n_rounds + n_rounds * (n_rounds - 1) // 2
 
 
-def graph_ms(fn, reps: int) -> float:
-    """Median device time of fn replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def slope(rows: list[dict], method: str) -> float:
     """Least-squares ms per round of one method's rows."""
     points = [(r["rounds"], r["ms"]) for r in rows if r["method"] == method]
@@ -143,7 +123,7 @@ def main() -> None:
             ("launches", functools.partial(with_launches, step, counter, values, out, rounds)),
         )
         for method, fn in calls:
-            ms = graph_ms(fn, args.reps)
+            ms = cuda_ms(as_graph(fn, counter.device), args.reps)  # replayed from a CUDA graph
             row = {"method": method, "rounds": rounds, "ms": ms}
             if method == "barriers":
                 row["barriers_held"] = bool(torch.equal(out.cpu(), expected_sums(n, rounds)))
