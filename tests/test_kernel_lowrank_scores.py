@@ -63,6 +63,12 @@ def make_inputs(nheads_kv, group, n_keys, headdim, rank, ragged, dtype, seed=0, 
     return to(q.to(dtype)), to(keys_lowrank), to(basis), to(n_valid)
 
 
+def token_major(keys_lowrank):
+    """The same (nheads_kv, n, width) numbers as a view of token rows (n, nheads_kv, width) side by side: the stored
+    projections' layout (``offload.projected_keys``), which the whole-row kernel reads a row at a time."""
+    return keys_lowrank.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def random_rows(n_cand, dtype, seed=1):
     """n_cand rows of an N_CACHE-token cache in random order, the last tenth repeating the first tenth."""
     rows = torch.randperm(N_CACHE, generator=torch.Generator().manual_seed(seed))[:n_cand]
@@ -144,11 +150,11 @@ def test_rows_read_whole_token_rows_in_place(case, dtype):
     gathered; the same rows in another layout take the per-head kernel."""
     nheads_kv, group, n_cand, headdim, rank, width = case
     q, cache, basis, n_valid = make_inputs(nheads_kv, group, n_cand, headdim, width, True, dtype, n_cache=N_CACHE)
-    token_major = cache.transpose(0, 1).contiguous().transpose(0, 1)  # (nheads_kv, N_CACHE, width) view of rows
+    rows_view = token_major(cache)  # (nheads_kv, N_CACHE, width) view of rows
     head_major = torch.cat([cache, cache], dim=2)[:, :, :width]  # the same numbers, each row padded to 2 x width
-    assert reads_whole_rows(token_major) and not reads_whole_rows(head_major)
+    assert reads_whole_rows(rows_view) and not reads_whole_rows(head_major)
     rows = random_rows(n_cand, ROWS_DTYPES[nheads_kv % 2])
-    got = lowrank_scores(q, token_major, basis, rank, n_valid, rows)
+    got = lowrank_scores(q, rows_view, basis, rank, n_valid, rows)
     expected = lowrank_scores_reference(q.double(), cache.double(), basis.double(), rank, n_valid, rows).float()
     atol = ATOL[dtype] * float(expected[expected.isfinite()].abs().max())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol)
