@@ -131,7 +131,6 @@ class CapturedLayer:
         tables = memory.tables
         votes = memory.votes(scores, slots, self.n_slots, tables.owner.numel())  # the whole tables, padding too
         chosen = chosen_spans_padded(votes, tables.lengths, self.budget, self.n_chosen)
-        memory.persistence.record(votes)
         self.chosen.copy_(chosen, non_blocking=True)
         rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
         return (rows, count) if self.held_rows is None else rows_not_held(rows, count, self.held_rows)

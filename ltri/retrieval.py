@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
+from ltri.kernels.settled_votes import faded_votes, votes_to_remember
 from ltri.topk import first_k_places
 
 
@@ -36,33 +37,6 @@ def retrieval_queries(
     elif voting_window:
         queries = queries[:, -voting_window:]
     return queries.reshape(nheads_kv, -1, headdim)
-
-
-def pool_votes(
-    scores: torch.Tensor, span_ids: torch.Tensor, n_spans: int, scale: float, how: str = "mean"
-) -> torch.Tensor:
-    """Each query's softmax over the spans it found, pooled per span over all queries.
-
-    scores, span_ids: (nheads_kv, n_ask, k), ids -1 where a query found fewer than k spans.
-    how: ``mean`` averages the weights over the queries (a span many queries lean towards wins);
-    ``max`` takes each span's largest weight (a span one query is sure of wins: retrieval heads are few,
-    and their sharp choices would drown in the flat ones of the other heads).
-    Returns votes (n_spans,) float32; spans no head found get -inf (so that a vote of 0 after
-    underflow still counts as found).
-    """
-    found = span_ids >= 0
-    weights = torch.where(found, scores.float() * scale, float("-inf")).softmax(dim=-1)
-    weights = torch.nan_to_num(weights, nan=0.0)  # a query that found nothing
-    n_queries = scores.shape[0] * scores.shape[1]
-    # Spans not found go to one extra slot, dropped at the end: no boolean indexing, no device sync.
-    slots = torch.where(found, span_ids, n_spans).flatten()
-    votes = torch.zeros(n_spans + 1, dtype=torch.float32, device=scores.device)
-    if how == "max":
-        votes.scatter_reduce_(0, slots, weights.flatten(), "amax")
-    else:
-        votes.index_add_(0, slots, weights.flatten() / n_queries)
-    hits = torch.zeros_like(votes).index_add_(0, slots, found.flatten().float())
-    return votes[:n_spans].masked_fill(hits[:n_spans] == 0, float("-inf"))
 
 
 def choose_spans(votes: torch.Tensor, lengths: torch.Tensor, budget: int, max_spans: int | None = None) -> torch.Tensor:
@@ -129,13 +103,12 @@ class Persistence:
         self.reserve(votes.numel(), votes.device)
         if self.decay == 0:
             return votes
-        faded = self.buffer[: votes.numel()] * self.decay
-        return torch.where(faded > 0, torch.maximum(votes, faded), votes)
+        return faded_votes(votes, self.buffer, self.decay)
 
     def record(self, votes: torch.Tensor) -> None:
         """Remember this step's effective votes (n_spans,)."""
         self.reserve(votes.numel(), votes.device)
-        self.buffer[: votes.numel()] = torch.where(torch.isfinite(votes), votes, 0.0).clamp(min=0)
+        self.buffer[: votes.numel()] = votes_to_remember(votes)
 
     def reserve(self, n_spans: int, device) -> None:
         """Room for n_spans votes on device (a new buffer only when it moves or grows)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
+from ltri.kernels.settled_votes import SharedArgs, publish_votes
 from ltri.kernels.span_max import span_max
 
 
@@ -28,10 +29,19 @@ class SharedVotes:
 
         owner: (n_positions_of_this_layer,) the span index of each token from first on (a gather by it, unlike
         repeat_interleave by the lengths, needs no device sync to size its output)."""
-        values = torch.where(torch.isfinite(votes), votes, 0.0) / self.n_layers
-        per_token = values[owner]
-        self.reserve(first + per_token.numel(), values.device)
-        self.current[first : first + per_token.numel()] += per_token
+        self.reserve(first + owner.numel(), votes.device)
+        publish_votes(self.current, first, owner, votes, self.n_layers)
+
+    def args(
+        self, first: int, first_rows: torch.Tensor, lengths: torch.Tensor, owner: torch.Tensor, max_len: int,
+        collaboration: float,
+    ) -> SharedArgs:  # fmt: skip
+        """What a layer's settled votes (``kernels.settled_votes``) read and publish, with room made for the rows
+        owner names (n_rows,) from first on; the spans' first_rows and lengths as ``read`` takes them."""
+        self.reserve(first + owner.numel(), owner.device)
+        return SharedArgs(
+            self.previous, self.current, first, first_rows, lengths, owner, max_len, self.n_layers, collaboration
+        )
 
     def read(
         self, first: int, first_rows: torch.Tensor, lengths: torch.Tensor, max_len: int, n_rows: int

@@ -27,6 +27,7 @@ from ltri.deferred_segmentation import DeferredSegmentation
 from ltri.evidence import Evidence, without_positions
 from ltri.index import index_from_state, make_index, vector_dtype
 from ltri.kernels.lowrank_scores import basis_of_covariance
+from ltri.kernels.settled_votes import settled_votes
 from ltri.memory import LayerMemory, ResidentSet
 from ltri.offload.host_payloads import HostMemoryShort, HostPayloads, HostRowsSwitch
 from ltri.offload.projected_keys import ProjectedKeys
@@ -35,7 +36,7 @@ from ltri.offload.span_store import SpanStore
 from ltri.pending_spans import PendingSpans
 from ltri.positions import Layout
 from ltri.repeat import concatenated_ranges, repeat_by_counts
-from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
+from ltri.retrieval import Persistence, choose_spans, retrieval_queries
 from ltri.shared_votes import SharedVotes
 from ltri.span_tables import SpanTables
 from ltri.span_vectors import IndexVectors, bound_query, key_bounds, top_attended_keys, vectors_per_span
@@ -50,7 +51,7 @@ STORE_BATCH_SPANS = 1024
 
 
 class SpanMemory(LayerMemory):
-    # Set while something replaces _retrieve (the needle oracle): decode steps then take the eager path.
+    # Set while something replaces votes (the needle oracle): decode steps then take the eager path.
     retrieval_overridden = False
 
     def __init__(
@@ -533,7 +534,6 @@ class SpanMemory(LayerMemory):
         votes = self.votes(scores, span_ids, self.n_spans, self.tables.n_rows, reading)
         lengths = self.tables.lengths[: self.n_spans]
         chosen = choose_spans(votes, lengths, config.budget, self.tables.spans_fitting(config.budget))
-        self.persistence.record(votes)
         self.last_retrieved = chosen
         self.spans_at_retrieval = self.n_spans
         if self._loaded is None or not torch.equal(self._loaded[0], chosen):
@@ -566,22 +566,27 @@ class SpanMemory(LayerMemory):
         self, scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, n_rows: int, reading: bool = False
     ) -> torch.Tensor:
         """Each span slot's vote (n_slots,) from the index's results: pooled, raised by what other layers published
-        for its tokens, faded with the last steps' (the shared votes' step begun already; the caller records).
+        for its tokens, faded with the last steps' (the shared votes' step begun already), and remembered by
+        persistence for the next steps; in three launches on CUDA (``kernels.settled_votes``).
 
         n_slots: spans voted on (the stored ones, or a captured step's whole table); n_rows: stored rows of the
         table the shared votes read and publish (the stored ones, or the whole table); reading: a long chunk's mean
         queries asked (pooled by ``reading_vote``, else by ``vote``)."""
         config = self.retrieval_config
         how = (config.reading_vote or config.vote) if reading else config.vote
-        votes = pool_votes(scores, span_ids, n_slots, scale=self.kv_shape[1] ** -0.5, how=how)
+        shared = None
         if self.shares_votes:
-            lengths, first_rows = self.tables.lengths[:n_slots], self.tables.first_rows[:n_slots]
-            first = self.sinks.length  # stored rows start after the sinks
-            borrowed = self.shared.read(first, first_rows, lengths, self.span_config.max_len, n_rows)
-            self.shared.publish(first, self.tables.owner[:n_rows], votes)
-            found = torch.where(torch.isfinite(votes), votes, 0.0)
-            votes = torch.where(borrowed > 0, found + borrowed * config.collaboration, votes)
-        return self.persistence.apply(votes)
+            tables = self.tables
+            shared = self.shared.args(
+                self.sinks.length, tables.first_rows, tables.lengths, tables.owner[:n_rows], self.span_config.max_len,
+                config.collaboration,
+            )  # stored rows start after the sinks  # fmt: skip
+        persistence = self.persistence
+        persistence.reserve(n_slots, scores.device)
+        return settled_votes(
+            scores, span_ids, n_slots, self.kv_shape[1] ** -0.5, how, shared, persistence.buffer, persistence.decay,
+            record=True,
+        )  # fmt: skip
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tokens of span_ids (CPU, ascending): keys, values (1, nheads_kv, n, headdim), positions (n,) on device.

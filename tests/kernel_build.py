@@ -183,6 +183,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_lowrank_scores as lowrank
     import test_kernel_pack_rotate as pack
     import test_kernel_selected_attention as selected
+    import test_kernel_settled_votes as settled
     import test_kernel_span_max as span_max
     import test_kernel_span_scores as span_scores
     import test_kernel_span_votes as span_votes
@@ -195,6 +196,7 @@ def launchers(dtype: torch.dtype):
     from ltri.kernels import lowrank_scores as m_lowrank
     from ltri.kernels import pack_rotate as m_pack
     from ltri.kernels import selected_attention as m_selected
+    from ltri.kernels import settled_votes as m_settled
     from ltri.kernels import span_max as m_span_max
     from ltri.kernels import span_scores as m_span_scores
     from ltri.kernels import span_votes as m_span_votes
@@ -242,6 +244,12 @@ def launchers(dtype: torch.dtype):
     for case in vectors.CASES:
         queries, index_vectors = vectors.make_inputs(*case, dtype)
         yield m_vectors, functools.partial(m_vectors.vector_scores_triton, queries, index_vectors)
+    for case in settled.CASES:  # the scores in each dtype; the pooled votes and the rest are float32
+        for part in settled.PARTS:
+            for how in ("mean", "max"):
+                launch = functools.partial(settled.run, launch=m_settled.settled_votes_triton, case=case, part=part,
+                                           how=how, dtype=dtype)  # fmt: skip
+                yield m_settled, launch
     for case in span_scores.CASES:
         queries, index_vectors, first, count, n_valid = span_scores.make_index(*case, dtype)
         yield m_span_scores, functools.partial(m_span_scores.span_scores_triton, queries, index_vectors, first, count,

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from ltri.kernels.settled_votes import pool_votes
 
 from ltri.positions import Layout, key_positions
-from ltri.retrieval import Persistence, choose_spans, pool_votes, retrieval_queries
+from ltri.retrieval import Persistence, choose_spans, retrieval_queries
 
 
 def test_votes_average_each_heads_softmax_over_the_spans_it_found():
@@ -130,17 +131,17 @@ def test_the_texts_long_chunks_pool_by_reading_vote_and_questions_and_steps_by_v
 
     pooled = []  # (q_len of the retrieving chunk, how)
     original_votes = ltri.span_memory.SpanMemory.votes
-    original_pool = ltri.span_memory.pool_votes
+    original_settled = ltri.span_memory.settled_votes
 
-    def watched_pool(*args, how="mean", **kwargs):
+    def watched_settled(scores, span_ids, n_slots, scale, how, *args, **kwargs):
         pooled.append(how)
-        return original_pool(*args, how=how, **kwargs)
+        return original_settled(scores, span_ids, n_slots, scale, how, *args, **kwargs)
 
     def watched_votes(memory, scores, span_ids, n_slots, n_rows, reading=False):
         pooled.append("reading" if reading else "short")
         return original_votes(memory, scores, span_ids, n_slots, n_rows, reading)
 
-    monkeypatch.setattr(ltri.span_memory, "pool_votes", watched_pool)
+    monkeypatch.setattr(ltri.span_memory, "settled_votes", watched_settled)
     monkeypatch.setattr(ltri.span_memory.SpanMemory, "votes", watched_votes)
     config = LtriConfig(
         memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),

@@ -14,45 +14,30 @@ from contextlib import contextmanager
 
 import torch
 
-from ltri.retrieval import Persistence
 from ltri.span_memory import SpanMemory
 
 
-class NeedleFirst:
-    """Stands in for a memory's Persistence during one retrieval: its votes, with the needle's spans on top."""
-
-    def __init__(self, inner: Persistence, memory: SpanMemory, start: int, end: int) -> None:
-        self.inner, self.memory, self.start, self.end = inner, memory, start, end
-
-    def apply(self, votes: torch.Tensor) -> torch.Tensor:
-        """votes (n_spans,) -> the same, with every span overlapping the needle [start, end) at the float max."""
-        votes = self.inner.apply(votes)
-        starts = self.memory.span_starts.to(votes.device)
-        ends = starts + self.memory.span_lengths.to(votes.device)
-        holds_needle = (starts < self.end) & (ends > self.start)
-        return torch.where(holds_needle, torch.finfo(votes.dtype).max, votes)
-
-    def record(self, votes: torch.Tensor) -> None:
-        self.inner.record(votes)
+def needle_on_top(memory: SpanMemory, votes: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """votes (n_spans,) -> the same, with every span overlapping the needle [start, end) at the float max."""
+    starts = memory.span_starts.to(votes.device)
+    ends = starts + memory.span_lengths.to(votes.device)
+    holds_needle = (starts < end) & (ends > start)
+    return torch.where(holds_needle, torch.finfo(votes.dtype).max, votes)
 
 
 @contextmanager
 def needle_first(start: int, end: int) -> Iterator[None]:
-    """While inside, every SpanMemory retrieval puts the spans holding fed tokens [start, end) first."""
-    original = SpanMemory._retrieve
+    """While inside, every SpanMemory retrieval puts the spans holding fed tokens [start, end) first (their votes
+    raised after persistence has remembered the votes as they were)."""
+    original_votes = SpanMemory.votes
 
-    def retrieve_needle_first(memory, queries):
-        persistence = memory.persistence
-        memory.persistence = NeedleFirst(persistence, memory, start, end)
-        try:
-            return original(memory, queries)
-        finally:
-            memory.persistence = persistence
+    def votes_needle_first(memory, *args, **kwargs):
+        return needle_on_top(memory, original_votes(memory, *args, **kwargs), start, end)
 
-    SpanMemory._retrieve = retrieve_needle_first
+    SpanMemory.votes = votes_needle_first
     SpanMemory.retrieval_overridden = True  # decode steps then retrieve eagerly, through the override
     try:
         yield
     finally:
-        SpanMemory._retrieve = original
+        SpanMemory.votes = original_votes
         SpanMemory.retrieval_overridden = False
