@@ -7,9 +7,10 @@ shapes do not change from one step to the next:
 
     window      the token is written at the window's length (a device count) in the window's buffer
     retrieval   the index scores its whole buffer (vectors past the count left out), votes pool over every
-                span slot, shared votes and persistence are updated in place, the budget is filled on the
-                device (``retrieval.chosen_spans_padded``), and the chosen spans' rows in the pinned host
-                rows (``offload.host_payloads``) are listed, less those the evidence holds
+                span slot, shared votes and persistence are updated in place (``kernels.settled_votes``), the
+                budget is filled on the device and the chosen spans' rows in the pinned host rows
+                (``offload.host_payloads``) are listed (``kernels.budget_rows``, one launch after the best votes'
+                top-k), less those the evidence holds
     selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
                 over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
@@ -39,12 +40,13 @@ import torch
 
 from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
+from ltri.kernels.budget_rows import budget_rows
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.positions import Rotary
-from ltri.retrieval import chosen_spans_padded, span_token_rows
 from ltri.span_memory import SpanMemory
 from ltri.token_selection import TokenSelector
+from ltri.topk import first_k_places
 
 WINDOW_HEADROOM = 256  # tokens of window capacity kept free, so that growth (and a new capture) is rare
 # Decode steps' tokens a binding reserves room for in the stored spans' tables and index, past the window's own:
@@ -130,9 +132,11 @@ class CapturedLayer:
             memory.shared.turn()  # what begin_step does at a step's first layer, unconditionally
         tables = memory.tables
         votes = memory.votes(scores, slots, self.n_slots, tables.owner.numel())  # the whole tables, padding too
-        chosen = chosen_spans_padded(votes, tables.lengths, self.budget, self.n_chosen)
+        chosen, rows, count = budget_rows(
+            votes, first_k_places(votes, self.n_chosen), tables.lengths, tables.first_rows, self.budget,
+            memory.span_config.max_len,
+        )  # fmt: skip
         self.chosen.copy_(chosen, non_blocking=True)
-        rows, count = span_token_rows(chosen, tables.lengths, tables.first_rows, self.budget)
         return (rows, count) if self.held_rows is None else rows_not_held(rows, count, self.held_rows)
 
     def select(self, query: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
+from ltri.kernels.budget_rows import budget_rows
 from ltri.kernels.settled_votes import faded_votes, votes_to_remember
 from ltri.topk import first_k_places
 
@@ -60,29 +61,7 @@ def chosen_spans_padded(
     ordered by vote, ties by id (also where they straddle the m-th place)."""
     n_spans = votes.numel()
     m = min(n_spans, budget) if max_spans is None else min(n_spans, budget, max_spans)
-    candidates = first_k_places(votes, m)  # ascending ids
-    order = candidates[torch.argsort(votes[candidates], descending=True, stable=True)]
-    fits = (torch.cumsum(lengths[order], dim=0) <= budget) & torch.isfinite(votes[order])
-    return torch.sort(torch.where(fits, order, n_spans)).values
-
-
-def span_token_rows(
-    chosen: torch.Tensor, lengths: torch.Tensor, first_rows: torch.Tensor, n_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored rows of the chosen spans' tokens, in order, without a host sync.
-
-    chosen (m,) span ids, then padding ids (any id past the last span); lengths, first_rows (n_spans + 1,) each
-    span's length and first stored row, the last entry an empty span (length 0) that padding stands for.
-    Returns rows (n_rows,) int64, 0 past the chosen tokens, and their count (0-dim int64), at most n_rows.
-    """
-    chosen = chosen.clamp(max=lengths.numel() - 1)
-    chosen_lengths = lengths[chosen]
-    ends = torch.cumsum(chosen_lengths, dim=0)  # (m,)
-    token = torch.arange(n_rows, device=chosen.device)
-    which = torch.searchsorted(ends, token, right=True).clamp(max=chosen.numel() - 1)  # chosen span of each token
-    rows = first_rows[chosen[which]] + token - (ends[which] - chosen_lengths[which])
-    count = ends[-1].clamp(max=n_rows)
-    return torch.where(token < count, rows, 0), count
+    return budget_rows(votes, first_k_places(votes, m), lengths, None, budget, 0)[0]
 
 
 class Persistence:

@@ -178,6 +178,7 @@ def topk_sweep():
 def launchers(dtype: torch.dtype):
     """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use, and in half
     precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
+    import test_kernel_budget_rows as budget
     import test_kernel_chunk_attention_map as chunk_map
     import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
@@ -191,6 +192,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_sparse_attention as attention
     import test_kernel_topk_select as topk
     import test_kernel_vector_scores as vectors
+    from ltri.kernels import budget_rows as m_budget
     from ltri.kernels import chunk_attention_map as m_chunk_map
     from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
@@ -257,6 +259,12 @@ def launchers(dtype: torch.dtype):
     if dtype != torch.float32:
         yield from swept_launches(dtype)
     if dtype == torch.float32:  # span_max reads float32 votes only
+        for n_slots, m, budget_size, max_len in budget.CASES:  # votes float32, tables int64
+            votes, lengths, first_rows = budget.make_votes(n_slots, max_len)
+            candidates = torch.arange(m)
+            for rows in (first_rows, None):
+                yield m_budget, functools.partial(m_budget.budget_rows_triton, votes, candidates, lengths, rows,
+                                                  budget_size, max_len)  # fmt: skip
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])

@@ -10,6 +10,7 @@ runs as one graph.
 import pytest
 import torch
 from captured_sessions import TEXT, decode, session_for
+from ltri.kernels.budget_rows import span_token_rows
 from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
@@ -18,7 +19,7 @@ from ltri.evidence import Evidence, rows_not_held
 from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
 from ltri.offload.host_payloads import HostPayloads
-from ltri.retrieval import choose_spans, chosen_spans_padded, span_token_rows
+from ltri.retrieval import choose_spans, chosen_spans_padded
 
 QUEST_LIKE = {"segmentation": "fixed", "index_vectors": "bounds"}
 # token selection: each KV head keeps 20 of the budget's 48 retrieved tokens
