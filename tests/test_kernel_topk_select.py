@@ -24,7 +24,9 @@ from ltri.kernels.topk_select import (  # noqa: E402
     topk_tokens_triton,
 )
 
-from ltri.topk import TIE_CHUNK, places_in_rounds, topk_ties_to_first  # noqa: E402
+from ltri.topk import topk_ties_to_first  # noqa: E402
+
+CHUNK = 4096  # one program's block of entries: longer rows go in two launches (parts, then the row)
 
 # (n_rows, n_keys, k): awkward lengths, k of 1 to all, rows longer than a chunk read in chunks by one program
 # (k too large for parts), and long rows in two stages (parts_per_row > 1: 7 and 3 parts)
@@ -150,24 +152,25 @@ def test_an_unknown_radix_gets_one_sentence():
         topk_tokens_triton(torch.zeros(2, 5, device=DEVICE), 2, radix_bits=5)
 
 
-@pytest.mark.parametrize("width", [TIE_CHUNK + 1, 2 * TIE_CHUNK, 2 * TIE_CHUNK + 904])
-@pytest.mark.parametrize("k", [1, 64, TIE_CHUNK // 4])
-def test_first_k_places_in_two_rounds_are_the_places_of_one_stable_sort(width, k):
-    """Rows longer than a chunk (the span search's table, the votes of a long text) take two rounds on the GPU: the
-    same places as one stable descending sort, ties (repeated values, -0.0 and 0.0, -inf) to the earlier place."""
+@pytest.mark.parametrize("width", [CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 904])
+@pytest.mark.parametrize("k", [1, 64, CHUNK // 4])
+def test_long_rows_in_two_launches_give_the_places_of_one_stable_sort(width, k):
+    """Rows longer than a chunk (the span search's table, the votes of a long text: ``ltri.topk.first_k_places`` on
+    the GPU) take two launches: the same places as one stable descending sort, ties (repeated values, -0.0 and 0.0,
+    -inf) to the earlier place."""
     generator = torch.Generator().manual_seed(width + k)
     values = torch.randint(-20, 20, (3, width), generator=generator).float() / 4  # many ties
     values[0, : width // 2] = float("-inf")  # fewer finite entries than k in some chunks
     values[1, ::7] = -0.0
-    values[2, TIE_CHUNK - 50 : TIE_CHUNK + 50] = 100.0  # ties straddling a chunk's end
+    values[2, CHUNK - 50 : CHUNK + 50] = 100.0  # ties straddling a chunk's end
     values = values.to(DEVICE)
-    places = places_in_rounds(values, k, topk_tokens_triton)  # the kernel (interpreted without CUDA)
+    places = topk_tokens_triton(values, k)  # the kernel (interpreted without CUDA)
     assert torch.equal(places.cpu(), topk_tokens_reference(values.cpu() + 0.0, k))
 
 
 def test_ties_to_first_are_the_same_places_in_a_padded_table():
     """A captured step scores every slot (-inf past the spans): the same spans as the eager step's narrower table."""
-    values = torch.full((2, TIE_CHUNK + 300), float("-inf"))
+    values = torch.full((2, CHUNK + 300), float("-inf"))
     values[:, :40] = torch.tensor([0.5, -0.25, 0.5, 0.0, -0.0] * 8)
     narrow = topk_ties_to_first(values[:, :40].to(DEVICE), 12)
     padded = topk_ties_to_first(values.to(DEVICE), 12)

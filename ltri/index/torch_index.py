@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import grown_capacity, with_room
-from ltri.index.base import SpanIndex, SpanSlots, best_spans, top_spans
+from ltri.index.base import SpanIndex, SpanSlots, best_spans, pad_results, top_spans
 from ltri.kernels.span_scores import MAX_VECTORS, per_span_rows, span_scores
 from ltri.kernels.vector_scores import vector_scores
-from ltri.topk import padded_width
+from ltri.topk import padded_width, topk_ties_to_first
 
 
 class TorchSpanIndex(SpanIndex):
@@ -92,7 +92,8 @@ class TorchSpanIndex(SpanIndex):
         The shapes and the tensors read stay the same while ``buffers`` and ``per_span_rows`` do.
         """
         scores = self._span_scores(queries.to(self.device), n_vectors, padded_width(n_slots))  # -inf past n_slots
-        return top_spans(scores, torch.arange(n_slots, device=self.device), k)
+        top_scores, top_slots = topk_ties_to_first(scores, k)  # a slot is its span's id (captured_search_ready)
+        return pad_results(top_scores, torch.where(top_scores == float("-inf"), -1, top_slots), k)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensors search_captured reads (a captured step stays valid while these are the same)."""
