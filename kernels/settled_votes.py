@@ -40,8 +40,10 @@ from .span_max import span_max
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_Q = 16  # queries per pool program
-_BLOCK_S = 32  # spans per settle program
-_MAX_BLOCK_P = 128  # positions per span per loop step: a span of the default max_len (128) in one step
+# spans per settle program, positions per span per loop step. A (32, 128) tile, every position of a span of the
+# default max_len loaded at once, took 19.1 us a layer on the H100 against 9.4 for these (NOTES.md step 39).
+_BLOCK_S = 128
+_BLOCK_P = 16
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,7 @@ def _settle_kernel(
     MAX_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_S span slots: the pooled vote (-inf where no query found the span), the shared votes' read and publish
-    over each span's positions (BLOCK_P of them a step, all of a span in one step up to _MAX_BLOCK_P: the loads of a
-    (BLOCK_S, BLOCK_P) tile issued together), persistence; writes the votes (and the remembered ones)."""
+    over each span's positions, persistence; writes the votes (and the remembered ones)."""
     spans = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     span_ok = spans < n_slots
     pooled = tl.load(pool_ptr + spans, mask=span_ok, other=0.0)
@@ -195,8 +196,6 @@ def settled_votes_triton(
     persist = remembered is not None and decay > 0
     record = remembered is not None and record
     anchor = remembered if remembered is not None else votes  # unread when its parts are off
-    max_len = max(shared.max_len if shared else 1, 1)
-    block_p = min(_MAX_BLOCK_P, 1 << (max_len - 1).bit_length())
     previous, current, first_rows, lengths = (
         (shared.previous, shared.current, shared.first_rows, shared.lengths) if shared else (votes,) * 4
     )
@@ -205,7 +204,8 @@ def settled_votes_triton(
         n_slots, shared.first if shared else 0, previous.numel(), 1.0 / shared.n_layers if shared else 0.0,
         float(shared.collaboration) if shared else 0.0, float(decay),
         SHARED=shared is not None, PERSIST=persist, RECORD=record,
-        MAX_LEN=-(-max_len // block_p) * block_p, BLOCK_S=_BLOCK_S, BLOCK_P=block_p,
+        MAX_LEN=-(-max(shared.max_len if shared else 1, 1) // _BLOCK_P) * _BLOCK_P, BLOCK_S=_BLOCK_S,
+        BLOCK_P=_BLOCK_P,
     )  # fmt: skip
     return votes
 
