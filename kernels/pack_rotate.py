@@ -14,6 +14,11 @@ positions, keys and the query rotated.
                                                                (``ltri.evidence``; E may be 0)
     window_keys, window_values  (nheads_kv, W, headdim)        the window's buffers, whole capacity
     cos, sin                    (P, headdim)                   RoPE of positions 0..P-1, P = S + B + E + W
+    cache_slots (optional)      (>= n_rows,) int32             each stored row's place in cache_rows, -1 if none
+    cache_rows                  (C, 2, nheads_kv, headdim)     device copies of rows (``offload.row_cache``): a
+                                                               retrieved row with a slot is read there, not over PCIe
+    cache_out                   (B, 2, nheads_kv, headdim)     where the retrieved rows (pre-RoPE) are written, in
+                                                               order, for the next step's cache (first n_retrieved)
   returns
     query_rotated               (nheads, 1, headdim)           the query rotated to the step's place,
                                                                n_valid - 1 = S + n_retrieved + E + window_length
@@ -57,15 +62,18 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 def _pack_rotate_kernel(
     query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
     evidence_k_ptr, evidence_v_ptr, window_k_ptr, window_v_ptr, cos_ptr, sin_ptr,
-    query_out_ptr, keys_ptr, values_ptr, n_valid_ptr,
+    query_out_ptr, keys_ptr, values_ptr, n_valid_ptr, cache_slots_ptr, cache_rows_ptr, cache_out_ptr,
     n_sink, n_evidence, window_capacity, n_packed, group,
     stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_rows_h,
     stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
+    HAS_CACHE: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
-    of the head also rotates its query group and writes its valid count."""
+    of the head also rotates its query group and writes its valid count. HAS_CACHE: a retrieved row with a slot in
+    the row cache is read from the cache's copy (same layout as the stored rows), and every retrieved row is written
+    to cache_out at its place in the retrieved list."""
     head = tl.program_id(1).to(tl.int64)
     place = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     dim = tl.arange(0, HEADDIM)
@@ -101,13 +109,29 @@ def _pack_rotate_kernel(
     row_off = row_at[:, None] * stride_row + head * stride_row_h
     evidence_off = head * stride_evidence_h + evidence_at[:, None] * stride_evidence_t
     window_off = head * stride_window_h + window_at[:, None] * stride_window_t
-    key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
-                  window_k_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
-    key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, evidence_k_ptr + evidence_off,
-                          window_k_ptr + window_off, partner,
-                          is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
-    value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off, evidence_v_ptr + evidence_off,
-                    window_v_ptr + window_off, dim, is_sink, is_retrieved, is_evidence, is_window)  # fmt: skip
+    if HAS_CACHE:
+        slot = tl.load(cache_slots_ptr + row_at, mask=is_retrieved, other=-1)
+        is_cached = is_retrieved & (slot >= 0)
+        is_stored = is_retrieved & (slot < 0)
+        cache_off = tl.where(is_cached, slot, 0).to(tl.int64)[:, None] * stride_row + head * stride_row_h
+    else:
+        is_cached = is_retrieved & (place < 0)
+        is_stored = is_retrieved
+        cache_off = row_off
+    key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, cache_rows_ptr + cache_off,
+                  evidence_k_ptr + evidence_off, window_k_ptr + window_off, dim,
+                  is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+    key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, cache_rows_ptr + cache_off,
+                          evidence_k_ptr + evidence_off, window_k_ptr + window_off, partner,
+                          is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+    value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off,
+                    cache_rows_ptr + stride_part + cache_off, evidence_v_ptr + evidence_off,
+                    window_v_ptr + window_off, dim, is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+    if HAS_CACHE:  # the retrieved rows as read, pre-RoPE, at their places in the retrieved list
+        out_row = tl.where(is_retrieved, place - n_sink, 0).to(tl.int64)[:, None] * stride_row + head * stride_row_h
+        cache_out = cache_out_ptr + out_row + dim[None, :]
+        tl.store(cache_out, key.to(cache_out_ptr.dtype.element_ty), mask=is_retrieved[:, None])
+        tl.store(cache_out + stride_part, value.to(cache_out_ptr.dtype.element_ty), mask=is_retrieved[:, None])
     table = place.to(tl.int64)[:, None] * stride_table + dim[None, :]
     cos = tl.load(cos_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=in_packed[:, None], other=0.0).to(tl.float32)
@@ -138,13 +162,18 @@ def _round_mantissa(x, DROP_BITS: tl.constexpr):
     return rounded
 
 
-def _packed(sink_ptrs, row_ptrs, evidence_ptrs, window_ptrs, columns, is_sink, is_retrieved, is_evidence, is_window):
-    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row, evidence or window slot)."""
+def _packed(
+    sink_ptrs, row_ptrs, cache_ptrs, evidence_ptrs, window_ptrs, columns, is_sink, is_stored, is_cached, is_evidence,
+    is_window,
+):  # fmt: skip
+    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row, its cached copy, evidence or
+    window slot)."""
     sink = tl.load(sink_ptrs + columns[None, :], mask=is_sink[:, None], other=0.0).to(tl.float32)
-    row = tl.load(row_ptrs + columns[None, :], mask=is_retrieved[:, None], other=0.0).to(tl.float32)
+    row = tl.load(row_ptrs + columns[None, :], mask=is_stored[:, None], other=0.0).to(tl.float32)
+    cached = tl.load(cache_ptrs + columns[None, :], mask=is_cached[:, None], other=0.0).to(tl.float32)
     evidence = tl.load(evidence_ptrs + columns[None, :], mask=is_evidence[:, None], other=0.0).to(tl.float32)
     window = tl.load(window_ptrs + columns[None, :], mask=is_window[:, None], other=0.0).to(tl.float32)
-    return sink + row + evidence + window
+    return sink + row + cached + evidence + window
 
 
 # plain functions; _triton_kernels binds their JIT wrappers
@@ -180,9 +209,17 @@ class StepSources:
     window_values: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    cache_slots: torch.Tensor | None = None
+    cache_rows: torch.Tensor | None = None
+    cache_out: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
+        """The tensors given (the cache's three only with a cache)."""
+        return tuple(t for t in (getattr(self, f.name) for f in fields(self)) if t is not None)
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache_slots is not None
 
 
 class PackedStep(NamedTuple):
@@ -222,6 +259,24 @@ def _check_inputs(s: StepSources) -> None:
         raise ValueError(f"pack_rotate wants one float dtype for the query, keys, rows and RoPE table, got {dtypes}.")
     if window_capacity == 0 or headdim & (headdim - 1):
         raise ValueError(f"pack_rotate needs a window and a power-of-two headdim, got {tuple(s.window_keys.shape)}.")
+    if s.has_cache:
+        _check_cache(s)
+
+
+def _check_cache(s: StepSources) -> None:
+    """The row cache's tensors: slots int32, the cached rows and cache_out laid out as the stored rows."""
+    if s.cache_rows is None or s.cache_out is None or s.rows.dim() != 1:
+        raise ValueError("pack_rotate's row cache needs cache_slots, cache_rows and cache_out, and rows shared by the "
+                         "KV heads (B,).")  # fmt: skip
+    if s.cache_slots.dim() != 1 or s.cache_slots.dtype != torch.int32:
+        raise ValueError(f"cache_slots must be (n,) int32, got {s.cache_slots.dtype} {tuple(s.cache_slots.shape)}.")
+    layout = s.rows_source.shape[1:]
+    if s.cache_rows.shape[1:] != layout or s.cache_out.shape != (s.rows.shape[0], *layout):
+        raise ValueError(f"cache_rows must be (C, {', '.join(map(str, layout))}) and cache_out ({s.rows.shape[0]}, "
+                         f"{', '.join(map(str, layout))}), got {tuple(s.cache_rows.shape)} and "
+                         f"{tuple(s.cache_out.shape)}.")  # fmt: skip
+    if s.cache_rows.dtype != s.rows_source.dtype or s.cache_out.dtype != s.rows_source.dtype:
+        raise ValueError("the row cache must hold the stored rows' dtype.")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -234,9 +289,16 @@ def pack_rotate_reference(s: StepSources) -> PackedStep:
     _check_inputs(s)
     nheads_kv = s.window_keys.shape[0]
     rows = s.rows.expand(nheads_kv, -1)  # (nheads_kv, B): each KV head's rows
-    retrieved = s.rows_source[rows, :, torch.arange(nheads_kv, device=rows.device)[:, None]]  # (nheads_kv, B, 2, hd)
+    heads = torch.arange(nheads_kv, device=rows.device)[:, None]
+    retrieved = s.rows_source[rows, :, heads]  # (nheads_kv, B, 2, hd)
     n_sink, budget, n_packed = s.sink_keys.shape[1], rows.shape[1], s.cos.shape[0]
     n_retrieved = s.n_retrieved.reshape(1)
+    if s.has_cache:  # rows with a slot read from the cache; all written, as read, to cache_out
+        slots = s.cache_slots[rows].long()
+        cached = s.cache_rows[slots.clamp(min=0), :, heads]
+        retrieved = torch.where((slots >= 0)[..., None, None], cached, retrieved)
+        valid = (torch.arange(budget, device=rows.device) < n_retrieved)[:, None, None, None]
+        s.cache_out.copy_(torch.where(valid, retrieved.permute(1, 2, 0, 3), s.cache_out))
     place = torch.arange(n_packed, device=s.window_keys.device)
     # the sources concatenated hold sinks, B rows, evidence, window: past the valid rows a place reads B - n later
     source = torch.where(place < n_sink + n_retrieved, place, place - n_retrieved + budget).clamp(max=n_packed - 1)
@@ -288,9 +350,12 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
     evidence = (s.evidence_keys, s.evidence_values) if s.evidence_keys.shape[1] else window
     group = s.query.shape[0] // nheads_kv
     grid = (-(-n_packed // launch.block_p), nheads_kv)
+    if s.has_cache and not (s.cache_rows.stride() == s.cache_out.stride() == s.rows_source.stride()):
+        raise ValueError("pack_rotate wants the row cache laid out as the stored rows (contiguous).")
+    cache = (s.cache_slots, s.cache_rows, s.cache_out) if s.has_cache else (s.rows, s.rows_source, s.rows_source)
     _triton_kernels(interpreting())[grid](
         s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, *evidence, *window,
-        s.cos, s.sin, query, keys, values, n_valid,
+        s.cos, s.sin, query, keys, values, n_valid, *cache,
         s.sink_keys.shape[1], s.evidence_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
@@ -298,7 +363,7 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
         evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
         HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),
-        DROP_BITS=_DROP_BITS[keys.dtype], num_warps=launch.num_warps,
+        DROP_BITS=_DROP_BITS[keys.dtype], HAS_CACHE=s.has_cache, num_warps=launch.num_warps,
     )  # fmt: skip
     return PackedStep(query, keys, values, n_valid)
 

@@ -14,8 +14,10 @@ shapes do not change from one step to the next:
     selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
                 over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
-    attention   sinks, those rows (read straight over PCIe), the evidence a question's reread left resident for
-                its answer (``ltri.evidence``, fixed while the answer decodes) and window packed at compact
+    attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
+                retrieved, ``offload.row_cache``, when no selector narrows them), the evidence a question's
+                reread left resident for its answer (``ltri.evidence``, fixed while the answer decodes) and
+                window packed at compact
                 positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
                 on CUDA), and attended with the sparse attention kernel up to the valid count
 
@@ -43,6 +45,7 @@ from ltri.evidence import rows_not_held
 from ltri.kernels.budget_rows import budget_rows
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
+from ltri.offload.row_cache import RowCache
 from ltri.positions import Rotary
 from ltri.span_memory import SpanMemory
 from ltri.token_selection import TokenSelector
@@ -89,6 +92,12 @@ class CapturedLayer:
         self.held_rows = evidence.held_rows(self.n_sink, memory.tables.owner.numel()) if evidence.length else None
         self.selector = _selector(memory)
         self.projections = None if self.selector is None else memory.stored_projections()  # loki's, caught up
+        # the last step's retrieved rows kept on the device (not with a selector: each KV head reads its own rows)
+        payloads = memory.host_payloads
+        self.row_cache = None
+        if self.selector is None:
+            n_rows = memory.tables.owner.numel()
+            self.row_cache = RowCache(self.budget, n_rows, payloads.row_shape, payloads.dtype, counts.device)
         n_attended = self.budget if self.selector is None else self.selector.n_tokens
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
@@ -104,6 +113,8 @@ class CapturedLayer:
         if self.selector is not None:
             rows, n_retrieved = self.select(query, rows, n_retrieved)
         step = pack_rotate(self.sources(query[0, :, 0], window_length, rows, n_retrieved))
+        if self.row_cache is not None:
+            self.row_cache.refresh(rows, n_retrieved)
         output, _ = sparse_attention(step.query, step.keys, step.values, n_valid=step.n_valid, scale=scaling)
         return output[None]
 
@@ -114,10 +125,12 @@ class CapturedLayer:
         window_keys, window_values, _ = self.memory.window.buffers()
         sink_keys, sink_values = _keys_values(self.memory.sinks, window_keys)
         evidence_keys, evidence_values = _keys_values(self.memory.evidence.tokens, window_keys)
+        cache = self.row_cache
+        cached = () if cache is None else (cache.slots, cache.rows, cache.incoming)
         return StepSources(
             query, window_length, sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
             evidence_keys, evidence_values, window_keys[0], window_values[0], self.table.cos[0, 0],
-            self.table.sin[0, 0],
+            self.table.sin[0, 0], *cached,
         )  # fmt: skip
 
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

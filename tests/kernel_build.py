@@ -179,6 +179,7 @@ def launchers(dtype: torch.dtype):
     """(module, call) pairs: each kernel's launcher on small CPU inputs the kernel tests also use, and in half
     precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
     import test_kernel_budget_rows as budget
+    import test_kernel_cache_slots as cache_slots
     import test_kernel_chunk_attention_map as chunk_map
     import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
@@ -193,6 +194,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_topk_select as topk
     import test_kernel_vector_scores as vectors
     from ltri.kernels import budget_rows as m_budget
+    from ltri.kernels import cache_slots as m_cache_slots
     from ltri.kernels import chunk_attention_map as m_chunk_map
     from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
@@ -240,6 +242,7 @@ def launchers(dtype: torch.dtype):
         for per_head in (False, True):
             sources = pack.make_inputs(*case, dtype, per_head=per_head)
             yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources)
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_row_cache(pack.make_inputs(*case, dtype)))
     for case in chunk_map.CASES:
         query, keys = chunk_map.make_inputs(*case, dtype)
         yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.125)
@@ -265,6 +268,11 @@ def launchers(dtype: torch.dtype):
             for rows in (first_rows, None):
                 yield m_budget, functools.partial(m_budget.budget_rows_triton, votes, candidates, lengths, rows,
                                                   budget_size, max_len)  # fmt: skip
+        for n_rows, budget_size in cache_slots.CASES:  # int32 slots, int64 rows
+            rows, n_retrieved = next(cache_slots.steps(n_rows, budget_size))
+            slots = torch.full((n_rows + 1,), -1, dtype=torch.int32)
+            yield m_cache_slots, functools.partial(m_cache_slots.refresh_slots_triton, slots, torch.zeros_like(rows),
+                                                   torch.zeros(1, dtype=torch.long), rows, n_retrieved)  # fmt: skip
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])

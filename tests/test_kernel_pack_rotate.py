@@ -146,3 +146,62 @@ def test_every_launch_shape_packs_the_same(launch):
     expected = pack_rotate_triton(inputs)
     got = pack_rotate_triton(inputs, launch)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def with_row_cache(inputs, seed=1, poisoned=False):
+    """inputs with a row cache (``ltri.offload.row_cache``) that holds about half of the stored rows at random places:
+    copies of them, or (poisoned) other values, so that a test can tell where a place was read from."""
+    generator = torch.Generator().manual_seed(seed)
+    capacity = N_ROWS // 2
+    cached = torch.randperm(N_ROWS, generator=generator)[:capacity].to(DEVICE)  # row held at place i: cached[i]
+    slots = torch.full((N_ROWS + 1,), -1, dtype=torch.int32, device=DEVICE)
+    slots[cached] = torch.arange(capacity, dtype=torch.int32, device=DEVICE)
+    cache_rows = inputs.rows_source[cached].clone()
+    if poisoned:
+        cache_rows = torch.randn(cache_rows.shape, generator=generator).to(cache_rows.dtype).to(DEVICE)
+    cache_out = torch.zeros(inputs.rows.shape[0], *inputs.rows_source.shape[1:], dtype=cache_rows.dtype, device=DEVICE)
+    return dataclasses.replace(inputs, cache_slots=slots, cache_rows=cache_rows, cache_out=cache_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_a_row_cache_of_copies_packs_the_same_and_passes_the_rows_on(case, dtype):
+    inputs = make_inputs(*case, dtype)
+    expected = pack_rotate_triton(inputs)
+    n_retrieved = int(inputs.n_retrieved)
+    for pack in (pack_rotate_triton, pack_rotate_reference):
+        cached = with_row_cache(inputs)
+        got = pack(cached)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        stored = inputs.rows_source[inputs.rows[:n_retrieved]]
+        assert torch.equal(cached.cache_out[:n_retrieved], stored)  # the rows as read, in the retrieved order
+
+
+def test_cached_rows_are_read_from_the_cache():
+    inputs = make_inputs(*CASES[3], torch.float32)
+    got = pack_rotate_triton(with_row_cache(inputs, poisoned=True))
+    poisoned = with_row_cache(inputs, poisoned=True)
+    expected = pack_rotate_reference(poisoned)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    n_sink, n_retrieved = inputs.sink_keys.shape[1], int(inputs.n_retrieved)
+    rows = inputs.rows[:n_retrieved]
+    slots = poisoned.cache_slots[rows].long()
+    source = torch.where((slots >= 0)[:, None, None, None], poisoned.cache_rows[slots.clamp(min=0)],
+                         inputs.rows_source[rows])  # fmt: skip
+    assert bool((slots >= 0).any()) and bool((slots < 0).any())  # both kinds of place in the case
+    assert torch.equal(got.values[:, n_sink : n_sink + n_retrieved], source[:, 1].transpose(0, 1))
+
+
+def test_a_row_cache_needs_its_three_tensors_and_shared_rows():
+    inputs = make_inputs(*CASES[0], torch.float32)
+    cached = with_row_cache(inputs)
+    for broken, message in [
+        (dataclasses.replace(cached, cache_out=None), "needs cache_slots, cache_rows and cache_out"),
+        (dataclasses.replace(cached, rows=inputs.rows.expand(3, -1)), "rows shared by the KV heads"),
+        (dataclasses.replace(cached, cache_slots=cached.cache_slots.long()), "cache_slots must be \\(n,\\) int32"),
+        (dataclasses.replace(cached, cache_out=cached.cache_out[:-1]), "cache_out \\(37, 2, 3, 64\\)"),
+        (dataclasses.replace(cached, cache_rows=cached.cache_rows.half()), "the stored rows' dtype"),
+    ]:
+        for pack in (pack_rotate_triton, pack_rotate_reference):
+            with pytest.raises(ValueError, match=message):
+                pack(broken)
