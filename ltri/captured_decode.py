@@ -95,7 +95,7 @@ class CapturedLayer:
         # the last step's retrieved rows kept on the device (not with a selector: each KV head reads its own rows)
         payloads = memory.host_payloads
         self.row_cache = None
-        if self.selector is None:
+        if self.selector is None and memory.memory_config.row_cache:
             n_rows = memory.tables.owner.numel()
             self.row_cache = RowCache(self.budget, n_rows, payloads.row_shape, payloads.dtype, counts.device)
         n_attended = self.budget if self.selector is None else self.selector.n_tokens

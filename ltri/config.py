@@ -35,12 +35,16 @@ class MemoryConfig:
         ``cuda`` on CUDA devices, ``always`` (on a CPU too: the same code runs eagerly), ``never``. These rows
         are the tokens' only copy until a save writes them to the span store; when host memory runs short they
         are written there and dropped, and decode steps go back to the span cache.
+    row_cache: a captured decode step keeps the rows its layer retrieved last on the device and reads those again
+        from there, not over PCIe (``ltri.offload.row_cache``; two copies of a budget's rows a layer, 4 MB at the
+        default budget of a Llama-3-8B layer); not with a token selector.
     """
 
     policy: str = "ltri"
     n_sink: int = 64
     n_window: int = 512
     host_payloads: str = "cuda"
+    row_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:

@@ -52,6 +52,26 @@ def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off():
+    """Each layer's row cache (``ltri.offload.row_cache``) holds the rows its last step retrieved, the rows' own
+    keys and values, a slot each; without it the steps read every row from the host rows, to the same logits."""
+    cached = session_for("always")
+    expected, expected_spans = decode(session_for("never"), 12)
+    got, got_spans = decode(cached, 12)
+    uncached = session_for("always", row_cache=False)
+    plain, plain_spans = decode(uncached, 12)
+    assert got_spans == expected_spans == plain_spans
+    assert (got - expected).abs().max().item() < 1e-4 and (plain - expected).abs().max().item() < 1e-4
+    assert all(layer.row_cache is None for layer in uncached._captured.layers)
+    for layer in cached._captured.layers:
+        cache, memory = layer.row_cache, layer.memory
+        count = int(cache.count)
+        held = cache.held[:count]
+        assert count > 0 and torch.equal(cache.rows[:count], memory.host_payloads.tokens[held])
+        assert torch.equal(cache.slots[held], torch.arange(count, dtype=torch.int32))
+        assert int((cache.slots >= 0).sum()) == count
+
+
 def test_steps_fall_back_to_eager_while_a_layer_cannot_be_captured():
     session = session_for("always")
     session.prefill(TEXT)

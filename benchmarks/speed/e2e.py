@@ -227,6 +227,9 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
     parser.add_argument(
+        "--ltri-no-row-cache", action="store_true", help="captured steps read every retrieved row over PCIe (no cache)"
+    )
+    parser.add_argument(
         "--ltri-host-payloads",
         default=None,
         choices=("cuda", "always", "never"),
@@ -307,6 +310,8 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, n_sink=args.ltri_sink)
     if args.ltri_host_payloads is not None:
         memory = replace(memory, host_payloads=args.ltri_host_payloads)
+    if args.ltri_no_row_cache:
+        memory = replace(memory, row_cache=False)
     retrieval = config.retrieval
     overrides = {
         "refresh_every": args.ltri_refresh_every, "budget": args.ltri_budget, "selector": args.ltri_selector,
