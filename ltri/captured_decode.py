@@ -15,9 +15,9 @@ shapes do not change from one step to the next:
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
                 over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
     attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
-                retrieved, ``offload.row_cache``, when no selector narrows them), the evidence a question's
-                reread left resident for its answer (``ltri.evidence``, fixed while the answer decodes) and
-                window packed at compact
+                retrieved, ``offload.row_cache``, with MemoryConfig.row_cache and no selector), the evidence a
+                question's reread left resident for its answer (``ltri.evidence``, fixed while the answer
+                decodes) and window packed at compact
                 positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
                 on CUDA), and attended with the sparse attention kernel up to the valid count
 

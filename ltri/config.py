@@ -37,14 +37,16 @@ class MemoryConfig:
         are written there and dropped, and decode steps go back to the span cache.
     row_cache: a captured decode step keeps the rows its layer retrieved last on the device and reads those again
         from there, not over PCIe (``ltri.offload.row_cache``; two copies of a budget's rows a layer, 4 MB at the
-        default budget of a Llama-3-8B layer); not with a token selector.
+        default budget of a Llama-3-8B layer); not with a token selector. Off by default until it has run on a GPU:
+        its kernels pass their tests in Triton's interpreter and build for sm_90, but neither its speed nor its
+        captured steps were measured on a GPU (``benchmarks/speed/NOTES.md`` step 41).
     """
 
     policy: str = "ltri"
     n_sink: int = 64
     n_window: int = 512
     host_payloads: str = "cuda"
-    row_cache: bool = True
+    row_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:

@@ -107,9 +107,15 @@ def config_from_dict(values: dict) -> LtriConfig:
     )
 
 
+# memory settings of how decode steps run, not of what a store holds: a store reopens with either value, and the
+# store cache's keys (``ltri.store_cache``) stay those of stores made before the field existed
+DECODE_ONLY_MEMORY_FIELDS = ("row_cache",)
+
+
 def stored_fields(config: LtriConfig) -> dict:
     """The config fields that shape what a store holds; a store is only reopened with the same ones."""
-    return {"memory": dataclasses.asdict(config.memory), "spans": dataclasses.asdict(config.spans)}
+    memory = {k: v for k, v in dataclasses.asdict(config.memory).items() if k not in DECODE_ONLY_MEMORY_FIELDS}
+    return {"memory": memory, "spans": dataclasses.asdict(config.spans)}
 
 
 def stored_config(directory: str | os.PathLike) -> LtriConfig:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lmdb
@@ -16,6 +17,8 @@ from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, LtriError, MemoryConfig, RetrievalConfig, Session, SpanConfig
 from ltri.filler import filler_text
+from ltri.store_cache import store_key
+from ltri.store_files import stored_fields
 
 CONFIG = LtriConfig(
     memory=MemoryConfig(policy="ltri", n_sink=8, n_window=64),
@@ -86,6 +89,15 @@ def test_other_memory_settings_are_refused_but_retrieval_settings_may_change(sav
     wider = LtriConfig(memory=CONFIG.memory, spans=CONFIG.spans, retrieval=RetrievalConfig(budget=500))
     with reopen(store, config=wider) as session:
         assert session.config.retrieval.budget == 500
+    cached = LtriConfig(memory=replace(CONFIG.memory, row_cache=True), spans=CONFIG.spans)  # how decode steps run
+    with reopen(store, config=cached) as session:
+        assert session.config.memory.row_cache
+
+
+def test_the_row_cache_setting_leaves_the_store_cache_key_alone():
+    with_cache = replace(CONFIG, memory=replace(CONFIG.memory, row_cache=True))
+    assert store_key("text", None, with_cache, None) == store_key("text", None, CONFIG, None)
+    assert "row_cache" not in stored_fields(CONFIG)["memory"]  # keys of stores made before the setting stay
 
 
 def test_a_flipped_payload_byte_is_reported(saved):

@@ -227,7 +227,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
     parser.add_argument(
-        "--ltri-no-row-cache", action="store_true", help="captured steps read every retrieved row over PCIe (no cache)"
+        "--ltri-row-cache", action="store_true", help="MemoryConfig.row_cache on: the last step's rows kept on the GPU"
     )
     parser.add_argument(
         "--ltri-host-payloads",
@@ -310,8 +310,8 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, n_sink=args.ltri_sink)
     if args.ltri_host_payloads is not None:
         memory = replace(memory, host_payloads=args.ltri_host_payloads)
-    if args.ltri_no_row_cache:
-        memory = replace(memory, row_cache=False)
+    if args.ltri_row_cache:
+        memory = replace(memory, row_cache=True)
     retrieval = config.retrieval
     overrides = {
         "refresh_every": args.ltri_refresh_every, "budget": args.ltri_budget, "selector": args.ltri_selector,

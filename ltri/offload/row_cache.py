@@ -15,6 +15,7 @@ same spans (votes persist, shared votes carry over), so a layer keeps the last s
 writes every retrieved row to ``incoming``; then ``refresh`` gives the step's rows their slots
 (``kernels.cache_slots``) and copies ``incoming`` over ``rows``. Stored rows never change, so a slot stays right for
 as long as its row is held; the cache lives as long as the captured step it belongs to (a rebind makes a new one).
+A layer keeps one with ``MemoryConfig.row_cache`` (off by default until measured on a GPU) and no token selector.
 """
 
 from __future__ import annotations
