@@ -16,6 +16,8 @@
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
 #                                             then by Loki (NOTES steps 28-29: token selection in the captured step);
 #                                             S: the selectors in that order (default "none sparq loki")
+#   bash scripts/device_session.sh rowcache    the row cache's GPU tests, then ltri's 128K prefill and 32 decode steps
+#                                             with MemoryConfig.row_cache on, then off (NOTES step 41)
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -33,7 +35,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -79,6 +81,14 @@ log="$out/${part}_${sha}_gpu.log"
                     --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector "$selector" \
                     --store-root /tmp/ltri-e2e --out "$out/e2e_select_${selector}_${sha}_gpu.json"
             done ;;
+        rowcache)
+            timeout 200 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_cache_slots.py \
+                tests/test_captured_decode.py -k "not bundled"
+            for cache in on off; do
+                flag=$([ "$cache" = on ] && echo --ltri-row-cache)
+                timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
+                    --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu.json"
+            done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;
         register)
@@ -112,7 +122,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
