@@ -32,6 +32,7 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_P = 16  # rows per span per store step
 _BLOCK_R = 1024  # rows zeroed per step past the count
+MAX_CANDIDATES = 4096  # candidates one program sorts in registers; more (a budget of short spans) take the reference
 
 
 # --------------------------------------------------------------------------------------------- kernel
@@ -177,7 +178,7 @@ def budget_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(chosen (m,), rows (budget,), count ()) as the module's docstring says; rows and count None without
     first_rows. max_len: the longest span (lengths at most max_len). The kernel on CUDA (or under
-    TRITON_INTERPRET=1), the torch reference otherwise."""
-    if use_triton(votes, candidates, lengths):
+    TRITON_INTERPRET=1) for up to MAX_CANDIDATES candidates, the torch reference otherwise."""
+    if candidates.numel() <= MAX_CANDIDATES and use_triton(votes, candidates, lengths):
         return budget_rows_triton(votes, candidates, lengths, first_rows, budget, max_len)
     return budget_rows_reference(votes, candidates, lengths, first_rows, budget, max_len)

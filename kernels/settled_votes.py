@@ -40,6 +40,7 @@ from .span_max import span_max
 tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _BLOCK_Q = 16  # queries per pool program
+MAX_K = 1024  # results a query holds in one pool program's registers; more take the reference
 # spans per settle program, positions per span per loop step. A (32, 128) tile, every position of a span of the
 # default max_len loaded at once, took 19.1 us a layer on the H100 against 9.4 for these (NOTES.md step 39).
 _BLOCK_S = 128
@@ -296,9 +297,9 @@ def settled_votes(
 
     scale multiplies the scores before each query's softmax; how: "mean" or "max" pooling; shared: the shared votes
     to read and publish (None: not shared); remembered, decay, record: persistence's buffer, its decay, and whether
-    the settled votes are remembered. The kernels on CUDA (or under TRITON_INTERPRET=1), the torch reference
-    otherwise."""
+    the settled votes are remembered. The kernels on CUDA (or under TRITON_INTERPRET=1) for up to MAX_K results a
+    query, the torch reference otherwise."""
     tensors = [scores, span_ids, *([shared.previous] if shared else []), *([] if remembered is None else [remembered])]
-    if use_triton(*tensors):
+    if scores.shape[-1] <= MAX_K and use_triton(*tensors):
         return settled_votes_triton(scores, span_ids, n_slots, scale, how, shared, remembered, decay, record)
     return settled_votes_reference(scores, span_ids, n_slots, scale, how, shared, remembered, decay, record)

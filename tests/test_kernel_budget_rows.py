@@ -87,3 +87,15 @@ def test_no_candidates_and_bad_input():
         budget_rows(votes.double(), first_k_places(votes, 2), lengths, first_rows, 4, 4)
     with pytest.raises(ValueError, match="tables"):
         budget_rows(votes, first_k_places(votes, 2), lengths[:5], first_rows, 4, 4)
+
+
+def test_more_candidates_than_one_program_sorts_take_the_reference(monkeypatch):
+    import ltri.kernels.budget_rows as module
+
+    votes, lengths, first_rows = make_votes(97, 12)
+    candidates = first_k_places(votes, 16)
+    monkeypatch.setattr(module, "MAX_CANDIDATES", 8)
+    monkeypatch.setattr(module, "budget_rows_triton", None)  # not called
+    got = budget_rows(votes, candidates, lengths, first_rows, 40, 12)
+    expected = looped(votes.cpu(), candidates.cpu(), lengths.cpu(), first_rows.cpu(), 40)
+    assert (got[0].tolist(), got[1].tolist(), int(got[2])) == expected

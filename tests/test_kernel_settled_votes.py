@@ -141,3 +141,12 @@ def test_bad_input_is_refused():
         settled_votes(scores, ids[0], 10, 1.0)
     with pytest.raises(ValueError, match="remembered"):
         settled_votes(scores, ids, 10, 1.0, remembered=torch.zeros(5, device=DEVICE), decay=0.5)
+
+
+def test_more_results_than_one_pool_program_holds_take_the_reference(monkeypatch):
+    import ltri.kernels.settled_votes as module
+
+    scores, ids = make_results(3, 4, 5, 97)
+    monkeypatch.setattr(module, "MAX_K", 4)
+    monkeypatch.setattr(module, "settled_votes_triton", None)  # not called
+    assert_votes_close(settled_votes(scores, ids, 97, 0.3, "max"), settled_votes_reference(scores, ids, 97, 0.3, "max"))
