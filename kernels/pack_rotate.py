@@ -120,13 +120,14 @@ def _pack_rotate_kernel(
         cache_off = row_off
     key = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, cache_rows_ptr + cache_off,
                   evidence_k_ptr + evidence_off, window_k_ptr + window_off, dim,
-                  is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+                  is_sink, is_stored, is_cached, is_evidence, is_window, HAS_CACHE)  # fmt: skip
     key_partner = _packed(sink_k_ptr + sink_off, rows_source_ptr + row_off, cache_rows_ptr + cache_off,
                           evidence_k_ptr + evidence_off, window_k_ptr + window_off, partner,
-                          is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+                          is_sink, is_stored, is_cached, is_evidence, is_window, HAS_CACHE)  # fmt: skip
     value = _packed(sink_v_ptr + sink_off, rows_source_ptr + stride_part + row_off,
                     cache_rows_ptr + stride_part + cache_off, evidence_v_ptr + evidence_off,
-                    window_v_ptr + window_off, dim, is_sink, is_stored, is_cached, is_evidence, is_window)  # fmt: skip
+                    window_v_ptr + window_off, dim, is_sink, is_stored, is_cached, is_evidence, is_window,
+                    HAS_CACHE)  # fmt: skip
     if HAS_CACHE:  # the retrieved rows as read, pre-RoPE, at their places in the retrieved list
         out_row = tl.where(is_retrieved, place - n_sink, 0).to(tl.int64)[:, None] * stride_row + head * stride_row_h
         cache_out = cache_out_ptr + out_row + dim[None, :]
@@ -164,16 +165,18 @@ def _round_mantissa(x, DROP_BITS: tl.constexpr):
 
 def _packed(
     sink_ptrs, row_ptrs, cache_ptrs, evidence_ptrs, window_ptrs, columns, is_sink, is_stored, is_cached, is_evidence,
-    is_window,
+    is_window, HAS_CACHE: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row, its cached copy, evidence or
-    window slot)."""
+    """(BLOCK_P, HEADDIM) float32: columns of each place's source row (sink, stored row, its cached copy with
+    HAS_CACHE, evidence or window slot)."""
     sink = tl.load(sink_ptrs + columns[None, :], mask=is_sink[:, None], other=0.0).to(tl.float32)
     row = tl.load(row_ptrs + columns[None, :], mask=is_stored[:, None], other=0.0).to(tl.float32)
-    cached = tl.load(cache_ptrs + columns[None, :], mask=is_cached[:, None], other=0.0).to(tl.float32)
     evidence = tl.load(evidence_ptrs + columns[None, :], mask=is_evidence[:, None], other=0.0).to(tl.float32)
     window = tl.load(window_ptrs + columns[None, :], mask=is_window[:, None], other=0.0).to(tl.float32)
-    return sink + row + cached + evidence + window
+    packed = sink + row + evidence + window
+    if HAS_CACHE:
+        packed += tl.load(cache_ptrs + columns[None, :], mask=is_cached[:, None], other=0.0).to(tl.float32)
+    return packed
 
 
 # plain functions; _triton_kernels binds their JIT wrappers
