@@ -11,6 +11,8 @@
     ltri.kernels.span_scores        span_scores (each span's best vector score, vectors kept together)
     ltri.kernels.span_max           span_max (the shared votes' read: each span's largest vote)
     ltri.kernels.settled_votes      settled_votes (a layer's span votes: pooled, shared, persisted, in three launches)
+    ltri.kernels.budget_rows        budget_rows (the token budget filled from the best votes, the chosen spans' rows)
+    ltri.kernels.cache_slots        refresh_slots (the row cache's slots after a decode step)
     ltri.kernels.span_votes         span_votes (the heads' summed softmax over the spans' Quest upper bounds)
     ltri.kernels.chunk_attention_map  chunk_attention_map (a prefill chunk's causal attention map, group mean)
     ltri.kernels.disjoint_nms       disjoint_nms (segmentation's greedy NMS without overlap, all rounds at once)
