@@ -10,8 +10,8 @@ What is computed, in this order (``settled_votes_reference``, the torch referenc
     shared     (``SharedArgs``) the span's borrowed vote, the largest of previous + current over its positions (at least
                0), is read; then the span's pooled vote / n_layers (0 where -inf) is added to current at each of its
                positions; where borrowed > 0 the vote becomes (pooled, 0 where -inf) + borrowed * collaboration
-    persisted  (``remembered``, a (>= n_slots,) buffer) with decay > 0 the vote is raised to remembered * decay where
-               that is positive; with record, remembered then holds max(vote, 0) (0 where -inf)
+    persisted  (``PersistArgs``: remembered, a (>= n_slots,) buffer) with decay > 0 the vote is raised to
+               remembered * decay where that is positive; with record, remembered then holds max(vote, 0) (0 where -inf)
 
 Span s covers positions first + first_rows[s] onwards for lengths[s] <= max_len tokens; the stored spans tile the
 positions (``ltri.span_tables``), so the shared buffers' reads and writes of one span touch only its own positions.
@@ -62,6 +62,16 @@ class SharedArgs:
     max_len: int
     n_layers: int
     collaboration: float
+
+
+@dataclass(frozen=True)
+class PersistArgs:
+    """Persistence's remembered votes (>= n_slots,) float32, updated in place with record (``ltri.retrieval``), and
+    its decay (0: the remembered votes are not applied)."""
+
+    remembered: torch.Tensor
+    decay: float
+    record: bool = True
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -148,7 +158,7 @@ def _triton_kernels(interpret: bool):
 
 def _check_inputs(
     scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, how: str, shared: SharedArgs | None,
-    remembered: torch.Tensor | None,
+    persist: PersistArgs | None,
 ) -> None:  # fmt: skip
     if scores.dim() != 3 or span_ids.shape != scores.shape:
         raise ValueError(f"settled_votes wants scores and span_ids (nheads_kv, n_ask, k), got {tuple(scores.shape)} "
@@ -167,7 +177,8 @@ def _check_inputs(
         if shared.previous.numel() < shared.first + shared.owner.numel():
             raise ValueError(f"the shared votes need room for {shared.first + shared.owner.numel()} positions, "
                              f"they have {shared.previous.numel()}.")  # fmt: skip
-    if remembered is not None:
+    if persist is not None:
+        remembered = persist.remembered
         tensors.append(remembered)
         if remembered.dim() != 1 or remembered.dtype != torch.float32 or remembered.numel() < n_slots:
             raise ValueError(f"remembered must be a float32 buffer of at least {n_slots} votes, got "
@@ -178,11 +189,10 @@ def _check_inputs(
 
 def settled_votes_triton(
     scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, scale: float, how: str = "mean",
-    shared: SharedArgs | None = None, remembered: torch.Tensor | None = None, decay: float = 0.0,
-    record: bool = False,
+    shared: SharedArgs | None = None, persist: PersistArgs | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The kernels' launches; same contract as settled_votes."""
-    _check_inputs(scores, span_ids, n_slots, how, shared, remembered)
+    _check_inputs(scores, span_ids, n_slots, how, shared, persist)
     votes = torch.empty(n_slots, dtype=torch.float32, device=scores.device)
     if n_slots == 0:
         return votes
@@ -194,17 +204,15 @@ def settled_votes_triton(
             scores, span_ids, pool[0], pool[1], n_queries, k, n_slots, float(scale), 1.0 / n_queries,
             BLOCK_Q=_BLOCK_Q, BLOCK_K=max(2, 1 << (k - 1).bit_length()), MEAN=how == "mean",
         )  # fmt: skip
-    persist = remembered is not None and decay > 0
-    record = remembered is not None and record
-    anchor = remembered if remembered is not None else votes  # unread when its parts are off
+    remembered = persist.remembered if persist else votes  # unread when persistence is off
     previous, current, first_rows, lengths = (
         (shared.previous, shared.current, shared.first_rows, shared.lengths) if shared else (votes,) * 4
     )
     settle_kernel[(-(-n_slots // _BLOCK_S),)](
-        pool[0], pool[1], votes, previous, current, first_rows, lengths, anchor,
+        pool[0], pool[1], votes, previous, current, first_rows, lengths, remembered,
         n_slots, shared.first if shared else 0, previous.numel(), 1.0 / shared.n_layers if shared else 0.0,
-        float(shared.collaboration) if shared else 0.0, float(decay),
-        SHARED=shared is not None, PERSIST=persist, RECORD=record,
+        float(shared.collaboration) if shared else 0.0, float(persist.decay) if persist else 0.0,
+        SHARED=shared is not None, PERSIST=bool(persist and persist.decay > 0), RECORD=bool(persist and persist.record),
         MAX_LEN=-(-max(shared.max_len if shared else 1, 1) // _BLOCK_P) * _BLOCK_P, BLOCK_S=_BLOCK_S,
         BLOCK_P=_BLOCK_P,
     )  # fmt: skip
@@ -270,36 +278,34 @@ def votes_to_remember(votes: torch.Tensor) -> torch.Tensor:
 
 def settled_votes_reference(
     scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, scale: float, how: str = "mean",
-    shared: SharedArgs | None = None, remembered: torch.Tensor | None = None, decay: float = 0.0,
-    record: bool = False,
+    shared: SharedArgs | None = None, persist: PersistArgs | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Plain torch: the module docstring's steps in order (the shared buffers and remembered updated in place)."""
-    _check_inputs(scores, span_ids, n_slots, how, shared, remembered)
+    _check_inputs(scores, span_ids, n_slots, how, shared, persist)
     votes = pool_votes(scores, span_ids, n_slots, scale, how)
     if shared is not None:
         first_rows, lengths = shared.first_rows[:n_slots], shared.lengths[:n_slots]
         borrowed = span_max(shared.previous, shared.current, shared.first, first_rows, lengths, shared.max_len)
         publish_votes(shared.current, shared.first, shared.owner, votes, shared.n_layers)
         votes = with_borrowed(votes, borrowed, shared.collaboration)
-    if remembered is not None and decay > 0:
-        votes = faded_votes(votes, remembered, decay)
-    if remembered is not None and record:
-        remembered[:n_slots] = votes_to_remember(votes)
+    if persist is not None and persist.decay > 0:
+        votes = faded_votes(votes, persist.remembered, persist.decay)
+    if persist is not None and persist.record:
+        persist.remembered[:n_slots] = votes_to_remember(votes)
     return votes
 
 
 def settled_votes(
     scores: torch.Tensor, span_ids: torch.Tensor, n_slots: int, scale: float, how: str = "mean",
-    shared: SharedArgs | None = None, remembered: torch.Tensor | None = None, decay: float = 0.0,
-    record: bool = False,
+    shared: SharedArgs | None = None, persist: PersistArgs | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """(n_slots,) float32 votes of span slots from the index's results (see the module's docstring).
 
     scale multiplies the scores before each query's softmax; how: "mean" or "max" pooling; shared: the shared votes
-    to read and publish (None: not shared); remembered, decay, record: persistence's buffer, its decay, and whether
-    the settled votes are remembered. The kernels on CUDA (or under TRITON_INTERPRET=1) for up to MAX_K results a
+    to read and publish (None: not shared); persist: persistence's buffer, its decay, and whether the settled votes
+    are remembered (None: no persistence). The kernels on CUDA (or under TRITON_INTERPRET=1) for up to MAX_K results a
     query, the torch reference otherwise."""
-    tensors = [scores, span_ids, *([shared.previous] if shared else []), *([] if remembered is None else [remembered])]
+    tensors = [scores, span_ids, *([shared.previous] if shared else []), *([persist.remembered] if persist else [])]
     if scores.shape[-1] <= MAX_K and use_triton(*tensors):
-        return settled_votes_triton(scores, span_ids, n_slots, scale, how, shared, remembered, decay, record)
-    return settled_votes_reference(scores, span_ids, n_slots, scale, how, shared, remembered, decay, record)
+        return settled_votes_triton(scores, span_ids, n_slots, scale, how, shared, persist)
+    return settled_votes_reference(scores, span_ids, n_slots, scale, how, shared, persist)

@@ -17,7 +17,7 @@ import torch
 
 from ltri.growth import with_room
 from ltri.kernels.budget_rows import budget_rows
-from ltri.kernels.settled_votes import faded_votes, votes_to_remember
+from ltri.kernels.settled_votes import PersistArgs
 from ltri.topk import first_k_places
 
 
@@ -77,17 +77,10 @@ class Persistence:
         self.decay = decay
         self.buffer = torch.zeros(0)  # (capacity,) effective votes of the last step, 0 if none
 
-    def apply(self, votes: torch.Tensor) -> torch.Tensor:
-        """Votes (n_spans,), -inf when not found, raised to the faded votes of the last step."""
-        self.reserve(votes.numel(), votes.device)
-        if self.decay == 0:
-            return votes
-        return faded_votes(votes, self.buffer, self.decay)
-
-    def record(self, votes: torch.Tensor) -> None:
-        """Remember this step's effective votes (n_spans,)."""
-        self.reserve(votes.numel(), votes.device)
-        self.buffer[: votes.numel()] = votes_to_remember(votes)
+    def args(self, n_spans: int, device) -> PersistArgs:
+        """What a layer's settled votes (``kernels.settled_votes``) fade with and remember, with room for n_spans."""
+        self.reserve(n_spans, device)
+        return PersistArgs(self.buffer, self.decay)
 
     def reserve(self, n_spans: int, device) -> None:
         """Room for n_spans votes on device (a new buffer only when it moves or grows)."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from ltri.growth import with_room
-from ltri.kernels.settled_votes import SharedArgs, publish_votes
-from ltri.kernels.span_max import span_max
+from ltri.kernels.settled_votes import SharedArgs
 
 
 class SharedVotes:
@@ -24,37 +23,18 @@ class SharedVotes:
         self.current = torch.zeros(0)  # (n_positions,) the same, for the step in progress
         self.step_tokens = -1  # tokens seen when the current step began
 
-    def publish(self, first: int, owner: torch.Tensor, votes: torch.Tensor) -> None:
-        """A layer's votes (n_spans,) (-inf: not found) over spans that tile the positions from first on.
-
-        owner: (n_positions_of_this_layer,) the span index of each token from first on (a gather by it, unlike
-        repeat_interleave by the lengths, needs no device sync to size its output)."""
-        self.reserve(first + owner.numel(), votes.device)
-        publish_votes(self.current, first, owner, votes, self.n_layers)
-
     def args(
         self, first: int, first_rows: torch.Tensor, lengths: torch.Tensor, owner: torch.Tensor, max_len: int,
         collaboration: float,
     ) -> SharedArgs:  # fmt: skip
-        """What a layer's settled votes (``kernels.settled_votes``) read and publish, with room made for the rows
-        owner names (n_rows,) from first on; the spans' first_rows and lengths as ``read`` takes them."""
+        """What a layer's settled votes (``kernels.settled_votes``) read and publish: spans that cover positions
+        first + first_rows[s] onwards for lengths[s] <= max_len tokens, within the rows owner names (n_rows,) from
+        first on (room is made for them). A span reads the largest of previous + current over its positions (0 when
+        none is positive); a layer publishes each span's vote / n_layers over its positions."""
         self.reserve(first + owner.numel(), owner.device)
         return SharedArgs(
             self.previous, self.current, first, first_rows, lengths, owner, max_len, self.n_layers, collaboration
         )
-
-    def read(
-        self, first: int, first_rows: torch.Tensor, lengths: torch.Tensor, max_len: int, n_rows: int
-    ) -> torch.Tensor:
-        """For each span (n_spans,), the largest shared vote among its tokens (0 when none is positive).
-
-        Span s covers positions first + first_rows[s] onwards for lengths[s] <= max_len tokens (first_rows and
-        lengths (n_spans,) on the device), within the n_rows positions from first on. Each span's tokens are
-        gathered into one row of a padded (n_spans, max_len) block and reduced: no atomics, however long the
-        text (a scatter max over every position collides on the runs of positions one span holds). On CUDA one
-        kernel reads each span's own positions only (``kernels/span_max.py``)."""
-        self.reserve(first + n_rows, lengths.device)
-        return span_max(self.previous, self.current, first, first_rows, lengths, max_len)
 
     def begin_step(self, tokens_seen: int) -> None:
         """Called by every layer before it reads; the first call of a step moves current to previous."""

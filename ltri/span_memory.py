@@ -581,12 +581,8 @@ class SpanMemory(LayerMemory):
                 self.sinks.length, tables.first_rows, tables.lengths, tables.owner[:n_rows], self.span_config.max_len,
                 config.collaboration,
             )  # stored rows start after the sinks  # fmt: skip
-        persistence = self.persistence
-        persistence.reserve(n_slots, scores.device)
-        return settled_votes(
-            scores, span_ids, n_slots, self.kv_shape[1] ** -0.5, how, shared, persistence.buffer, persistence.decay,
-            record=True,
-        )  # fmt: skip
+        persist = self.persistence.args(n_slots, scores.device)
+        return settled_votes(scores, span_ids, n_slots, self.kv_shape[1] ** -0.5, how, shared, persist)
 
     def _load(self, span_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tokens of span_ids (CPU, ascending): keys, values (1, nheads_kv, n, headdim), positions (n,) on device.

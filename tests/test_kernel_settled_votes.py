@@ -18,6 +18,7 @@ if importlib.util.find_spec("triton") is None:
 
 from kernel_support import DEVICE, case_id, interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels.settled_votes import (  # noqa: E402
+    PersistArgs,
     SharedArgs,
     settled_votes,
     settled_votes_reference,
@@ -67,9 +68,10 @@ def run(launch, case, part, how, seed=0, dtype=torch.float32):
     shared = None
     if part in ("shared", "all", "all_no_record"):
         shared = SharedArgs(previous, current, first, first_rows, lengths, owner, max_len, 3, 0.7)
-    persist = part in ("persist", "all", "all_no_record")
-    votes = launch(scores, ids, n_slots, 0.3, how, shared, remembered if persist else None, 0.8 if persist else 0.0,
-                   part != "all_no_record")  # fmt: skip
+    persist = None
+    if part in ("persist", "all", "all_no_record"):
+        persist = PersistArgs(remembered, 0.8, record=part != "all_no_record")
+    votes = launch(scores, ids, n_slots, 0.3, how, shared, persist)
     return votes, current, remembered
 
 
@@ -140,7 +142,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="span_ids"):
         settled_votes(scores, ids[0], 10, 1.0)
     with pytest.raises(ValueError, match="remembered"):
-        settled_votes(scores, ids, 10, 1.0, remembered=torch.zeros(5, device=DEVICE), decay=0.5)
+        settled_votes(scores, ids, 10, 1.0, persist=PersistArgs(torch.zeros(5, device=DEVICE), 0.5))
 
 
 def test_more_results_than_one_pool_program_holds_take_the_reference(monkeypatch):

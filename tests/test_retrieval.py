@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ltri.kernels.settled_votes import pool_votes
+from ltri.kernels.settled_votes import faded_votes, pool_votes, votes_to_remember
 
 from ltri.positions import Layout, key_positions
 from ltri.retrieval import Persistence, choose_spans, retrieval_queries
@@ -54,17 +54,23 @@ def test_the_best_m_votes_choose_what_sorting_every_span_chose(seed):
 
 def test_a_spans_vote_fades_over_steps_instead_of_vanishing():
     persistence = Persistence(decay=0.5)
+
+    def settled(votes, persistence=persistence):
+        """What settled votes do with persistence once the votes are pooled: fade, then remember."""
+        persist = persistence.args(votes.numel(), "cpu")
+        effective = faded_votes(votes, persist.remembered, persist.decay) if persist.decay > 0 else votes
+        persist.remembered[: votes.numel()] = votes_to_remember(effective)
+        return effective
+
     first = torch.tensor([0.8, 0.1, float("-inf")])
-    assert torch.equal(persistence.apply(first), first)
-    persistence.record(first)
+    assert torch.equal(settled(first), first)
     now = torch.tensor([float("-inf"), 0.3, 0.2])
-    effective = persistence.apply(now)
+    effective = settled(now)
     assert torch.allclose(
         effective, torch.tensor([0.4, 0.3, 0.2])
     )  # span 0 not found now but remembered; span 1 beats its memory
-    persistence.record(effective)
-    assert torch.allclose(persistence.apply(torch.full((3,), float("-inf"))), torch.tensor([0.2, 0.15, 0.1]))
-    assert torch.equal(Persistence(decay=0.0).apply(now), now)
+    assert torch.allclose(settled(torch.full((3,), float("-inf"))), torch.tensor([0.2, 0.15, 0.1]))
+    assert torch.equal(settled(now, Persistence(decay=0.0)), now)
 
 
 def test_a_chunk_asks_with_the_mean_of_its_queries_per_head():
