@@ -12,7 +12,7 @@ What is taken (``budget_rows_reference``): the candidates by decreasing vote, ti
 their lengths stays within the budget and their votes are finite; their slots in ascending order; then each chosen
 span's rows first_rows[s], first_rows[s] + 1, ... one after the other.
 
-Torch runs this as about twenty launches (two sorts, the cumulative sums, a searchsorted, gathers and wheres), once a
+Torch ran this as many short launches (two sorts, the cumulative sums, a searchsorted, gathers and wheres), once a
 layer in every decode step. Triton, one program: each candidate's (vote, slot) packed into one int64 whose ascending
 order is decreasing vote then increasing slot, sorted in registers (``tl.sort``), the lengths' running sum, the chosen
 slots sorted again, and each chosen span's rows stored at its running offset (positions past the count set to 0).

@@ -16,7 +16,7 @@ What is computed, in this order (``settled_votes_reference``, the torch referenc
 Span s covers positions first + first_rows[s] onwards for lengths[s] <= max_len tokens; the stored spans tile the
 positions (``ltri.span_tables``), so the shared buffers' reads and writes of one span touch only its own positions.
 
-Torch runs this as about thirty launches (the softmax, the scatters, the read, the gather by each row's owner, the
+Torch ran this as many short launches (the softmax, the scatters, the read, the gather by each row's owner, the
 wheres); the decode step does it once a layer, so those launches were a large share of a captured step's time
 (``benchmarks/speed/NOTES.md``, step 38). Triton: one memset of the pool, a pool kernel (one program a block of
 queries: the softmax in registers, then atomic max or add of each weight, and an atomic count, into the pool), and a
