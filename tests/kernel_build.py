@@ -272,7 +272,8 @@ def launchers(dtype: torch.dtype):
             rows, n_retrieved = next(cache_slots.steps(n_rows, budget_size))
             slots = torch.full((n_rows + 1,), -1, dtype=torch.int32)
             yield m_cache_slots, functools.partial(m_cache_slots.refresh_slots_triton, slots, torch.zeros_like(rows),
-                                                   torch.zeros(1, dtype=torch.long), rows, n_retrieved)  # fmt: skip
+                                                   torch.zeros(1, dtype=torch.long), rows, n_retrieved,
+                                                   torch.zeros(2, dtype=torch.long))  # fmt: skip
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])

@@ -44,22 +44,34 @@ def test_slots_name_the_last_steps_rows_at_their_places(case, refresh):
     slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=DEVICE)
     held = torch.zeros(budget, dtype=torch.long, device=DEVICE)
     count = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    hits = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    held_before, expected_hits = set(), [0, 0]
     for rows, n_retrieved in steps(n_rows, budget):
-        refresh(slots, held, count, rows, n_retrieved)
+        refresh(slots, held, count, rows, n_retrieved, hits)
+        retrieved = rows[: int(n_retrieved)].tolist()
         expected = [-1] * n_rows
-        for place, row in enumerate(rows[: int(n_retrieved)].tolist()):
+        for place, row in enumerate(retrieved):
             expected[row] = place
         assert slots[:n_rows].tolist() == expected
         assert held.tolist() == rows.tolist() and count.tolist() == [int(n_retrieved)]
+        expected_hits = [expected_hits[0] + len(held_before & set(retrieved)), expected_hits[1] + len(retrieved)]
+        assert hits.tolist() == expected_hits
+        held_before = set(retrieved)
+    assert budget == 1 or 0 < expected_hits[0] < expected_hits[1]  # the steps overlap, not wholly
 
 
 def test_dispatch_and_bad_input():
     slots = torch.full((11,), -1, dtype=torch.int32, device=DEVICE)
     held, count = torch.zeros(4, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    hits = torch.zeros(2, dtype=torch.long, device=DEVICE)
     rows = torch.tensor([2, 5, 7, 0], device=DEVICE)
-    refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE))
-    assert slots[:10].tolist() == [-1, -1, 0, -1, -1, 1, -1, 2, -1, -1]
+    refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE), hits)
+    assert slots[:10].tolist() == [-1, -1, 0, -1, -1, 1, -1, 2, -1, -1] and hits.tolist() == [0, 3]
+    refresh_slots(slots, held, count, torch.tensor([0, 5, 9, 0], device=DEVICE), torch.tensor(3, device=DEVICE), hits)
+    assert slots[:10].tolist() == [0, -1, -1, -1, -1, 1, -1, -1, -1, 2] and hits.tolist() == [1, 6]
     with pytest.raises(ValueError, match="slots must be"):
-        refresh_slots(slots.long(), held, count, rows, torch.tensor(3, device=DEVICE))
+        refresh_slots(slots.long(), held, count, rows, torch.tensor(3, device=DEVICE), hits)
     with pytest.raises(ValueError, match="fewer than the 5 retrieved"):
-        refresh_slots(slots, held, count, torch.arange(5, device=DEVICE), torch.tensor(3, device=DEVICE))
+        refresh_slots(slots, held, count, torch.arange(5, device=DEVICE), torch.tensor(3, device=DEVICE), hits)
+    with pytest.raises(ValueError, match="hits must be"):
+        refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE), hits.int())

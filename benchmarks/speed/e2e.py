@@ -25,9 +25,11 @@ bytes, and the decode floor: the bytes one decode step must read (weights except
 resident KV of every layer) divided by the copy bandwidth measured in the same run. ltri rows add the span
 count, the store's payload and on-disk size, the file system it lives on, the index size, the span cache's
 hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
-declined) and what made it bind anew, and per step: its time, the process's CPU time (every thread), page faults
-and garbage collection time (``decode_*_steps``). status: ``ok``; ``oom`` (torch.OutOfMemoryError, memory
-freed, the run goes on); ``no_space`` (the store root has less free space than the spans need: not attempted);
+declined) and what made it bind anew, with --ltri-row-cache the retrieved rows found in the row cache and all
+retrieved rows (``decode_row_cache_hits``, since the last bind), and per step: its time, the process's CPU time
+(every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``; ``oom``
+(torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space than the
+spans need: not attempted);
 ``store_error`` (ltri refused, e.g. the store filled up); ``cut_off`` (an earlier command ended during this row).
 
 The results file is append-only and resumable: every row is written as soon as it ends (and marked ``started``
@@ -640,6 +642,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "decode_span_cache_misses": misses_after - misses,
         "decode_captured_steps": counts_since(captured_before["steps"], captured_after["steps"]),
         "decode_rebinds": counts_since(captured_before["rebinds"], captured_after["rebinds"]),
+        "decode_row_cache_hits": row_cache_hits(session),
         **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
@@ -667,6 +670,14 @@ def captured_counts(session: Session) -> dict[str, dict[str, int]]:
     declined) and ``rebinds`` (what made a captured step bind anew)."""
     captured = session._captured
     return {name: {} if captured is None else dict(getattr(captured, name)) for name in ("steps", "rebinds")}
+
+
+def row_cache_hits(session: Session) -> list[int] | None:
+    """[retrieved rows found in the row cache, rows retrieved], all layers, since the captured step's last bind
+    (``ltri.offload.row_cache``); None without a cache."""
+    layers = session._captured.layers if session._captured is not None else None
+    caches = [layer.row_cache for layer in layers or () if layer.row_cache is not None]
+    return torch.stack([cache.hits for cache in caches]).sum(0).tolist() if caches else None
 
 
 def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

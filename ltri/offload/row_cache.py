@@ -10,6 +10,7 @@ same spans (votes persist, shared votes carry over), so a layer keeps the last s
     incoming  (budget, 2, nheads_kv, headdim)  where this step writes its retrieved rows as it reads them
     slots     (n_rows + 1,) int32              each stored row's place in rows, -1 for none (the last entry scratch)
     held      (budget,) int64, count (1,)      the rows held, and how many
+    hits      (2,) int64                       since the cache was made: retrieved rows found held, rows retrieved
 
 ``kernels.pack_rotate`` reads a retrieved row from ``rows`` when it has a slot and from the host rows otherwise, and
 writes every retrieved row to ``incoming``; then ``refresh`` gives the step's rows their slots
@@ -35,9 +36,10 @@ class RowCache:
         self.slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=device)
         self.held = torch.zeros(budget, dtype=torch.long, device=device)
         self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.hits = torch.zeros(2, dtype=torch.long, device=device)
 
     def refresh(self, rows: torch.Tensor, n_retrieved: torch.Tensor) -> None:
         """After a step whose retrieved rows (budget,) (the first n_retrieved valid) were written to incoming: they
         become the rows held."""
-        refresh_slots(self.slots, self.held, self.count, rows, n_retrieved)
+        refresh_slots(self.slots, self.held, self.count, rows, n_retrieved, self.hits)
         self.rows.copy_(self.incoming)
