@@ -70,6 +70,8 @@ def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off():
         assert count > 0 and torch.equal(cache.rows[:count], memory.host_payloads.tokens[held])
         assert torch.equal(cache.slots[held], torch.arange(count, dtype=torch.int32))
         assert int((cache.slots >= 0).sum()) == count
+    hits, retrieved = torch.stack([layer.row_cache.hits for layer in cached._captured.layers]).sum(0).tolist()
+    assert 0 < hits <= retrieved  # consecutive steps retrieve rows the cache holds
 
 
 def test_steps_fall_back_to_eager_while_a_layer_cannot_be_captured():
