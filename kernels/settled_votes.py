@@ -92,7 +92,7 @@ def _pool_kernel(
     logits = tl.where(found, tl.load(scores_ptr + at, mask=found, other=0.0).to(tl.float32) * scale, float("-inf"))
     top = tl.max(logits, axis=1)
     weights = tl.where(found, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)[:, None]), 0.0)
-    total = tl.sum(weights, axis=1)
+    total = tl.sum(tl.sort(weights, dim=1), axis=1)  # summed in sorted order: the same whatever order the k came in
     weights = weights / tl.where(total > 0.0, total, 1.0)[:, None]
     slots = tl.where(found, ids, 0)
     if MEAN:
@@ -235,8 +235,7 @@ def pool_votes(
     underflow still counts as found).
     """
     found = span_ids >= 0
-    weights = torch.where(found, scores.float() * scale, float("-inf")).softmax(dim=-1)
-    weights = torch.nan_to_num(weights, nan=0.0)  # a query that found nothing
+    weights = query_softmax(scores, found, scale)
     n_queries = scores.shape[0] * scores.shape[1]
     # Spans not found go to one extra slot, dropped at the end: no boolean indexing, no device sync.
     slots = torch.where(found, span_ids, n_spans).flatten()
@@ -247,6 +246,17 @@ def pool_votes(
         votes.index_add_(0, slots, weights.flatten() / n_queries)
     hits = torch.zeros_like(votes).index_add_(0, slots, found.flatten().float())
     return votes[:n_spans].masked_fill(hits[:n_spans] == 0, float("-inf"))
+
+
+def query_softmax(scores: torch.Tensor, found: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query's softmax of scores * scale over what it found (..., k), 0 elsewhere and for a query that found
+    nothing. Its sum is taken in sorted order, so a query's weights do not depend on the order its results come in
+    (the captured search leaves them unsorted), as the pool kernel's do not."""
+    logits = torch.where(found, scores.float() * scale, float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    exps = torch.where(found, (logits - torch.where(top == float("-inf"), 0.0, top)).exp(), 0.0)
+    total = exps.sort(dim=-1).values.sum(dim=-1, keepdim=True)
+    return exps / torch.where(total > 0.0, total, 1.0)
 
 
 def found_or_zero(votes: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
 #                                             then by Loki (NOTES steps 28-29: token selection in the captured step);
 #                                             S: the selectors in that order (default "none sparq loki")
-#   bash scripts/device_session.sh rowcache    the row cache's GPU tests, then ltri's 128K prefill and 32 decode steps
-#                                             with MemoryConfig.row_cache on, then off (NOTES step 41)
+#   bash scripts/device_session.sh rowcache    the row cache's and the votes' GPU tests, then ltri's 128K prefill and 64
+#                                             profiled decode steps with MemoryConfig.row_cache on, then off (NOTES
+#                                             steps 41, 43)
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -83,11 +84,11 @@ log="$out/${part}_${sha}_gpu.log"
             done ;;
         rowcache)
             timeout 200 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_cache_slots.py \
-                tests/test_captured_decode.py -k "not bundled"
+                tests/test_kernel_settled_votes.py tests/test_index.py tests/test_captured_decode.py -k "not bundled"
             for cache in on off; do
                 flag=$([ "$cache" = on ] && echo --ltri-row-cache)
-                timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
-                    --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu.json"
+                timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
+                    --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu_profile.json"
             done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;

@@ -13,7 +13,7 @@ from ltri.growth import grown_capacity, with_room
 from ltri.index.base import SpanIndex, SpanSlots, best_spans, pad_results, top_spans
 from ltri.kernels.span_scores import MAX_VECTORS, per_span_rows, span_scores
 from ltri.kernels.vector_scores import vector_scores
-from ltri.topk import padded_width, topk_ties_to_first
+from ltri.topk import first_k_places, padded_width
 
 
 class TorchSpanIndex(SpanIndex):
@@ -87,12 +87,16 @@ class TorchSpanIndex(SpanIndex):
         n_slots is scored, from the slot tables as they are when the step runs; vectors past n_vectors (0-dim
         int64 on the device) are left out, and slots without vectors score -inf.
 
-        Results name slots, not span ids (the same for a memory that adds spans 0, 1, 2, ... in order).
+        Results name slots, not span ids (the same for a memory that adds spans 0, 1, 2, ... in order), and are the
+        ones search finds (ties to the earlier slot) but not sorted by score: the votes pooled from them do not
+        depend on their order (``kernels.settled_votes``), and a sort with its gathers took about 20 us a layer of a
+        128K decode step on the H100 (NOTES.md step 40).
         Returns scores, slots (nheads_kv, n_queries, min(k, n_slots)), slot -1 where a query found fewer spans.
         The shapes and the tensors read stay the same while ``buffers`` and ``per_span_rows`` do.
         """
         scores = self._span_scores(queries.to(self.device), n_vectors, padded_width(n_slots))  # -inf past n_slots
-        top_scores, top_slots = topk_ties_to_first(scores, k)  # a slot is its span's id (captured_search_ready)
+        top_slots = first_k_places(scores, k)  # a slot is its span's id (captured_search_ready)
+        top_scores = scores.gather(-1, top_slots)
         return pad_results(top_scores, torch.where(top_scores == float("-inf"), -1, top_slots), k)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
