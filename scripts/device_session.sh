@@ -86,7 +86,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 200 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_cache_slots.py \
                 tests/test_kernel_settled_votes.py tests/test_index.py tests/test_captured_decode.py -k "not bundled"
             for cache in on off; do
-                flag=$([ "$cache" = on ] && echo --ltri-row-cache)
+                flag=$([ "$cache" = off ] && echo --ltri-no-row-cache)
                 timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
                     --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu_profile.json"
             done ;;

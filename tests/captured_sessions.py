@@ -17,7 +17,6 @@ def session_for(
 ) -> Session:  # fmt: skip
     model = tiny_llama(n_layers=3).to(device, dtype)
     config = LtriConfig(
-        # the row cache on (MemoryConfig's default is off until it has run on a GPU): the captured tests cover it
         memory=MemoryConfig(n_sink=8, n_window=64, host_payloads=host_payloads, row_cache=row_cache),
         spans=SpanConfig(min_len=4, max_len=16, **(spans or {})),
         retrieval=RetrievalConfig(budget=48, search_k=8, backend="torch", **retrieval),

@@ -167,9 +167,9 @@ def with_row_cache(inputs, seed=1, poisoned=False):
 @pytest.mark.parametrize("case", CASES)
 def test_a_row_cache_of_copies_packs_the_same_and_passes_the_rows_on(case, dtype):
     inputs = make_inputs(*case, dtype)
-    expected = pack_rotate_triton(inputs)
     n_retrieved = int(inputs.n_retrieved)
-    for pack in (pack_rotate_triton, pack_rotate_reference):
+    for pack in (pack_rotate_triton, pack_rotate_reference):  # each against itself: on a GPU the query's rotation
+        expected = pack(inputs)  # by the kernel (fused multiply-adds) and by torch differ in the last bit
         cached = with_row_cache(inputs)
         got = pack(cached)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
@@ -182,7 +182,9 @@ def test_cached_rows_are_read_from_the_cache():
     got = pack_rotate_triton(with_row_cache(inputs, poisoned=True))
     poisoned = with_row_cache(inputs, poisoned=True)
     expected = pack_rotate_reference(poisoned)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert torch.equal(got.values, expected.values) and torch.equal(got.n_valid, expected.n_valid)
+    for part in ("keys", "query"):  # rotated: in float32 the kernel's and torch's last bits may differ on a GPU
+        assert torch.allclose(getattr(got, part), getattr(expected, part), atol=1e-5, rtol=1e-6), part
     n_sink, n_retrieved = inputs.sink_keys.shape[1], int(inputs.n_retrieved)
     rows = inputs.rows[:n_retrieved]
     slots = poisoned.cache_slots[rows].long()

@@ -89,14 +89,14 @@ def test_other_memory_settings_are_refused_but_retrieval_settings_may_change(sav
     wider = LtriConfig(memory=CONFIG.memory, spans=CONFIG.spans, retrieval=RetrievalConfig(budget=500))
     with reopen(store, config=wider) as session:
         assert session.config.retrieval.budget == 500
-    cached = LtriConfig(memory=replace(CONFIG.memory, row_cache=True), spans=CONFIG.spans)  # how decode steps run
-    with reopen(store, config=cached) as session:
-        assert session.config.memory.row_cache
+    uncached = LtriConfig(memory=replace(CONFIG.memory, row_cache=False), spans=CONFIG.spans)  # how steps run
+    with reopen(store, config=uncached) as session:
+        assert not session.config.memory.row_cache
 
 
 def test_the_row_cache_setting_leaves_the_store_cache_key_alone():
-    with_cache = replace(CONFIG, memory=replace(CONFIG.memory, row_cache=True))
-    assert store_key("text", None, with_cache, None) == store_key("text", None, CONFIG, None)
+    without = replace(CONFIG, memory=replace(CONFIG.memory, row_cache=False))
+    assert store_key("text", None, without, None) == store_key("text", None, CONFIG, None)
     assert "row_cache" not in stored_fields(CONFIG)["memory"]  # keys of stores made before the setting stay
 
 

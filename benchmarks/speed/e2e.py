@@ -25,11 +25,11 @@ bytes, and the decode floor: the bytes one decode step must read (weights except
 resident KV of every layer) divided by the copy bandwidth measured in the same run. ltri rows add the span
 count, the store's payload and on-disk size, the file system it lives on, the index size, the span cache's
 hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
-declined) and what made it bind anew, with --ltri-row-cache the retrieved rows found in the row cache and all
-retrieved rows (``decode_row_cache_hits``, since the last bind), and per step: its time, the process's CPU time
-(every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``; ``oom``
-(torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space than the
-spans need: not attempted);
+declined) and what made it bind anew, with the row cache (on unless --ltri-no-row-cache) the retrieved rows found
+in it and all retrieved rows (``decode_row_cache_hits``, since the last bind), and per step: its time, the
+process's CPU time (every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``;
+``oom`` (torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space
+than the spans need: not attempted);
 ``store_error`` (ltri refused, e.g. the store filled up); ``cut_off`` (an earlier command ended during this row).
 
 The results file is append-only and resumable: every row is written as soon as it ends (and marked ``started``
@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
     parser.add_argument(
-        "--ltri-row-cache", action="store_true", help="MemoryConfig.row_cache on: the last step's rows kept on the GPU"
+        "--ltri-no-row-cache", action="store_true", help="MemoryConfig.row_cache off: every retrieved row over PCIe"
     )
     parser.add_argument(
         "--ltri-host-payloads",
@@ -312,8 +312,8 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, n_sink=args.ltri_sink)
     if args.ltri_host_payloads is not None:
         memory = replace(memory, host_payloads=args.ltri_host_payloads)
-    if args.ltri_row_cache:
-        memory = replace(memory, row_cache=True)
+    if args.ltri_no_row_cache:
+        memory = replace(memory, row_cache=False)
     retrieval = config.retrieval
     overrides = {
         "refresh_every": args.ltri_refresh_every, "budget": args.ltri_budget, "selector": args.ltri_selector,

@@ -16,7 +16,9 @@ same spans (votes persist, shared votes carry over), so a layer keeps the last s
 writes every retrieved row to ``incoming``; then ``refresh`` gives the step's rows their slots
 (``kernels.cache_slots``) and copies ``incoming`` over ``rows``. Stored rows never change, so a slot stays right for
 as long as its row is held; the cache lives as long as the captured step it belongs to (a rebind makes a new one).
-A layer keeps one with ``MemoryConfig.row_cache`` (off by default until measured on a GPU) and no token selector.
+A layer keeps one with ``MemoryConfig.row_cache`` (on by default) and no token selector. On an H100 at 128K
+(8B-shaped model, random weights) 48% of the retrieved rows were found here and ``pack_rotate`` went from 44 to 25 us
+a layer (``benchmarks/speed/NOTES.md`` step 43).
 """
 
 from __future__ import annotations
