@@ -3,7 +3,7 @@ segment of its oldest step (``ltri.offload.row_cache``), in one launch.
 
     slots        (n_rows + 1,) int32   each stored row's place in the cache, -1 for none; the last entry is scratch
     held         (S, C) int64          the rows each of the cache's S segments holds, at their places (the first
-                                       counts[s] valid); place p of segment s is S's row s * C + p of the cache
+                                       counts[s] valid); place p of segment s is row s * C + p of the cache's rows
     counts       (S,) int64            how many each segment holds
     turn         (1,) int64            the segment this step fills: the one of the oldest step held
     rows         (B,) int64            the step's retrieved rows, distinct, the first n_retrieved valid (B <= C)
