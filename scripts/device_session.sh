@@ -11,7 +11,8 @@
 #   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
 #                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
 #   bash scripts/device_session.sh bandwidth   the sparse attention kernel alone over 3136 to 256K keys against a copy
-#                                             of the same bytes: at which size it nears the copy's rate (issue 4)
+#                                             of the same bytes and a pass that only reads them: at which size it
+#                                             nears the copy's rate, and how near reading alone comes (issue 4)
 #   bash scripts/device_session.sh select [S]  ltri's 128K prefill and 32 decode steps with a 4096-token budget, each
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
 #                                             then by Loki (NOTES steps 28-29: token selection in the captured step);

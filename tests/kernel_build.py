@@ -329,6 +329,12 @@ def swept_launches(dtype: torch.dtype):
     for (n_rows, n_keys, k), radix_bits, num_warps in topk_sweep():  # float32 scores, built once (not dtype's)
         yield m_topk, functools.partial(m_topk.topk_tokens_triton, torch.randn(n_rows, n_keys), k,
                                         radix_bits=radix_bits, num_warps=num_warps)  # fmt: skip
+    import read_floor  # the kernel sweep's read-only pass over the 3136 keys' K/V bytes (int32 words)
+
+    words = torch.zeros(2 * 8 * 3136 * 128 // 2, dtype=torch.int32)
+    for shape in read_floor.READ_SHAPES:
+        out = torch.empty(shape.n_programs(words.numel()), dtype=torch.int32)
+        yield read_floor, functools.partial(read_floor.read_words_triton, words, shape, out)
 
 
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KB)

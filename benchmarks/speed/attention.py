@@ -36,9 +36,10 @@ One decode step (q_len 1) of one layer with 32 query heads, 8 KV heads, headdim 
   search) and warps, against torch.topk + torch.sort, per call in a graph of --layers score rows.
 - pack_rotate (a separate list): the kernel that packs a captured decode step's sinks, retrieved rows and window
   and rotates the keys, against the torch ops it replaced, in the same run.
-- kernel_sweep (a separate list): the kernel alone over --sweep-keys keys and several split sizes, against SDPA
-  and a copy of the same keys and values (copy_same_bytes: read + write), to tune the split heuristic and to see at
-  which size the kernel's reads approach the copy's rate.
+- kernel_sweep (a separate list): the kernel alone over --sweep-keys keys and several split sizes, against SDPA,
+  a copy of the same keys and values (copy_same_bytes: read + write) and a pass that only reads them
+  (read_same_bytes[shape], ``read_floor.py``, in several launch shapes: the floor for reading them), to tune the
+  split heuristic and to see at which size the kernel's reads approach the copy's rate.
 
 Timing: CUDA events around each call, each call preceded by a 256 MB read that evicts the L2 cache and leaves it
 clean (results before 2026-11-26 used a 256 MB write, which left L2 full of dirty lines that a short kernel may
@@ -71,6 +72,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import read_floor  # this script's folder: run it as a script
 import torch
 import torch.nn.functional as F
 
@@ -598,6 +600,7 @@ def kernel_sweep(
         copies = [functools.partial(torch.Tensor.copy_, torch.empty_like(kv), kv) for kv in kv_sets]
         rows.append(row(n_keys, "copy_same_bytes", timer(copies[0]), 2 * n_bytes, copy, layers_ms(timer, copies),
                         n_keys=n_keys, split_size=None))  # fmt: skip
+        rows += read_rows(n_keys, kv_sets, timer, copy, n_bytes)
         for split, tile, fused in itertools.product(split_sizes, tiles, (True, False)):
             options = {"split_size": split, "tiles": tile, "fused_merge": fused}
             calls = [functools.partial(launch, q, *kv, **options) for kv in kv_sets]
@@ -605,6 +608,19 @@ def kernel_sweep(
             rows.append(row(n_keys, "sparse_attention_kernel", timer(calls[0]), n_bytes, copy, layers_ms(timer, calls),
                             n_keys=n_keys, split_size=split, tiles=None if tile is None else list(tile),
                             fused_merge=fused, graph_ms=graph, graph_error=error))  # fmt: skip
+    return rows
+
+
+def read_rows(n_keys: int, kv_sets: list, timer: Timer, copy: float, n_bytes: int) -> list[dict]:
+    """read_same_bytes[shape]: a read-only pass over the kernel's K/V bytes (``read_floor.py``) in each launch shape
+    (on a CPU only the first, by its reference), per layer over the same key sets: the floor for reading them."""
+    words = [kv.reshape(-1).view(torch.int32) for kv in kv_sets]
+    rows = []
+    for shape in read_floor.READ_SHAPES if timer.cuda else read_floor.READ_SHAPES[:1]:
+        outs = [torch.empty(shape.n_programs(w.numel()), dtype=torch.int32, device=w.device) for w in words]
+        calls = [functools.partial(read_floor.read_words, w, shape, out) for w, out in zip(words, outs, strict=True)]
+        rows.append(row(n_keys, f"read_same_bytes[{shape.label}]", timer(calls[0]), n_bytes, copy,
+                        layers_ms(timer, calls), n_keys=n_keys, split_size=None))  # fmt: skip
     return rows
 
 
