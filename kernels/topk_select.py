@@ -14,20 +14,21 @@ program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span v
 0.053 at 8K (``attention_h100_27966a9.json``). So a row longer than one chunk now goes in two stages
 (``topk_tokens_triton``): its parts choose candidates in parallel, then one program a row chooses among them.
 
-The kernel gives each row one program and never sorts. It maps every score to an int32 key in the same order
-(the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a radix search from
-the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that share the bits fixed so far; eight
-passes of 4 bits; a row's first 4096 entries stay in registers, the rest are reread from L1/L2), then writes the
-entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
-prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the search was a binary one
-on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the benchmark's comparison.
-On an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call in a graph of 8)
-4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189 for 64 of 4,030
-span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose histogram costs more per
-entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26). Both the passes and the work per
-entry count: two more 4-bit searches over 512 entries (one a thread), to spare the search over 4,096, added about
+The kernel gives each row one program and does not sort (unless asked to: ``radix_bits=SORT``, below). It maps every
+score to an int32 key in the same order (the float's bits, the negative ones' magnitude bits flipped), finds the k-th
+largest key T by a radix search from the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that
+share the bits fixed so far; eight passes of 4 bits; a row's first 4096 entries stay in registers, the rest are reread
+from L1/L2), then writes the entries with key > T and the first (by index) entries with key == T, enough to make k, at
+the positions a running prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the
+search was a binary one on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the
+benchmark's comparison. On an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call
+in a graph of 8) 4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189 for
+64 of 4,030 span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose histogram costs
+more per entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26). Both the passes and the work
+per entry count: two more 4-bit searches over 512 entries (one a thread), to spare the search over 4,096, added about
 0.007 ms on an H100 (NOTES.md step 34), about 1 us a pass; and counting ranks over many programs instead was slower
-still (step 32).
+still (step 32). With radix_bits=SORT a part held in registers is instead sorted once, each entry packed as (key,
+~index) into an int64 (``tl.sort``), and the k-th entry names T: not yet timed on a GPU (NOTES.md step 47).
 Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
 that order unspecified.
 

@@ -63,7 +63,7 @@ log="$out/${part}_${sha}_gpu.log"
                 tests/test_kernel_disjoint_nms.py tests/test_spans.py tests/test_span_batch.py \
                 tests/test_kernel_selected_attention.py tests/test_kernel_span_votes.py \
                 tests/test_kernel_lowrank_scores.py tests/test_kernel_settled_votes.py tests/test_kernel_budget_rows.py \
-                tests/test_kernel_cache_slots.py tests/test_index.py -k "not bundled" ;;
+                tests/test_kernel_cache_slots.py tests/test_index.py tests/test_read_floor.py -k "not bundled" ;;
         e2e)
             timeout 560 python3 benchmarks/speed/e2e.py --contexts "${2:-32k,128k}" --only-methods ltri \
                 --store-root /tmp/ltri-e2e --profile --out "$out/e2e_${sha}_gpu_profile.json" ;;
