@@ -17,10 +17,11 @@ CUDA tensors run the kernel, CPU tensors the torch reference, unless TRITON_INTE
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ltri.kernels import interpreting, use_triton
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
 
@@ -76,8 +77,7 @@ def _check(words: torch.Tensor, shape: ReadShape, out: torch.Tensor) -> None:
 
 def read_words_triton(words: torch.Tensor, shape: ReadShape, out: torch.Tensor) -> torch.Tensor:
     _check(words, shape, out)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _triton_kernels(interpret)[(out.numel(),)](words, out, words.numel(), BLOCK=shape.block, ITERS=shape.iters,
+    _triton_kernels(interpreting())[(out.numel(),)](words, out, words.numel(), BLOCK=shape.block, ITERS=shape.iters,
                                         num_warps=shape.warps)  # fmt: skip
     return out
 
@@ -96,6 +96,6 @@ def read_words_reference(words: torch.Tensor, shape: ReadShape, out: torch.Tenso
 def read_words(words: torch.Tensor, shape: ReadShape, out: torch.Tensor) -> torch.Tensor:
     """out = each program's wrapped sum of its words: the kernel on CUDA (or under TRITON_INTERPRET=1), else the
     reference."""
-    if words.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if use_triton(words, out):
         return read_words_triton(words, shape, out)
     return read_words_reference(words, shape, out)
