@@ -20,7 +20,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-
 from ltri.kernels import interpreting, use_triton
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
