@@ -97,8 +97,7 @@ class CapturedLayer:
         self.row_cache = None
         if self.selector is None and memory.memory_config.row_cache:
             n_rows = memory.tables.owner.numel()
-            n_steps = memory.memory_config.row_cache_steps
-            self.row_cache = RowCache(self.budget, n_steps, n_rows, payloads.row_shape, payloads.dtype, counts.device)
+            self.row_cache = RowCache(self.budget, n_rows, payloads.row_shape, payloads.dtype, counts.device)
         n_attended = self.budget if self.selector is None else self.selector.n_tokens
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])

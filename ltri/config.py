@@ -35,12 +35,11 @@ class MemoryConfig:
         ``cuda`` on CUDA devices, ``always`` (on a CPU too: the same code runs eagerly), ``never``. These rows
         are the tokens' only copy until a save writes them to the span store; when host memory runs short they
         are written there and dropped, and decode steps go back to the span cache.
-    row_cache: a captured decode step keeps the rows its layer retrieved in its last row_cache_steps steps on the
-        device and reads those again from there, not over PCIe (``ltri.offload.row_cache``; row_cache_steps + 1
-        copies of a budget's rows a layer, 2 MB each at the default budget of a Llama-3-8B layer, and a slot of 4
-        bytes a stored token); not with a token selector. On an H100 a cache of one step took the 128K decode step
-        of an 8B-shaped model from 13.24 to 12.33 ms (median; 48% of the retrieved rows found there, random
-        weights; ``benchmarks/speed/NOTES.md`` step 43).
+    row_cache: a captured decode step keeps the rows its layer retrieved last on the device and reads those again
+        from there, not over PCIe (``ltri.offload.row_cache``; two copies of a budget's rows a layer, 2 MB each at
+        the default budget of a Llama-3-8B layer, and a slot of 4 bytes a stored token); not with a token selector.
+        On an H100 it took the 128K decode step of an 8B-shaped model from 13.24 to 12.33 ms (median; 48% of the
+        retrieved rows found there, random weights; ``benchmarks/speed/NOTES.md`` step 43).
     """
 
     policy: str = "ltri"
@@ -48,7 +47,6 @@ class MemoryConfig:
     n_window: int = 512
     host_payloads: str = "cuda"
     row_cache: bool = True
-    row_cache_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:
@@ -57,8 +55,6 @@ class MemoryConfig:
             raise LtriError(f"n_sink must be 0 or more, got {self.n_sink}.")
         if self.n_window < 1:
             raise LtriError(f"n_window must be at least 1 token, got {self.n_window}.")
-        if self.row_cache_steps < 1:
-            raise LtriError(f"row_cache_steps must be at least 1 step, got {self.row_cache_steps}.")
         if self.host_payloads not in HOST_PAYLOADS:
             raise LtriError(f"Unknown host_payloads {self.host_payloads!r}: choose one of {', '.join(HOST_PAYLOADS)}.")
 

@@ -109,7 +109,7 @@ def config_from_dict(values: dict) -> LtriConfig:
 
 # memory settings of how decode steps run, not of what a store holds: a store reopens with either value, and the
 # store cache's keys (``ltri.store_cache``) stay those of stores made before the field existed
-DECODE_ONLY_MEMORY_FIELDS = ("row_cache", "row_cache_steps")
+DECODE_ONLY_MEMORY_FIELDS = ("row_cache",)
 
 
 def stored_fields(config: LtriConfig) -> dict:

@@ -17,9 +17,9 @@
 #                                             KV head attending to all of it, then to 1024 of it chosen by SparQ,
 #                                             then by Loki (NOTES steps 28-29: token selection in the captured step);
 #                                             S: the selectors in that order (default "none sparq loki")
-#   bash scripts/device_session.sh rowcache [V]  the row cache's and the votes' GPU tests, then ltri's 128K prefill
-#                                             and 64 profiled decode steps for each of V: a row cache of so many
-#                                             steps, or off (default "1 off"; NOTES steps 41, 43, 45)
+#   bash scripts/device_session.sh rowcache    the row cache's and the votes' GPU tests, then ltri's 128K prefill and 64
+#                                             profiled decode steps with the row cache on, then off (NOTES steps 41,
+#                                             43; step 45's cache of several steps was taken out again)
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -86,8 +86,8 @@ log="$out/${part}_${sha}_gpu.log"
         rowcache)
             timeout 200 python3 -m pytest -q -x tests/test_kernel_pack_rotate.py tests/test_kernel_cache_slots.py \
                 tests/test_kernel_settled_votes.py tests/test_index.py tests/test_captured_decode.py -k "not bundled"
-            for cache in ${2:-1 off}; do  # steps held, or off
-                flag=$([ "$cache" = off ] && echo --ltri-no-row-cache || echo --ltri-row-cache-steps "$cache")
+            for cache in on off; do
+                flag=$([ "$cache" = off ] && echo --ltri-no-row-cache)
                 timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
                     --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu_profile.json"
             done ;;

@@ -13,13 +13,11 @@ TEXT = torch.randint(0, 256, (900,), generator=torch.Generator().manual_seed(3))
 
 def session_for(
     host_payloads: str, device: str = "cpu", dtype=torch.float32, spans: dict | None = None, row_cache: bool = True,
-    row_cache_steps: int = 1, **retrieval,
+    **retrieval,
 ) -> Session:  # fmt: skip
     model = tiny_llama(n_layers=3).to(device, dtype)
     config = LtriConfig(
-        memory=MemoryConfig(
-            n_sink=8, n_window=64, host_payloads=host_payloads, row_cache=row_cache, row_cache_steps=row_cache_steps
-        ),
+        memory=MemoryConfig(n_sink=8, n_window=64, host_payloads=host_payloads, row_cache=row_cache),
         spans=SpanConfig(min_len=4, max_len=16, **(spans or {})),
         retrieval=RetrievalConfig(budget=48, search_k=8, backend="torch", **retrieval),
         chunk_size=64,

@@ -270,10 +270,10 @@ def launchers(dtype: torch.dtype):
                                                   budget_size, max_len)  # fmt: skip
         for n_rows, budget_size in cache_slots.CASES:  # int32 slots, int64 rows
             rows, n_retrieved = next(cache_slots.steps(n_rows, budget_size))
-            for n_segments in (1, 4):
-                slots, held, counts, turn = cache_slots.cache_state(n_rows, n_segments, budget_size)
-                yield m_cache_slots, functools.partial(m_cache_slots.refresh_slots_triton, slots, held, counts, turn,
-                                                       rows, n_retrieved, torch.zeros(2, dtype=torch.long))  # fmt: skip
+            slots = torch.full((n_rows + 1,), -1, dtype=torch.int32)
+            yield m_cache_slots, functools.partial(m_cache_slots.refresh_slots_triton, slots, torch.zeros_like(rows),
+                                                   torch.zeros(1, dtype=torch.long), rows, n_retrieved,
+                                                   torch.zeros(2, dtype=torch.long))  # fmt: skip
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)
             yield m_span_max, functools.partial(m_span_max.span_max_triton, a, b, case[2], first_rows, lengths, case[1])

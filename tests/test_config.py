@@ -34,10 +34,3 @@ def test_the_other_fields_are_still_checked():
 )
 def test_host_rows_are_kept_where_host_payloads_says(host_payloads, device, kept):
     assert MemoryConfig(host_payloads=host_payloads).keeps_host_rows(device) is kept
-
-
-def test_the_row_cache_keeps_at_least_one_step():
-    assert MemoryConfig().row_cache and MemoryConfig().row_cache_steps == 1
-    assert MemoryConfig(row_cache_steps=4).row_cache_steps == 4
-    with pytest.raises(LtriError, match="row_cache_steps must be at least 1 step, got 0"):
-        MemoryConfig(row_cache_steps=0)

@@ -37,57 +37,41 @@ def steps(n_rows, budget, n_steps=6, seed=0):
         yield rows.to(DEVICE), torch.tensor(chosen.numel(), device=DEVICE)
 
 
-@pytest.mark.parametrize("n_segments", [1, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}")
 @pytest.mark.parametrize("refresh", [refresh_slots_triton, refresh_slots_reference], ids=["kernel", "reference"])
-def test_slots_name_the_last_steps_rows_at_their_places(case, refresh, n_segments):
-    """Against a Python model: each step's rows go to the segment of the oldest step held, at their places there;
-    a row keeps the place of the newest step that retrieved it; the hits count the rows some slot named."""
+def test_slots_name_the_last_steps_rows_at_their_places(case, refresh):
     n_rows, budget = case
     slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=DEVICE)
-    held = torch.zeros(n_segments, budget, dtype=torch.long, device=DEVICE)
-    counts = torch.zeros(n_segments, dtype=torch.long, device=DEVICE)
-    turn = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    held = torch.zeros(budget, dtype=torch.long, device=DEVICE)
+    count = torch.zeros(1, dtype=torch.long, device=DEVICE)
     hits = torch.zeros(2, dtype=torch.long, device=DEVICE)
-    place_of, expected_hits = {}, [0, 0]  # row -> its place in the cache
-    for step, (rows, n_retrieved) in enumerate(steps(n_rows, budget, n_steps=8)):
-        refresh(slots, held, counts, turn, rows, n_retrieved, hits)
+    held_before, expected_hits = set(), [0, 0]
+    for rows, n_retrieved in steps(n_rows, budget):
+        refresh(slots, held, count, rows, n_retrieved, hits)
         retrieved = rows[: int(n_retrieved)].tolist()
-        n_held = sum(row in place_of for row in retrieved)
-        expected_hits = [expected_hits[0] + n_held, expected_hits[1] + len(retrieved)]
-        segment = step % n_segments
-        place_of = {row: at for row, at in place_of.items() if at // budget != segment}
-        place_of.update({row: segment * budget + place for place, row in enumerate(retrieved)})
-        assert slots[:n_rows].tolist() == [place_of.get(row, -1) for row in range(n_rows)]
-        assert held[segment].tolist() == rows.tolist() and int(counts[segment]) == len(retrieved)
-        assert hits.tolist() == expected_hits and int(turn) == (step + 1) % n_segments
+        expected = [-1] * n_rows
+        for place, row in enumerate(retrieved):
+            expected[row] = place
+        assert slots[:n_rows].tolist() == expected
+        assert held.tolist() == rows.tolist() and count.tolist() == [int(n_retrieved)]
+        expected_hits = [expected_hits[0] + len(held_before & set(retrieved)), expected_hits[1] + len(retrieved)]
+        assert hits.tolist() == expected_hits
+        held_before = set(retrieved)
     assert budget == 1 or 0 < expected_hits[0] < expected_hits[1]  # the steps overlap, not wholly
 
 
-def cache_state(n_rows, n_segments, budget):
-    """An empty cache's slots, held rows, counts, turn and hits."""
-    return (
-        torch.full((n_rows + 1,), -1, dtype=torch.int32, device=DEVICE),
-        torch.zeros(n_segments, budget, dtype=torch.long, device=DEVICE),
-        torch.zeros(n_segments, dtype=torch.long, device=DEVICE),
-        torch.zeros(1, dtype=torch.long, device=DEVICE),
-    )
-
-
 def test_dispatch_and_bad_input():
-    slots, held, counts, turn = cache_state(10, 1, 4)
+    slots = torch.full((11,), -1, dtype=torch.int32, device=DEVICE)
+    held, count = torch.zeros(4, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
     hits = torch.zeros(2, dtype=torch.long, device=DEVICE)
-    rows, three = torch.tensor([2, 5, 7, 0], device=DEVICE), torch.tensor(3, device=DEVICE)
-    refresh_slots(slots, held, counts, turn, rows, three, hits)
+    rows = torch.tensor([2, 5, 7, 0], device=DEVICE)
+    refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE), hits)
     assert slots[:10].tolist() == [-1, -1, 0, -1, -1, 1, -1, 2, -1, -1] and hits.tolist() == [0, 3]
-    refresh_slots(slots, held, counts, turn, torch.tensor([0, 5, 9, 0], device=DEVICE), three, hits)
+    refresh_slots(slots, held, count, torch.tensor([0, 5, 9, 0], device=DEVICE), torch.tensor(3, device=DEVICE), hits)
     assert slots[:10].tolist() == [0, -1, -1, -1, -1, 1, -1, -1, -1, 2] and hits.tolist() == [1, 6]
-    for bad, message in [
-        ((slots.long(), held, counts, turn, rows, three, hits), "slots must be"),
-        ((slots, held, counts, turn, torch.arange(5, device=DEVICE), three, hits), "fewer than the 5 retrieved"),
-        ((slots, held, counts, turn, rows, three, hits.int()), "hits must be"),
-        ((slots, held[0], counts, turn, rows, three, hits), "held must be"),
-        ((slots, held, counts[:0], turn, rows, three, hits), "counts must be"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            refresh_slots(*bad)
+    with pytest.raises(ValueError, match="slots must be"):
+        refresh_slots(slots.long(), held, count, rows, torch.tensor(3, device=DEVICE), hits)
+    with pytest.raises(ValueError, match="fewer than the 5 retrieved"):
+        refresh_slots(slots, held, count, torch.arange(5, device=DEVICE), torch.tensor(3, device=DEVICE), hits)
+    with pytest.raises(ValueError, match="hits must be"):
+        refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE), hits.int())

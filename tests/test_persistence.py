@@ -92,15 +92,12 @@ def test_other_memory_settings_are_refused_but_retrieval_settings_may_change(sav
     uncached = LtriConfig(memory=replace(CONFIG.memory, row_cache=False), spans=CONFIG.spans)  # how steps run
     with reopen(store, config=uncached) as session:
         assert not session.config.memory.row_cache
-    longer = LtriConfig(memory=replace(CONFIG.memory, row_cache_steps=4), spans=CONFIG.spans)
-    with reopen(store, config=longer) as session:
-        assert session.config.memory.row_cache_steps == 4
 
 
 def test_the_row_cache_setting_leaves_the_store_cache_key_alone():
     without = replace(CONFIG, memory=replace(CONFIG.memory, row_cache=False))
     assert store_key("text", None, without, None) == store_key("text", None, CONFIG, None)
-    assert {"row_cache", "row_cache_steps"}.isdisjoint(stored_fields(CONFIG)["memory"])  # older stores' keys stay
+    assert "row_cache" not in stored_fields(CONFIG)["memory"]  # keys of stores made before the setting stay
 
 
 def test_a_flipped_payload_byte_is_reported(saved):

@@ -232,9 +232,6 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-no-row-cache", action="store_true", help="MemoryConfig.row_cache off: every retrieved row over PCIe"
     )
     parser.add_argument(
-        "--ltri-row-cache-steps", type=int, default=None, help="MemoryConfig.row_cache_steps (default: ltri's)"
-    )
-    parser.add_argument(
         "--ltri-host-payloads",
         default=None,
         choices=("cuda", "always", "never"),
@@ -317,8 +314,6 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
         memory = replace(memory, host_payloads=args.ltri_host_payloads)
     if args.ltri_no_row_cache:
         memory = replace(memory, row_cache=False)
-    if args.ltri_row_cache_steps is not None:
-        memory = replace(memory, row_cache_steps=args.ltri_row_cache_steps)
     retrieval = config.retrieval
     overrides = {
         "refresh_every": args.ltri_refresh_every, "budget": args.ltri_budget, "selector": args.ltri_selector,
