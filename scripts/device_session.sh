@@ -8,8 +8,9 @@
 #                                             issue 7); it needs no model, so any call may carry a model part
 #   bash scripts/device_session.sh attention   one layer's attention at 16K-512K (alone and per layer in a graph of 8),
 #                                             the kernel's launch-shape sweep at 3136 keys (issue 4)
-#   bash scripts/device_session.sh step        the fused decode step of one layer at 128K and 512K with its stages, the
-#                                             top-k sweep and the selected-split sweep, no kernel sweep (NOTES step 27)
+#   bash scripts/device_session.sh step [C]    the fused decode step of one layer at contexts C (default 128k,512k) with
+#                                             its stages, the top-k sweep and the selected-split sweep, no kernel sweep
+#                                             (NOTES step 27)
 #   bash scripts/device_session.sh bandwidth   the sparse attention kernel alone over 3136 to 256K keys against a copy
 #                                             of the same bytes and a pass that only reads them: at which size it
 #                                             nears the copy's rate, and how near reading alone comes (issue 4)
@@ -71,7 +72,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/speed/attention.py --sweep-keys 3136 --sweep-splits auto,128,192,256,512 \
                 --out "$out/attention_${sha}_gpu.json" ;;
         step)
-            timeout 400 python3 benchmarks/speed/attention.py --contexts 128k,512k --sweep-keys '' --chunk 0 \
+            timeout 400 python3 benchmarks/speed/attention.py --contexts "${2:-128k,512k}" --sweep-keys '' --chunk 0 \
                 --sweep-pack auto --out "$out/attention_${sha}_gpu.json" ;;
         bandwidth)
             timeout 300 python3 benchmarks/speed/attention.py --contexts 128k --methods sdpa_full,sparse_attention_kernel \
