@@ -238,6 +238,9 @@ class LtriConfig:
     cuda_graphs: on CUDA, a one-token forward (a decode step) replays the dense work between two layers'
         attentions (norms, projections, MLP) as one captured CUDA graph instead of launching it from
         Python (``ltri.decode_step``); the attention with memory runs eagerly between the graphs.
+    dense_kernels: on CUDA, a decode step's RMS norms (each with the residual add before it) and its MLP's
+        silu(gate) * up run as ltri's Triton kernels (``kernels/rms_norm.py``, ``kernels/silu_mul.py``: one launch
+        each) instead of the modules' torch ops (about twenty launches a layer), for the Llama family's modules.
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -248,6 +251,7 @@ class LtriConfig:
     device: str | None = None
     dtype: str | None = None
     cuda_graphs: bool = True
+    dense_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -21,13 +21,21 @@ headdim), pre-RoPE; an attention output (1, nheads, 1, headdim); logits (1, voca
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from ltri.kernels.rms_norm import rms_norm
+from ltri.kernels.silu_mul import silu_mul
+
 # attend(layer index, query, key, value, scaling) -> attention output (1, nheads, 1, headdim)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+# transformers' modules whose forward the dense kernels compute (kernels/rms_norm.py, kernels/silu_mul.py)
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+SILU = frozenset({"SiLUActivation", "SiLU"})
 
 
 @dataclass(frozen=True)
@@ -45,22 +53,50 @@ class DecoderLayer:
     mlp: nn.Module
     head_dim: int
     scaling: float
+    # the norms (each with the residual add before it) and the MLP's silu(gate) * up as ltri's kernels, not the
+    # modules' torch ops; only where the modules are those the kernels compute (dense_kernels_fit)
+    dense_kernels: bool = False
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (1, 1, hidden_size) -> pre-RoPE query, key, value (1, heads, 1, headdim)."""
-        normed = self.input_norm(hidden)
+        normed = self._norm(self.input_norm, hidden)
         shape = (1, 1, -1, self.head_dim)
         query = self.q_proj(normed).view(shape)
         key = self.k_proj(normed).view(shape)
         if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
+            query, key = self._norm(self.q_norm, query), self._norm(self.k_norm, key)
         value = self.v_proj(normed).view(shape)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     def finish(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The layer's output from its input residual (1, 1, hidden_size) and attention (1, nheads, 1, headdim)."""
-        hidden = residual + self.o_proj(attention.transpose(1, 2).reshape(1, 1, -1))
-        return hidden + self.mlp(self.post_norm(hidden))
+        attended = self.o_proj(attention.transpose(1, 2).reshape(1, 1, -1))
+        if not self.dense_kernels:
+            hidden = residual + attended
+            return hidden + self.mlp(self.post_norm(hidden))
+        normed, hidden = rms_norm(attended.view(1, -1), self.post_norm.weight, self.post_norm.variance_epsilon,
+                                  residual.view(1, -1))  # fmt: skip
+        mlp = self.mlp
+        activated = silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
+        return (hidden + mlp.down_proj(activated)).view(residual.shape)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """norm(x) for x (..., width): the module's forward, or with dense_kernels the rms_norm kernel's."""
+        if not self.dense_kernels:
+            return norm(x)
+        return rms_norm(x.reshape(-1, x.shape[-1]), norm.weight, norm.variance_epsilon)[0].view(x.shape)
+
+
+def dense_kernels_fit(layer: DecoderLayer) -> bool:
+    """Whether the layer's norms are the Llama family's RMSNorm and its MLP the SiLU-gated one, which the dense
+    kernels compute (another family's norm, e.g. Gemma's 1 + weight, keeps its module)."""
+    norms = [layer.input_norm, layer.post_norm] + ([layer.q_norm, layer.k_norm] if layer.q_norm is not None else [])
+    mlp = layer.mlp
+    return (
+        all(type(norm).__name__ in RMS_NORMS for norm in norms)
+        and type(mlp).__name__ in GATED_MLPS
+        and type(getattr(mlp, "act_fn", None)).__name__ in SILU
+    )
 
 
 def decoder_layers(model) -> list[DecoderLayer] | None:
@@ -101,12 +137,16 @@ class DecodeStep:
         self._graphs: GraphedSegments | None = None
 
     @staticmethod
-    def for_model(model, use_graphs: bool) -> DecodeStep | None:
-        """A DecodeStep for the model, graphs on CUDA when use_graphs; None when its layers are not supported."""
+    def for_model(model, use_graphs: bool, dense_kernels: bool = True) -> DecodeStep | None:
+        """A DecodeStep for the model, graphs on CUDA when use_graphs, the dense kernels on CUDA when dense_kernels
+        and the layers' modules fit them; None when its layers are not supported."""
         layers = decoder_layers(model)
         if layers is None:
             return None
         on_cuda = next(model.parameters()).device.type == "cuda"
+        final_norm_fits = type(model.get_decoder().norm).__name__ in RMS_NORMS
+        if dense_kernels and on_cuda and final_norm_fits and all(dense_kernels_fit(layer) for layer in layers):
+            layers = [replace(layer, dense_kernels=True) for layer in layers]
         return DecodeStep(model, layers, use_graphs and on_cuda)
 
     # ---- segments: segment 0 takes the token id, segment i > 0 layer i-1's residual and attention output ----
@@ -123,7 +163,7 @@ class DecodeStep:
     def last_segment(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The last layer's output, then logits (1, vocab) float32."""
         hidden = self.layers[-1].finish(residual, attention)
-        return self.lm_head(self.final_norm(hidden))[0].float()
+        return self.lm_head(self.layers[-1]._norm(self.final_norm, hidden))[0].float()
 
     # ---- the step ------------------------------------------------------------------------------
     def __call__(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -110,7 +110,9 @@ class Session:
         self._retrieval_log = RetrievalLog()
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self._cache_kwarg = cache_argument_name(self.model)
-        self._decode_step = DecodeStep.for_model(self.model, use_graphs=config.cuda_graphs)
+        self._decode_step = DecodeStep.for_model(
+            self.model, use_graphs=config.cuda_graphs, dense_kernels=config.dense_kernels
+        )
         self._captured: CapturedDecode | None = None  # bound to self.cache's memories (_captured_decode)
         self._eager_steps = False  # set while a draft decodes (ltri.draft)
         self.store = None

@@ -184,8 +184,10 @@ def launchers(dtype: torch.dtype):
     import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
     import test_kernel_pack_rotate as pack
+    import test_kernel_rms_norm as norm
     import test_kernel_selected_attention as selected
     import test_kernel_settled_votes as settled
+    import test_kernel_silu_mul as silu
     import test_kernel_span_max as span_max
     import test_kernel_span_scores as span_scores
     import test_kernel_span_votes as span_votes
@@ -199,8 +201,10 @@ def launchers(dtype: torch.dtype):
     from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
     from ltri.kernels import pack_rotate as m_pack
+    from ltri.kernels import rms_norm as m_norm
     from ltri.kernels import selected_attention as m_selected
     from ltri.kernels import settled_votes as m_settled
+    from ltri.kernels import silu_mul as m_silu
     from ltri.kernels import span_max as m_span_max
     from ltri.kernels import span_scores as m_span_scores
     from ltri.kernels import span_votes as m_span_votes
@@ -243,6 +247,12 @@ def launchers(dtype: torch.dtype):
             sources = pack.make_inputs(*case, dtype, per_head=per_head)
             yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources)
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_row_cache(pack.make_inputs(*case, dtype)))
+    for case in norm.CASES:
+        x, residual, weight = norm.make_inputs(*case, dtype)
+        for with_residual in (None, residual):
+            yield m_norm, functools.partial(m_norm.rms_norm_triton, x, weight, 1e-5, with_residual)
+    for case in silu.CASES:
+        yield m_silu, functools.partial(m_silu.silu_mul_triton, *silu.make_inputs(*case, dtype))
     for case in chunk_map.CASES:
         query, keys = chunk_map.make_inputs(*case, dtype)
         yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.125)

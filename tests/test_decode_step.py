@@ -5,13 +5,15 @@ model's own logits, for every supported model family (qwen3 normalizes queries a
 the dense segments are CUDA graphs: they must give what the eager segments give.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from support import byte_tokenizer, tiny_llama
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ltri import LtriConfig, MemoryConfig, Session
-from ltri.decode_step import DecodeStep, decoder_layers
+from ltri.decode_step import RMS_NORMS, DecodeStep, decoder_layers, dense_kernels_fit
 
 FULL = MemoryConfig(policy="full")
 FAMILIES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -62,6 +64,54 @@ def test_one_token_steps_give_the_models_logits(family):
     steps = torch.stack([session.prefill([int(token)]) for token in ids[80:]])
     got = torch.cat([prefill, steps])
     assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_dense_kernels_give_the_modules_outputs(family, monkeypatch):
+    """A layer's projections and output with its norms and MLP activation as ltri's kernels (in Triton's interpreter
+    here; a decode step uses them on CUDA only) against the modules' own."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(family)
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():  # scales other than their initial ones
+        if type(module).__name__ in RMS_NORMS:
+            module.weight.data = 1 + 0.3 * torch.randn(module.weight.shape, generator=generator)
+    layers = decoder_layers(model.to(device))
+    assert all(dense_kernels_fit(layer) for layer in layers)
+    hidden = torch.randn(1, 1, 64, generator=generator).to(device)
+    attention = torch.randn(1, 4, 1, 16, generator=generator).to(device)
+    with torch.no_grad():
+        for layer in layers:
+            with_kernels = replace(layer, dense_kernels=True)
+            for plain, fused in zip(layer.project(hidden), with_kernels.project(hidden), strict=True):
+                assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
+            plain, fused = layer.finish(hidden, attention), with_kernels.finish(hidden, attention)
+            assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a decode step uses the dense kernels on CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_decode_step_with_dense_kernels_on_cuda(family):
+    model = tiny_model(family).to("cuda", torch.bfloat16)
+    token = torch.tensor([5], device="cuda")
+    with torch.inference_mode():
+        plain = DecodeStep.for_model(model, use_graphs=False, dense_kernels=False)
+        fused = DecodeStep.for_model(model, use_graphs=False)
+        assert all(layer.dense_kernels for layer in fused.layers)
+        assert not any(layer.dense_kernels for layer in plain.layers)
+        expected, got = plain(token, no_attention), fused(token, no_attention)
+    assert (got - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+
+
+def test_dense_kernels_only_for_the_modules_they_compute():
+    model = tiny_llama()
+    model.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(model.config.hidden_size)
+    fits = [dense_kernels_fit(layer) for layer in decoder_layers(model)]
+    assert fits == [True, False] + [True] * (len(fits) - 2)
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert not dense_kernels_fit(decoder_layers(model)[0])
 
 
 def test_models_laid_out_otherwise_are_left_to_transformers():

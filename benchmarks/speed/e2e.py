@@ -229,6 +229,11 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--ltri-no-graphs", action="store_true", help="decode steps without CUDA graphs (LtriConfig.cuda_graphs off)"
     )
     parser.add_argument(
+        "--ltri-no-dense-kernels",
+        action="store_true",
+        help="LtriConfig.dense_kernels off: the decode step's norms and MLP activation as transformers' torch ops",
+    )
+    parser.add_argument(
         "--ltri-no-row-cache", action="store_true", help="MemoryConfig.row_cache off: every retrieved row over PCIe"
     )
     parser.add_argument(
@@ -321,7 +326,10 @@ def ltri_config(args, device: torch.device) -> LtriConfig:
     }  # fmt: skip
     retrieval = replace(retrieval, **{name: value for name, value in overrides.items() if value is not None})
     chunk = config.prefill_chunk(device) if args.ltri_chunk is None else args.ltri_chunk
-    return replace(config, memory=memory, retrieval=retrieval, chunk_size=chunk, cuda_graphs=not args.ltri_no_graphs)
+    return replace(
+        config, memory=memory, retrieval=retrieval, chunk_size=chunk, cuda_graphs=not args.ltri_no_graphs,
+        dense_kernels=not args.ltri_no_dense_kernels,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- model
