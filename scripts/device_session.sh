@@ -21,6 +21,9 @@
 #   bash scripts/device_session.sh rowcache    the row cache's and the votes' GPU tests, then ltri's 128K prefill and 64
 #                                             profiled decode steps with the row cache on, then off (NOTES steps 41,
 #                                             43; step 45's cache of several steps was taken out again)
+#   bash scripts/device_session.sh dense       the dense kernels' GPU tests, then ltri's 128K prefill and 64 profiled
+#                                             decode steps with the decode step's norms and MLP activation as ltri's
+#                                             kernels (LtriConfig.dense_kernels), then as transformers' torch ops
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -38,7 +41,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -64,7 +67,8 @@ log="$out/${part}_${sha}_gpu.log"
                 tests/test_kernel_disjoint_nms.py tests/test_spans.py tests/test_span_batch.py \
                 tests/test_kernel_selected_attention.py tests/test_kernel_span_votes.py \
                 tests/test_kernel_lowrank_scores.py tests/test_kernel_settled_votes.py tests/test_kernel_budget_rows.py \
-                tests/test_kernel_cache_slots.py tests/test_index.py tests/test_read_floor.py -k "not bundled" ;;
+                tests/test_kernel_cache_slots.py tests/test_index.py tests/test_read_floor.py \
+                tests/test_kernel_rms_norm.py tests/test_kernel_silu_mul.py tests/test_decode_step.py -k "not bundled" ;;
         e2e)
             timeout 560 python3 benchmarks/speed/e2e.py --contexts "${2:-32k,128k}" --only-methods ltri \
                 --store-root /tmp/ltri-e2e --profile --out "$out/e2e_${sha}_gpu_profile.json" ;;
@@ -91,6 +95,14 @@ log="$out/${part}_${sha}_gpu.log"
                 flag=$([ "$cache" = off ] && echo --ltri-no-row-cache)
                 timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
                     --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu_profile.json"
+            done ;;
+        dense)
+            timeout 150 python3 -m pytest -q -x tests/test_kernel_rms_norm.py tests/test_kernel_silu_mul.py \
+                tests/test_decode_step.py -k "not bundled"
+            for kernels in on off; do
+                flag=$([ "$kernels" = off ] && echo --ltri-no-dense-kernels)
+                timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
+                    --store-root /tmp/ltri-e2e $flag --out "$out/e2e_dense_${kernels}_${sha}_gpu_profile.json"
             done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;
@@ -125,7 +137,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
