@@ -14,21 +14,22 @@ program rereads the row 32 times: 0.154 ms against 0.079 ms for 64 of 16K span v
 0.053 at 8K (``attention_h100_27966a9.json``). So a row longer than one chunk now goes in two stages
 (``topk_tokens_triton``): its parts choose candidates in parallel, then one program a row chooses among them.
 
-The kernel gives each row one program and does not sort (unless asked to: ``radix_bits=SORT``, below). It maps every
-score to an int32 key in the same order (the float's bits, the negative ones' magnitude bits flipped), finds the k-th
-largest key T by a radix search from the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that
-share the bits fixed so far; eight passes of 4 bits; a row's first 4096 entries stay in registers, the rest are reread
-from L1/L2), then writes the entries with key > T and the first (by index) entries with key == T, enough to make k, at
-the positions a running prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the
-search was a binary one on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the
-benchmark's comparison. On an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call
-in a graph of 8) 4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189 for
-64 of 4,030 span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose histogram costs
-more per entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26). Both the passes and the work
-per entry count: two more 4-bit searches over 512 entries (one a thread), to spare the search over 4,096, added about
+The kernel gives each row one program and does not sort. It maps every score to an int32 key in the same order
+(the float's bits, the negative ones' magnitude bits flipped), finds the k-th largest key T by a radix search from
+the top bits (RADIX_BITS a pass: a histogram of the next bits of the keys that share the bits fixed so far; eight
+passes of 4 bits; a row's first 4096 entries stay in registers, the rest are reread from L1/L2), then writes the
+entries with key > T and the first (by index) entries with key == T, enough to make k, at the positions a running
+prefix sum gives them: the output comes out ascending without a sort. Until 2026-12-06 the search was a binary one
+on the 2^32 keys (32 counts of the keys >= a candidate); RADIX_BITS=0 still runs it, for the benchmark's comparison.
+On an H200 (``topk`` rows of ``benchmarks/speed/results/attention_h200_9bb52c4.json``, per call in a graph of 8)
+4-bit passes took 0.0107 ms for 1,024 of 2,048 tokens of 8 KV heads (binary search 0.0129), 0.0189 for 64 of 4,030
+span votes (0.0196), 0.0164 for 64 of 16,318 in two stages (0.0194); 8-bit passes, whose histogram costs more per
+entry, were no faster than the binary search (benchmarks/speed/NOTES.md step 26). Both the passes and the work per
+entry count: two more 4-bit searches over 512 entries (one a thread), to spare the search over 4,096, added about
 0.007 ms on an H100 (NOTES.md step 34), about 1 us a pass; and counting ranks over many programs instead was slower
-still (step 32). With radix_bits=SORT a part held in registers is instead sorted once, each entry packed as (key,
-~index) into an int64 (``tl.sort``), and the k-th entry names T: not yet timed on a GPU (NOTES.md step 47).
+still (step 32). Nor does a sort: one bitonic sort (``tl.sort``) of a part's 4,096 entries packed as (key, ~index)
+int64 keys took 0.112 ms for 64 span votes and 0.032 for 1,024 of 2,048 tokens, 3-7x the radix search (H100, ``topk``
+rows of ``benchmarks/speed/results/attention_h100_6adea05.json``, NOTES.md step 47; taken out again).
 Ties at the k-th value go to the lowest indices, as in the reference (a stable descending sort); torch.topk leaves
 that order unspecified.
 
@@ -47,7 +48,6 @@ tl = None  # triton.language, bound by _triton_kernels() on first launch
 
 _MAX_BLOCK = 4096  # entries a program holds at once; longer rows are read in chunks of this many
 RADIX_BITS = 4  # key bits each pass of the radix search fixes (0: a binary search, one bit a pass)
-SORT = -1  # radix_bits for a bitonic sort of the part's packed keys instead of a search (parts held in registers)
 _PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (topk_tokens_triton)
 
 
@@ -71,9 +71,7 @@ def _topk_select_kernel(
     if HAS_VALID:
         valid = tl.minimum(tl.load(n_valid_ptr + row).to(tl.int32), n_keys)
     keys0, in_row0, index0, scores0 = _row_keys(row_scores, start, stop, valid, BLOCK)  # stays in registers
-    if RADIX_BITS < 0:  # SORT: the launcher sends only parts of one chunk
-        threshold, ties_wanted = _sorted_threshold(keys0, in_row0, index0, k, BLOCK)
-    elif RADIX_BITS == 0:
+    if RADIX_BITS == 0:
         threshold, ties_wanted = _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS)
     else:
         threshold, ties_wanted = _radix_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK, N_CHUNKS,
@@ -108,18 +106,6 @@ def _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK: 
         keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
         above += tl.sum((in_row & (keys > lo)).to(tl.int32), axis=0)
     return lo.to(tl.int32), k - above
-
-
-def _sorted_threshold(keys0, in_row0, index0, k, BLOCK: tl.constexpr):
-    """The same as _bisect_threshold by one bitonic sort (``tl.sort``) of the part's entries held in registers,
-    each packed into an int64 as (key, ~index) so that ties order by index: the k-th of them names T."""
-    ranked = tl.where(in_row0, keys0, -2147483648).to(tl.int64)  # entries past the part rank below every key
-    packed = (ranked << 32) | (4294967295 - index0.to(tl.int64))
-    ordered = tl.sort(packed, descending=True)
-    kth = tl.sum(tl.where(tl.arange(0, BLOCK) == k - 1, ordered, 0), axis=0)
-    threshold = (kth >> 32).to(tl.int32)
-    above = tl.sum((in_row0 & (keys0 > threshold)).to(tl.int32), axis=0)
-    return threshold, k - above
 
 
 def _radix_threshold(
@@ -195,10 +181,7 @@ def _row_keys(row_scores, start, stop, valid, BLOCK: tl.constexpr):
 
 
 # the plain functions; _triton_kernels binds the helpers' names to their JIT wrappers
-_HELPERS = {
-    f.__name__: f
-    for f in (_row_keys, _write_taken, _bisect_threshold, _sorted_threshold, _radix_threshold, _digit_counts)
-}
+_HELPERS = {f.__name__: f for f in (_row_keys, _write_taken, _bisect_threshold, _radix_threshold, _digit_counts)}
 
 
 @functools.cache
@@ -242,10 +225,9 @@ def topk_tokens_triton(
     num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The kernel's launches; same contract as topk_tokens. radix_bits: the threshold search's bits a pass (4 or 8;
-    0: the binary search; SORT: a bitonic sort of the part's entries, for parts of at most _MAX_BLOCK entries, the
-    radix search for longer ones); num_warps: per program (None: 16 for chunks of 4096 entries, 8 for 2048 or more,
-    else 4: on the H100 16 warps chose 64 of 4,030 span votes in 0.0156 ms against 0.0186 with 8, per call in a graph
-    of 8, and 8 or 16 took the same 0.0107 for 1,024 of 2,048 tokens, ``topk`` rows of
+    0: the binary search); num_warps: per program (None: 16 for chunks of 4096 entries, 8 for 2048 or more, else 4:
+    on the H100 16 warps chose 64 of 4,030 span votes in 0.0156 ms against 0.0186 with 8, per call in a graph of 8,
+    and 8 or 16 took the same 0.0107 for 1,024 of 2,048 tokens, ``topk`` rows of
     ``benchmarks/speed/results/attention_h100_c796a0e.json``; as the default the span top-k stage took 0.0185 ms in
     its graph, ``attention_h100_08729da.json``, where c796a0e's run with 8 warps took 0.0269).
 
@@ -256,8 +238,8 @@ def topk_tokens_triton(
     order, so the result, ties included, is the one-stage result.
     """
     _check_inputs(scores, k, n_valid)
-    if radix_bits not in (SORT, 0, 4, 8):
-        raise ValueError(f"radix_bits must be 0, 4 or 8, or SORT ({SORT}), got {radix_bits}.")
+    if radix_bits not in (0, 4, 8):
+        raise ValueError(f"radix_bits must be 0, 4 or 8, got {radix_bits}.")
     if scores.stride(1) != 1:
         scores = scores.contiguous()
     n_rows, n_keys = scores.shape
@@ -302,9 +284,7 @@ def _launch(
     """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
     block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
     num_warps = num_warps or (16 if block >= _MAX_BLOCK else 8 if block >= 2048 else 4)
-    if radix_bits == SORT and part_len > block:
-        radix_bits = RADIX_BITS  # the sort needs the part in registers
-    if radix_bits > 0:
+    if radix_bits:
         block = max(block, 32 * num_warps)  # a histogram's input spans every thread once (none holds a copy)
     _triton_kernels(interpreting())[(scores.shape[0], n_parts)](
         scores, n_valid if n_valid is not None else out, out, out_scores if out_scores is not None else out,
