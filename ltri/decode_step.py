@@ -11,8 +11,10 @@ benchmarks/speed/NOTES.md). Here a one-token forward walks the layers itself:
     segment n      layer n-1's o_proj, residual and MLP; final norm and lm_head
 
 On CUDA each segment is captured once as a CUDA graph and replayed (one launch instead of about ten);
-elsewhere the same segments run eagerly. Only the attention between them stays in Python, where the
-memory decides what each layer reads.
+elsewhere the same segments run eagerly. On CUDA the Llama family's RMS norms (with the residual add before each)
+and the MLP's silu(gate) * up also run as ltri's kernels (``kernels/rms_norm.py``, ``kernels/silu_mul.py``;
+``LtriConfig.dense_kernels``): three launches a layer where the modules' torch ops take about twenty. Only the
+attention between the segments stays in Python, where the memory decides what each layer reads.
 
 Shapes: hidden (1, 1, hidden_size); query (1, nheads, 1, headdim), key and value (1, nheads_kv, 1,
 headdim), pre-RoPE; an attention output (1, nheads, 1, headdim); logits (1, vocab) float32.
@@ -59,12 +61,12 @@ class DecoderLayer:
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (1, 1, hidden_size) -> pre-RoPE query, key, value (1, heads, 1, headdim)."""
-        normed = self._norm(self.input_norm, hidden)
+        normed = self.normalize(self.input_norm, hidden)
         shape = (1, 1, -1, self.head_dim)
         query = self.q_proj(normed).view(shape)
         key = self.k_proj(normed).view(shape)
         if self.q_norm is not None:
-            query, key = self._norm(self.q_norm, query), self._norm(self.k_norm, key)
+            query, key = self.normalize(self.q_norm, query), self.normalize(self.k_norm, key)
         value = self.v_proj(normed).view(shape)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
@@ -80,7 +82,7 @@ class DecoderLayer:
         activated = silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
         return (hidden + mlp.down_proj(activated)).view(residual.shape)
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """norm(x) for x (..., width): the module's forward, or with dense_kernels the rms_norm kernel's."""
         if not self.dense_kernels:
             return norm(x)
@@ -163,7 +165,7 @@ class DecodeStep:
     def last_segment(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The last layer's output, then logits (1, vocab) float32."""
         hidden = self.layers[-1].finish(residual, attention)
-        return self.lm_head(self.layers[-1]._norm(self.final_norm, hidden))[0].float()
+        return self.lm_head(self.layers[-1].normalize(self.final_norm, hidden))[0].float()
 
     # ---- the step ------------------------------------------------------------------------------
     def __call__(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:
