@@ -16,6 +16,8 @@
     ltri.kernels.span_votes         span_votes (the heads' summed softmax over the spans' Quest upper bounds)
     ltri.kernels.chunk_attention_map  chunk_attention_map (a prefill chunk's causal attention map, group mean)
     ltri.kernels.disjoint_nms       disjoint_nms (segmentation's greedy NMS without overlap, all rounds at once)
+    ltri.kernels.rms_norm           rms_norm (a decode step's RMS norm, with the residual add before it)
+    ltri.kernels.silu_mul           silu_mul (the gated MLP's silu(gate) * up)
 
 Import the functions from their modules (this package does not re-export them: the modules share their
 names with their main function).

@@ -82,7 +82,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "speed" / "results" / "attention_h100.json"
 SWEEP_TILES = "auto,32x4x2,64x4x3,64x8x2,128x8x2"  # sparse attention: keys per block x warps x stages
 SWEEP_PACK = "auto,16x4,16x8,32x8"  # pack_rotate: places per program x warps
 SWEEP_CHUNK_MAP = "auto,16x64x8,16x64x4,32x64x4,32x128x8"  # chunk map: rows per head x keys per step x warps
-SWEEP_TOPK = "auto,4x8,4x32,8x8,8x16,8x32"  # top-k: radix bits (0: binary search) x warps
+SWEEP_TOPK = "auto,4x8,4x32,8x8,8x16,8x32"  # top-k selection: radix bits (0: binary search) x warps
 TOPK_CONTEXTS = (131072, 524288)  # the span top-k's rows the top-k sweep times: the votes at these contexts
 KERNEL_MODULES = (
     "sparse_attention", "sparq_scores", "lowrank_scores", "topk_select", "pack_rotate", "chunk_attention_map",
