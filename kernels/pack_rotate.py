@@ -19,6 +19,11 @@ positions, keys and the query rotated.
                                                                retrieved row with a slot is read there, not over PCIe
     cache_out                   (B, 2, nheads_kv, headdim)     where the retrieved rows (pre-RoPE) are written, in
                                                                order, for the next step's cache (first n_retrieved)
+    step_key, step_value        (nheads_kv, headdim)           (optional, the four together) the step's own key and
+    (optional)                                                 value, pre-RoPE: written to the window's slot
+    step_position               (1,) int64                     window_length (and step_position to window_positions
+    window_positions            (W,) int64                     there), and packed from these, not from that slot;
+                                                               without them the window already holds them
   returns
     query_rotated               (nheads, 1, headdim)           the query rotated to the step's place,
                                                                n_valid - 1 = S + n_retrieved + E + window_length
@@ -35,6 +40,12 @@ packed set through memory several times. The kernel reads each source element on
 and writes the packed keys and values once; the first program of each KV head also rotates the head's query
 group. On the H100 (bf16, Llama-3-8B layer, 4416 places) it took 0.0179 ms against 0.1646 ms for those ops, graph
 replays (``pack_rotate`` in ``benchmarks/speed/results/attention_h100_7e52b02.json``).
+
+With the step's own token given, the kernel also does the three writes into the window that the step made before
+it (the key, the value, the position: three launches a layer, about 0.25 ms of a 128K decode step of an 8B-shaped
+model in the profile of ``benchmarks/speed/results/e2e_dense_off_h100_6adea05_profile_profile_131072.txt``). Each
+KV head's first program writes them; every place at that slot reads the token from the inputs, so that no program
+reads the slot while it is written.
 
 Keys and the query are rotated as RopeTable.rotate (the eager step) rotates them in the inputs' dtype: each product
 rounded to it, then the sum. Rounding once in float32 instead moved half-precision keys by an ulp now and then, and
@@ -63,17 +74,20 @@ def _pack_rotate_kernel(
     query_ptr, window_length_ptr, sink_k_ptr, sink_v_ptr, rows_source_ptr, rows_ptr, n_retrieved_ptr,
     evidence_k_ptr, evidence_v_ptr, window_k_ptr, window_v_ptr, cos_ptr, sin_ptr,
     query_out_ptr, keys_ptr, values_ptr, n_valid_ptr, cache_slots_ptr, cache_rows_ptr, cache_out_ptr,
+    step_k_ptr, step_v_ptr, step_position_ptr, window_positions_ptr,
     n_sink, n_evidence, window_capacity, n_packed, group,
     stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_rows_h,
     stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
-    stride_table, stride_out_h, stride_out_t,
+    stride_table, stride_out_h, stride_out_t, stride_step_h,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
-    HAS_CACHE: tl.constexpr,
+    HAS_CACHE: tl.constexpr, WRITES_STEP: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
     of the head also rotates its query group and writes its valid count. HAS_CACHE: a retrieved row with a slot in
     the row cache is read from the cache's copy (same layout as the stored rows), and every retrieved row is written
-    to cache_out at its place in the retrieved list."""
+    to cache_out at its place in the retrieved list. WRITES_STEP: the step's own key and value come from step_k and
+    step_v, and the head's first program writes them to the window's slot window_length (KV head 0's, the
+    position too)."""
     head = tl.program_id(1).to(tl.int64)
     place = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     dim = tl.arange(0, HEADDIM)
@@ -81,8 +95,9 @@ def _pack_rotate_kernel(
     sign = tl.where(dim < HEADDIM // 2, -1.0, 1.0)
     n_retrieved = tl.load(n_retrieved_ptr)
     window_start = n_sink + n_retrieved + n_evidence
+    window_length = tl.load(window_length_ptr)
     if tl.program_id(0) == 0:
-        at = window_start + tl.load(window_length_ptr)  # the step's own place
+        at = window_start + window_length  # the step's own place
         heads = head * group + tl.arange(0, GROUP_BLOCK)
         in_group = (tl.arange(0, GROUP_BLOCK) < group)[:, None]
         q = tl.load(query_ptr + heads[:, None] * stride_q_h + dim[None, :], mask=in_group, other=0.0)
@@ -95,6 +110,12 @@ def _pack_rotate_kernel(
         q_out = query_out_ptr + heads[:, None] * HEADDIM + dim[None, :]
         tl.store(q_out, q_rotated, mask=in_group)
         tl.store(n_valid_ptr + head, at + 1)
+        if WRITES_STEP:
+            window_slot = head * stride_window_h + window_length * stride_window_t + dim
+            tl.store(window_k_ptr + window_slot, tl.load(step_k_ptr + head * stride_step_h + dim))
+            tl.store(window_v_ptr + window_slot, tl.load(step_v_ptr + head * stride_step_h + dim))
+            if head == 0:
+                tl.store(window_positions_ptr + window_length, tl.load(step_position_ptr))
     in_packed = place < n_packed
     is_sink = in_packed & (place < n_sink)
     is_retrieved = in_packed & (place >= n_sink) & (place < n_sink + n_retrieved)
@@ -105,6 +126,9 @@ def _pack_rotate_kernel(
                      other=0)  # fmt: skip
     evidence_at = tl.where(is_evidence, place - n_sink - n_retrieved, 0).to(tl.int64)
     window_at = tl.minimum(tl.where(is_window, place - window_start, 0), window_capacity - 1).to(tl.int64)
+    if WRITES_STEP:  # the step's own slot is read from the inputs: the head's first program is writing it
+        is_step = is_window & (window_at == window_length)
+        is_window = is_window & ~is_step
     sink_off = head * stride_sink_h + sink_at[:, None] * stride_sink_t
     row_off = row_at[:, None] * stride_row + head * stride_row_h
     evidence_off = head * stride_evidence_h + evidence_at[:, None] * stride_evidence_t
@@ -128,6 +152,12 @@ def _pack_rotate_kernel(
                     cache_rows_ptr + stride_part + cache_off, evidence_v_ptr + evidence_off,
                     window_v_ptr + window_off, dim, is_sink, is_stored, is_cached, is_evidence, is_window,
                     HAS_CACHE)  # fmt: skip
+    if WRITES_STEP:
+        step_k = step_k_ptr + head * stride_step_h
+        key += tl.where(is_step[:, None], tl.load(step_k + dim).to(tl.float32)[None, :], 0.0)
+        key_partner += tl.where(is_step[:, None], tl.load(step_k + partner).to(tl.float32)[None, :], 0.0)
+        step_v = tl.load(step_v_ptr + head * stride_step_h + dim).to(tl.float32)
+        value += tl.where(is_step[:, None], step_v[None, :], 0.0)
     if HAS_CACHE:  # the retrieved rows as read, pre-RoPE, at their places in the retrieved list
         out_row = tl.where(is_retrieved, place - n_sink, 0).to(tl.int64)[:, None] * stride_row + head * stride_row_h
         cache_out = cache_out_ptr + out_row + dim[None, :]
@@ -215,14 +245,22 @@ class StepSources:
     cache_slots: torch.Tensor | None = None
     cache_rows: torch.Tensor | None = None
     cache_out: torch.Tensor | None = None
+    step_key: torch.Tensor | None = None
+    step_value: torch.Tensor | None = None
+    step_position: torch.Tensor | None = None
+    window_positions: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors given (the cache's three only with a cache)."""
+        """The tensors given (the cache's three only with a cache, the step's four only with them)."""
         return tuple(t for t in (getattr(self, f.name) for f in fields(self)) if t is not None)
 
     @property
     def has_cache(self) -> bool:
         return self.cache_slots is not None
+
+    @property
+    def writes_step(self) -> bool:
+        return self.step_key is not None
 
 
 class PackedStep(NamedTuple):
@@ -264,6 +302,24 @@ def _check_inputs(s: StepSources) -> None:
         raise ValueError(f"pack_rotate needs a window and a power-of-two headdim, got {tuple(s.window_keys.shape)}.")
     if s.has_cache:
         _check_cache(s)
+    if s.writes_step:
+        _check_step(s)
+
+
+def _check_step(s: StepSources) -> None:
+    """The step's own token: key and value (nheads_kv, headdim) in the window's dtype, its position and the window's."""
+    if s.step_value is None or s.step_position is None or s.window_positions is None:
+        raise ValueError("pack_rotate's step token needs step_key, step_value, step_position and window_positions.")
+    shape = (s.window_keys.shape[0], s.window_keys.shape[2])
+    if s.step_key.shape != shape or s.step_value.shape != shape or s.step_key.dtype != s.window_keys.dtype:
+        raise ValueError(f"the step's key and value must be {shape} in the window's dtype, got "
+                         f"{tuple(s.step_key.shape)} {s.step_key.dtype}.")  # fmt: skip
+    if s.step_value.dtype != s.step_key.dtype or s.step_key.stride() != s.step_value.stride():
+        raise ValueError("the step's key and value must be laid out alike, in one dtype.")
+    positions_fit = s.window_positions.shape == (s.window_keys.shape[1],) and s.step_position.numel() == 1
+    if not positions_fit or {s.window_positions.dtype, s.step_position.dtype} != {torch.long}:
+        raise ValueError(f"the window's positions must be ({s.window_keys.shape[1]},) int64 and the step's one int64, "
+                         f"got {tuple(s.window_positions.shape)} {s.window_positions.dtype}.")  # fmt: skip
 
 
 def _check_cache(s: StepSources) -> None:
@@ -288,8 +344,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def pack_rotate_reference(s: StepSources) -> PackedStep:
-    """Plain torch: the rows gathered, sources concatenated, places gathered, keys and query rotated in their dtype."""
+    """Plain torch: the step's token written to the window (when given), the rows gathered, sources concatenated,
+    places gathered, keys and query rotated in their dtype."""
     _check_inputs(s)
+    if s.writes_step:
+        slot = s.window_length.reshape(1)
+        s.window_keys.index_copy_(1, slot, s.step_key[:, None])
+        s.window_values.index_copy_(1, slot, s.step_value[:, None])
+        s.window_positions.index_copy_(0, slot, s.step_position.reshape(1))
     nheads_kv = s.window_keys.shape[0]
     rows = s.rows.expand(nheads_kv, -1)  # (nheads_kv, B): each KV head's rows
     heads = torch.arange(nheads_kv, device=rows.device)[:, None]
@@ -356,17 +418,24 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
     if s.has_cache and not (s.cache_rows.stride() == s.cache_out.stride() == s.rows_source.stride()):
         raise ValueError("pack_rotate wants the row cache laid out as the stored rows (contiguous).")
     cache = (s.cache_slots, s.cache_rows, s.cache_out) if s.has_cache else (s.rows, s.rows_source, s.rows_source)
+    step = (*window, s.rows, s.rows)  # unread without the step's token
+    if s.writes_step:
+        if s.window_positions.stride(0) != 1:
+            raise ValueError("pack_rotate wants the window's positions contiguous.")
+        step = (s.step_key, s.step_value, s.step_position, s.window_positions)
     _triton_kernels(interpreting())[grid](
         s.query, s.window_length, *sinks, s.rows_source, s.rows, s.n_retrieved, *evidence, *window,
-        s.cos, s.sin, query, keys, values, n_valid, *cache,
+        s.cos, s.sin, query, keys, values, n_valid, *cache, *step,
         s.sink_keys.shape[1], s.evidence_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
         s.rows.stride(0) if s.rows.dim() == 2 else 0,
         evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
+        s.step_key.stride(0) if s.writes_step else 0,
         HEADDIM=headdim, BLOCK_P=launch.block_p, GROUP_BLOCK=1 << (group - 1).bit_length(),
-        DROP_BITS=_DROP_BITS[keys.dtype], HAS_CACHE=s.has_cache, num_warps=launch.num_warps,
+        DROP_BITS=_DROP_BITS[keys.dtype], HAS_CACHE=s.has_cache, WRITES_STEP=s.writes_step,
+        num_warps=launch.num_warps,
     )  # fmt: skip
     return PackedStep(query, keys, values, n_valid)
 

@@ -5,7 +5,8 @@ won, which of them the span cache holds, how long the resident set is: a few mil
 device syncs per layer (benchmarks/speed/NOTES.md). Here a layer's step reads only device tensors whose
 shapes do not change from one step to the next:
 
-    window      the token is written at the window's length (a device count) in the window's buffer
+    window      the token is written at the window's length (a device count) in the window's buffer (by
+                ``kernels.pack_rotate``, which packs the step's keys)
     retrieval   the index scores its whole buffer (vectors past the count left out), votes pool over every
                 span slot, shared votes and persistence are updated in place (``kernels.settled_votes``), the
                 budget is filled on the device and the chosen spans' rows in the pinned host rows
@@ -104,33 +105,33 @@ class CapturedLayer:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """The layer's attention output (1, nheads, 1, headdim); the token's key and value join the window."""
-        window_length = self.counts[0:1]
-        window_keys, window_values, window_positions = self.memory.window.buffers()
-        window_keys.index_copy_(2, window_length, key)
-        window_values.index_copy_(2, window_length, value)
-        window_positions.index_copy_(0, window_length, self.counts[2:3])
         rows, n_retrieved = self.retrieve(query)
         if self.selector is not None:
             rows, n_retrieved = self.select(query, rows, n_retrieved)
-        step = pack_rotate(self.sources(query[0, :, 0], window_length, rows, n_retrieved))
+        step = pack_rotate(self.sources(query[0, :, 0], key[0, :, 0], value[0, :, 0], rows, n_retrieved))
         if self.row_cache is not None:
             self.row_cache.refresh(rows, n_retrieved)
         output, _ = sparse_attention(step.query, step.keys, step.values, n_valid=step.n_valid, scale=scaling)
         return output[None]
 
-    def sources(self, query: torch.Tensor, window_length, rows: torch.Tensor, n_retrieved) -> StepSources:
+    def sources(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, n_retrieved
+    ) -> StepSources:
         """What the step attends to: sinks, the retrieved (or each KV head's selected) tokens' rows in the host rows,
-        the evidence (empty but after a question's reread), the window; query (nheads, headdim) pre-RoPE. pack_rotate
-        packs them at compact positions (one kernel on CUDA)."""
-        window_keys, window_values, _ = self.memory.window.buffers()
+        the evidence (empty but after a question's reread), the window with the step's own token; query (nheads,
+        headdim), key and value (nheads_kv, headdim) pre-RoPE. pack_rotate writes the token into the window (at the
+        window's length, its position too) and packs them all at compact positions (one kernel on CUDA)."""
+        window_keys, window_values, window_positions = self.memory.window.buffers()
         sink_keys, sink_values = _keys_values(self.memory.sinks, window_keys)
         evidence_keys, evidence_values = _keys_values(self.memory.evidence.tokens, window_keys)
         cache = self.row_cache
-        cached = () if cache is None else (cache.slots, cache.rows, cache.incoming)
+        cached = {} if cache is None else {"cache_slots": cache.slots, "cache_rows": cache.rows,
+                                           "cache_out": cache.incoming}  # fmt: skip
         return StepSources(
-            query, window_length, sink_keys, sink_values, self.memory.host_payloads.device_view(), rows, n_retrieved,
-            evidence_keys, evidence_values, window_keys[0], window_values[0], self.table.cos[0, 0],
-            self.table.sin[0, 0], *cached,
+            query, self.counts[0:1], sink_keys, sink_values, self.memory.host_payloads.device_view(), rows,
+            n_retrieved, evidence_keys, evidence_values, window_keys[0], window_values[0], self.table.cos[0, 0],
+            self.table.sin[0, 0], **cached, step_key=key, step_value=value, step_position=self.counts[2:3],
+            window_positions=window_positions,
         )  # fmt: skip
 
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ltri.fused_projections import FusedProjections, fuse_projections
 from ltri.kernels.rms_norm import rms_norm
 from ltri.kernels.silu_mul import silu_mul
 
@@ -58,29 +59,53 @@ class DecoderLayer:
     # the norms (each with the residual add before it) and the MLP's silu(gate) * up as ltri's kernels, not the
     # modules' torch ops; only where the modules are those the kernels compute (dense_kernels_fit)
     dense_kernels: bool = False
+    # q, k, v and the MLP's gate and up as two joined weights (ltri.fused_projections), with the dense kernels
+    fused: FusedProjections | None = None
 
-    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden (1, 1, hidden_size) -> pre-RoPE query, key, value (1, heads, 1, headdim)."""
-        normed = self.normalize(self.input_norm, hidden)
+    def project(
+        self, hidden: torch.Tensor, addend: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (1, 1, hidden_size), plus addend (the last layer's MLP output, which its finish left unadded) ->
+        the residual stream hidden + addend and the pre-RoPE query, key, value (1, heads, 1, headdim)."""
+        normed, hidden = self.add_normalize(self.input_norm, hidden, addend)
         shape = (1, 1, -1, self.head_dim)
-        query = self.q_proj(normed).view(shape)
-        key = self.k_proj(normed).view(shape)
+        if self.fused is not None:
+            query, key, value = (x.view(shape) for x in self.fused.qkv(normed))
+        else:
+            query, key, value = (proj(normed).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.q_norm is not None:
             query, key = self.normalize(self.q_norm, query), self.normalize(self.k_norm, key)
-        value = self.v_proj(normed).view(shape)
-        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        return hidden, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    def finish(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """The layer's output from its input residual (1, 1, hidden_size) and attention (1, nheads, 1, headdim)."""
+    def finish(self, residual: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the layer's input residual (1, 1, hidden_size) and attention output (1, nheads, 1, headdim): the
+        residual stream after the attention and the MLP's output (1, 1, hidden_size) apart. The layer's output is
+        their sum, which the next norm adds (project's addend, or the final norm's): with the dense kernels in that
+        norm's launch."""
         attended = self.o_proj(attention.transpose(1, 2).reshape(1, 1, -1))
+        normed, hidden = self.add_normalize(self.post_norm, attended, residual)
         if not self.dense_kernels:
-            hidden = residual + attended
-            return hidden + self.mlp(self.post_norm(hidden))
-        normed, hidden = rms_norm(attended.view(1, -1), self.post_norm.weight, self.post_norm.variance_epsilon,
-                                  residual.view(1, -1))  # fmt: skip
+            return hidden, self.mlp(normed)
         mlp = self.mlp
-        activated = silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
-        return (hidden + mlp.down_proj(activated)).view(residual.shape)
+        if self.fused is not None:
+            gate, up = self.fused.gate_up(normed)
+        else:
+            gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+        return hidden, mlp.down_proj(silu_mul(gate.view(1, -1), up.view(1, -1))).view(hidden.shape)
+
+    def add_normalize(
+        self, norm: nn.Module, x: torch.Tensor, addend: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + addend), x + addend) for x (1, 1, hidden_size) (x alone without an addend): the module's
+        forward after torch's add, or with dense_kernels the rms_norm kernel's, the add in the same launch."""
+        if not self.dense_kernels:
+            summed = x if addend is None else x + addend
+            return norm(summed), summed
+        width = x.shape[-1]
+        if addend is None:
+            return rms_norm(x.reshape(-1, width), norm.weight, norm.variance_epsilon)[0].view(x.shape), x
+        normed, summed = rms_norm(addend.reshape(-1, width), norm.weight, norm.variance_epsilon, x.reshape(-1, width))
+        return normed.view(x.shape), summed.view(x.shape)
 
     def normalize(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """norm(x) for x (..., width): the module's forward, or with dense_kernels the rms_norm kernel's."""
@@ -99,6 +124,10 @@ def dense_kernels_fit(layer: DecoderLayer) -> bool:
         and type(mlp).__name__ in GATED_MLPS
         and type(getattr(mlp, "act_fn", None)).__name__ in SILU
     )
+
+
+def _fused(layer: DecoderLayer) -> FusedProjections | None:
+    return fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp)
 
 
 def decoder_layers(model) -> list[DecoderLayer] | None:
@@ -148,24 +177,23 @@ class DecodeStep:
         on_cuda = next(model.parameters()).device.type == "cuda"
         final_norm_fits = type(model.get_decoder().norm).__name__ in RMS_NORMS
         if dense_kernels and on_cuda and final_norm_fits and all(dense_kernels_fit(layer) for layer in layers):
-            layers = [replace(layer, dense_kernels=True) for layer in layers]
+            layers = [replace(layer, dense_kernels=True, fused=_fused(layer)) for layer in layers]
         return DecodeStep(model, layers, use_graphs and on_cuda)
 
     # ---- segments: segment 0 takes the token id, segment i > 0 layer i-1's residual and attention output ----
     def first_segment(self, token: torch.Tensor):
         """token (1, 1) -> (residual, query, key, value) of layer 0."""
-        hidden = self.embed(token)
-        return (hidden, *self.layers[0].project(hidden))
+        return self.layers[0].project(self.embed(token))
 
     def middle_segment(self, index: int, residual: torch.Tensor, attention: torch.Tensor):
         """Layer index-1's output, then layer index's (residual, query, key, value)."""
-        hidden = self.layers[index - 1].finish(residual, attention)
-        return (hidden, *self.layers[index].project(hidden))
+        return self.layers[index].project(*self.layers[index - 1].finish(residual, attention))
 
     def last_segment(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The last layer's output, then logits (1, vocab) float32."""
-        hidden = self.layers[-1].finish(residual, attention)
-        return self.lm_head(self.layers[-1].normalize(self.final_norm, hidden))[0].float()
+        last = self.layers[-1]
+        normed, _ = last.add_normalize(self.final_norm, *last.finish(residual, attention))
+        return self.lm_head(normed)[0].float()
 
     # ---- the step ------------------------------------------------------------------------------
     def __call__(self, token: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -246,7 +246,11 @@ def launchers(dtype: torch.dtype):
         for per_head in (False, True):
             sources = pack.make_inputs(*case, dtype, per_head=per_head)
             yield m_pack, functools.partial(m_pack.pack_rotate_triton, sources)
-        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_row_cache(pack.make_inputs(*case, dtype)))
+        cached = pack.with_row_cache(pack.make_inputs(*case, dtype))
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, cached)
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_step_token(cached))  # the decode step's
+        selected = pack.make_inputs(*case, dtype, per_head=True)  # a selector's step: rows per head, no cache
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_step_token(selected))
     for case in norm.CASES:
         x, residual, weight = norm.make_inputs(*case, dtype)
         for with_residual in (None, residual):

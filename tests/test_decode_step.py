@@ -14,6 +14,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from ltri import LtriConfig, MemoryConfig, Session
 from ltri.decode_step import RMS_NORMS, DecodeStep, decoder_layers, dense_kernels_fit
+from ltri.fused_projections import fuse_projections
 
 FULL = MemoryConfig(policy="full")
 FAMILIES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -82,13 +83,17 @@ def test_dense_kernels_give_the_modules_outputs(family, monkeypatch):
     assert all(dense_kernels_fit(layer) for layer in layers)
     hidden = torch.randn(1, 1, 64, generator=generator).to(device)
     attention = torch.randn(1, 4, 1, 16, generator=generator).to(device)
+    addend = torch.randn(1, 1, 64, generator=generator).to(device)
     with torch.no_grad():
         for layer in layers:
-            with_kernels = replace(layer, dense_kernels=True)
-            for plain, fused in zip(layer.project(hidden), with_kernels.project(hidden), strict=True):
-                assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
-            plain, fused = layer.finish(hidden, attention), with_kernels.finish(hidden, attention)
-            assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
+            joined = fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp)
+            for with_kernels in (replace(layer, dense_kernels=True), replace(layer, dense_kernels=True, fused=joined)):
+                for args in ((hidden,), (hidden, addend)):
+                    for plain, fused in zip(layer.project(*args), with_kernels.project(*args), strict=True):
+                        assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
+                finished = zip(layer.finish(hidden, attention), with_kernels.finish(hidden, attention), strict=True)
+                for plain, fused in finished:
+                    assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a decode step uses the dense kernels on CUDA")
@@ -99,10 +104,46 @@ def test_decode_step_with_dense_kernels_on_cuda(family):
     with torch.inference_mode():
         plain = DecodeStep.for_model(model, use_graphs=False, dense_kernels=False)
         fused = DecodeStep.for_model(model, use_graphs=False)
-        assert all(layer.dense_kernels for layer in fused.layers)
+        assert all(layer.dense_kernels and layer.fused is not None for layer in fused.layers)
         assert not any(layer.dense_kernels for layer in plain.layers)
         expected, got = plain(token, no_attention), fused(token, no_attention)
     assert (got - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_joined_projections_give_the_modules_outputs_and_keep_one_copy(family):
+    """q, k, v and gate, up as two joined weights (qwen2's biases too): the modules' outputs, the modules' own
+    parameters then rows of the joined weights; joining them again (a second session) copies nothing."""
+    model = tiny_model(family)
+    layer = decoder_layers(model)[0]
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+    projections = (layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)
+    with torch.no_grad():
+        expected = [proj(x) for proj in projections]
+        fused = fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp)
+        got = [*fused.qkv(x), *fused.gate_up(x)]
+        again = fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp)
+        after = [proj(x) for proj in projections]
+    for want, have, module_now in zip(expected, got, after, strict=True):
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-6)
+        assert torch.equal(module_now, want)
+    assert fused.qkv_sizes == (64, 32, 32) and fused.intermediate == 128
+    assert layer.k_proj.weight.data_ptr() == fused.qkv_weight.data_ptr() + 64 * 64 * 4
+    assert again.qkv_weight.data_ptr() == fused.qkv_weight.data_ptr()
+    assert again.gate_up_weight.data_ptr() == fused.gate_up_weight.data_ptr()
+    assert (fused.qkv_bias is not None) == (family == "qwen2")
+
+
+def test_projections_stay_apart_unless_plain_linears_alike():
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    weight = layer.k_proj.weight.data_ptr()
+    layer.k_proj.register_forward_hook(lambda *args: None)
+    assert fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp) is None
+    layer = decoder_layers(model)[1]
+    layer.v_proj.to(torch.float16)
+    assert fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp) is None
+    assert decoder_layers(model)[0].k_proj.weight.data_ptr() == weight  # nothing re-pointed
 
 
 def test_dense_kernels_only_for_the_modules_they_compute():

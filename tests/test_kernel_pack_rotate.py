@@ -207,3 +207,61 @@ def test_a_row_cache_needs_its_three_tensors_and_shared_rows():
         for pack in (pack_rotate_triton, pack_rotate_reference):
             with pytest.raises(ValueError, match=message):
                 pack(broken)
+
+
+def with_step_token(inputs, seed=2):
+    """inputs with the step's own token given (key, value, position): pack_rotate writes it into the window, whose
+    slot at window_length holds other values before (fresh copies of the window's buffers, which the packing writes)."""
+    generator = torch.Generator().manual_seed(seed)
+    nheads_kv, capacity, headdim = inputs.window_keys.shape
+    dtype = inputs.window_keys.dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
+
+    return dataclasses.replace(
+        inputs, window_keys=inputs.window_keys.clone(), window_values=inputs.window_values.clone(),
+        step_key=randn(nheads_kv, headdim), step_value=randn(nheads_kv, headdim),
+        step_position=torch.tensor([12345], device=DEVICE),
+        window_positions=torch.arange(capacity, device=DEVICE) * 7,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["no_cache", "row_cache"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_the_steps_token_is_written_to_the_window_and_packed_as_if_it_were_there(case, dtype, cached):
+    """With the step's token given, the kernel and the reference write it to the window's slot window_length (its
+    position too) and pack what they pack when the window already holds it."""
+    inputs = make_inputs(*case, dtype)
+    if cached:
+        inputs = with_row_cache(inputs)
+    slot = int(inputs.window_length)
+    for pack in (pack_rotate_triton, pack_rotate_reference):
+        stepped = with_step_token(inputs)
+        got = pack(stepped)
+        held = dataclasses.replace(inputs, window_keys=stepped.window_keys.clone(),
+                                   window_values=stepped.window_values.clone())  # fmt: skip
+        expected = pack(held)  # the window's buffers as the step left them: the token at its slot
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert torch.equal(stepped.window_keys[:, slot], stepped.step_key)
+        assert torch.equal(stepped.window_values[:, slot], stepped.step_value)
+        others = torch.arange(inputs.window_keys.shape[1], device=DEVICE) != slot
+        assert torch.equal(stepped.window_keys[:, others], inputs.window_keys[:, others])
+        positions = torch.arange(inputs.window_keys.shape[1], device=DEVICE) * 7
+        positions[slot] = 12345
+        assert torch.equal(stepped.window_positions, positions)
+
+
+def test_the_steps_token_needs_its_four_tensors_alike():
+    inputs = with_step_token(make_inputs(*CASES[0], torch.float32))
+    for broken, message in [
+        (dataclasses.replace(inputs, window_positions=None), "needs step_key, step_value, step_position"),
+        (dataclasses.replace(inputs, step_key=inputs.step_key[:1]), "must be \\(3, 64\\) in the window's dtype"),
+        (dataclasses.replace(inputs, step_value=inputs.step_value.half()), "laid out alike, in one dtype"),
+        (dataclasses.replace(inputs, window_positions=inputs.window_positions[:-1]), "must be \\(23,\\) int64"),
+        (dataclasses.replace(inputs, step_position=inputs.step_position.int()), "must be \\(23,\\) int64"),
+    ]:
+        for pack in (pack_rotate_triton, pack_rotate_reference):
+            with pytest.raises(ValueError, match=message):
+                pack(broken)
