@@ -21,9 +21,10 @@
 #   bash scripts/device_session.sh rowcache    the row cache's and the votes' GPU tests, then ltri's 128K prefill and 64
 #                                             profiled decode steps with the row cache on, then off (NOTES steps 41,
 #                                             43; step 45's cache of several steps was taken out again)
-#   bash scripts/device_session.sh dense       the dense kernels' GPU tests, then ltri's 128K prefill and 64 profiled
-#                                             decode steps with the decode step's norms and MLP activation as ltri's
-#                                             kernels (LtriConfig.dense_kernels), then as transformers' torch ops
+#   bash scripts/device_session.sh dense       the dense kernels', pack_rotate's and the captured step's GPU tests,
+#                                             then ltri's 128K prefill and 64 decode steps with the decode step's norms,
+#                                             MLP activation and joined projections as ltri's (LtriConfig.dense_kernels;
+#                                             profiled), then with transformers' modules
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -97,12 +98,12 @@ log="$out/${part}_${sha}_gpu.log"
                     --store-root /tmp/ltri-e2e $flag --out "$out/e2e_rowcache_${cache}_${sha}_gpu_profile.json"
             done ;;
         dense)
-            timeout 150 python3 -m pytest -q -x tests/test_kernel_rms_norm.py tests/test_kernel_silu_mul.py \
-                tests/test_decode_step.py -k "not bundled"
-            for kernels in on off; do
-                flag=$([ "$kernels" = off ] && echo --ltri-no-dense-kernels)
-                timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --profile \
-                    --store-root /tmp/ltri-e2e $flag --out "$out/e2e_dense_${kernels}_${sha}_gpu_profile.json"
+            timeout 240 python3 -m pytest -q -x tests/test_kernel_rms_norm.py tests/test_kernel_silu_mul.py \
+                tests/test_decode_step.py tests/test_kernel_pack_rotate.py tests/test_captured_decode.py -k "not bundled"
+            for kernels in on off; do  # the profile with the kernels only: at most 8 files come back
+                flags=$([ "$kernels" = off ] && echo --ltri-no-dense-kernels || echo --profile)
+                timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri \
+                    --store-root /tmp/ltri-e2e $flags --out "$out/e2e_dense_${kernels}_${sha}_gpu.json"
             done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;
