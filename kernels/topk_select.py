@@ -54,13 +54,14 @@ _PART_KEYS = 2048  # entries of a long row's parts in the first of two stages (t
 def _topk_select_kernel(
     scores_ptr, n_valid_ptr, out_ptr, out_scores_ptr, index_map_ptr, n_keys, k, stride_row, part_len,
     HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr, MISSING: tl.constexpr,
 ):  # fmt: skip
     """One part of a row, entries [part * part_len, (part + 1) * part_len): the k-th largest key by a radix search
     (RADIX_BITS 0: a binary search), then the chosen indices in ascending order, at out[row, part * k : (part + 1) * k].
 
     WRITE_SCORES: also their scores (float32, padding -inf) at out_scores (the first of two stages); HAS_MAP: write
-    index_map[row, index] instead of the index (the second stage, over the first's candidates)."""
+    index_map[row, index] instead of the index (the second stage, over the first's candidates); MISSING: -1 instead of
+    the index of a chosen entry whose score is -inf (``topk_found``)."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -79,12 +80,12 @@ def _topk_select_kernel(
     out_at = (row * n_parts + part) * k
     map_row = index_map_ptr + row * n_keys
     written, ties_seen = _write_taken(keys0, in_row0, index0, scores0, threshold, ties_wanted, 0, 0, out_ptr + out_at,
-                                      out_scores_ptr + out_at, map_row, WRITE_SCORES, HAS_MAP)  # fmt: skip
+                                      out_scores_ptr + out_at, map_row, WRITE_SCORES, HAS_MAP, MISSING)  # fmt: skip
     for chunk in range(1, N_CHUNKS):
         keys, in_row, index, scores = _row_keys(row_scores, start + chunk * BLOCK, stop, valid, BLOCK)
         written, ties_seen = _write_taken(keys, in_row, index, scores, threshold, ties_wanted, written, ties_seen,
                                           out_ptr + out_at, out_scores_ptr + out_at, map_row, WRITE_SCORES,
-                                          HAS_MAP)  # fmt: skip
+                                          HAS_MAP, MISSING)  # fmt: skip
 
 
 def _bisect_threshold(keys0, in_row0, row_scores, start, stop, valid, k, BLOCK: tl.constexpr, N_CHUNKS: tl.constexpr):
@@ -148,7 +149,7 @@ def _digit_counts(keys, in_row, prefix, shift: tl.constexpr, RADIX_BITS: tl.cons
 
 def _write_taken(
     keys, in_row, index, scores, threshold, ties_wanted, written, ties_seen, out_row, out_scores_row, map_row,
-    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, HAS_MAP: tl.constexpr, MISSING: tl.constexpr,
 ):  # fmt: skip
     """Writes one chunk's chosen indices after the `written` ones: keys above the threshold, and ties while fewer
     than ties_wanted were taken (ties_seen in earlier chunks); with WRITE_SCORES their scores too, with HAS_MAP
@@ -160,6 +161,8 @@ def _write_taken(
     chosen = index.to(tl.int64)
     if HAS_MAP:
         chosen = tl.load(map_row + index, mask=take, other=0)
+    if MISSING:
+        chosen = tl.where(scores == float("-inf"), -1, chosen)
     tl.store(out_row + slot, chosen, mask=take)
     if WRITE_SCORES:
         tl.store(out_scores_row + slot, scores, mask=take)
@@ -237,6 +240,14 @@ def topk_tokens_triton(
     part's top k (fewer than k entries precede it there, as in the row), and the candidates lie in ascending
     order, so the result, ties included, is the one-stage result.
     """
+    return _topk(scores, k, n_valid, radix_bits, num_warps)[0]
+
+
+def _topk(
+    scores: torch.Tensor, k: int, n_valid: torch.Tensor | None, radix_bits: int = RADIX_BITS,
+    num_warps: int | None = None, found: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(indices, their scores with found, else None): topk_tokens_triton's launches, and topk_found_triton's."""
     _check_inputs(scores, k, n_valid)
     if radix_bits not in (0, 4, 8):
         raise ValueError(f"radix_bits must be 0, 4 or 8, got {radix_bits}.")
@@ -244,19 +255,21 @@ def topk_tokens_triton(
         scores = scores.contiguous()
     n_rows, n_keys = scores.shape
     out = torch.empty(n_rows, k, dtype=torch.long, device=scores.device)
+    values = torch.empty(n_rows, k, dtype=torch.float32, device=scores.device) if found else None
     if k == 0 or n_rows == 0:
-        return out
+        return out, values
     valid = n_valid.to(device=scores.device) if n_valid is not None else None
     n_parts = parts_per_row(n_keys, k)
     launch = functools.partial(_launch, radix_bits=radix_bits, num_warps=num_warps)
     if n_parts == 1:
-        launch(scores, valid, out, k, n_parts=1, part_len=n_keys)
-        return out
+        launch(scores, valid, out, k, n_parts=1, part_len=n_keys, out_scores=values, missing=found)
+        return out, values
     candidates = torch.empty(n_rows, n_parts * k, dtype=torch.long, device=scores.device)
     candidate_scores = torch.empty(n_rows, n_parts * k, dtype=torch.float32, device=scores.device)
     launch(scores, valid, candidates, k, n_parts, _part_len(n_keys, n_parts), out_scores=candidate_scores)
-    launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates)
-    return out
+    launch(candidate_scores, None, out, k, n_parts=1, part_len=n_parts * k, index_map=candidates, out_scores=values,
+           missing=found)  # fmt: skip
+    return out, values
 
 
 def parts_per_row(n_keys: int, k: int) -> int:
@@ -279,7 +292,7 @@ def _part_len(n_keys: int, n_parts: int) -> int:
 def _launch(
     scores: torch.Tensor, n_valid: torch.Tensor | None, out: torch.Tensor, k: int, n_parts: int, part_len: int,
     out_scores: torch.Tensor | None = None, index_map: torch.Tensor | None = None, radix_bits: int = RADIX_BITS,
-    num_warps: int | None = None,
+    num_warps: int | None = None, missing: bool = False,
 ) -> None:  # fmt: skip
     """One launch over (rows, n_parts) programs, each choosing k of part_len entries into out (rows, n_parts * k)."""
     block = min(_MAX_BLOCK, max(16, 1 << (part_len - 1).bit_length()))
@@ -290,9 +303,32 @@ def _launch(
         scores, n_valid if n_valid is not None else out, out, out_scores if out_scores is not None else out,
         index_map if index_map is not None else out, scores.shape[1], k, scores.stride(0), part_len,
         HAS_VALID=n_valid is not None, BLOCK=block, N_CHUNKS=-(-part_len // block), RADIX_BITS=radix_bits,
-        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None,
+        WRITE_SCORES=out_scores is not None, HAS_MAP=index_map is not None, MISSING=missing,
         num_warps=num_warps,
     )  # fmt: skip
+
+
+def topk_found_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: topk_tokens_reference's indices, their scores (float32), the index -1 where the score is -inf."""
+    indices = topk_tokens_reference(scores, k)
+    values = scores.gather(1, indices).float()
+    return values, torch.where(values == float("-inf"), -1, indices)
+
+
+def topk_found_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's launches; same contract as topk_found."""
+    indices, values = _topk(scores, k, None, found=True)
+    return values, indices
+
+
+def topk_found(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) (n_rows, k): topk_tokens' indices (ascending) with their scores as float32 (-0.0 may come as
+    0.0), and -1 for an index whose score is -inf (a search's padding: nothing found there), in the same launches
+    as topk_tokens: the gather of the scores and the masking took three torch launches more (a 128K decode step's
+    search, once a layer). The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
+    if scores.dtype != torch.float64 and use_triton(scores):
+        return topk_found_triton(scores, k)
+    return topk_found_reference(scores, k)
 
 
 def topk_tokens(scores: torch.Tensor, k: int, n_valid: torch.Tensor | None = None) -> torch.Tensor:

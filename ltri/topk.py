@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ltri.kernels import use_triton
-from ltri.kernels.topk_select import topk_tokens, topk_tokens_reference
+from ltri.kernels.topk_select import topk_found, topk_found_reference, topk_tokens, topk_tokens_reference
 
 CHUNK = 1024  # the span scores kernel's rows are whole multiples of this past one chunk (padded_width)
 
@@ -41,6 +41,19 @@ def first_k_places(values: torch.Tensor, k: int) -> torch.Tensor:
     if not (rows.is_cuda and use_triton(rows)):
         return topk_tokens_reference(rows, k).view(*lead, k)
     return topk_tokens(rows, k).view(*lead, k)
+
+
+def first_k_found(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """first_k_places with the values there: (their values float32, the places, -1 where the value is -inf: nothing
+    found) -> each (..., min(k, n)); on CUDA from the top-k kernel's own launches, no gather after them."""
+    *lead, n = values.shape
+    k = min(k, n)
+    if k == 0:
+        return values.new_empty(*lead, 0, dtype=torch.float32), values.new_empty(*lead, 0, dtype=torch.long)
+    rows = values.reshape(-1, n)
+    found = topk_found if rows.is_cuda and use_triton(rows) else topk_found_reference
+    top, places = found(rows, k)
+    return top.view(*lead, k), places.view(*lead, k)
 
 
 def topk_ties_to_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@
 #   bash scripts/device_session.sh rowcache    the row cache's and the votes' GPU tests, then ltri's 128K prefill and 64
 #                                             profiled decode steps with the row cache on, then off (NOTES steps 41,
 #                                             43; step 45's cache of several steps was taken out again)
-#   bash scripts/device_session.sh dense       the dense kernels', pack_rotate's and the captured step's GPU tests,
+#   bash scripts/device_session.sh dense       the dense kernels', pack_rotate's, top-k's and the captured step's tests,
 #                                             then ltri's 128K prefill and 64 decode steps with the decode step's norms,
 #                                             MLP activation and joined projections as ltri's (LtriConfig.dense_kernels;
 #                                             profiled), then with transformers' modules
@@ -99,7 +99,8 @@ log="$out/${part}_${sha}_gpu.log"
             done ;;
         dense)
             timeout 240 python3 -m pytest -q -x tests/test_kernel_rms_norm.py tests/test_kernel_silu_mul.py \
-                tests/test_decode_step.py tests/test_kernel_pack_rotate.py tests/test_captured_decode.py -k "not bundled"
+                tests/test_decode_step.py tests/test_kernel_pack_rotate.py tests/test_captured_decode.py \
+                tests/test_kernel_topk_select.py tests/test_topk.py tests/test_index.py -k "not bundled"
             for kernels in on off; do  # the profile with the kernels only: at most 8 files come back
                 flags=$([ "$kernels" = off ] && echo --ltri-no-dense-kernels || echo --profile)
                 timeout 170 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri \

@@ -242,6 +242,7 @@ def launchers(dtype: torch.dtype):
         scores = torch.randn(n_rows, n_keys).to(dtype)
         for n_valid in (None, torch.full((n_rows,), n_keys)):
             yield m_topk, functools.partial(m_topk.topk_tokens_triton, scores, k, n_valid)
+        yield m_topk, functools.partial(m_topk.topk_found_triton, scores, k)
     for case in pack.CASES:
         for per_head in (False, True):
             sources = pack.make_inputs(*case, dtype, per_head=per_head)

@@ -19,12 +19,14 @@ from ltri.kernels.topk_select import (  # noqa: E402
     _MAX_BLOCK,
     RADIX_BITS,
     parts_per_row,
+    topk_found_reference,
+    topk_found_triton,
     topk_tokens,
     topk_tokens_reference,
     topk_tokens_triton,
 )
 
-from ltri.topk import topk_ties_to_first  # noqa: E402
+from ltri.topk import first_k_found, topk_ties_to_first  # noqa: E402
 
 CHUNK = 4096  # one program's block of entries: longer rows go in two launches (parts, then the row)
 
@@ -176,3 +178,31 @@ def test_ties_to_first_are_the_same_places_in_a_padded_table():
     padded = topk_ties_to_first(values.to(DEVICE), 12)
     assert torch.equal(narrow[1], padded[1]) and torch.equal(narrow[0], padded[0])
     assert narrow[1][0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(8, 1025, 64), (1, 4032, 63), (3, 2 * CHUNK + 904, 64), (4, 16, 16)])
+def test_found_gives_the_places_their_scores_and_minus_one_where_nothing_was(case, dtype):
+    """topk_found (a captured search's top-k): topk_tokens' places, their scores as float32, and -1 for a place whose
+    score is -inf (a row with fewer finite entries than k), in one stage and in two."""
+    n_rows, n_keys, k = case
+    scores = random_scores(n_rows, n_keys, dtype, seed=5)
+    scores[-1, ::3] = -0.0
+    scores[0, k // 2 :] = float("-inf")  # the first row finds only k // 2
+    values, places = topk_found_triton(scores, k)
+    expected_values, expected_places = topk_found_reference(scores.cpu(), k)
+    assert values.dtype == torch.float32 and torch.equal(places.cpu(), expected_places)
+    assert torch.equal(values.cpu(), expected_values + 0.0)  # -0.0 may come as 0.0
+    assert (places[0] == -1).sum().item() == k - k // 2
+    assert torch.equal(places[1:].cpu(), topk_tokens_reference(scores[1:].cpu(), k))
+
+
+def test_first_k_found_names_missing_places_and_takes_lead_dimensions():
+    values = torch.full((2, 3, 50), float("-inf"))
+    values[:, :, :4] = torch.tensor([0.5, 2.0, -1.0, 2.0])
+    top, places = first_k_found(values.to(DEVICE), 6)
+    assert top.shape == places.shape == (2, 3, 6)
+    assert places[0, 0].tolist() == [0, 1, 2, 3, -1, -1]
+    assert top[1, 2, :4].tolist() == [0.5, 2.0, -1.0, 2.0]
+    empty_top, empty_places = first_k_found(values[:, :, :0].to(DEVICE), 6)
+    assert empty_top.shape == empty_places.shape == (2, 3, 0)

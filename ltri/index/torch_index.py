@@ -13,7 +13,7 @@ from ltri.growth import grown_capacity, with_room
 from ltri.index.base import SpanIndex, SpanSlots, best_spans, pad_results, top_spans
 from ltri.kernels.span_scores import MAX_VECTORS, per_span_rows, span_scores
 from ltri.kernels.vector_scores import vector_scores
-from ltri.topk import first_k_places, padded_width
+from ltri.topk import first_k_found, padded_width
 
 
 class TorchSpanIndex(SpanIndex):
@@ -95,9 +95,8 @@ class TorchSpanIndex(SpanIndex):
         The shapes and the tensors read stay the same while ``buffers`` and ``per_span_rows`` do.
         """
         scores = self._span_scores(queries.to(self.device), n_vectors, padded_width(n_slots))  # -inf past n_slots
-        top_slots = first_k_places(scores, k)  # a slot is its span's id (captured_search_ready)
-        top_scores = scores.gather(-1, top_slots)
-        return pad_results(top_scores, torch.where(top_scores == float("-inf"), -1, top_slots), k)
+        top_scores, top_slots = first_k_found(scores, k)  # a slot is its span's id (captured_search_ready)
+        return pad_results(top_scores, top_slots, k)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensors search_captured reads (a captured step stays valid while these are the same)."""
