@@ -240,7 +240,9 @@ class LtriConfig:
         Python (``ltri.decode_step``); the attention with memory runs eagerly between the graphs.
     dense_kernels: on CUDA, a decode step's RMS norms (each with the residual add before it) and its MLP's
         silu(gate) * up run as ltri's Triton kernels (``kernels/rms_norm.py``, ``kernels/silu_mul.py``: one launch
-        each) instead of the modules' torch ops (about twenty launches a layer), for the Llama family's modules.
+        each) instead of the modules' torch ops (about twenty launches a layer), for the Llama family's modules; and
+        its q, k, v projections and its MLP's gate and up projections are one matmul each, from weights joined once
+        (``ltri.fused_projections``: the modules' parameters then point into them, so nothing is held twice).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)

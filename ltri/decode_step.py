@@ -13,8 +13,10 @@ benchmarks/speed/NOTES.md). Here a one-token forward walks the layers itself:
 On CUDA each segment is captured once as a CUDA graph and replayed (one launch instead of about ten);
 elsewhere the same segments run eagerly. On CUDA the Llama family's RMS norms (with the residual add before each)
 and the MLP's silu(gate) * up also run as ltri's kernels (``kernels/rms_norm.py``, ``kernels/silu_mul.py``;
-``LtriConfig.dense_kernels``): three launches a layer where the modules' torch ops take about twenty. Only the
-attention between the segments stays in Python, where the memory decides what each layer reads.
+``LtriConfig.dense_kernels``): three launches a layer where the modules' torch ops take about twenty, the MLP's
+residual add done by the next layer's input norm; and q, k, v (and the MLP's gate and up) are one matmul each from
+joined weights (``ltri.fused_projections``). Only the attention between the segments stays in Python, where the
+memory decides what each layer reads.
 
 Shapes: hidden (1, 1, hidden_size); query (1, nheads, 1, headdim), key and value (1, nheads_kv, 1,
 headdim), pre-RoPE; an attention output (1, nheads, 1, headdim); logits (1, vocab) float32.
