@@ -231,7 +231,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--ltri-no-dense-kernels",
         action="store_true",
-        help="LtriConfig.dense_kernels off: the decode step's norms and MLP activation as transformers' torch ops",
+        help="LtriConfig.dense_kernels off: the decode step's norms, MLP activation and projections (each its own "
+        "matmul) as transformers' modules",
     )
     parser.add_argument(
         "--ltri-no-row-cache", action="store_true", help="MemoryConfig.row_cache off: every retrieved row over PCIe"
