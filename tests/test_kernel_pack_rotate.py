@@ -7,6 +7,7 @@ kernel_support); with CUDA it runs compiled, bf16 included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 
 import pytest
@@ -243,7 +244,10 @@ def test_the_steps_token_is_written_to_the_window_and_packed_as_if_it_were_there
         held = dataclasses.replace(inputs, window_keys=stepped.window_keys.clone(),
                                    window_values=stepped.window_values.clone())  # fmt: skip
         expected = pack(held)  # the window's buffers as the step left them: the token at its slot
-        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert torch.equal(got.values, expected.values) and torch.equal(got.n_valid, expected.n_valid)
+        for part in ("keys", "query"):  # float32's rotation: the two builds may fuse other products (on a GPU)
+            same = torch.equal if dtype != torch.float32 else functools.partial(torch.allclose, atol=1e-6, rtol=1e-6)
+            assert same(getattr(got, part), getattr(expected, part)), part
         assert torch.equal(stepped.window_keys[:, slot], stepped.step_key)
         assert torch.equal(stepped.window_values[:, slot], stepped.step_value)
         others = torch.arange(inputs.window_keys.shape[1], device=DEVICE) != slot
