@@ -3,7 +3,8 @@
     ltri.kernels.sparse_attention   sparse_attention, merge_partial
     ltri.kernels.lowrank_scores     pca_basis, project_keys, lowrank_scores (Loki)
     ltri.kernels.sparq_scores       sparq_scores, selected_mass, mean_value_reallocation (SparQ)
-    ltri.kernels.topk_select        topk_tokens (one row's top k, ascending, without a sort)
+    ltri.kernels.topk_select        topk_tokens (one row's top k, ascending, without a sort), topk_found (with
+                                    their scores, -1 where a score is -inf)
     ltri.kernels.selected_attention selected_attention (a decode step's attention over resident keys and selected
                                     stored tokens, read and rotated where they lie)
     ltri.kernels.pack_rotate        pack_rotate (a captured step's sinks, retrieved rows and window, keys rotated)
