@@ -100,12 +100,12 @@ class DecoderLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + addend), x + addend) for x (1, 1, hidden_size) (x alone without an addend): the module's
         forward after torch's add, or with dense_kernels the rms_norm kernel's, the add in the same launch."""
+        if addend is None:
+            return self.normalize(norm, x), x
         if not self.dense_kernels:
-            summed = x if addend is None else x + addend
+            summed = x + addend
             return norm(summed), summed
         width = x.shape[-1]
-        if addend is None:
-            return rms_norm(x.reshape(-1, width), norm.weight, norm.variance_epsilon)[0].view(x.shape), x
         normed, summed = rms_norm(addend.reshape(-1, width), norm.weight, norm.variance_epsilon, x.reshape(-1, width))
         return normed.view(x.shape), summed.view(x.shape)
 

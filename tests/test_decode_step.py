@@ -134,6 +134,19 @@ def test_joined_projections_give_the_modules_outputs_and_keep_one_copy(family):
     assert (fused.qkv_bias is not None) == (family == "qwen2")
 
 
+def test_a_model_with_joined_projections_saves_and_loads_as_before(tmp_path):
+    """The modules' parameters are rows of the joined weights: save_pretrained still writes each one, and the model
+    loads back with the same weights."""
+    model = tiny_model("llama")
+    for layer in decoder_layers(model):
+        assert fuse_projections(layer.q_proj, layer.k_proj, layer.v_proj, layer.mlp) is not None
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
 def test_projections_stay_apart_unless_plain_linears_alike():
     model = tiny_model("llama")
     layer = decoder_layers(model)[0]
