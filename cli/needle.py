@@ -49,6 +49,11 @@ def needle(
     ] = _RETRIEVAL.reread_evidence,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", help=HELP["draft_tokens"])] = _RETRIEVAL.draft_tokens,
     echo_tokens: Annotated[int, typer.Option("--echo-tokens", help=HELP["echo_tokens"])] = _RETRIEVAL.echo_tokens,
+    selector: Annotated[str, typer.Option("--selector", help=HELP["selector"])] = _RETRIEVAL.selector,
+    select_tokens: Annotated[
+        int, typer.Option("--select-tokens", help=HELP["select_tokens"])
+    ] = _RETRIEVAL.select_tokens,
+    select_rank: Annotated[int, typer.Option("--select-rank", help=HELP["select_rank"])] = _RETRIEVAL.select_rank,
 ) -> None:
     """Hide a sentence at depths of long texts, ask for it with each method, write cells, summary.csv and heatmaps."""
     from ltri.needle.command import make_run, run_benchmark
@@ -59,7 +64,7 @@ def needle(
     options |= dict(
         reading_vote=reading_vote, reread=reread, reread_evidence=reread_evidence, draft_tokens=draft_tokens
     )
-    options |= dict(echo_tokens=echo_tokens)
+    options |= dict(echo_tokens=echo_tokens, selector=selector, select_tokens=select_tokens, select_rank=select_rank)
     try:
         run = make_run(lengths, depths, methods, out, haystack, **options)
     except ValueError as error:

@@ -10,8 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ltri.config import SELECTORS, LtriConfig, MemoryConfig, RetrievalConfig, SamplingConfig
-from ltri.errors import LtriError
+from ltri.config import SELECTORS, LtriConfig, MemoryConfig, RetrievalConfig, SamplingConfig, check_selection_narrows
 
 _MEMORY, _RETRIEVAL, _LTRI, _SAMPLING = MemoryConfig(), RetrievalConfig(), LtriConfig(), SamplingConfig()
 
@@ -131,11 +130,8 @@ class ReadingOptions:
             draft_tokens=self.draft_tokens,
             echo_tokens=self.echo_tokens,
         )
-        if self.selector not in (None, "none") and retrieval.select_tokens >= retrieval.budget:
-            raise LtriError(
-                f"--selector {self.selector} keeps --select-tokens ({retrieval.select_tokens}) of the --budget "
-                f"({retrieval.budget}) tokens retrieved a step: give a larger --budget or fewer --select-tokens."
-            )
+        if self.selector not in (None, "none"):
+            check_selection_narrows(retrieval)
         return _given(
             base,
             memory=memory,

@@ -224,6 +224,17 @@ class RetrievalConfig:
             raise LtriError(f"refresh_every must be 0 or more decode steps, got {self.refresh_every}.")
 
 
+def check_selection_narrows(retrieval: RetrievalConfig) -> None:
+    """LtriError, in the command lines' words, where a selector keeps as many tokens as the budget retrieves: a
+    decode step would then select nothing (``captured_decode`` and the eager step skip it), which a user who asked for
+    a selector did not mean."""
+    if retrieval.selector != "none" and retrieval.select_tokens >= retrieval.budget:
+        raise LtriError(
+            f"--selector {retrieval.selector} keeps --select-tokens ({retrieval.select_tokens}) of the --budget "
+            f"({retrieval.budget}) tokens retrieved a step: give a larger --budget or fewer --select-tokens."
+        )
+
+
 @dataclass(frozen=True)
 class LtriConfig:
     """How a Session reads text.

@@ -268,6 +268,7 @@ def test_every_retrieval_option_reaches_the_ltri_config(tmp_path):
 
     options = dict(budget=300, window=200, sink=8, query_dims="long_range", refresh_every=3, vote="max", reread=True)
     options |= dict(reading_vote="mean", reread_evidence=64, draft_tokens=12, echo_tokens=32)
+    options |= dict(selector="loki", select_tokens=128, select_rank=8)
     run = make_run("1k", "2", "ltri", tmp_path, None, **options)
     config = run.ltri_config("ltri")
     assert (config.retrieval.budget, config.memory.n_window, config.memory.n_sink) == (300, 200, 8)
@@ -276,3 +277,14 @@ def test_every_retrieval_option_reaches_the_ltri_config(tmp_path):
     assert retrieval.reread and retrieval.echo_tokens == 32
     assert (retrieval.reread_evidence, retrieval.draft_tokens) == (64, 12)
     assert retrieval.reading_vote == "mean"
+    assert (retrieval.selector, retrieval.select_tokens, retrieval.select_rank) == ("loki", 128, 8)
+
+
+def test_a_selector_that_would_keep_the_whole_budget_is_refused_in_one_sentence(tmp_path):
+    result = CliRunner().invoke(
+        needle_app(),
+        ["needle", "--selector", "sparq", "--budget", "512", "--select-tokens", "512", "--out", str(tmp_path)],
+    )
+    assert isinstance(result.exception, LtriError)
+    assert "--select-tokens (512) of the --budget (512)" in str(result.exception)
+    assert not any(tmp_path.iterdir())  # nothing run, nothing written

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ltri.config import VOTES, LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig
+from ltri.config import SELECTORS, VOTES, LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig
 from ltri.errors import LtriError
 from ltri.model import load_model
 from ltri.needle import report
@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     add("reread_evidence", type=int, default=RetrievalConfig().reread_evidence)
     add("draft_tokens", type=int, default=RetrievalConfig().draft_tokens)
     add("echo_tokens", type=int, default=RetrievalConfig().echo_tokens)
+    add("selector", default=RetrievalConfig().selector, choices=SELECTORS)
+    add("select_tokens", type=int, default=RetrievalConfig().select_tokens)
+    add("select_rank", type=int, default=RetrievalConfig().select_rank)
     parser.add_argument(
         "--report-only",
         action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ltri.config import LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig
+from ltri.config import LtriConfig, MemoryConfig, RetrievalConfig, SpanConfig, check_selection_narrows
 from ltri.methods import METHODS, method_config
 from ltri.needle.tasks import TASKS
 
@@ -31,6 +31,9 @@ CELL_SETTINGS = (
     "reread_evidence",
     "draft_tokens",
     "echo_tokens",
+    "selector",
+    "select_tokens",
+    "select_rank",
 )
 
 
@@ -62,6 +65,9 @@ class NeedleRun:
     reread_evidence: int = RetrievalConfig().reread_evidence  # likewise
     draft_tokens: int = RetrievalConfig().draft_tokens  # likewise
     echo_tokens: int = RetrievalConfig().echo_tokens  # likewise
+    selector: str = RetrievalConfig().selector  # likewise: the token selection of its decode steps
+    select_tokens: int = RetrievalConfig().select_tokens  # likewise
+    select_rank: int = RetrievalConfig().select_rank  # likewise
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -77,8 +83,9 @@ class NeedleRun:
             raise ValueError("max_new_tokens must be at least 1")
 
     def base_config(self) -> LtriConfig:
-        """The config the methods start from: the run's sinks, window, budget, chunk, device and dtype."""
-        return LtriConfig(
+        """The config the methods start from: the run's sinks, window, budget, chunk, device and dtype (and the ltri
+        method's retrieval options); LtriError where they contradict each other."""
+        config = LtriConfig(
             memory=MemoryConfig(n_sink=self.sink, n_window=self.window),
             spans=SpanConfig(index_vectors=self.index_vectors),
             retrieval=RetrievalConfig(
@@ -91,11 +98,16 @@ class NeedleRun:
                 reread_evidence=self.reread_evidence,
                 draft_tokens=self.draft_tokens,
                 echo_tokens=self.echo_tokens,
+                selector=self.selector,
+                select_tokens=self.select_tokens,
+                select_rank=self.select_rank,
             ),
             chunk_size=self.chunk_size,
             device=self.device,
             dtype=self.dtype,
         )
+        check_selection_narrows(config.retrieval)
+        return config
 
     def ltri_config(self, method: str) -> LtriConfig:
         return method_config(method, self.base_config())
@@ -160,6 +172,10 @@ HELP = {
     "(or the draft's) held most",
     "draft_tokens": "with --reread-evidence, a greedy draft answer of up to this many tokens chooses the evidence, "
     "then is forgotten",
+    "selector": "the ltri method's token selection at decode steps: none, loki or sparq (each KV head keeps its "
+    "--select-tokens best of the --budget's tokens)",
+    "select_tokens": "with --selector, the retrieved tokens each KV head keeps a decode step (below --budget)",
+    "select_rank": "with --selector, the dimensions its approximate scores use",
     "echo_tokens": "of the --reread-evidence, up to this many stored tokens around where the question's own words "
     "recur in the text",
 }
