@@ -8,13 +8,18 @@ place in the step's retrieved list (``ltri.offload.row_cache``), in one launch.
     n_retrieved  () or (1,) int64
     hits         (2,) int64            running sums: retrieved rows the cache held before the call, rows retrieved
 
+or, for a cache whose KV heads hold their own rows (a token selection's: each head attends to its own), slots
+(H, n_rows + 1), held (H, C), count (H,) and rows (H, B): H caches of the shape above, one a head, sharing
+n_retrieved and hits (which then count a row once a head).
+
 After the call: slots[held[j]] = -1 for j < the old count, then slots[rows[i]] = i for i < n_retrieved; held[:B] = rows;
 count = n_retrieved; hits[0] += the valid rows whose slot was set before the call, hits[1] += n_retrieved. (A row
 held before and retrieved again gets its new place.) Every tensor stays on the device and
 keeps its address: a captured step's graph calls this every step.
 
-The kernel is one program: it counts the retrieved rows already held, clears the old places, waits for every thread
-(a barrier orders the block's global writes), then writes the new ones. The torch reference sends masked-out lanes to
+The kernel is one program a head: it counts the retrieved rows already held, clears the old places, waits for every
+thread (a barrier orders the block's global writes), then writes the new ones; the heads' programs add their counts
+to hits atomically. The torch reference sends masked-out lanes to
 the scratch entry (no boolean indexing, no host sync). CUDA tensors run the kernel, CPU tensors the reference, unless
 TRITON_INTERPRET=1.
 """
@@ -22,6 +27,7 @@ TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -33,10 +39,16 @@ _BLOCK = 1024  # rows a loop step
 
 
 def _cache_slots_kernel(
-    slots_ptr, held_ptr, count_ptr, rows_ptr, n_retrieved_ptr, hits_ptr, capacity, budget, BLOCK: tl.constexpr
+    slots_ptr, held_ptr, count_ptr, rows_ptr, n_retrieved_ptr, hits_ptr, capacity, budget,
+    stride_slots, stride_held, stride_rows, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program: the retrieved rows already held counted, the held rows' slots cleared, a barrier, the retrieved
-    rows' slots set and held."""
+    """One program a head's cache: the retrieved rows already held counted, the held rows' slots cleared, a barrier,
+    the retrieved rows' slots set and held."""
+    head = tl.program_id(0).to(tl.int64)
+    slots_ptr += head * stride_slots
+    held_ptr += head * stride_held
+    count_ptr += head
+    rows_ptr += head * stride_rows
     n_retrieved = tl.load(n_retrieved_ptr)
     n_hit = tl.zeros([BLOCK], tl.int64)
     for offset in range(0, budget, BLOCK):
@@ -44,8 +56,8 @@ def _cache_slots_kernel(
         valid = (places < budget) & (places < n_retrieved)
         row = tl.load(rows_ptr + places, mask=valid, other=0)
         n_hit += (tl.load(slots_ptr + row, mask=valid, other=-1) >= 0).to(tl.int64)
-    tl.store(hits_ptr, tl.load(hits_ptr) + tl.sum(n_hit, axis=0))
-    tl.store(hits_ptr + 1, tl.load(hits_ptr + 1) + n_retrieved.to(tl.int64))
+    tl.atomic_add(hits_ptr, tl.sum(n_hit, axis=0))
+    tl.atomic_add(hits_ptr + 1, n_retrieved.to(tl.int64))
     tl.debug_barrier()
     old_count = tl.load(count_ptr)
     for offset in range(0, capacity, BLOCK):
@@ -78,19 +90,32 @@ def _check_inputs(
     slots: torch.Tensor, held: torch.Tensor, count: torch.Tensor, rows: torch.Tensor, n_retrieved: torch.Tensor,
     hits: torch.Tensor,
 ) -> None:  # fmt: skip
-    if slots.dim() != 1 or slots.dtype != torch.int32:
-        raise ValueError(f"slots must be (n_rows + 1,) int32, got {slots.dtype} {tuple(slots.shape)}.")
-    if held.dim() != 1 or rows.dim() != 1 or held.dtype != torch.long or rows.dtype != torch.long:
-        raise ValueError(f"held and rows must be 1-D int64, got {held.dtype} {tuple(held.shape)} and {rows.dtype} "
-                         f"{tuple(rows.shape)}.")  # fmt: skip
-    if rows.numel() > held.numel():
-        raise ValueError(f"the cache holds {held.numel()} rows, fewer than the {rows.numel()} retrieved.")
-    if count.numel() != 1 or n_retrieved.numel() != 1 or count.dtype != torch.long:
-        raise ValueError("count must be one int64 and n_retrieved one integer.")
+    if slots.dim() not in (1, 2) or slots.dtype != torch.int32:
+        raise ValueError(f"slots must be (n_rows + 1,) or (heads, n_rows + 1) int32, got {slots.dtype} "
+                         f"{tuple(slots.shape)}.")  # fmt: skip
+    heads = slots.shape[:-1]
+    if held.shape[:-1] != heads or rows.shape[:-1] != heads or held.dim() != slots.dim() or rows.dim() != slots.dim():
+        raise ValueError(f"held and rows must be {'1-D' if not heads else f'({heads[0]}, n)'} like the slots, got "
+                         f"{tuple(held.shape)} and {tuple(rows.shape)}.")  # fmt: skip
+    if held.dtype != torch.long or rows.dtype != torch.long:
+        raise ValueError(f"held and rows must be int64, got {held.dtype} and {rows.dtype}.")
+    if rows.shape[-1] > held.shape[-1]:
+        raise ValueError(f"the cache holds {held.shape[-1]} rows, fewer than the {rows.shape[-1]} retrieved.")
+    if count.numel() != math.prod(heads) or n_retrieved.numel() != 1 or count.dtype != torch.long:
+        raise ValueError("count must be one int64 a head and n_retrieved one integer.")
     if hits.shape != (2,) or hits.dtype != torch.long:
         raise ValueError(f"hits must be (2,) int64, got {hits.dtype} {tuple(hits.shape)}.")
     if any(t.device != slots.device for t in (held, count, rows, n_retrieved, hits)):
         raise ValueError("cache_slots' tensors must be on one device.")
+    if any(t.stride(-1) != 1 for t in (slots, held, rows)) or not count.is_contiguous():
+        raise ValueError("cache_slots wants the slots, held rows, rows and counts contiguous in their last dimension.")
+
+
+def _by_head(slots, held, count, rows) -> tuple[torch.Tensor, ...]:
+    """Views (H, ...) of the tensors of one cache (H = 1) or of one a head."""
+    if slots.dim() == 1:
+        return slots[None], held[None], count.view(1), rows[None]
+    return slots, held, count.view(-1), rows
 
 
 def refresh_slots_triton(
@@ -99,9 +124,11 @@ def refresh_slots_triton(
 ) -> None:  # fmt: skip
     """The kernel's launch; same contract as refresh_slots."""
     _check_inputs(slots, held, count, rows, n_retrieved, hits)
-    _triton_kernels(interpreting())[(1,)](
-        slots, held, count, rows, n_retrieved, hits, held.numel(), rows.numel(), BLOCK=_BLOCK, num_warps=4
-    )
+    slots, held, count, rows = _by_head(slots, held, count, rows)
+    _triton_kernels(interpreting())[(slots.shape[0],)](
+        slots, held, count, rows, n_retrieved, hits, held.shape[1], rows.shape[1],
+        slots.stride(0), held.stride(0), rows.stride(0), BLOCK=_BLOCK, num_warps=4,
+    )  # fmt: skip
 
 
 def refresh_slots_reference(
@@ -110,16 +137,18 @@ def refresh_slots_reference(
 ) -> None:  # fmt: skip
     """Plain torch, in place: masked-out lanes write the scratch entry (the last)."""
     _check_inputs(slots, held, count, rows, n_retrieved, hits)
-    scratch = slots.numel() - 1
-    places = torch.arange(rows.numel(), device=rows.device)
-    retrieved = places < n_retrieved.reshape(1)
-    hits[0] += ((slots[torch.where(retrieved, rows, scratch)] >= 0) & retrieved).sum()
-    hits[1] += n_retrieved.reshape(())
-    was_held = torch.arange(held.numel(), device=held.device) < count.reshape(1)
-    slots.index_put_((torch.where(was_held, held, scratch),), torch.tensor(-1, dtype=torch.int32, device=slots.device))
-    slots.index_put_((torch.where(retrieved, rows, scratch),), torch.where(retrieved, places, -1).to(torch.int32))
-    held[: rows.numel()] = rows
-    count.copy_(n_retrieved.reshape(1))
+    slots, held, count, rows = _by_head(slots, held, count, rows)
+    heads, scratch = slots.shape[0], slots.shape[1] - 1
+    places = torch.arange(rows.shape[1], device=rows.device)
+    retrieved = places < n_retrieved.reshape(1)  # (B,)
+    at = torch.where(retrieved, rows, scratch)  # (H, B)
+    hits[0] += ((slots.gather(1, at) >= 0) & retrieved).sum()
+    hits[1] += n_retrieved.reshape(()) * heads
+    was_held = torch.arange(held.shape[1], device=held.device) < count[:, None]  # (H, C)
+    slots.scatter_(1, torch.where(was_held, held, scratch), -1)
+    slots.scatter_(1, at, torch.where(retrieved, places, -1).to(torch.int32).expand(heads, -1))
+    held[:, : rows.shape[1]] = rows
+    count.copy_(n_retrieved.reshape(1).expand(heads))
 
 
 def refresh_slots(

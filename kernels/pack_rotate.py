@@ -14,11 +14,15 @@ positions, keys and the query rotated.
                                                                (``ltri.evidence``; E may be 0)
     window_keys, window_values  (nheads_kv, W, headdim)        the window's buffers, whole capacity
     cos, sin                    (P, headdim)                   RoPE of positions 0..P-1, P = S + B + E + W
-    cache_slots (optional)      (>= n_rows,) int32             each stored row's place in cache_rows, -1 if none
+    cache_slots (optional)      (>= n_rows,) or                each stored row's place in cache_rows, -1 if none:
+                                (nheads_kv, >= n_rows) int32   shared with shared rows, each KV head's with its own
     cache_rows                  (C, 2, nheads_kv, headdim)     device copies of rows (``offload.row_cache``): a
                                                                retrieved row with a slot is read there, not over PCIe
+                                                               (with slots per head, head h's part of place i is
+                                                               head h's row of slot i)
     cache_out                   (B, 2, nheads_kv, headdim)     where the retrieved rows (pre-RoPE) are written, in
-                                                               order, for the next step's cache (first n_retrieved)
+                                                               order, for the next step's cache (first n_retrieved;
+                                                               head h's part: head h's rows)
     step_key, step_value        (nheads_kv, headdim)           (optional, the four together) the step's own key and
     (optional)                                                 value, pre-RoPE: written to the window's slot
     step_position               (1,) int64                     window_length (and step_position to window_positions
@@ -77,7 +81,7 @@ def _pack_rotate_kernel(
     query_out_ptr, keys_ptr, values_ptr, n_valid_ptr, cache_slots_ptr, cache_rows_ptr, cache_out_ptr,
     step_k_ptr, step_v_ptr, step_position_ptr, window_positions_ptr,
     n_sink, n_evidence, window_capacity, n_packed, group,
-    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_rows_h,
+    stride_q_h, stride_sink_h, stride_sink_t, stride_row, stride_part, stride_row_h, stride_rows_h, stride_slots_h,
     stride_evidence_h, stride_evidence_t, stride_window_h, stride_window_t,
     stride_table, stride_out_h, stride_out_t, stride_step_h,
     HEADDIM: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_BLOCK: tl.constexpr, DROP_BITS: tl.constexpr,
@@ -85,10 +89,10 @@ def _pack_rotate_kernel(
 ):  # fmt: skip
     """BLOCK_P packed places of one KV head: each from its source, the key rotated to its place; the first program
     of the head also rotates its query group and writes its valid count. HAS_CACHE: a retrieved row with a slot in
-    the row cache is read from the cache's copy (same layout as the stored rows), and every retrieved row is written
-    to cache_out at its place in the retrieved list. WRITES_STEP: the step's own key and value come from step_k and
-    step_v, and the head's first program writes them to the window's slot window_length (KV head 0's, the
-    position too)."""
+    the row cache (the head's own slots where stride_slots_h is not 0) is read from the cache's copy (same layout as
+    the stored rows), and every retrieved row is written to cache_out at its place in the retrieved list.
+    WRITES_STEP: the step's own key and value come from step_k and step_v, and the head's first program writes them
+    to the window's slot window_length (KV head 0's, the position too)."""
     head = tl.program_id(1).to(tl.int64)
     place = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     dim = tl.arange(0, HEADDIM)
@@ -135,7 +139,7 @@ def _pack_rotate_kernel(
     evidence_off = head * stride_evidence_h + evidence_at[:, None] * stride_evidence_t
     window_off = head * stride_window_h + window_at[:, None] * stride_window_t
     if HAS_CACHE:
-        slot = tl.load(cache_slots_ptr + row_at, mask=is_retrieved, other=-1)
+        slot = tl.load(cache_slots_ptr + head * stride_slots_h + row_at, mask=is_retrieved, other=-1)
         is_cached = is_retrieved & (slot >= 0)
         is_stored = is_retrieved & (slot < 0)
         cache_off = tl.where(is_cached, slot, 0).to(tl.int64)[:, None] * stride_row + head * stride_row_h
@@ -325,14 +329,16 @@ def _check_step(s: StepSources) -> None:
 
 def _check_cache(s: StepSources) -> None:
     """The row cache's tensors: slots int32, the cached rows and cache_out laid out as the stored rows."""
-    if s.cache_rows is None or s.cache_out is None or s.rows.dim() != 1:
-        raise ValueError("pack_rotate's row cache needs cache_slots, cache_rows and cache_out, and rows shared by the "
-                         "KV heads (B,).")  # fmt: skip
-    if s.cache_slots.dim() != 1 or s.cache_slots.dtype != torch.int32:
-        raise ValueError(f"cache_slots must be (n,) int32, got {s.cache_slots.dtype} {tuple(s.cache_slots.shape)}.")
+    if s.cache_rows is None or s.cache_out is None:
+        raise ValueError("pack_rotate's row cache needs cache_slots, cache_rows and cache_out.")
+    slots_shape = "(n,)" if s.rows.dim() == 1 else f"({s.rows.shape[0]}, n)"  # as the rows: shared or per head
+    slots_fit = s.cache_slots.dim() == s.rows.dim() and s.cache_slots.shape[:-1] == s.rows.shape[:-1]
+    if not slots_fit or s.cache_slots.dtype != torch.int32 or s.cache_slots.stride(-1) != 1:
+        raise ValueError(f"cache_slots must be {slots_shape} int32 like the rows, got {s.cache_slots.dtype} "
+                         f"{tuple(s.cache_slots.shape)}.")  # fmt: skip
     layout = s.rows_source.shape[1:]
-    if s.cache_rows.shape[1:] != layout or s.cache_out.shape != (s.rows.shape[0], *layout):
-        raise ValueError(f"cache_rows must be (C, {', '.join(map(str, layout))}) and cache_out ({s.rows.shape[0]}, "
+    if s.cache_rows.shape[1:] != layout or s.cache_out.shape != (s.rows.shape[-1], *layout):
+        raise ValueError(f"cache_rows must be (C, {', '.join(map(str, layout))}) and cache_out ({s.rows.shape[-1]}, "
                          f"{', '.join(map(str, layout))}), got {tuple(s.cache_rows.shape)} and "
                          f"{tuple(s.cache_out.shape)}.")  # fmt: skip
     if s.cache_rows.dtype != s.rows_source.dtype or s.cache_out.dtype != s.rows_source.dtype:
@@ -360,7 +366,7 @@ def pack_rotate_reference(s: StepSources) -> PackedStep:
     n_sink, budget, n_packed = s.sink_keys.shape[1], rows.shape[1], s.cos.shape[0]
     n_retrieved = s.n_retrieved.reshape(1)
     if s.has_cache:  # rows with a slot read from the cache; all written, as read, to cache_out
-        slots = s.cache_slots[rows].long()
+        slots = s.cache_slots.expand(nheads_kv, -1).gather(1, rows).long()  # (nheads_kv, B): each head's
         cached = s.cache_rows[slots.clamp(min=0), :, heads]
         retrieved = torch.where((slots >= 0)[..., None, None], cached, retrieved)
         valid = (torch.arange(budget, device=rows.device) < n_retrieved)[:, None, None, None]
@@ -430,7 +436,7 @@ def pack_rotate_triton(s: StepSources, launch: PackLaunch | None = None) -> Pack
         s.sink_keys.shape[1], s.evidence_keys.shape[1], window_capacity, n_packed, group,
         s.query.stride(0), sinks[0].stride(0), sinks[0].stride(1),
         s.rows_source.stride(0), s.rows_source.stride(1), s.rows_source.stride(2),
-        s.rows.stride(0) if s.rows.dim() == 2 else 0,
+        s.rows.stride(0) if s.rows.dim() == 2 else 0, cache[0].stride(0) if s.rows.dim() == 2 else 0,
         evidence[0].stride(0), evidence[0].stride(1),
         s.window_keys.stride(0), s.window_keys.stride(1), s.cos.stride(0), keys.stride(0), keys.stride(1),
         s.step_key.stride(0) if s.writes_step else 0,

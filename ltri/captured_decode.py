@@ -16,7 +16,8 @@ shapes do not change from one step to the next:
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
                 over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
     attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
-                retrieved, ``offload.row_cache``, with MemoryConfig.row_cache and no selector), the evidence a
+                retrieved, ``offload.row_cache``, with MemoryConfig.row_cache: each KV head's selected rows with a
+                selector), the evidence a
                 question's reread left resident for its answer (``ltri.evidence``, fixed while the answer
                 decodes) and window packed at compact
                 positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
@@ -93,13 +94,13 @@ class CapturedLayer:
         self.held_rows = evidence.held_rows(self.n_sink, memory.tables.owner.numel()) if evidence.length else None
         self.selector = _selector(memory)
         self.projections = None if self.selector is None else memory.stored_projections()  # loki's, caught up
-        # the last step's retrieved rows kept on the device (not with a selector: each KV head reads its own rows)
+        n_attended = self.budget if self.selector is None else self.selector.n_tokens
+        # the last step's retrieved rows kept on the device (with a selector, each KV head's own selected rows)
         payloads = memory.host_payloads
         self.row_cache = None
-        if self.selector is None and memory.memory_config.row_cache:
-            n_rows = memory.tables.owner.numel()
-            self.row_cache = RowCache(self.budget, n_rows, payloads.row_shape, payloads.dtype, counts.device)
-        n_attended = self.budget if self.selector is None else self.selector.n_tokens
+        if memory.memory_config.row_cache:
+            n_rows, heads = memory.tables.owner.numel(), None if self.selector is None else payloads.row_shape[1]
+            self.row_cache = RowCache(n_attended, n_rows, payloads.row_shape, payloads.dtype, counts.device, heads)
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
 

@@ -9,6 +9,9 @@ from support import byte_tokenizer, tiny_llama
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session, SpanConfig
 
 TEXT = torch.randint(0, 256, (900,), generator=torch.Generator().manual_seed(3)).tolist()
+# token selection: each KV head keeps 20 of the budget's 48 retrieved tokens
+SPARQ = {"selector": "sparq", "select_tokens": 20, "select_rank": 4}
+LOKI = {"selector": "loki", "select_tokens": 20, "select_rank": 4}
 
 
 def session_for(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -250,8 +251,10 @@ def launchers(dtype: torch.dtype):
         cached = pack.with_row_cache(pack.make_inputs(*case, dtype))
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, cached)
         yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_step_token(cached))  # the decode step's
-        selected = pack.make_inputs(*case, dtype, per_head=True)  # a selector's step: rows per head, no cache
-        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_step_token(selected))
+        selected = pack.make_inputs(*case, dtype, per_head=True)  # a selector's step: rows per head
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, pack.with_step_token(selected))  # no cache
+        selected_cached = pack.with_step_token(pack.with_row_cache(selected))  # a cache per head
+        yield m_pack, functools.partial(m_pack.pack_rotate_triton, selected_cached)
     for case in norm.CASES:
         x, residual, weight = norm.make_inputs(*case, dtype)
         for with_residual in (None, residual):
@@ -283,11 +286,11 @@ def launchers(dtype: torch.dtype):
             for rows in (first_rows, None):
                 yield m_budget, functools.partial(m_budget.budget_rows_triton, votes, candidates, lengths, rows,
                                                   budget_size, max_len)  # fmt: skip
-        for n_rows, budget_size in cache_slots.CASES:  # int32 slots, int64 rows
-            rows, n_retrieved = next(cache_slots.steps(n_rows, budget_size))
-            slots = torch.full((n_rows + 1,), -1, dtype=torch.int32)
+        for (n_rows, budget_size), heads in itertools.product(cache_slots.CASES, (None, 3)):  # int32 slots, int64 rows
+            rows, n_retrieved = next(cache_slots.steps_by_head(n_rows, budget_size, heads))
+            slots = torch.full((*rows.shape[:-1], n_rows + 1), -1, dtype=torch.int32)
             yield m_cache_slots, functools.partial(m_cache_slots.refresh_slots_triton, slots, torch.zeros_like(rows),
-                                                   torch.zeros(1, dtype=torch.long), rows, n_retrieved,
+                                                   torch.zeros(heads or 1, dtype=torch.long), rows, n_retrieved,
                                                    torch.zeros(2, dtype=torch.long))  # fmt: skip
         for case in span_max.CASES:
             a, b, first_rows, lengths = span_max.make_spans(*case)

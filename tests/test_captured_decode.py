@@ -9,7 +9,7 @@ runs as one graph.
 
 import pytest
 import torch
-from captured_sessions import TEXT, decode, session_for
+from captured_sessions import LOKI, SPARQ, TEXT, decode, session_for
 from ltri.kernels.budget_rows import span_token_rows
 from support import byte_tokenizer, tiny_llama
 
@@ -22,9 +22,6 @@ from ltri.offload.host_payloads import HostPayloads
 from ltri.retrieval import choose_spans, chosen_spans_padded
 
 QUEST_LIKE = {"segmentation": "fixed", "index_vectors": "bounds"}
-# token selection: each KV head keeps 20 of the budget's 48 retrieved tokens
-SPARQ = {"selector": "sparq", "select_tokens": 20, "select_rank": 4}
-LOKI = {"selector": "loki", "select_tokens": 20, "select_rank": 4}
 
 
 @pytest.mark.parametrize(
@@ -52,24 +49,32 @@ def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off():
-    """Each layer's row cache (``ltri.offload.row_cache``) holds the rows its last step retrieved, the rows' own
-    keys and values, a slot each; without it the steps read every row from the host rows, to the same logits."""
-    cached = session_for("always")
-    expected, expected_spans = decode(session_for("never"), 12)
+@pytest.mark.parametrize("retrieval", [{}, SPARQ, LOKI], ids=["shared", "sparq", "loki"])
+def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off(retrieval):
+    """Each layer's row cache (``ltri.offload.row_cache``) holds the rows its last step retrieved (with a selector, each
+    KV head's selected rows in its part of the rows, a slot each per head), the rows' own keys and values; without it
+    the steps read every row from the host rows, to the same logits."""
+    cached = session_for("always", **retrieval)
+    expected, expected_spans = decode(session_for("never", **retrieval), 12)
     got, got_spans = decode(cached, 12)
-    uncached = session_for("always", row_cache=False)
+    uncached = session_for("always", row_cache=False, **retrieval)
     plain, plain_spans = decode(uncached, 12)
     assert got_spans == expected_spans == plain_spans
     assert (got - expected).abs().max().item() < 1e-4 and (plain - expected).abs().max().item() < 1e-4
     assert all(layer.row_cache is None for layer in uncached._captured.layers)
     for layer in cached._captured.layers:
-        cache, memory = layer.row_cache, layer.memory
-        count = int(cache.count)
-        held = cache.held[:count]
-        assert count > 0 and torch.equal(cache.rows[:count], memory.host_payloads.tokens[held])
-        assert torch.equal(cache.slots[held], torch.arange(count, dtype=torch.int32))
-        assert int((cache.slots >= 0).sum()) == count
+        cache, tokens = layer.row_cache, layer.memory.host_payloads.tokens  # tokens (n, 2, nheads_kv, headdim)
+        nheads_kv = tokens.shape[2]
+        slots, held = cache.slots.view(-1, cache.slots.shape[-1]), cache.held.view(-1, cache.held.shape[-1])
+        assert slots.shape[0] == (nheads_kv if retrieval else 1)
+        for head in range(nheads_kv):
+            count, by_head = int(cache.count[0]), head if retrieval else 0
+            rows = held[by_head, :count]
+            assert count > 0 and torch.equal(cache.rows[:count, :, head], tokens[rows, :, head])
+            assert torch.equal(slots[by_head, rows], torch.arange(count, dtype=torch.int32))
+            assert int((slots[by_head] >= 0).sum()) == count
+        if retrieval:
+            assert count == layer.selector.n_tokens and not torch.equal(held[0], held[1])  # the heads' own rows
     hits, retrieved = torch.stack([layer.row_cache.hits for layer in cached._captured.layers]).sum(0).tolist()
     assert 0 < hits <= retrieved  # consecutive steps retrieve rows the cache holds
 

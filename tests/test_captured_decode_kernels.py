@@ -16,7 +16,7 @@ if importlib.util.find_spec("triton") is None:
 if torch.cuda.is_available():
     pytest.skip("with CUDA the kernels run compiled in test_captured_decode's GPU test", allow_module_level=True)
 
-from captured_sessions import TEXT, decode_after, session_for  # noqa: E402
+from captured_sessions import LOKI, TEXT, decode_after, session_for  # noqa: E402
 from kernel_support import interpret_without_cuda  # noqa: E402, F401
 from ltri.kernels import use_triton  # noqa: E402
 
@@ -32,12 +32,15 @@ def decode_through_kernels(session, n_steps: int, monkeypatch) -> tuple[torch.Te
     return decode_after(session, logits, n_steps)
 
 
-def test_captured_steps_through_the_kernels_equal_eager_steps(monkeypatch):
-    eager = session_for("never")
-    captured = session_for("always")
-    expected, expected_spans = decode_through_kernels(eager, 12, monkeypatch)
-    got, got_spans = decode_through_kernels(captured, 12, monkeypatch)
+# with Loki: its scores, top-k and the row cache's slots per KV head on the kernels' path too
+@pytest.mark.parametrize("retrieval, n_steps", [({}, 12), (LOKI, 6)], ids=["no_selector", "loki"])
+def test_captured_steps_through_the_kernels_equal_eager_steps(monkeypatch, retrieval, n_steps):
+    eager = session_for("never", **retrieval)
+    captured = session_for("always", **retrieval)
+    expected, expected_spans = decode_through_kernels(eager, n_steps, monkeypatch)
+    got, got_spans = decode_through_kernels(captured, n_steps, monkeypatch)
     steps = captured._captured.steps
-    assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == 12
+    assert steps["declined"] == 0 and steps["bound"] + steps["eager"] == n_steps
+    assert all(layer.row_cache is not None for layer in captured._captured.layers)
     assert got_spans == expected_spans
     assert (got - expected).abs().max().item() < 1e-4

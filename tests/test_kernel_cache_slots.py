@@ -37,26 +37,44 @@ def steps(n_rows, budget, n_steps=6, seed=0):
         yield rows.to(DEVICE), torch.tensor(chosen.numel(), device=DEVICE)
 
 
+def steps_by_head(n_rows, budget, heads):
+    """Each step's rows (budget,) for one cache (heads None) or (heads, budget), each head's own run (seeded apart),
+    and the count they share: a token selection keeps as many rows in every head."""
+    if heads is None:
+        yield from steps(n_rows, budget)
+        return
+    runs = [list(steps(n_rows, budget, seed=head)) for head in range(heads)]
+    for per_head in zip(*runs, strict=True):
+        n_retrieved = min(int(n) for _, n in per_head)
+        rows = torch.stack([torch.where(torch.arange(budget, device=DEVICE) < n_retrieved, r, 0) for r, _ in per_head])
+        yield rows, torch.tensor(n_retrieved, device=DEVICE)
+
+
+@pytest.mark.parametrize("heads", [None, 3], ids=["shared", "per_head"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}")
 @pytest.mark.parametrize("refresh", [refresh_slots_triton, refresh_slots_reference], ids=["kernel", "reference"])
-def test_slots_name_the_last_steps_rows_at_their_places(case, refresh):
+def test_slots_name_the_last_steps_rows_at_their_places(case, refresh, heads):
     n_rows, budget = case
-    slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=DEVICE)
-    held = torch.zeros(budget, dtype=torch.long, device=DEVICE)
-    count = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    prefix = () if heads is None else (heads,)
+    slots = torch.full((*prefix, n_rows + 1), -1, dtype=torch.int32, device=DEVICE)
+    held = torch.zeros(*prefix, budget, dtype=torch.long, device=DEVICE)
+    count = torch.zeros(heads or 1, dtype=torch.long, device=DEVICE)
     hits = torch.zeros(2, dtype=torch.long, device=DEVICE)
-    held_before, expected_hits = set(), [0, 0]
-    for rows, n_retrieved in steps(n_rows, budget):
+    held_before, expected_hits = [set() for _ in range(heads or 1)], [0, 0]
+    for rows, n_retrieved in steps_by_head(n_rows, budget, heads):
         refresh(slots, held, count, rows, n_retrieved, hits)
-        retrieved = rows[: int(n_retrieved)].tolist()
-        expected = [-1] * n_rows
-        for place, row in enumerate(retrieved):
-            expected[row] = place
-        assert slots[:n_rows].tolist() == expected
-        assert held.tolist() == rows.tolist() and count.tolist() == [int(n_retrieved)]
-        expected_hits = [expected_hits[0] + len(held_before & set(retrieved)), expected_hits[1] + len(retrieved)]
+        by_head = zip(slots.view(-1, n_rows + 1), rows.view(-1, budget), strict=True)
+        for head, (head_slots, head_rows) in enumerate(by_head):
+            retrieved = head_rows[: int(n_retrieved)].tolist()
+            expected = [-1] * n_rows
+            for place, row in enumerate(retrieved):
+                expected[row] = place
+            assert head_slots[:n_rows].tolist() == expected
+            expected_hits = [expected_hits[0] + len(held_before[head] & set(retrieved)),
+                             expected_hits[1] + len(retrieved)]  # fmt: skip
+            held_before[head] = set(retrieved)
+        assert held.tolist() == rows.tolist() and count.tolist() == [int(n_retrieved)] * (heads or 1)
         assert hits.tolist() == expected_hits
-        held_before = set(retrieved)
     assert budget == 1 or 0 < expected_hits[0] < expected_hits[1]  # the steps overlap, not wholly
 
 
@@ -75,3 +93,8 @@ def test_dispatch_and_bad_input():
         refresh_slots(slots, held, count, torch.arange(5, device=DEVICE), torch.tensor(3, device=DEVICE), hits)
     with pytest.raises(ValueError, match="hits must be"):
         refresh_slots(slots, held, count, rows, torch.tensor(3, device=DEVICE), hits.int())
+    per_head = slots.expand(2, -1).contiguous(), held.expand(2, -1).contiguous(), count.expand(2).contiguous()
+    with pytest.raises(ValueError, match="held and rows must be \\(2, n\\) like the slots"):
+        refresh_slots(*per_head, rows, torch.tensor(3, device=DEVICE), hits)
+    with pytest.raises(ValueError, match="one int64 a head"):
+        refresh_slots(*per_head[:2], count, rows.expand(2, -1).contiguous(), torch.tensor(3, device=DEVICE), hits)

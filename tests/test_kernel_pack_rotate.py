@@ -151,56 +151,73 @@ def test_every_launch_shape_packs_the_same(launch):
 
 def with_row_cache(inputs, seed=1, poisoned=False):
     """inputs with a row cache (``ltri.offload.row_cache``) that holds about half of the stored rows at random places:
-    copies of them, or (poisoned) other values, so that a test can tell where a place was read from."""
+    copies of them, or (poisoned) other values, so that a test can tell where a place was read from. With rows per
+    head, each KV head's cache holds its own rows (slots (nheads_kv, n)): head h's part of place i is head h's row."""
     generator = torch.Generator().manual_seed(seed)
-    capacity = N_ROWS // 2
-    cached = torch.randperm(N_ROWS, generator=generator)[:capacity].to(DEVICE)  # row held at place i: cached[i]
-    slots = torch.full((N_ROWS + 1,), -1, dtype=torch.int32, device=DEVICE)
-    slots[cached] = torch.arange(capacity, dtype=torch.int32, device=DEVICE)
-    cache_rows = inputs.rows_source[cached].clone()
+    capacity, nheads_kv = N_ROWS // 2, inputs.rows_source.shape[2]
+    heads = nheads_kv if inputs.rows.dim() == 2 else 1
+    cached = torch.stack([torch.randperm(N_ROWS, generator=generator)[:capacity] for _ in range(heads)]).to(DEVICE)
+    slots = torch.full((heads, N_ROWS + 1), -1, dtype=torch.int32, device=DEVICE)
+    slots.scatter_(1, cached, torch.arange(capacity, dtype=torch.int32, device=DEVICE).expand(heads, -1).contiguous())
+    head_index = torch.arange(nheads_kv, device=DEVICE)
+    cache_rows = torch.empty_like(inputs.rows_source[:capacity])  # laid out as the stored rows
+    cache_rows.copy_(inputs.rows_source[cached.expand(nheads_kv, -1), :, head_index[:, None]].permute(1, 2, 0, 3))
     if poisoned:
         cache_rows = torch.randn(cache_rows.shape, generator=generator).to(cache_rows.dtype).to(DEVICE)
-    cache_out = torch.zeros(inputs.rows.shape[0], *inputs.rows_source.shape[1:], dtype=cache_rows.dtype, device=DEVICE)
+    budget = inputs.rows.shape[-1]
+    cache_out = torch.zeros(budget, *inputs.rows_source.shape[1:], dtype=cache_rows.dtype, device=DEVICE)
+    slots = slots[0] if inputs.rows.dim() == 1 else slots
     return dataclasses.replace(inputs, cache_slots=slots, cache_rows=cache_rows, cache_out=cache_out)
 
 
+def stored_rows(inputs, rows):
+    """The stored rows (n, 2, nheads_kv, headdim) of rows (n,) or, per head, (nheads_kv, n): head h's part of row i
+    is head h's i-th row's."""
+    nheads_kv = inputs.rows_source.shape[2]
+    heads = torch.arange(nheads_kv, device=DEVICE)[:, None]
+    return inputs.rows_source[rows.expand(nheads_kv, -1), :, heads].permute(1, 2, 0, 3)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_rows", "rows_per_head"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_a_row_cache_of_copies_packs_the_same_and_passes_the_rows_on(case, dtype):
-    inputs = make_inputs(*case, dtype)
+def test_a_row_cache_of_copies_packs_the_same_and_passes_the_rows_on(case, dtype, per_head):
+    inputs = make_inputs(*case, dtype, per_head=per_head)
     n_retrieved = int(inputs.n_retrieved)
     for pack in (pack_rotate_triton, pack_rotate_reference):  # each against itself: on a GPU the query's rotation
         expected = pack(inputs)  # by the kernel (fused multiply-adds) and by torch differ in the last bit
         cached = with_row_cache(inputs)
         got = pack(cached)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-        stored = inputs.rows_source[inputs.rows[:n_retrieved]]
+        stored = stored_rows(inputs, inputs.rows[..., :n_retrieved])
         assert torch.equal(cached.cache_out[:n_retrieved], stored)  # the rows as read, in the retrieved order
 
 
-def test_cached_rows_are_read_from_the_cache():
-    inputs = make_inputs(*CASES[3], torch.float32)
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_rows", "rows_per_head"])
+def test_cached_rows_are_read_from_the_cache(per_head):
+    inputs = make_inputs(*CASES[3], torch.float32, per_head=per_head)
     got = pack_rotate_triton(with_row_cache(inputs, poisoned=True))
     poisoned = with_row_cache(inputs, poisoned=True)
     expected = pack_rotate_reference(poisoned)
     assert torch.equal(got.values, expected.values) and torch.equal(got.n_valid, expected.n_valid)
     for part in ("keys", "query"):  # rotated: in float32 the kernel's and torch's last bits may differ on a GPU
         assert torch.allclose(getattr(got, part), getattr(expected, part), atol=1e-5, rtol=1e-6), part
-    n_sink, n_retrieved = inputs.sink_keys.shape[1], int(inputs.n_retrieved)
-    rows = inputs.rows[:n_retrieved]
-    slots = poisoned.cache_slots[rows].long()
-    source = torch.where((slots >= 0)[:, None, None, None], poisoned.cache_rows[slots.clamp(min=0)],
-                         inputs.rows_source[rows])  # fmt: skip
+    n_sink, n_retrieved, nheads_kv = inputs.sink_keys.shape[1], int(inputs.n_retrieved), inputs.rows_source.shape[2]
+    rows = inputs.rows[..., :n_retrieved].expand(nheads_kv, -1)  # (nheads_kv, n)
+    slots = poisoned.cache_slots.expand(nheads_kv, -1).gather(1, rows).long()
+    heads = torch.arange(nheads_kv, device=DEVICE)[:, None]
+    cached_values = poisoned.cache_rows[slots.clamp(min=0), 1, heads]  # (nheads_kv, n, headdim)
+    source = torch.where((slots >= 0)[..., None], cached_values, inputs.rows_source[rows, 1, heads])
     assert bool((slots >= 0).any()) and bool((slots < 0).any())  # both kinds of place in the case
-    assert torch.equal(got.values[:, n_sink : n_sink + n_retrieved], source[:, 1].transpose(0, 1))
+    assert torch.equal(got.values[:, n_sink : n_sink + n_retrieved], source)
 
 
-def test_a_row_cache_needs_its_three_tensors_and_shared_rows():
+def test_a_row_cache_needs_its_three_tensors_and_slots_like_the_rows():
     inputs = make_inputs(*CASES[0], torch.float32)
     cached = with_row_cache(inputs)
     for broken, message in [
         (dataclasses.replace(cached, cache_out=None), "needs cache_slots, cache_rows and cache_out"),
-        (dataclasses.replace(cached, rows=inputs.rows.expand(3, -1)), "rows shared by the KV heads"),
+        (dataclasses.replace(cached, rows=inputs.rows.expand(3, -1)), "cache_slots must be \\(3, n\\) int32 like"),
         (dataclasses.replace(cached, cache_slots=cached.cache_slots.long()), "cache_slots must be \\(n,\\) int32"),
         (dataclasses.replace(cached, cache_out=cached.cache_out[:-1]), "cache_out \\(37, 2, 3, 64\\)"),
         (dataclasses.replace(cached, cache_rows=cached.cache_rows.half()), "the stored rows' dtype"),

@@ -26,7 +26,8 @@ resident KV of every layer) divided by the copy bandwidth measured in the same r
 count, the store's payload and on-disk size, the file system it lives on, the index size, the span cache's
 hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
 declined) and what made it bind anew, with the row cache (on unless --ltri-no-row-cache) the retrieved rows found
-in it and all retrieved rows (``decode_row_cache_hits``, since the last bind), and per step: its time, the
+in it and all retrieved rows (``decode_row_cache_hits``, since the last bind; with a token selector each KV head's
+selected rows, a row counted once a head), and per step: its time, the
 process's CPU time (every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``;
 ``oom`` (torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space
 than the spans need: not attempted);

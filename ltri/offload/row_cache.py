@@ -16,10 +16,20 @@ same spans (votes persist, shared votes carry over), so a layer keeps the last s
 writes every retrieved row to ``incoming``; then ``refresh`` gives the step's rows their slots
 (``kernels.cache_slots``) and copies ``incoming`` over ``rows``. Stored rows never change, so a slot stays right for
 as long as its row is held; the cache lives as long as the captured step it belongs to (a rebind makes a new one).
-A layer keeps one with ``MemoryConfig.row_cache`` (on by default) and no token selector. On an H100 at 128K
-(8B-shaped model, random weights) 48% of the retrieved rows were found here and ``pack_rotate`` went from 44 to 25 us
-a layer (``benchmarks/speed/NOTES.md`` step 43). Keeping the last four steps' rows instead found 48.1% against 47.8%
-and a step no faster (step 45), so the cache holds one step.
+A layer keeps one with ``MemoryConfig.row_cache`` (on by default). On an H100 at 128K (8B-shaped model, random
+weights, no token selector) 48% of the retrieved rows were found here and ``pack_rotate`` went from 44 to 25 us a layer
+(``benchmarks/speed/NOTES.md`` step 43). Keeping the last four steps' rows instead found 48.1% against 47.8% and a
+step no faster (step 45), so the cache holds one step.
+
+With a token selector each KV head attends to its own select_tokens rows, so each head has its own slots, held rows
+and count (``heads``), and place i of ``rows`` holds, in head h's part, head h's i-th row of the last step:
+
+    slots     (heads, n_rows + 1) int32    4 bytes a stored token and KV head (a 128K layer of 8 heads: 4 MB)
+    held      (heads, budget) int64, count (heads,)
+    hits                                   counting a row once a head
+
+(a selection of 1024 tokens from 4096 read 4.2 MB of rows a layer over PCIe at 128K, an 8B-shaped layer; whether
+consecutive steps' selections overlap as much as their retrievals is not measured: NOTES.md step 51).
 """
 
 from __future__ import annotations
@@ -31,18 +41,22 @@ from ltri.kernels.cache_slots import refresh_slots
 
 class RowCache:
     def __init__(
-        self, budget: int, n_rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> None:
-        """budget: rows a step retrieves at most; n_rows: the stored rows a step may name (row ids below it)."""
+        self, budget: int, n_rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+        heads: int | None = None,
+    ) -> None:  # fmt: skip
+        """budget: rows a step retrieves at most; n_rows: the stored rows a step may name (row ids below it); heads:
+        None where the KV heads share the step's rows, else their count, each with rows of its own (a token
+        selection's: slots, held and count per head)."""
+        by_head = () if heads is None else (heads,)
         self.rows = torch.zeros(budget, *row_shape, dtype=dtype, device=device)
         self.incoming = torch.zeros_like(self.rows)
-        self.slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=device)
-        self.held = torch.zeros(budget, dtype=torch.long, device=device)
-        self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.full((*by_head, n_rows + 1), -1, dtype=torch.int32, device=device)
+        self.held = torch.zeros(*by_head, budget, dtype=torch.long, device=device)
+        self.count = torch.zeros(heads or 1, dtype=torch.long, device=device)
         self.hits = torch.zeros(2, dtype=torch.long, device=device)
 
     def refresh(self, rows: torch.Tensor, n_retrieved: torch.Tensor) -> None:
-        """After a step whose retrieved rows (budget,) (the first n_retrieved valid) were written to incoming: they
-        become the rows held."""
+        """After a step whose retrieved rows (budget,) or, per head, (heads, budget) (the first n_retrieved valid)
+        were written to incoming: they become the rows held."""
         refresh_slots(self.slots, self.held, self.count, rows, n_retrieved, self.hits)
         self.rows.copy_(self.incoming)
