@@ -4,6 +4,9 @@
     basis        (nheads_kv, headdim, headdim)    float32, column c = c-th principal direction
     keys_lowrank (nheads_kv, n_keys, >= rank)     keys @ basis[..., :rank], stored with the spans
     rows         (n_cand,) int32/int64, optional  candidates keys_lowrank[:, rows] read in place; n_keys = n_cand below
+    cache        CachedRows, optional             (with rows in the token-row layout) device copies of some rows'
+                                                  projections: a candidate with a slot is read there, and every
+                                                  candidate's row, as read, written to cache.out at its place
     q            (nheads, headdim)                decode queries (one position), pre-RoPE like the keys
     scores       (nheads_kv, n_keys) float32      -inf at keys >= n_valid[h]
 
@@ -25,11 +28,14 @@ program, reading each candidate's whole row (nheads_kv x width values, 256 bytes
 load: from pinned host memory over PCIe the first kernel's reads of one head's 32 bytes a row moved 7.7 GB/s on the
 H100 (``benchmarks/speed/results/host_selection_h100_c796a0e.json``, ``loki_projected``), whole rows 25.1 GB/s on
 another H100 host, 5x faster than gathering the candidates' keys there (``host_selection_h100_04b2a3b.json``).
+With a cache (``offload.row_cache``, the rows the last step's candidates had) the whole-row kernel reads a candidate's
+row from HBM where the cache holds it, and passes every candidate's row on to the cache's incoming buffer.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -37,8 +43,8 @@ from . import check_rows, interpreting, use_triton
 from .topk_select import topk_tokens
 
 __all__ = [
-    "pca_basis", "key_covariance", "basis_of_covariance", "project_keys", "lowrank_scores", "lowrank_scores_reference",
-    "topk_tokens",
+    "CachedRows", "pca_basis", "key_covariance", "basis_of_covariance", "project_keys", "lowrank_scores",
+    "lowrank_scores_reference", "topk_tokens",
 ]  # fmt: skip
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
@@ -90,14 +96,16 @@ def _lowrank_kernel(
 
 
 def _lowrank_rows_kernel(
-    q_ptr, basis_ptr, klow_ptr, rows_ptr, n_valid_ptr, scores_ptr,
+    q_ptr, basis_ptr, klow_ptr, rows_ptr, n_valid_ptr, scores_ptr, cache_slots_ptr, cache_rows_ptr, cache_out_ptr,
     stride_qh, stride_bh, stride_bd, stride_bc, stride_kn, stride_sh,
     n_keys, rank, nheads_kv,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_CACHE: tl.constexpr,
 ):  # fmt: skip
     """scores[:, keys] of every KV head for a block of candidates: column c of a token row is head c // WIDTH's
-    component c % WIDTH; the row klow[rows[key]] (nheads_kv * WIDTH values, contiguous) is read with one load."""
+    component c % WIDTH; the row klow[rows[key]] (nheads_kv * WIDTH values, contiguous) is read with one load.
+    HAS_CACHE: from cache_rows[slot] instead where cache_slots[rows[key]] = slot >= 0 (the same row layout), and every
+    candidate's row written to cache_out[key]."""
     block = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H * WIDTH)
     head = cols // WIDTH
@@ -118,8 +126,18 @@ def _lowrank_rows_kernel(
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = keys < n_keys
     rows = tl.load(rows_ptr + keys, mask=key_in, other=0).to(tl.int64)
-    k_off = rows[:, None] * stride_kn + cols[None, :]
-    k_low = tl.load(klow_ptr + k_off, mask=key_in[:, None] & (head < nheads_kv)[None, :], other=0.0)
+    in_row = (head < nheads_kv)[None, :]
+    stored = key_in
+    if HAS_CACHE:
+        slot = tl.load(cache_slots_ptr + rows, mask=key_in, other=-1).to(tl.int64)
+        cached = key_in & (slot >= 0)
+        stored = key_in & (slot < 0)
+    k_low = tl.load(klow_ptr + rows[:, None] * stride_kn + cols[None, :], mask=stored[:, None] & in_row, other=0.0)
+    if HAS_CACHE:
+        cache_off = tl.where(cached, slot, 0)[:, None] * stride_kn + cols[None, :]
+        k_low += tl.load(cache_rows_ptr + cache_off, mask=cached[:, None] & in_row, other=0.0)
+        tl.store(cache_out_ptr + keys.to(tl.int64)[:, None] * stride_kn + cols[None, :], k_low,
+                 mask=key_in[:, None] & in_row)  # fmt: skip
     products = k_low.to(tl.float32) * q_low[None, :]  # (BLOCK_N, BLOCK_H * WIDTH)
     scores = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_H, WIDTH)), 2)  # (BLOCK_N, BLOCK_H)
 
@@ -196,7 +214,29 @@ def project_keys(keys: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Te
 # --------------------------------------------------------------------------------------------- scores
 
 
-def _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows=None) -> None:
+class CachedRows(NamedTuple):
+    """Device copies of some token rows (``offload.row_cache``), as the scoring kernel reads and refills them."""
+
+    slots: torch.Tensor  # (>= n_rows,) int32: each stored row's place in rows, -1 for none
+    rows: torch.Tensor  # (C, nheads_kv, width): the copies, laid out as the stored rows
+    out: torch.Tensor  # (n_cand, nheads_kv, width): where each candidate's row, as read, is written at its place
+
+
+def _check_cache(keys_lowrank: torch.Tensor, rows: torch.Tensor | None, cache: CachedRows) -> None:
+    if rows is None or not reads_whole_rows(keys_lowrank):
+        raise ValueError("lowrank_scores reads a cache only for candidates (rows) of token rows read whole.")
+    nheads_kv, _, width = keys_lowrank.shape
+    shapes_fit = cache.rows.shape[1:] == (nheads_kv, width) and cache.out.shape == (rows.shape[0], nheads_kv, width)
+    if not shapes_fit or cache.slots.dim() != 1 or cache.slots.dtype != torch.int32:
+        raise ValueError(f"the cache wants slots (n,) int32, rows (C, {nheads_kv}, {width}) and out ({rows.shape[0]}, "
+                         f"{nheads_kv}, {width}), got {tuple(cache.slots.shape)} {cache.slots.dtype}, "
+                         f"{tuple(cache.rows.shape)} and {tuple(cache.out.shape)}.")  # fmt: skip
+    same = all(t.dtype == keys_lowrank.dtype and t.device == keys_lowrank.device for t in (cache.rows, cache.out))
+    if not same or not (cache.rows.is_contiguous() and cache.out.is_contiguous()):
+        raise ValueError("the cache's rows and out must be contiguous, in the projections' dtype and device.")
+
+
+def _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows=None, cache=None) -> None:
     """Shape/dtype/device checks shared by the kernel and the reference paths."""
     if q.dim() != 2 or keys_lowrank.dim() != 3:
         raise ValueError(f"lowrank_scores wants q (nheads, headdim) and keys_lowrank (nheads_kv, n_keys, rank), "
@@ -214,15 +254,17 @@ def _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows=None) -> None:
                          f"got {n_valid.dtype} {tuple(n_valid.shape)}.")  # fmt: skip
     if rows is not None:
         check_rows(rows, keys_lowrank.device)
+    if cache is not None:
+        _check_cache(keys_lowrank, rows, cache)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None) -> torch.Tensor:
+def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None, cache=None) -> torch.Tensor:
     """Launch the scoring kernel; same contract as lowrank_scores."""
-    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows)
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows, cache)
     nheads, headdim = q.shape
     nheads_kv, n_keys, _ = keys_lowrank.shape
     if rows is not None:
@@ -241,11 +283,13 @@ def lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid=None, rows=None)
     group = nheads // nheads_kv
     per_head, whole_rows = _triton_kernels(interpreting())
     if rows is not None and reads_whole_rows(keys_lowrank):
+        cached = cache if cache is not None else (rows, keys_lowrank, keys_lowrank)  # unread without a cache
         whole_rows[(-(-n_keys // _ROWS_BLOCK_N),)](
-            q, basis, keys_lowrank, rows, n_valid if n_valid is not None else scores, scores,
+            q, basis, keys_lowrank, rows, n_valid if n_valid is not None else scores, scores, *cached,
             q.stride(0), *basis.stride(), keys_lowrank.stride(1), scores.stride(0), n_keys, rank, nheads_kv,
             GROUP=group, HEADDIM=headdim, BLOCK_H=_next_pow2(nheads_kv), WIDTH=keys_lowrank.shape[2],
-            BLOCK_D=min(32, headdim), BLOCK_N=_ROWS_BLOCK_N, HAS_N_VALID=n_valid is not None, num_warps=4,
+            BLOCK_D=min(32, headdim), BLOCK_N=_ROWS_BLOCK_N, HAS_N_VALID=n_valid is not None,
+            HAS_CACHE=cache is not None, num_warps=4,
         )  # fmt: skip
         return scores
     per_head[(nheads_kv, -(-n_keys // _BLOCK_N))](
@@ -267,11 +311,16 @@ def reads_whole_rows(keys_lowrank: torch.Tensor) -> bool:
     return dense and keys_lowrank.stride(1) == nheads_kv * width and width & (width - 1) == 0
 
 
-def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=None) -> torch.Tensor:
+def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=None, cache=None) -> torch.Tensor:
     """Plain torch: the contract the kernel must meet; float32 (float64 math and result for float64 inputs)."""
-    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows)
+    _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows, cache)
     if rows is not None:
         keys_lowrank = keys_lowrank[:, rows]  # the candidates, gathered (index_select would copy a strided view whole)
+    if cache is not None:  # candidates with a slot read from the cache; every one written, as read, to its place
+        slots = cache.slots[rows].long()
+        from_cache = cache.rows[slots.clamp(min=0)].transpose(0, 1)  # (nheads_kv, n_cand, width)
+        keys_lowrank = torch.where((slots >= 0)[None, :, None], from_cache, keys_lowrank)
+        cache.out.copy_(keys_lowrank.transpose(0, 1))
     nheads_kv = keys_lowrank.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
     q_sum = q.to(compute).reshape(nheads_kv, -1, q.shape[1]).sum(dim=1)  # (nheads_kv, headdim)
@@ -290,14 +339,17 @@ def lowrank_scores(
     rank: int,
     n_valid: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    cache: CachedRows | None = None,
 ) -> torch.Tensor:
     """Loki scores (nheads_kv, n_keys) float32: the GQA group's summed low-rank q.k, -inf beyond n_valid.
 
     q (nheads, headdim); keys_lowrank (nheads_kv, n_keys, >= rank) from project_keys; basis from pca_basis.
     With rows (n_cand,) the candidates are keys_lowrank[:, rows], read in place: the result is (nheads_kv,
-    n_cand), n_valid counts candidates, and rows are not bounds-checked. The Triton kernel on CUDA (or under
-    TRITON_INTERPRET=1), the torch reference otherwise.
+    n_cand), n_valid counts candidates, and rows are not bounds-checked. With a cache (rows given, keys_lowrank a
+    view of token rows, ``reads_whole_rows``), a candidate whose slot is set is read from the cache's copy, and
+    every candidate's row is written to cache.out (a row past the valid candidates too: what the caller's refresh
+    ignores). The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise.
     """
     if use_triton(q, keys_lowrank, basis):
-        return lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid, rows)
-    return lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid, rows)
+        return lowrank_scores_triton(q, keys_lowrank, basis, rank, n_valid, rows, cache)
+    return lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid, rows, cache)

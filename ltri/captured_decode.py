@@ -14,7 +14,8 @@ shapes do not change from one step to the next:
                 top-k), less those the evidence holds
     selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
-                over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place
+                over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place (or
+                from the device copies of the last step's candidates' projections, with MemoryConfig.row_cache)
     attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
                 retrieved, ``offload.row_cache``, with MemoryConfig.row_cache: each KV head's selected rows with a
                 selector), the evidence a
@@ -45,6 +46,7 @@ import torch
 from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
 from ltri.kernels.budget_rows import budget_rows
+from ltri.kernels.lowrank_scores import CachedRows, reads_whole_rows
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.offload.row_cache import RowCache
@@ -95,12 +97,16 @@ class CapturedLayer:
         self.selector = _selector(memory)
         self.projections = None if self.selector is None else memory.stored_projections()  # loki's, caught up
         n_attended = self.budget if self.selector is None else self.selector.n_tokens
-        # the last step's retrieved rows kept on the device (with a selector, each KV head's own selected rows)
+        # the last step's retrieved rows kept on the device (with a selector, each KV head's own selected rows), and
+        # with Loki the projections of the last step's candidates (the retrieved rows)
         payloads = memory.host_payloads
-        self.row_cache = None
+        self.row_cache = self.projection_cache = None
         if memory.memory_config.row_cache:
             n_rows, heads = memory.tables.owner.numel(), None if self.selector is None else payloads.row_shape[1]
             self.row_cache = RowCache(n_attended, n_rows, payloads.row_shape, payloads.dtype, counts.device, heads)
+            if self.projections is not None and reads_whole_rows(self.projections.scored()):  # width a power of 2
+                rows = self.projections.rows
+                self.projection_cache = RowCache(self.budget, n_rows, rows.row_shape, rows.dtype, counts.device)
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
 
@@ -158,13 +164,18 @@ class CapturedLayer:
         """Each KV head's selector.n_tokens best of the retrieved rows (B,) (their first count valid), as the eager
         step chooses them (``TokenSelector.select``): rows (nheads_kv, n_tokens) in document order, the valid first,
         and their count, min(count, n_tokens); fixed shapes, no host sync. Loki reads the rows' stored projections
-        in place (``offload.projected_keys``); SparQ, whose components depend on the query, their keys gathered."""
+        in place (``offload.projected_keys``; those the last step's candidates had from the projection cache, with
+        MemoryConfig.row_cache); SparQ, whose components depend on the query, their keys gathered."""
+        cache = self.projection_cache
         if self.projections is not None:
             scored, candidates = self.projections.scored(), rows  # (nheads_kv, max_tokens, rank), read at rows
         else:
             scored, candidates = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1), None  # (nkv, B, hd)
         n_valid = count.reshape(1).repeat(scored.shape[0])  # (nheads_kv,): the kernels read one count a head
-        best = self.selector.best(query, scored, n_valid, candidates)
+        cached = None if cache is None else CachedRows(cache.slots, cache.rows, cache.incoming)
+        best = self.selector.best(query, scored, n_valid, candidates, cached)
+        if cache is not None:
+            cache.refresh(rows, count)
         return rows[best], count.clamp(max=self.selector.n_tokens)
 
 

@@ -50,23 +50,29 @@ class TokenSelector:
         return project_keys(keys, self.basis, self.scored_width)
 
     def scores(
-        self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None
+        self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None, cache=None
     ) -> torch.Tensor:
         """Approximate scores (nheads_kv, n) float32 for one query (1, nheads, 1, headdim) of the keys whose
         scored_keys are scored (nheads_kv, n, d); with rows (n,), of scored[:, rows], read in place. n_valid
-        (nheads_kv,) int64: the keys past it are padding, scored -inf."""
+        (nheads_kv,) int64: the keys past it are padding, scored -inf. cache (loki, with rows of stored token rows):
+        device copies of some rows' projections, read where they are held and refilled
+        (``kernels.lowrank_scores.CachedRows``)."""
         q = query[0, :, -1].contiguous()  # (nheads, headdim)
         if rows is None and scored.stride(-1) != 1:  # with rows, scored may be whole host rows: never copied
             scored = scored.contiguous()
         if self.method == "sparq":
+            if cache is not None:
+                raise ValueError("SparQ's scores read the keys themselves: no cache of projections serves them.")
             return sparq_scores(q, scored, min(self.rank, q.shape[-1]), n_valid, rows)
-        return lowrank_scores(q, scored, self.basis, self.scored_width, n_valid, rows)
+        return lowrank_scores(q, scored, self.basis, self.scored_width, n_valid, rows, cache)
 
-    def best(self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None):
+    def best(
+        self, query: torch.Tensor, scored: torch.Tensor, n_valid: torch.Tensor | None = None, rows=None, cache=None
+    ) -> torch.Tensor:
         """Indices (nheads_kv, n_tokens) int64 of each KV head's best keys (as scores takes them), ascending
         (document order); with n_valid (nheads_kv,), padding ranks last, so it is chosen only when every valid
         key is."""
-        return topk_tokens(self.scores(query, scored, n_valid, rows), self.n_tokens, n_valid)
+        return topk_tokens(self.scores(query, scored, n_valid, rows, cache), self.n_tokens, n_valid)
 
     def select(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored=None):
         """The n_tokens best retrieved tokens of each KV head, in document order.

@@ -237,8 +237,10 @@ def launchers(dtype: torch.dtype):
                                            rows=rows[rows < case[2]])  # fmt: skip
     for nheads_kv, group, n_cand, headdim, rank, width in lowrank.WHOLE_ROW_CASES:
         q, keys_lowrank, basis, n_valid = lowrank.make_inputs(nheads_kv, group, n_cand, headdim, width, True, dtype)
-        yield m_lowrank, functools.partial(m_lowrank.lowrank_scores_triton, q, lowrank.token_major(keys_lowrank),
-                                           basis, rank, n_valid, rows=torch.arange(n_cand))  # fmt: skip
+        rows_view, rows = lowrank.token_major(keys_lowrank), torch.arange(n_cand)
+        for cache in (None, lowrank.projection_cache(rows_view, n_cand)):  # the captured step's: with its cache
+            yield m_lowrank, functools.partial(m_lowrank.lowrank_scores_triton, q, rows_view, basis, rank, n_valid,
+                                               rows, cache)  # fmt: skip
     for n_rows, n_keys, k in topk.CASES:
         scores = torch.randn(n_rows, n_keys).to(dtype)
         for n_valid in (None, torch.full((n_rows,), n_keys)):

@@ -75,8 +75,18 @@ def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off(retrieval
             assert int((slots[by_head] >= 0).sum()) == count
         if retrieval:
             assert count == layer.selector.n_tokens and not torch.equal(held[0], held[1])  # the heads' own rows
-    hits, retrieved = torch.stack([layer.row_cache.hits for layer in cached._captured.layers]).sum(0).tolist()
-    assert 0 < hits <= retrieved  # consecutive steps retrieve rows the cache holds
+        projection_cache = layer.projection_cache  # Loki's: the projections of the last step's candidates
+        assert (projection_cache is not None) == (retrieval is LOKI)
+        if projection_cache is not None:
+            count, rows = int(projection_cache.count[0]), projection_cache.held[: int(projection_cache.count[0])]
+            assert count > layer.selector.n_tokens  # the candidates: more rows than a head keeps
+            assert torch.equal(projection_cache.rows[:count], layer.projections.rows.tokens[rows])
+            assert torch.equal(projection_cache.slots[rows], torch.arange(count, dtype=torch.int32))
+    caches = [layer.row_cache for layer in cached._captured.layers]
+    caches += [layer.projection_cache for layer in cached._captured.layers if layer.projection_cache is not None]
+    for cache in caches:
+        hits, retrieved = cache.hits.tolist()
+        assert 0 < hits <= retrieved  # consecutive steps retrieve (and select) rows the cache holds
 
 
 def test_steps_fall_back_to_eager_while_a_layer_cannot_be_captured():

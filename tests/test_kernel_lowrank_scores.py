@@ -23,8 +23,10 @@ from kernel_support import (  # noqa: E402, F401
 )
 from ltri.kernels import use_triton  # noqa: E402
 from ltri.kernels.lowrank_scores import (  # noqa: E402
+    CachedRows,
     lowrank_scores,
     lowrank_scores_reference,
+    lowrank_scores_triton,
     pca_basis,
     project_keys,
     reads_whole_rows,
@@ -161,6 +163,72 @@ def test_rows_read_whole_token_rows_in_place(case, dtype):
     assert torch.equal(got.isinf(), expected.isinf())  # past each head's n_valid
     per_head = lowrank_scores(q, head_major, basis, rank, n_valid, rows)
     torch.testing.assert_close(got, per_head, rtol=1e-5, atol=atol)
+
+
+def projection_cache(rows_view, n_cand, poisoned=False, seed=2):
+    """A cache (``offload.row_cache``) holding about half of the token rows of rows_view at random places: copies of
+    them or (poisoned) other values, so that a test can tell where a candidate was read from; out empty."""
+    generator = torch.Generator().manual_seed(seed)
+    n_rows = rows_view.shape[1]
+    held = torch.randperm(n_rows, generator=generator)[: n_rows // 2].to(DEVICE)  # the row held at place i
+    slots = torch.full((n_rows + 1,), -1, dtype=torch.int32, device=DEVICE)
+    slots[held] = torch.arange(held.numel(), dtype=torch.int32, device=DEVICE)
+    copies = rows_view[:, held].transpose(0, 1).contiguous()  # (C, nheads_kv, width)
+    if poisoned:
+        copies = torch.randn(copies.shape, generator=generator).to(copies.dtype).to(DEVICE)
+    return CachedRows(slots, copies, torch.zeros(n_cand, *copies.shape[1:], dtype=copies.dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("case", WHOLE_ROW_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_cache_of_copies_scores_the_same_and_passes_the_rows_on(case, dtype):
+    """With the cache the whole-row kernel (and the reference) score as without it, and write each candidate's row,
+    as read, to the cache's out at the candidate's place."""
+    nheads_kv, group, n_cand, headdim, rank, width = case
+    q, cache, basis, n_valid = make_inputs(nheads_kv, group, n_cand, headdim, width, True, dtype, n_cache=N_CACHE)
+    rows_view, rows = token_major(cache), random_rows(n_cand, torch.long)
+    for score in (lowrank_scores_triton, lowrank_scores_reference):
+        expected = score(q, rows_view, basis, rank, n_valid, rows)
+        cached = projection_cache(rows_view, n_cand)
+        assert torch.equal(score(q, rows_view, basis, rank, n_valid, rows, cached), expected)
+        assert torch.equal(cached.out, rows_view[:, rows].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cached_projections_are_read_from_the_cache(dtype):
+    nheads_kv, group, n_cand, headdim, rank, width = WHOLE_ROW_CASES[2]
+    q, cache, basis, n_valid = make_inputs(nheads_kv, group, n_cand, headdim, width, True, dtype, n_cache=N_CACHE)
+    rows_view, rows = token_major(cache), random_rows(n_cand, torch.long)
+    got_cache, expected_cache = (projection_cache(rows_view, n_cand, poisoned=True) for _ in range(2))
+    got = lowrank_scores_triton(q, rows_view, basis, rank, n_valid, rows, got_cache)
+    expected = lowrank_scores_reference(q, rows_view, basis, rank, n_valid, rows, expected_cache)
+    slots = got_cache.slots[rows].long()
+    read = torch.where(
+        (slots >= 0)[:, None, None], got_cache.rows[slots.clamp(min=0)], rows_view[:, rows].transpose(0, 1)
+    )
+    assert bool((slots >= 0).any()) and bool((slots < 0).any())  # both kinds of candidate in the case
+    assert torch.equal(got_cache.out, read) and torch.equal(expected_cache.out, read)
+    atol = ATOL[dtype] * float(expected[expected.isfinite()].abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol)
+
+
+def test_a_cache_needs_candidates_of_whole_rows_and_its_shapes():
+    nheads_kv, group, n_cand, headdim, rank, width = WHOLE_ROW_CASES[1]
+    q, cache, basis, n_valid = make_inputs(nheads_kv, group, n_cand, headdim, width, True, torch.float32,
+                                           n_cache=N_CACHE)  # fmt: skip
+    rows_view, rows = token_major(cache), random_rows(n_cand, torch.long)
+    cached = projection_cache(rows_view, n_cand)
+    for args, message in [
+        ((rows_view, None, cached), "only for candidates \\(rows\\) of token rows read whole"),
+        ((cache, rows, cached), "only for candidates \\(rows\\) of token rows read whole"),  # head-major
+        ((rows_view, rows, cached._replace(out=cached.out[:-1])), "out \\(123, 3, 16\\)"),
+        ((rows_view, rows, cached._replace(slots=cached.slots.long())), "slots \\(n,\\) int32"),
+        ((rows_view, rows, cached._replace(rows=cached.rows.half())), "in the projections' dtype"),
+    ]:
+        keys_lowrank, candidates, bad = args
+        for score in (lowrank_scores_triton, lowrank_scores_reference):
+            with pytest.raises(ValueError, match=message):
+                score(q, keys_lowrank, basis, rank, n_valid, candidates, bad)
 
 
 def test_topk_tokens_respects_n_valid_and_sorts():
