@@ -25,10 +25,10 @@
 #                                             then ltri's 128K prefill and 64 decode steps with the decode step's norms,
 #                                             MLP activation and joined projections as ltri's (LtriConfig.dense_kernels;
 #                                             profiled), then with transformers' modules
-#   bash scripts/device_session.sh selcache    the row cache's, pack_rotate's, top-k's, the index's and the captured
-#                                             step's GPU tests, then ltri's 128K prefill and 32 decode steps with Loki
-#                                             keeping 1024 of a 4096-token budget, the row cache per KV head on
-#                                             (profiled), then off (NOTES step 51)
+#   bash scripts/device_session.sh selcache    the row cache's, pack_rotate's, Loki's, top-k's, the index's and the
+#                                             captured step's GPU tests, then ltri's 128K prefill and 32 decode steps
+#                                             with Loki keeping 1024 of a 4096-token budget, the row caches (per KV head,
+#                                             and of the candidates' projections) on (profiled), then off (NOTES 51)
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -111,9 +111,9 @@ log="$out/${part}_${sha}_gpu.log"
                     --store-root /tmp/ltri-e2e $flags --out "$out/e2e_dense_${kernels}_${sha}_gpu.json"
             done ;;
         selcache)
-            timeout 240 python3 -m pytest -q -x tests/test_kernel_cache_slots.py tests/test_kernel_pack_rotate.py \
-                tests/test_kernel_topk_select.py tests/test_topk.py tests/test_index.py tests/test_captured_decode.py \
-                -k "not bundled"
+            timeout 270 python3 -m pytest -q -x tests/test_kernel_cache_slots.py tests/test_kernel_pack_rotate.py \
+                tests/test_kernel_lowrank_scores.py tests/test_kernel_topk_select.py tests/test_topk.py \
+                tests/test_index.py tests/test_captured_decode.py -k "not bundled"
             for cache in on off; do  # the profile with the cache only: at most 8 files come back
                 flags=$([ "$cache" = off ] && echo --ltri-no-row-cache || echo --profile)
                 timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
