@@ -18,11 +18,10 @@ shapes do not change from one step to the next:
                 from the device copies of the last step's candidates' projections, with MemoryConfig.row_cache)
     attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
                 retrieved, ``offload.row_cache``, with MemoryConfig.row_cache: each KV head's selected rows with a
-                selector), the evidence a
-                question's reread left resident for its answer (``ltri.evidence``, fixed while the answer
-                decodes) and window packed at compact
-                positions into one padded key set, keys and query rotated (``kernels.pack_rotate``, one kernel
-                on CUDA), and attended with the sparse attention kernel up to the valid count
+                selector), the evidence a question's reread left resident for its answer (``ltri.evidence``, fixed
+                while the answer decodes) and window packed at compact positions into one padded key set, keys and
+                query rotated (``kernels.pack_rotate``, one kernel on CUDA), and attended with the sparse attention
+                kernel up to the valid count
 
 so the dense segments and every layer's attention are captured together and replayed with one launch.
 The host writes three counts per layer before a step (window length, index vectors, text position) and
