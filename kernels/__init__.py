@@ -14,6 +14,7 @@
     ltri.kernels.settled_votes      settled_votes (a layer's span votes: pooled, shared, persisted, in three launches)
     ltri.kernels.budget_rows        budget_rows (the token budget filled from the best votes, the chosen spans' rows)
     ltri.kernels.cache_slots        refresh_slots (the row cache's slots after a decode step)
+    ltri.kernels.cached_gather      cached_gather (candidates' rows gathered from the row cache or the stored rows)
     ltri.kernels.span_votes         span_votes (the heads' summed softmax over the spans' Quest upper bounds)
     ltri.kernels.chunk_attention_map  chunk_attention_map (a prefill chunk's causal attention map, group mean)
     ltri.kernels.disjoint_nms       disjoint_nms (segmentation's greedy NMS without overlap, all rounds at once)
@@ -34,6 +35,7 @@ import functools
 import importlib.util
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -53,6 +55,21 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not triton_installed():
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
+
+
+class CachedRows(NamedTuple):
+    """Device copies of some stored token rows (``ltri.offload.row_cache``), as a kernel that reads candidates' rows
+    reads and refills them (``lowrank_scores``, ``cached_gather``).
+
+    slots  (>= n_rows,) int32   each stored row's place in rows, -1 for none
+    rows   (C, *row)            the copies, laid out as the stored rows
+    out    (B, *row)            where each candidate's row, as read (from rows or the stored rows), is written at the
+                                candidate's place: the cache's incoming rows
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    out: torch.Tensor
 
 
 def check_rows(rows: torch.Tensor, device: torch.device) -> None:

@@ -35,16 +35,15 @@ row from HBM where the cache holds it, and passes every candidate's row on to th
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 
-from . import check_rows, interpreting, use_triton
+from . import CachedRows, check_rows, interpreting, use_triton
 from .topk_select import topk_tokens
 
 __all__ = [
-    "CachedRows", "pca_basis", "key_covariance", "basis_of_covariance", "project_keys", "lowrank_scores",
-    "lowrank_scores_reference", "topk_tokens",
+    "pca_basis", "key_covariance", "basis_of_covariance", "project_keys", "lowrank_scores", "lowrank_scores_reference",
+    "topk_tokens",
 ]  # fmt: skip
 
 tl = None  # triton.language, bound by _triton_kernels() on first launch
@@ -135,7 +134,8 @@ def _lowrank_rows_kernel(
     k_low = tl.load(klow_ptr + rows[:, None] * stride_kn + cols[None, :], mask=stored[:, None] & in_row, other=0.0)
     if HAS_CACHE:
         cache_off = tl.where(cached, slot, 0)[:, None] * stride_kn + cols[None, :]
-        k_low += tl.load(cache_rows_ptr + cache_off, mask=cached[:, None] & in_row, other=0.0)
+        copies = tl.load(cache_rows_ptr + cache_off, mask=cached[:, None] & in_row, other=0.0)
+        k_low = tl.where(cached[:, None], copies, k_low)
         tl.store(cache_out_ptr + keys.to(tl.int64)[:, None] * stride_kn + cols[None, :], k_low,
                  mask=key_in[:, None] & in_row)  # fmt: skip
     products = k_low.to(tl.float32) * q_low[None, :]  # (BLOCK_N, BLOCK_H * WIDTH)
@@ -212,14 +212,6 @@ def project_keys(keys: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Te
 
 
 # --------------------------------------------------------------------------------------------- scores
-
-
-class CachedRows(NamedTuple):
-    """Device copies of some token rows (``offload.row_cache``), as the scoring kernel reads and refills them."""
-
-    slots: torch.Tensor  # (>= n_rows,) int32: each stored row's place in rows, -1 for none
-    rows: torch.Tensor  # (C, nheads_kv, width): the copies, laid out as the stored rows
-    out: torch.Tensor  # (n_cand, nheads_kv, width): where each candidate's row, as read, is written at its place
 
 
 def _check_cache(keys_lowrank: torch.Tensor, rows: torch.Tensor | None, cache: CachedRows) -> None:

@@ -14,8 +14,8 @@ shapes do not change from one step to the next:
                 top-k), less those the evidence holds
     selection   with a selector (loki, sparq), each KV head keeps the select_tokens best of those rows by its
                 approximate scores, in document order (``ltri.token_selection``): SparQ's of their keys, gathered
-                over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place (or
-                from the device copies of the last step's candidates' projections, with MemoryConfig.row_cache)
+                over PCIe; Loki's of their keys' projections, kept in host rows beside them and read in place (with
+                MemoryConfig.row_cache, the last step's candidates' keys or projections from device copies)
     attention   sinks, those rows (read straight over PCIe, or from the device copies of the rows the last step
                 retrieved, ``offload.row_cache``, with MemoryConfig.row_cache: each KV head's selected rows with a
                 selector), the evidence a question's reread left resident for its answer (``ltri.evidence``, fixed
@@ -44,8 +44,10 @@ import torch
 
 from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
+from ltri.kernels import CachedRows
 from ltri.kernels.budget_rows import budget_rows
-from ltri.kernels.lowrank_scores import CachedRows, reads_whole_rows
+from ltri.kernels.cached_gather import cached_gather
+from ltri.kernels.lowrank_scores import reads_whole_rows
 from ltri.kernels.pack_rotate import StepSources, pack_rotate
 from ltri.kernels.sparse_attention import sparse_attention
 from ltri.offload.row_cache import RowCache
@@ -97,17 +99,28 @@ class CapturedLayer:
         self.projections = None if self.selector is None else memory.stored_projections()  # loki's, caught up
         n_attended = self.budget if self.selector is None else self.selector.n_tokens
         # the last step's retrieved rows kept on the device (with a selector, each KV head's own selected rows), and
-        # with Loki the projections of the last step's candidates (the retrieved rows)
+        # with a selector what its scores read of the last step's candidates (the retrieved rows)
         payloads = memory.host_payloads
-        self.row_cache = self.projection_cache = None
+        self.row_cache = self.candidate_cache = None
         if memory.memory_config.row_cache:
             n_rows, heads = memory.tables.owner.numel(), None if self.selector is None else payloads.row_shape[1]
             self.row_cache = RowCache(n_attended, n_rows, payloads.row_shape, payloads.dtype, counts.device, heads)
-            if self.projections is not None and reads_whole_rows(self.projections.scored()):  # width a power of 2
-                rows = self.projections.rows
-                self.projection_cache = RowCache(self.budget, n_rows, rows.row_shape, rows.dtype, counts.device)
+            self.candidate_cache = self._candidate_cache(n_rows, counts.device)
         self.n_packed = self.n_sink + n_attended + evidence.length + memory.window.capacity
         self.table = rotary.prefix_table(self.n_packed, like=memory.window.buffers()[0])
+
+    def _candidate_cache(self, n_rows: int, device: torch.device) -> RowCache | None:
+        """A cache of what the selector's scores read of the last step's candidates: Loki's projections (where its
+        kernel reads them a whole row at a time), SparQ's keys; None without a selector."""
+        if self.selector is None:
+            return None
+        if self.projections is None:
+            payloads = self.memory.host_payloads
+            return RowCache(self.budget, n_rows, payloads.row_shape[1:], payloads.dtype, device)  # (nheads_kv, hd)
+        if not reads_whole_rows(self.projections.scored()):  # its width not a power of 2
+            return None
+        rows = self.projections.rows
+        return RowCache(self.budget, n_rows, rows.row_shape, rows.dtype, device)  # (nheads_kv, rank)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """The layer's attention output (1, nheads, 1, headdim); the token's key and value join the window."""
@@ -163,16 +176,18 @@ class CapturedLayer:
         """Each KV head's selector.n_tokens best of the retrieved rows (B,) (their first count valid), as the eager
         step chooses them (``TokenSelector.select``): rows (nheads_kv, n_tokens) in document order, the valid first,
         and their count, min(count, n_tokens); fixed shapes, no host sync. Loki reads the rows' stored projections
-        in place (``offload.projected_keys``; those the last step's candidates had from the projection cache, with
-        MemoryConfig.row_cache); SparQ, whose components depend on the query, their keys gathered."""
-        cache = self.projection_cache
-        if self.projections is not None:
-            scored, candidates = self.projections.scored(), rows  # (nheads_kv, max_tokens, rank), read at rows
-        else:
-            scored, candidates = self.memory.host_payloads.device_view()[rows, 0].transpose(0, 1), None  # (nkv, B, hd)
-        n_valid = count.reshape(1).repeat(scored.shape[0])  # (nheads_kv,): the kernels read one count a head
+        in place (``offload.projected_keys``); SparQ, whose components depend on the query, their keys gathered. With
+        MemoryConfig.row_cache, what the last step's candidates had is read from the candidate cache."""
+        cache = self.candidate_cache
         cached = None if cache is None else CachedRows(cache.slots, cache.rows, cache.incoming)
-        best = self.selector.best(query, scored, n_valid, candidates, cached)
+        if self.projections is not None:  # (nheads_kv, max_tokens, rank), read at rows (held ones from the cache)
+            scored, candidates, scores_cache = self.projections.scored(), rows, cached
+        else:
+            keys = self.memory.host_payloads.device_view()[:, 0]  # (n_rows, nheads_kv, headdim)
+            gathered = keys[rows] if cached is None else cached_gather(keys, rows, cached)  # (B, nheads_kv, headdim)
+            scored, candidates, scores_cache = gathered.transpose(0, 1), None, None
+        n_valid = count.reshape(1).repeat(scored.shape[0])  # (nheads_kv,): the kernels read one count a head
+        best = self.selector.best(query, scored, n_valid, candidates, scores_cache)
         if cache is not None:
             cache.refresh(rows, count)
         return rows[best], count.clamp(max=self.selector.n_tokens)

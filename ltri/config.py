@@ -38,8 +38,8 @@ class MemoryConfig:
     row_cache: a captured decode step keeps the rows its layer retrieved last on the device and reads those again
         from there, not over PCIe (``ltri.offload.row_cache``; two copies of a budget's rows a layer, 2 MB each at
         the default budget of a Llama-3-8B layer, and a slot of 4 bytes a stored token); with a token selector, each
-        KV head's selected rows (select_tokens rows, and a slot of 4 bytes a stored token and KV head), and with
-        ``loki`` the projections of the last step's candidates (a budget's rows of nheads_kv x select_rank values).
+        KV head's selected rows (select_tokens rows, and a slot of 4 bytes a stored token and KV head), and what the
+        selector's scores read of the last step's candidates (a budget's rows: Loki's projections, SparQ's keys).
         On an H100 it took the 128K decode step of an 8B-shaped model from 13.24 to 12.33 ms (median; 48% of the
         retrieved rows found there, random weights, no selector; ``benchmarks/speed/NOTES.md`` step 43).
     """

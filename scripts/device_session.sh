@@ -25,10 +25,11 @@
 #                                             then ltri's 128K prefill and 64 decode steps with the decode step's norms,
 #                                             MLP activation and joined projections as ltri's (LtriConfig.dense_kernels;
 #                                             profiled), then with transformers' modules
-#   bash scripts/device_session.sh selcache    the row cache's, pack_rotate's, Loki's, top-k's, the index's and the
-#                                             captured step's GPU tests, then ltri's 128K prefill and 32 decode steps
-#                                             with Loki keeping 1024 of a 4096-token budget, the row caches (per KV head,
-#                                             and of the candidates' projections) on (profiled), then off (NOTES 51)
+#   bash scripts/device_session.sh selcache [S]  the row caches' kernels', pack_rotate's, Loki's, top-k's, the
+#                                             index's and the captured step's GPU tests, then ltri's 128K prefill and 32
+#                                             decode steps with selector S (default loki; "loki sparq" for both, in a
+#                                             second call's time) keeping 1024 of a 4096-token budget, the row caches
+#                                             (per KV head, and of the candidates) on (profiled), then off (NOTES 51)
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -112,13 +113,16 @@ log="$out/${part}_${sha}_gpu.log"
             done ;;
         selcache)
             timeout 270 python3 -m pytest -q -x tests/test_kernel_cache_slots.py tests/test_kernel_pack_rotate.py \
-                tests/test_kernel_lowrank_scores.py tests/test_kernel_topk_select.py tests/test_topk.py \
-                tests/test_index.py tests/test_captured_decode.py -k "not bundled"
-            for cache in on off; do  # the profile with the cache only: at most 8 files come back
-                flags=$([ "$cache" = off ] && echo --ltri-no-row-cache || echo --profile)
-                timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri --decode-tokens 32 \
-                    --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector loki --store-root /tmp/ltri-e2e \
-                    $flags --out "$out/e2e_selcache_${cache}_${sha}_gpu.json"
+                tests/test_kernel_cached_gather.py tests/test_kernel_lowrank_scores.py \
+                tests/test_kernel_topk_select.py tests/test_topk.py tests/test_index.py tests/test_captured_decode.py \
+                -k "not bundled"
+            for selector in ${2:-loki}; do
+                for cache in on off; do  # the profile with the cache only: at most 8 files come back
+                    flags=$([ "$cache" = off ] && echo --ltri-no-row-cache || echo --profile)
+                    timeout 150 python3 benchmarks/speed/e2e.py --contexts 128k --only-methods ltri \
+                        --decode-tokens 32 --ltri-budget 4096 --ltri-select-tokens 1024 --ltri-selector "$selector" \
+                        --store-root /tmp/ltri-e2e $flags --out "$out/e2e_selcache_${selector}_${cache}_${sha}_gpu.json"
+                done
             done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;

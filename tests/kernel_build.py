@@ -181,6 +181,7 @@ def launchers(dtype: torch.dtype):
     precision the attention benchmark's swept launch shapes on a Llama-3-8B layer's shape."""
     import test_kernel_budget_rows as budget
     import test_kernel_cache_slots as cache_slots
+    import test_kernel_cached_gather as gather
     import test_kernel_chunk_attention_map as chunk_map
     import test_kernel_disjoint_nms as nms
     import test_kernel_lowrank_scores as lowrank
@@ -198,6 +199,7 @@ def launchers(dtype: torch.dtype):
     import test_kernel_vector_scores as vectors
     from ltri.kernels import budget_rows as m_budget
     from ltri.kernels import cache_slots as m_cache_slots
+    from ltri.kernels import cached_gather as m_gather
     from ltri.kernels import chunk_attention_map as m_chunk_map
     from ltri.kernels import disjoint_nms as m_nms
     from ltri.kernels import lowrank_scores as m_lowrank
@@ -263,6 +265,8 @@ def launchers(dtype: torch.dtype):
             yield m_norm, functools.partial(m_norm.rms_norm_triton, x, weight, 1e-5, with_residual)
     for case in silu.CASES:
         yield m_silu, functools.partial(m_silu.silu_mul_triton, *silu.make_inputs(*case, dtype))
+    for case in gather.CASES:
+        yield m_gather, functools.partial(m_gather.cached_gather_triton, *gather.make_inputs(*case, dtype))
     for case in chunk_map.CASES:
         query, keys = chunk_map.make_inputs(*case, dtype)
         yield m_chunk_map, functools.partial(m_chunk_map.chunk_attention_map_triton, query, keys, 0.125)

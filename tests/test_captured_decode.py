@@ -52,8 +52,9 @@ def test_captured_steps_equal_eager_steps_on_the_cpu(spans, retrieval):
 @pytest.mark.parametrize("retrieval", [{}, SPARQ, LOKI], ids=["shared", "sparq", "loki"])
 def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off(retrieval):
     """Each layer's row cache (``ltri.offload.row_cache``) holds the rows its last step retrieved (with a selector, each
-    KV head's selected rows in its part of the rows, a slot each per head), the rows' own keys and values; without it
-    the steps read every row from the host rows, to the same logits."""
+    KV head's selected rows in its part of the rows, a slot each per head, and a second cache the candidates' keys
+    (SparQ) or projections (Loki)), the rows' own values; without it the steps read every row from the host rows, to
+    the same logits."""
     cached = session_for("always", **retrieval)
     expected, expected_spans = decode(session_for("never", **retrieval), 12)
     got, got_spans = decode(cached, 12)
@@ -75,15 +76,16 @@ def test_the_row_cache_holds_the_last_steps_rows_and_can_be_turned_off(retrieval
             assert int((slots[by_head] >= 0).sum()) == count
         if retrieval:
             assert count == layer.selector.n_tokens and not torch.equal(held[0], held[1])  # the heads' own rows
-        projection_cache = layer.projection_cache  # Loki's: the projections of the last step's candidates
-        assert (projection_cache is not None) == (retrieval is LOKI)
-        if projection_cache is not None:
-            count, rows = int(projection_cache.count[0]), projection_cache.held[: int(projection_cache.count[0])]
+        candidate_cache = layer.candidate_cache  # what the selector's scores read of the last step's candidates
+        assert (candidate_cache is not None) == bool(retrieval)
+        if candidate_cache is not None:
+            count, rows = int(candidate_cache.count[0]), candidate_cache.held[: int(candidate_cache.count[0])]
             assert count > layer.selector.n_tokens  # the candidates: more rows than a head keeps
-            assert torch.equal(projection_cache.rows[:count], layer.projections.rows.tokens[rows])
-            assert torch.equal(projection_cache.slots[rows], torch.arange(count, dtype=torch.int32))
+            scored = layer.projections.rows.tokens if retrieval is LOKI else tokens[:, 0]  # projections or keys
+            assert torch.equal(candidate_cache.rows[:count], scored[rows])
+            assert torch.equal(candidate_cache.slots[rows], torch.arange(count, dtype=torch.int32))
     caches = [layer.row_cache for layer in cached._captured.layers]
-    caches += [layer.projection_cache for layer in cached._captured.layers if layer.projection_cache is not None]
+    caches += [layer.candidate_cache for layer in cached._captured.layers if layer.candidate_cache is not None]
     for cache in caches:
         hits, retrieved = cache.hits.tolist()
         assert 0 < hits <= retrieved  # consecutive steps retrieve (and select) rows the cache holds

@@ -21,9 +21,8 @@ from kernel_support import (  # noqa: E402, F401
     cases_with_rows,
     interpret_without_cuda,
 )
-from ltri.kernels import use_triton  # noqa: E402
+from ltri.kernels import CachedRows, use_triton  # noqa: E402
 from ltri.kernels.lowrank_scores import (  # noqa: E402
-    CachedRows,
     lowrank_scores,
     lowrank_scores_reference,
     lowrank_scores_triton,

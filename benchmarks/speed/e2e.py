@@ -27,8 +27,8 @@ count, the store's payload and on-disk size, the file system it lives on, the in
 hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
 declined) and what made it bind anew, with the row cache (on unless --ltri-no-row-cache) the retrieved rows found
 in it and all retrieved rows (``decode_row_cache_hits``, since the last bind; with a token selector each KV head's
-selected rows, a row counted once a head; with Loki also its candidates' projections found in their cache,
-``decode_projection_cache_hits``), and per step: its time, the
+selected rows, a row counted once a head; with a selector also the candidates whose keys (SparQ) or projections
+(Loki) were found in their cache, ``decode_candidate_cache_hits``), and per step: its time, the
 process's CPU time (every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``;
 ``oom`` (torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space
 than the spans need: not attempted);
@@ -654,7 +654,7 @@ def measure_session(session: Session, ids: torch.Tensor, settings: Settings, pro
         "decode_captured_steps": counts_since(captured_before["steps"], captured_after["steps"]),
         "decode_rebinds": counts_since(captured_before["rebinds"], captured_after["rebinds"]),
         "decode_row_cache_hits": row_cache_hits(session),
-        "decode_projection_cache_hits": row_cache_hits(session, "projection_cache"),
+        "decode_candidate_cache_hits": row_cache_hits(session, "candidate_cache"),
         **{f"decode_{name}_steps": values for name, values in host.steps.items()},
         "host_payloads_gb": host_payload_bytes(session) / 1e9,
         "host_payloads": settings.ltri.memory.host_payloads,
@@ -686,8 +686,8 @@ def captured_counts(session: Session) -> dict[str, dict[str, int]]:
 
 def row_cache_hits(session: Session, kind: str = "row_cache") -> list[int] | None:
     """[retrieved rows found in the layers' caches of this kind, rows retrieved], all layers, since the captured step's
-    last bind (``ltri.offload.row_cache``; kind ``row_cache``: the attended rows, ``projection_cache``: Loki's
-    candidates' projections); None without such caches."""
+    last bind (``ltri.offload.row_cache``; kind ``row_cache``: the attended rows, ``candidate_cache``: what a
+    selector's scores read of its candidates); None without such caches."""
     layers = session._captured.layers if session._captured is not None else None
     caches = [getattr(layer, kind) for layer in layers or () if getattr(layer, kind) is not None]
     return torch.stack([cache.hits for cache in caches]).sum(0).tolist() if caches else None

@@ -31,9 +31,11 @@ and count (``heads``), and place i of ``rows`` holds, in head h's part, head h's
 (a selection of 1024 tokens from 4096 read 4.2 MB of rows a layer over PCIe at 128K, an 8B-shaped layer; whether
 consecutive steps' selections overlap as much as their retrievals is not measured: NOTES.md step 51).
 
-The same class keeps Loki's projections of the last step's candidates (``offload.projected_keys``' rows, (nheads_kv,
-rank) a token, shared by the heads: ``kernels.lowrank_scores`` reads them from here where it can, and writes every
-candidate's row to ``incoming``; 1 MB a 128K layer of an 8B shape at a 4096-token budget).
+The same class keeps what a selector's scores read of the last step's candidates (the retrieved rows, shared by the
+heads): Loki's projections (``offload.projected_keys``' rows, (nheads_kv, rank) a token: ``kernels.lowrank_scores``
+reads them from here where it can and writes every candidate's row to ``incoming``; 1 MB a 128K layer of an 8B shape
+at a 4096-token budget) or SparQ's keys ((nheads_kv, headdim) a token, gathered by ``kernels.cached_gather`` into
+``incoming``; 8 MB there).
 """
 
 from __future__ import annotations
