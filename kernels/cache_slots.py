@@ -19,9 +19,8 @@ keeps its address: a captured step's graph calls this every step.
 
 The kernel is one program a head: it counts the retrieved rows already held, clears the old places, waits for every
 thread (a barrier orders the block's global writes), then writes the new ones; the heads' programs add their counts
-to hits atomically. The torch reference sends masked-out lanes to
-the scratch entry (no boolean indexing, no host sync). CUDA tensors run the kernel, CPU tensors the reference, unless
-TRITON_INTERPRET=1.
+to hits atomically. The torch reference sends masked-out lanes to the scratch entry (no boolean indexing, no host
+sync). CUDA tensors run the kernel, CPU tensors the reference, unless TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
