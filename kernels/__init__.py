@@ -71,6 +71,21 @@ class CachedRows(NamedTuple):
     rows: torch.Tensor
     out: torch.Tensor
 
+    def check(self, row: tuple[int, ...], n_cand: int, like: torch.Tensor, who: str, source: str) -> None:
+        """ValueError in one sentence unless the cache fits rows of shape row, n_cand candidates, like's dtype and
+        device (source names like in the message), contiguous copies and int32 slots."""
+        shape = ", ".join(map(str, row))
+        if self.rows.shape[1:] != tuple(row) or self.out.shape != (n_cand, *row):
+            raise ValueError(f"{who} wants the cache's rows (C, {shape}) and out ({n_cand}, {shape}), got "
+                             f"{tuple(self.rows.shape)} and {tuple(self.out.shape)}.")  # fmt: skip
+        if self.slots.dim() != 1 or self.slots.dtype != torch.int32:
+            raise ValueError(f"{who} wants the cache's slots (n,) int32, got {self.slots.dtype} "
+                             f"{tuple(self.slots.shape)}.")  # fmt: skip
+        if any(t.device != like.device for t in self) or {self.rows.dtype, self.out.dtype} != {like.dtype}:
+            raise ValueError(f"{who} wants the cache on the {source}' device, in its dtype ({like.dtype}).")
+        if not (self.rows.is_contiguous() and self.out.is_contiguous()):
+            raise ValueError(f"{who} wants the cache's rows and out contiguous.")
+
 
 def check_rows(rows: torch.Tensor, device: torch.device) -> None:
     """A scoring kernel's candidate rows: 1-D int32/int64 on the keys' device; bounds are not checked (that would

@@ -63,18 +63,7 @@ def _triton_kernels(interpret: bool):
 
 def _check_inputs(source: torch.Tensor, rows: torch.Tensor, cache: CachedRows) -> None:
     check_rows(rows, source.device)
-    row = tuple(source.shape[1:])
-    if cache.rows.shape[1:] != row or cache.out.shape != (rows.shape[0], *row):
-        raise ValueError(f"cached_gather wants the cache's rows (C, {', '.join(map(str, row))}) and out "
-                         f"({rows.shape[0]}, {', '.join(map(str, row))}), got {tuple(cache.rows.shape)} and "
-                         f"{tuple(cache.out.shape)}.")  # fmt: skip
-    if cache.slots.dim() != 1 or cache.slots.dtype != torch.int32:
-        raise ValueError(f"cached_gather wants slots (n,) int32, got {cache.slots.dtype} {tuple(cache.slots.shape)}.")
-    tensors = (cache.slots, cache.rows, cache.out)
-    if any(t.device != source.device for t in tensors) or {cache.rows.dtype, cache.out.dtype} != {source.dtype}:
-        raise ValueError("cached_gather wants the cache on the source's device, in its dtype.")
-    if not (cache.rows.is_contiguous() and cache.out.is_contiguous()):
-        raise ValueError("cached_gather wants the cache's rows and out contiguous.")
+    cache.check(tuple(source.shape[1:]), rows.shape[0], source, "cached_gather", "stored rows")
 
 
 def _row_contiguous(source: torch.Tensor) -> bool:

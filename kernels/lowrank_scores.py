@@ -218,14 +218,7 @@ def _check_cache(keys_lowrank: torch.Tensor, rows: torch.Tensor | None, cache: C
     if rows is None or not reads_whole_rows(keys_lowrank):
         raise ValueError("lowrank_scores reads a cache only for candidates (rows) of token rows read whole.")
     nheads_kv, _, width = keys_lowrank.shape
-    shapes_fit = cache.rows.shape[1:] == (nheads_kv, width) and cache.out.shape == (rows.shape[0], nheads_kv, width)
-    if not shapes_fit or cache.slots.dim() != 1 or cache.slots.dtype != torch.int32:
-        raise ValueError(f"the cache wants slots (n,) int32, rows (C, {nheads_kv}, {width}) and out ({rows.shape[0]}, "
-                         f"{nheads_kv}, {width}), got {tuple(cache.slots.shape)} {cache.slots.dtype}, "
-                         f"{tuple(cache.rows.shape)} and {tuple(cache.out.shape)}.")  # fmt: skip
-    same = all(t.dtype == keys_lowrank.dtype and t.device == keys_lowrank.device for t in (cache.rows, cache.out))
-    if not same or not (cache.rows.is_contiguous() and cache.out.is_contiguous()):
-        raise ValueError("the cache's rows and out must be contiguous, in the projections' dtype and device.")
+    cache.check((nheads_kv, width), rows.shape[0], keys_lowrank, "lowrank_scores", "projections")
 
 
 def _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows=None, cache=None) -> None:

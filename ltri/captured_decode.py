@@ -44,7 +44,6 @@ import torch
 
 from ltri.decode_step import DecodeStep
 from ltri.evidence import rows_not_held
-from ltri.kernels import CachedRows
 from ltri.kernels.budget_rows import budget_rows
 from ltri.kernels.cached_gather import cached_gather
 from ltri.kernels.lowrank_scores import reads_whole_rows
@@ -179,7 +178,7 @@ class CapturedLayer:
         in place (``offload.projected_keys``); SparQ, whose components depend on the query, their keys gathered. With
         MemoryConfig.row_cache, what the last step's candidates had is read from the candidate cache."""
         cache = self.candidate_cache
-        cached = None if cache is None else CachedRows(cache.slots, cache.rows, cache.incoming)
+        cached = None if cache is None else cache.read_and_refilled()
         if self.projections is not None:  # (nheads_kv, max_tokens, rank), read at rows (held ones from the cache)
             scored, candidates, scores_cache = self.projections.scored(), rows, cached
         else:

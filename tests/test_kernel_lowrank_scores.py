@@ -222,7 +222,7 @@ def test_a_cache_needs_candidates_of_whole_rows_and_its_shapes():
         ((cache, rows, cached), "only for candidates \\(rows\\) of token rows read whole"),  # head-major
         ((rows_view, rows, cached._replace(out=cached.out[:-1])), "out \\(123, 3, 16\\)"),
         ((rows_view, rows, cached._replace(slots=cached.slots.long())), "slots \\(n,\\) int32"),
-        ((rows_view, rows, cached._replace(rows=cached.rows.half())), "in the projections' dtype"),
+        ((rows_view, rows, cached._replace(rows=cached.rows.half())), "the projections' device, in its dtype"),
     ]:
         keys_lowrank, candidates, bad = args
         for score in (lowrank_scores_triton, lowrank_scores_reference):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from ltri.kernels import CachedRows
 from ltri.kernels.cache_slots import refresh_slots
 
 
@@ -60,6 +61,10 @@ class RowCache:
         self.held = torch.zeros(*by_head, budget, dtype=torch.long, device=device)
         self.count = torch.zeros(heads or 1, dtype=torch.long, device=device)
         self.hits = torch.zeros(2, dtype=torch.long, device=device)
+
+    def read_and_refilled(self) -> CachedRows:
+        """The cache as a kernel that reads candidates' rows takes it: its slots, the rows held, incoming to refill."""
+        return CachedRows(self.slots, self.rows, self.incoming)
 
     def refresh(self, rows: torch.Tensor, n_retrieved: torch.Tensor) -> None:
         """After a step whose retrieved rows (budget,) or, per head, (heads, budget) (the first n_retrieved valid)
