@@ -66,20 +66,10 @@ def _check_inputs(source: torch.Tensor, rows: torch.Tensor, cache: CachedRows) -
     cache.check(tuple(source.shape[1:]), rows.shape[0], source, "cached_gather", "stored rows")
 
 
-def _row_contiguous(source: torch.Tensor) -> bool:
-    """Whether each of source's rows (n_rows, *row) is one run of contiguous values."""
-    expected = 1
-    for size, stride in reversed(list(zip(source.shape[1:], source.stride()[1:], strict=True))):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def cached_gather_triton(source: torch.Tensor, rows: torch.Tensor, cache: CachedRows) -> torch.Tensor:
     """The kernel's launch; same contract as cached_gather."""
     _check_inputs(source, rows, cache)
-    if not _row_contiguous(source):
+    if source.shape[0] and not source[0].is_contiguous():  # a row's values one run (the rows any stride apart)
         raise ValueError("cached_gather wants each stored row's values contiguous (rows may have any stride).")
     row_size = math.prod(source.shape[1:])
     if rows.numel():
