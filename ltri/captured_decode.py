@@ -209,6 +209,9 @@ def _keys_values(buffer, window_keys: torch.Tensor) -> tuple[torch.Tensor, torch
     return buffer.keys()[0], buffer.values()[0]
 
 
+CACHE_KINDS = ("row_cache", "candidate_cache")  # a CapturedLayer's row caches (``offload.row_cache``)
+
+
 class CapturedDecode:
     """Decode steps of a Session through CapturedLayers, as one CUDA graph when use_graph (CUDA only)."""
 
@@ -231,6 +234,7 @@ class CapturedDecode:
         self.steps = {"bound": 0, "replayed": 0, "eager": 0, "declined": 0}  # how each call went
         self.rebinds: Counter[str] = Counter()  # what changed, each time a bound step had to be bound anew
         self._bound_signature: tuple | None = None
+        self._dropped_hits = {kind: torch.zeros(2, dtype=torch.long, device=self.device) for kind in CACHE_KINDS}
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor | None:
         """Logits (1, vocab) float32 of a decode step for token (1,); None (nothing done) when a layer cannot
@@ -269,8 +273,29 @@ class CapturedDecode:
         return logits
 
     def drop(self) -> None:
-        """Forget the graph and the bound layers (the next captured step binds and runs eagerly first)."""
+        """Forget the graph and the bound layers (the next captured step binds and runs eagerly first); their row
+        caches' hits are kept (``cache_hits``)."""
+        for kind, dropped in self._dropped_hits.items():
+            dropped += self._bound_hits(kind)
         self.graph = self.graph_logits = self.layers = self.signature = self._held = None
+
+    def cache_hits(self, kind: str = "row_cache") -> list[int] | None:
+        """[rows found in the layers' row caches of this kind, rows read], all layers and every captured step since
+        this object was made (each bind makes new caches, empty; ``offload.row_cache``). kind ``row_cache``: the
+        attended rows (with a token selector each KV head's, a row counted once a head); ``candidate_cache``: what
+        a selector's scores read of its candidates (Loki's projections, SparQ's keys). None where no step so far
+        had such a cache. Reading waits for the device."""
+        total = self._dropped_hits[kind] + self._bound_hits(kind)
+        return total.tolist() if total[1] > 0 or self._has_cache(kind) else None
+
+    def _bound_hits(self, kind: str) -> torch.Tensor:
+        caches = [getattr(layer, kind) for layer in self.layers or () if getattr(layer, kind) is not None]
+        if not caches:
+            return torch.zeros_like(self._dropped_hits[kind])
+        return torch.stack([cache.hits for cache in caches]).sum(0)
+
+    def _has_cache(self, kind: str) -> bool:
+        return any(getattr(layer, kind) is not None for layer in self.layers or ())
 
     def _forward(self) -> torch.Tensor:
         layers = self.layers

@@ -317,6 +317,29 @@ def test_a_rebind_says_what_changed():
     assert captured.rebinds["span lengths"] == 1 and "window keys" not in captured.rebinds
 
 
+def test_the_row_caches_hits_count_every_binding_s_steps():
+    """CapturedDecode.cache_hits: each binding makes empty row caches; the hits of the steps before a rebind are kept."""
+    session = session_for("always", **SPARQ)
+    session.prefill(TEXT)
+    token, captured = 65, None
+    for step in range(6):
+        if step == 3:  # the span tables grow: the next step binds anew, with new caches
+            first_binding = {kind: captured.cache_hits(kind) for kind in ("row_cache", "candidate_cache")}
+            tables = session.cache.memories()[1].tables
+            tables.reserve(tables.n_spans + 10_000, tables.n_rows + 10_000)
+        token = int(session.prefill([token])[-1].argmax())
+        captured = session._captured
+    assert captured.steps["bound"] == 2
+    for kind, (found_before, read_before) in first_binding.items():
+        bound_now = torch.stack([getattr(layer, kind).hits for layer in captured.layers]).sum(0)
+        found, read = captured.cache_hits(kind)
+        assert 0 < found_before <= read_before and bound_now[1] > 0
+        assert [found, read] == [found_before + bound_now[0], read_before + bound_now[1]]
+    uncached = session_for("always", row_cache=False)
+    decode(uncached, 2)
+    assert uncached._captured.cache_hits() is None and uncached._captured.cache_hits("candidate_cache") is None
+
+
 def test_a_binding_leaves_room_for_the_steps_that_follow(monkeypatch):
     """The worst case a prefill can leave: room in the stored spans' tables and index just enough for the window's
     tokens when the step binds (buffers grown by exactly what is needed). The window then grows by a token, the

@@ -26,9 +26,10 @@ resident KV of every layer) divided by the copy bandwidth measured in the same r
 count, the store's payload and on-disk size, the file system it lives on, the index size, the span cache's
 hits and misses during decode, how the decode steps went through the captured step (bound, replayed, eager,
 declined) and what made it bind anew, with the row cache (on unless --ltri-no-row-cache) the retrieved rows found
-in it and all retrieved rows (``decode_row_cache_hits``, since the last bind; with a token selector each KV head's
-selected rows, a row counted once a head; with a selector also the candidates whose keys (SparQ) or projections
-(Loki) were found in their cache, ``decode_candidate_cache_hits``), and per step: its time, the
+in it and all retrieved rows (``decode_row_cache_hits``, over every captured step; rows of results before 2026-12-07
+count since the last bind; with a token selector each KV head's selected rows, a row counted once a head; with a
+selector also the candidates whose keys (SparQ) or projections (Loki) were found in their cache,
+``decode_candidate_cache_hits``), and per step: its time, the
 process's CPU time (every thread), page faults and garbage collection time (``decode_*_steps``). status: ``ok``;
 ``oom`` (torch.OutOfMemoryError, memory freed, the run goes on); ``no_space`` (the store root has less free space
 than the spans need: not attempted);
@@ -685,12 +686,9 @@ def captured_counts(session: Session) -> dict[str, dict[str, int]]:
 
 
 def row_cache_hits(session: Session, kind: str = "row_cache") -> list[int] | None:
-    """[retrieved rows found in the layers' caches of this kind, rows retrieved], all layers, since the captured step's
-    last bind (``ltri.offload.row_cache``; kind ``row_cache``: the attended rows, ``candidate_cache``: what a
-    selector's scores read of its candidates); None without such caches."""
-    layers = session._captured.layers if session._captured is not None else None
-    caches = [getattr(layer, kind) for layer in layers or () if getattr(layer, kind) is not None]
-    return torch.stack([cache.hits for cache in caches]).sum(0).tolist() if caches else None
+    """[rows found in the layers' row caches of this kind, rows read] over the session's captured steps
+    (``CapturedDecode.cache_hits``); None without such caches."""
+    return None if session._captured is None else session._captured.cache_hits(kind)
 
 
 def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
