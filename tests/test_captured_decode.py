@@ -318,7 +318,7 @@ def test_a_rebind_says_what_changed():
 
 
 def test_the_row_caches_hits_count_every_binding_s_steps():
-    """CapturedDecode.cache_hits: each binding makes empty row caches; the hits of the steps before a rebind are kept."""
+    """CapturedDecode.cache_hits: each binding makes empty row caches; the steps before a rebind keep their hits."""
     session = session_for("always", **SPARQ)
     session.prefill(TEXT)
     token, captured = 65, None
