@@ -25,3 +25,16 @@ def test_each_selector_reports_the_rows_its_caches_found(tmp_path):
     (_, read_first), (_, read) = loki["row_cache_counts"]
     assert read_first == read // 3 == 30 * 3 * 64  # each step: 30 layers x 3 KV heads x the 64 tokens each keeps
     assert 0 < loki["candidate_cache_found"] <= 1
+
+
+def test_a_question_is_answered_as_chat_answers_it_and_its_steps_counted(tmp_path):
+    script = load_script("benchmarks/speed/cache_overlap.py", "cache_overlap_benchmark")
+    out = tmp_path / "overlap.json"
+    args = ["--lengths", "1500", "--selectors", "sparq", "--budget", "256", "--select-tokens", "64"]
+    script.main([*args, "--decode-tokens", "4", "--question", "Who walked to the harbour?", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["question"] == "Who walked to the harbour?" and row["captured_steps"]["declined"] == 0
+    (found_first, read_first), (found, read) = row["row_cache_counts"]
+    assert read > read_first > 0 and found_first <= found  # counted from the answer's first piece
+    assert row["row_cache_found"] == (found - found_first) / (read - read_first)
+    assert 0 <= row["candidate_cache_found"] <= 1

@@ -10,9 +10,11 @@ use random weights (``e2e.py``), whose steps need not overlap as a trained model
 bundled SmolLM2 unless --model) on real text (the haystack directory's .txt files, else ltri's filler) with its
 stored tokens in host rows (``MemoryConfig.host_payloads="always"``: on a CPU the captured step's code runs eagerly,
 with the same caches) and counts, for each context length and selector, the rows found in each cache over the
-decode steps after the first (whose caches start empty): ``CapturedDecode.cache_hits``. Each row also gives each
-step's share found, the steps' path (bound, eager, replayed, declined) and the median step time, which on a CPU is
-no speed claim. Greedy decode continues the text.
+decode steps after the first (whose caches start empty): ``CapturedDecode.cache_hits``. Greedy decode continues
+the text, or with --question answers it as ``ltri chat`` does (the question, the reread of its evidence, then the
+answer's steps; counted from the answer's first piece, which is its first step unless that step completes no
+character). Each row also gives the share found between each count and the next, and how the steps went (bound,
+eager, replayed, declined).
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import argparse
 import json
 import platform
 import shlex
-import statistics
 import sys
-import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=2048, help="retrieved tokens a step")
     parser.add_argument("--select-tokens", type=int, default=512, help="tokens each KV head keeps (loki, sparq)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--question", default=None, help="answer it (Session.stream) instead of continuing the text")
     parser.add_argument("--haystack", type=Path, default=None, help="a directory of .txt files (default: filler)")
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2")
     parser.add_argument("--device", default="cpu")
@@ -91,34 +92,45 @@ def shares_found(before: dict, after: dict) -> dict[str, float | None]:
     return shares
 
 
+def continuation_counts(session: Session, ids: list[int], n_steps: int) -> list[dict]:
+    """cache_counts after each of n_steps greedy decode steps that continue the text ids."""
+    logits = session.prefill(ids)
+    counts = []
+    for _ in range(n_steps):
+        logits = session.prefill([int(logits[-1].argmax())])
+        counts.append(cache_counts(session))
+    return counts
+
+
+def answer_counts(session: Session, ids: list[int], question: str, n_steps: int) -> list[dict]:
+    """cache_counts after each piece of the answer to question (``Session.stream``: the question, its reread, then
+    at most n_steps decode steps, a piece after each step that completes one)."""
+    session.prefill(ids)
+    return [cache_counts(session) for _ in session.stream(question, max_new_tokens=n_steps)]
+
+
 def measure(model, tokenizer, ids: list[int], selector: str, args: argparse.Namespace) -> dict:
     session = Session(model, session_config(args, selector), tokenizer=tokenizer)
     try:
-        logits = session.prefill(ids)
-        counts = [cache_counts(session)]
-        step_s = []
-        for _ in range(args.decode_tokens):
-            start = time.perf_counter()
-            logits = session.prefill([int(logits[-1].argmax())])
-            step_s.append(time.perf_counter() - start)
-            counts.append(cache_counts(session))
+        if args.question is None:
+            counts = continuation_counts(session, ids, args.decode_tokens)
+        else:
+            counts = answer_counts(session, ids, args.question, args.decode_tokens)
         steps = dict(session._captured.steps) if session._captured is not None else {}
     finally:
         session.close()
-    after_first = shares_found(counts[1], counts[-1])  # the first step's caches start empty
+    after_first = shares_found(counts[0], counts[-1])  # the first step's caches start empty
     return {
         "context_len": len(ids),
         "selector": selector,
         "budget": args.budget,
         "select_tokens": args.select_tokens if selector != "none" else None,
+        "question": args.question,
         "decode_tokens": args.decode_tokens,
         "captured_steps": steps,
         **{f"{kind}_found": after_first[kind] for kind in CACHE_KINDS},
-        **{f"{kind}_counts": [counts[1][kind], counts[-1][kind]] for kind in CACHE_KINDS},
-        **{
-            f"{kind}_found_by_step": [shares_found(a, b)[kind] for a, b in pairwise(counts[1:])] for kind in CACHE_KINDS
-        },
-        "decode_ms_median": 1000 * statistics.median(step_s),
+        **{f"{kind}_counts": [counts[0][kind], counts[-1][kind]] for kind in CACHE_KINDS},
+        **{f"{kind}_found_by_step": [shares_found(a, b)[kind] for a, b in pairwise(counts)] for kind in CACHE_KINDS},
     }
 
 
