@@ -30,6 +30,10 @@
 #                                             decode steps with selector S (default loki; "loki sparq" for both, in a
 #                                             second call's time) keeping 1024 of a 4096-token budget, the row caches
 #                                             (per KV head, and of the candidates) on (profiled), then off (NOTES 51)
+#   bash scripts/device_session.sh firststep [C]  the first decode step after a prefill at context C (default 256k; 1.5-1.7 s
+#                                             at 256K and 512K at a897aaf, NOTES step 53): ltri's prefill and 64 decode
+#                                             steps in three processes, the second finding the first's Triton cache on
+#                                             disk, the third with --host-prefault none
 #   bash scripts/device_session.sh hostsel     one layer's token selection from host rows, 32 layers in a graph: SparQ
 #                                             on gathered keys or in place, Loki on gathered keys or on the stored
 #                                             projections (NOTES step 29; no model, under a minute)
@@ -47,7 +51,7 @@
 # Each part writes a log and its result files under $OUT with the short commit and "gpu" in the names; copy them
 # into benchmarks/*/results/ with the card's name (the log's first line says which card ran it).
 set -uo pipefail
-part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
+part=${1:?which part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, selcache, firststep, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH}
 out=${OUT:?set OUT to the folder whose files come back}
 sha=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GIT_SHA=$sha PYTHONUNBUFFERED=1
@@ -124,6 +128,12 @@ log="$out/${part}_${sha}_gpu.log"
                         --store-root /tmp/ltri-e2e $flags --out "$out/e2e_selcache_${selector}_${cache}_${sha}_gpu.json"
                 done
             done ;;
+        firststep)
+            for run in first again no-prefault; do
+                flags=$([ "$run" = no-prefault ] && echo --host-prefault none)
+                timeout 180 python3 benchmarks/speed/e2e.py --contexts "${2:-256k}" --only-methods ltri \
+                    --store-root /tmp/ltri-e2e $flags --out "$out/e2e_firststep_${run}_${sha}_gpu.json"
+            done ;;
         hostsel)
             timeout 300 python3 benchmarks/speed/host_selection.py --out "$out/host_selection_${sha}_gpu.json" ;;
         register)
@@ -157,7 +167,7 @@ log="$out/${part}_${sha}_gpu.log"
             timeout 560 python3 benchmarks/needle/needle.py --lengths "$length" --depths 10 --methods "$methods" \
                 --device cuda --dtype bfloat16 --haystack .carry/haystack --out "/tmp/$name"
             tar czf "$out/${name}_${sha}_gpu.tgz" -C /tmp "$name" ;;
-        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
+        *) echo "unknown part $part: stage, tests, e2e, attention, step, bandwidth, select, rowcache, dense, selcache, firststep, hostsel, register, prefault-ab, threads-ab, start or needle LENGTH"; exit 2 ;;
     esac
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

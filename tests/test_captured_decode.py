@@ -14,7 +14,7 @@ from ltri.kernels.budget_rows import span_token_rows
 from support import byte_tokenizer, tiny_llama
 
 from ltri import LtriConfig, MemoryConfig, RetrievalConfig, Session
-from ltri.captured_decode import WINDOW_HEADROOM, CapturedDecode
+from ltri.captured_decode import CACHE_KINDS, WINDOW_HEADROOM, CapturedDecode
 from ltri.evidence import Evidence, rows_not_held
 from ltri.filler import text_with_fact
 from ltri.offload import host_payloads
@@ -324,7 +324,7 @@ def test_the_row_caches_hits_count_every_binding_s_steps():
     token, captured = 65, None
     for step in range(6):
         if step == 3:  # the span tables grow: the next step binds anew, with new caches
-            first_binding = {kind: captured.cache_hits(kind) for kind in ("row_cache", "candidate_cache")}
+            first_binding = {kind: captured.cache_hits(kind) for kind in CACHE_KINDS}
             tables = session.cache.memories()[1].tables
             tables.reserve(tables.n_spans + 10_000, tables.n_rows + 10_000)
         token = int(session.prefill([token])[-1].argmax())
