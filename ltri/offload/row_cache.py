@@ -20,7 +20,7 @@ A layer keeps one with ``MemoryConfig.row_cache`` (on by default). On an H100 at
 weights, no token selector) 48% of the retrieved rows were found here and ``pack_rotate`` went from 44 to 25 us a layer
 (``benchmarks/speed/NOTES.md`` step 43). Keeping the last four steps' rows instead found 48.1% against 47.8% and a
 step no faster (step 45), so the cache holds one step. With a trained model on real text (the bundled SmolLM2, on a
-CPU) 96-99% of each step's rows were found while it continued the text, with a token selector too, but 47-76% while
+CPU) 95-99% of each step's rows were found while it continued the text, with a token selector too, but 47-76% while
 it answered a question (56-61% at the default budget; ``benchmarks/speed/cache_overlap.py``, NOTES.md step 52).
 
 With a token selector each KV head attends to its own select_tokens rows, so each head has its own slots, held rows
