@@ -39,6 +39,7 @@ import functools
 import torch
 
 from . import CachedRows, check_rows, interpreting, use_triton
+from .cached_gather import cached_gather_reference
 from .topk_select import topk_tokens
 
 __all__ = [
@@ -299,13 +300,10 @@ def reads_whole_rows(keys_lowrank: torch.Tensor) -> bool:
 def lowrank_scores_reference(q, keys_lowrank, basis, rank, n_valid=None, rows=None, cache=None) -> torch.Tensor:
     """Plain torch: the contract the kernel must meet; float32 (float64 math and result for float64 inputs)."""
     _check_inputs(q, keys_lowrank, basis, rank, n_valid, rows, cache)
-    if rows is not None:
+    if cache is not None:  # candidates with a slot read from the cache; every one written, as read, to cache.out
+        keys_lowrank = cached_gather_reference(keys_lowrank.transpose(0, 1), rows, cache).transpose(0, 1)
+    elif rows is not None:
         keys_lowrank = keys_lowrank[:, rows]  # the candidates, gathered (index_select would copy a strided view whole)
-    if cache is not None:  # candidates with a slot read from the cache; every one written, as read, to its place
-        slots = cache.slots[rows].long()
-        from_cache = cache.rows[slots.clamp(min=0)].transpose(0, 1)  # (nheads_kv, n_cand, width)
-        keys_lowrank = torch.where((slots >= 0)[None, :, None], from_cache, keys_lowrank)
-        cache.out.copy_(keys_lowrank.transpose(0, 1))
     nheads_kv = keys_lowrank.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
     q_sum = q.to(compute).reshape(nheads_kv, -1, q.shape[1]).sum(dim=1)  # (nheads_kv, headdim)

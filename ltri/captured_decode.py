@@ -235,6 +235,7 @@ class CapturedDecode:
         self.rebinds: Counter[str] = Counter()  # what changed, each time a bound step had to be bound anew
         self._bound_signature: tuple | None = None
         self._dropped_hits = {kind: torch.zeros(2, dtype=torch.long, device=self.device) for kind in CACHE_KINDS}
+        self._cache_kinds_bound: set[str] = set()  # the kinds of row cache some binding's layers had
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor | None:
         """Logits (1, vocab) float32 of a decode step for token (1,); None (nothing done) when a layer cannot
@@ -275,8 +276,9 @@ class CapturedDecode:
     def drop(self) -> None:
         """Forget the graph and the bound layers (the next captured step binds and runs eagerly first); their row
         caches' hits are kept (``cache_hits``)."""
-        for kind, dropped in self._dropped_hits.items():
-            dropped += self._bound_hits(kind)
+        if self.layers is not None:
+            for kind, dropped in self._dropped_hits.items():
+                dropped += self._bound_hits(kind)
         self.graph = self.graph_logits = self.layers = self.signature = self._held = None
 
     def cache_hits(self, kind: str = "row_cache") -> list[int] | None:
@@ -285,17 +287,15 @@ class CapturedDecode:
         attended rows (with a token selector each KV head's, a row counted once a head); ``candidate_cache``: what
         a selector's scores read of its candidates (Loki's projections, SparQ's keys). None where no step so far
         had such a cache. Reading waits for the device."""
-        total = self._dropped_hits[kind] + self._bound_hits(kind)
-        return total.tolist() if total[1] > 0 or self._has_cache(kind) else None
+        if kind not in self._cache_kinds_bound:
+            return None
+        return (self._dropped_hits[kind] + self._bound_hits(kind)).tolist()
 
     def _bound_hits(self, kind: str) -> torch.Tensor:
         caches = [getattr(layer, kind) for layer in self.layers or () if getattr(layer, kind) is not None]
         if not caches:
             return torch.zeros_like(self._dropped_hits[kind])
         return torch.stack([cache.hits for cache in caches]).sum(0)
-
-    def _has_cache(self, kind: str) -> bool:
-        return any(getattr(layer, kind) is not None for layer in self.layers or ())
 
     def _forward(self) -> torch.Tensor:
         layers = self.layers
@@ -308,10 +308,14 @@ class CapturedDecode:
         self.graph = graph
 
     def _bind(self) -> list[CapturedLayer]:
-        return [
+        layers = [
             CapturedLayer(memory, self.rotary, self.counts[index], turns_shared_votes=index == 0)
             for index, memory in enumerate(self.memories)
         ]
+        for kind in CACHE_KINDS:
+            if any(getattr(layer, kind) is not None for layer in layers):
+                self._cache_kinds_bound.add(kind)
+        return layers
 
     def _make_room(self, slack: int = 0) -> None:
         """Room in every buffer a step writes in place, so that nothing grows while a graph records; and in the

@@ -56,7 +56,7 @@ class TokenSelector:
         scored_keys are scored (nheads_kv, n, d); with rows (n,), of scored[:, rows], read in place. n_valid
         (nheads_kv,) int64: the keys past it are padding, scored -inf. cache (loki, with rows of stored token rows):
         device copies of some rows' projections, read where they are held and refilled
-        (``kernels.lowrank_scores.CachedRows``)."""
+        (``ltri.kernels.CachedRows``)."""
         q = query[0, :, -1].contiguous()  # (nheads, headdim)
         if rows is None and scored.stride(-1) != 1:  # with rows, scored may be whole host rows: never copied
             scored = scored.contiguous()
